@@ -1,0 +1,1 @@
+"""refpeft: the exact, framework-free reference for parameter-efficient fine-tuning."""

@@ -1,0 +1,215 @@
+"""LoRA for a linear layer: forward, hand-written backward, merge and unmerge (Hu et al. 2021).
+
+Forward (PyTorch layout: A is (r, k), B is (d, r); shapes at line ends, see refpeft.linear):
+
+    xd = dropout(x) = x * mask                 # (..., k)  mask holds 0 or 1/(1-p), or is absent
+    xa = xd A^T                                 # (..., r)  the only adapter activation cached
+    y  = x W0^T + b + s * (xa B^T)              # (..., d)
+    s  = alpha / r        (LoRA)    or    alpha / sqrt(r)   (rsLoRA, Kalajdzievski 2023)
+
+Backward, for an upstream gradient dy = dL/dy (..., d), with rows flattened to n = prod(...):
+
+    dB    = s * dy^T xa                         # (d, r)
+    g     = s * dy B                            # (n, r)   dL/d(xa)
+    dA    = g^T xd                              # (r, k)
+    dx    = dy W0 + (g A) * mask                # (n, k)   base path + adapter path
+    dbias = sum_n dy                            # (d,)     only when the bias is trainable
+
+The product B A (d x k) is never formed in forward or backward: the cache holds x, the mask and
+xa, plus references to the parameters. `delta_weight` forms s B A on purpose, for merging.
+
+HF PEFT computes the adapter output as `(xa B^T) * s` and adds it to the base output; the forward
+here keeps that order so float32 results round as PEFT's do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from refpeft.backend import check_float_array, namespace
+from refpeft.errors import ConfigError, ShapeError
+from refpeft.init import GENERATORS, as_parameter, kaiming_uniform_bound, normal, torch_cpu_generator, torch_cpu_uniform, uniform
+from refpeft.linear import (
+    LinearShape,
+    base_forward,
+    base_input_grad,
+    check_linear_inputs,
+    check_rank,
+    flatten_rows,
+    weight_rows,
+)
+
+LORA_INITS = ("default", "gaussian", "zeros")
+
+
+def lora_scaling(alpha: float, r: int, *, rslora: bool = False) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA (rank-stabilised scaling)."""
+    if r < 1:
+        raise ConfigError(f"rank r must be at least 1, got {r}")
+    if not math.isfinite(alpha):
+        raise ConfigError(f"alpha must be finite, got {alpha}")
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def init_lora(k: int, d: int, r: int, *, init: str = "default", seed: int = 0, generator: str = "numpy",
+              dtype: str = "float64", xp: Any = None) -> tuple[Any, Any]:
+    """Initial (A, B) of shapes (r, k), (d, r).
+
+    init:
+      "default"   A ~ U(-1/sqrt(k), 1/sqrt(k)) (Kaiming-uniform, a = sqrt(5): PEFT's `True`), B = 0
+      "gaussian"  A ~ N(0, (1/r)^2) (PEFT's "gaussian"), B = 0; numpy generator only
+      "zeros"     A = 0, B = 0: an empty adapter to be filled from a file (it cannot learn: both
+                  gradients vanish at this point)
+    generator "torch-cpu" reproduces PEFT's draw order after `torch.manual_seed(seed)` for one
+    freshly created layer: Kaiming for A, Kaiming for B, then A again (the one kept).
+    """
+    check_rank(r, LinearShape(k=k, d=d))
+    if init not in LORA_INITS:
+        raise ConfigError(f"unknown LoRA init {init!r}; choose one of {', '.join(LORA_INITS)}")
+    if generator not in GENERATORS:
+        raise ConfigError(f"unknown generator {generator!r}; choose one of {', '.join(GENERATORS)}")
+    B = as_parameter(np.zeros((d, r)), dtype=dtype, xp=xp)
+    if init == "zeros":
+        return as_parameter(np.zeros((r, k)), dtype=dtype, xp=xp), B
+    if init == "gaussian":
+        if generator != "numpy":
+            raise ConfigError("the gaussian init is only reproducible with the numpy generator")
+        return as_parameter(normal((r, k), 1.0 / r, seed=seed), dtype=dtype, xp=xp), B
+    bound_a = kaiming_uniform_bound(k)
+    if generator == "numpy":
+        return as_parameter(uniform((r, k), bound_a, seed=seed), dtype=dtype, xp=xp), B
+    stream = torch_cpu_generator(seed)
+    for shape, fan_in in (((r, k), k), ((d, r), r)):  # nn.Linear's own inits, then discarded
+        bound = kaiming_uniform_bound(fan_in)
+        torch_cpu_uniform(shape, -bound, bound, bit_generator=stream)
+    A = torch_cpu_uniform((r, k), -bound_a, bound_a, bit_generator=stream)
+    return as_parameter(A, dtype=dtype, xp=xp), B
+
+
+@dataclass(frozen=True)
+class LoraCache:
+    """What `lora_backward` needs: the input, the dropout mask, xa, and the parameters (by reference)."""
+
+    x: Any                 # (..., k)
+    dropout_mask: Any      # (..., k) or None
+    xa: Any                # (n, r)   dropout(x) A^T, rows flattened
+    W0: Any
+    A: Any
+    B: Any
+    scaling: float
+    fan_in_fan_out: bool
+    bias_trainable: bool
+
+
+@dataclass(frozen=True)
+class LoraGrads:
+    """Gradients of the loss with respect to the input and each trainable tensor."""
+
+    dx: Any      # (..., k)
+    dA: Any      # (r, k)
+    dB: Any      # (d, r)
+    dbias: Any   # (d,) or None when the bias is frozen or absent
+
+
+def lora_forward(x: Any, W0: Any, A: Any, B: Any, *, scaling: float, bias: Any = None,
+                 dropout_mask: Any = None, fan_in_fan_out: bool = False,
+                 bias_trainable: bool = False) -> tuple[Any, LoraCache]:
+    """y = x W0^T + b + s * (dropout(x) A^T) B^T, and the cache for `lora_backward`."""
+    xp, shape = check_linear_inputs(x, W0, bias=bias, fan_in_fan_out=fan_in_fan_out, A=A, B=B,
+                                    dropout_mask=dropout_mask)
+    check_factors(A, B, d=shape.d, k=shape.k)
+    check_dropout_mask(dropout_mask, x)
+    if bias_trainable and bias is None:
+        raise ConfigError("bias_trainable=True needs a bias")
+    x2 = flatten_rows(x, xp=xp)                                       # (n, k)
+    xd = x2 if dropout_mask is None else x2 * flatten_rows(dropout_mask, xp=xp)
+    xa = xp.matmul(xd, xp.matrix_transpose(A))                        # (n, r)
+    y = base_forward(x2, W0, bias, fan_in_fan_out=fan_in_fan_out, xp=xp) + \
+        xp.matmul(xa, xp.matrix_transpose(B)) * scaling               # (n, d)
+    cache = LoraCache(x=x, dropout_mask=dropout_mask, xa=xa, W0=W0, A=A, B=B, scaling=scaling,
+                      fan_in_fan_out=fan_in_fan_out, bias_trainable=bias_trainable)
+    return xp.reshape(y, (*x.shape[:-1], shape.d)), cache
+
+
+def lora_backward(dy: Any, cache: LoraCache) -> LoraGrads:
+    """dx, dA, dB (and dbias when trainable) from dy = dL/dy; see the module docstring."""
+    xp = namespace(dy, cache.x)
+    d = cache.B.shape[0]
+    check_float_array("dy", dy, xp=xp, shape=(*cache.x.shape[:-1], d))
+    s = cache.scaling
+    g2 = flatten_rows(dy, xp=xp)                                       # (n, d)
+    x2 = flatten_rows(cache.x, xp=xp)                                  # (n, k)
+    mask = None if cache.dropout_mask is None else flatten_rows(cache.dropout_mask, xp=xp)
+    xd = x2 if mask is None else x2 * mask                             # recomputed, not cached
+    dB = s * xp.matmul(xp.matrix_transpose(g2), cache.xa)              # (d, r)
+    g = s * xp.matmul(g2, cache.B)                                     # (n, r)
+    dA = xp.matmul(xp.matrix_transpose(g), xd)                         # (r, k)
+    dx_adapter = xp.matmul(g, cache.A)                                 # (n, k)
+    if mask is not None:
+        dx_adapter = dx_adapter * mask
+    dx = base_input_grad(g2, cache.W0, fan_in_fan_out=cache.fan_in_fan_out, xp=xp) + dx_adapter
+    dbias = xp.sum(g2, axis=0) if cache.bias_trainable else None
+    return LoraGrads(dx=xp.reshape(dx, cache.x.shape), dA=dA, dB=dB, dbias=dbias)
+
+
+def delta_weight(A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
+    """The weight change s B A, (d, k), or (k, d) with fan_in_fan_out. Forms the d x k product."""
+    xp = namespace(A, B)
+    check_float_array("A", A, xp=xp)
+    check_float_array("B", B, xp=xp)
+    check_factors(A, B, d=B.shape[0], k=A.shape[-1])
+    delta = xp.matmul(B, A) * scaling
+    return xp.matrix_transpose(delta) if fan_in_fan_out else delta
+
+
+def merge(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
+    """W0 + s B A in W0's layout: the merged layer computes x W^T + b with no adapter branch."""
+    delta = delta_weight(A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
+    _checked_weight("W0", W0, delta)
+    return W0 + delta
+
+
+def unmerge(W: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
+    """W - s B A: the frozen weight back from a merged one (exact up to one rounding per entry)."""
+    delta = delta_weight(A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
+    _checked_weight("W", W, delta)
+    return W - delta
+
+
+def lora_parameter_count(d: int, k: int, r: int, *, bias: bool = False) -> int:
+    """Trainable parameters of one LoRA layer: r (d + k), plus d with a trainable bias."""
+    return r * (d + k) + (d if bias else 0)
+
+
+def full_parameter_count(d: int, k: int, *, bias: bool = False) -> int:
+    """Trainable parameters of the same layer fine-tuned in full: d k, plus d with a bias."""
+    return d * k + (d if bias else 0)
+
+
+def check_factors(A: Any, B: Any, *, d: int, k: int) -> None:
+    """A must be (r, k) and B (d, r) with 1 <= r <= min(d, k)."""
+    if len(A.shape) != 2 or len(B.shape) != 2:
+        raise ShapeError(f"A and B must be 2-D, got A {tuple(A.shape)} and B {tuple(B.shape)}")
+    r = A.shape[0]
+    check_rank(r, LinearShape(k=k, d=d))
+    if tuple(A.shape) != (r, k):
+        raise ShapeError(f"A has shape {tuple(A.shape)}, expected (r, k) = ({r}, {k})")
+    if tuple(B.shape) != (d, r):
+        raise ShapeError(f"B has shape {tuple(B.shape)}, expected (d, r) = ({d}, {r}) to match A's rank {r}")
+
+
+def check_dropout_mask(mask: Any, x: Any) -> None:
+    """A dropout mask has exactly x's shape (its dtype and values are checked with x's)."""
+    if mask is not None and tuple(mask.shape) != tuple(x.shape):
+        raise ShapeError(f"dropout_mask has shape {tuple(mask.shape)}, expected x's shape {tuple(x.shape)}")
+
+
+def _checked_weight(name: str, W: Any, delta: Any) -> Any:
+    """The namespace of W after checking it is a finite float array of delta's shape."""
+    xp = namespace(W, delta)
+    check_float_array(name, W, xp=xp, shape=tuple(delta.shape))
+    return xp
