@@ -1,0 +1,1 @@
+"""One module per `refpeft` subcommand (see refpeft.cli.COMMANDS)."""

@@ -1,0 +1,139 @@
+"""Shared test support: the backend list, one `assert_close`, and `vjp_check` (finite differences).
+
+- BACKENDS: NumPy, read-only NumPy (catches in-place mutation of inputs), array-api-strict (rejects
+  anything non-standard), torch CPU tensors and CuPy when installed.
+- assert_close(actual, expected, rtol=...) also checks namespace, dtype and shape.
+- vjp_check(f, inputs, grads, dy): the hand-written gradients of L = sum(f(**inputs) * dy) against
+  central finite differences in float64, along random directions, with Richardson extrapolation
+  (error O(h^4)). The relative error is |fd - <g, v>| / (||g|| ||v||), the Cauchy-Schwarz scale
+  of the directional derivative, so a near-zero derivative cannot inflate it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from refpeft.backend import namespace, to_numpy
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How a test puts NumPy data into one array library."""
+
+    name: str
+    asarray: Callable[[np.ndarray], Any]
+
+    def __call__(self, a: Any) -> Any:
+        return None if a is None else self.asarray(np.asarray(a))
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    b = np.array(a, copy=True)
+    b.setflags(write=False)
+    return b
+
+
+def _strict(a: np.ndarray) -> Any:
+    import array_api_strict
+
+    return array_api_strict.asarray(a)
+
+
+def _torch(a: np.ndarray) -> Any:
+    import torch
+
+    return torch.from_numpy(np.array(a, copy=True))
+
+
+def _cupy(a: np.ndarray) -> Any:
+    import cupy
+
+    return cupy.asarray(a)
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _cuda_available() -> bool:
+    if not _has("cupy"):
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+BACKENDS = [Backend("numpy", np.asarray), Backend("numpy-readonly", _readonly)]
+if _has("array_api_strict"):
+    BACKENDS.append(Backend("array-api-strict", _strict))
+if _has("torch"):
+    BACKENDS.append(Backend("torch", _torch))
+if _cuda_available():
+    BACKENDS.append(Backend("cupy", _cupy))
+BACKEND_IDS = [b.name for b in BACKENDS]
+
+
+def assert_close(actual: Any, expected: Any, *, rtol: float, atol: float = 0.0, like: Any = None) -> None:
+    """actual == expected within rtol (relative to max |expected|) + atol; also namespace/dtype/shape.
+
+    `like`, when given, is an input array whose namespace and dtype the result must keep.
+    """
+    if like is not None:
+        assert type(namespace(actual)) is type(namespace(like)) and namespace(actual) == namespace(like), \
+            f"result lives in {namespace(actual)}, input in {namespace(like)}"
+        assert str(actual.dtype) == str(like.dtype), f"dtype {actual.dtype}, expected {like.dtype}"
+    a = np.asarray(to_numpy(actual), dtype=np.float64)
+    e = np.asarray(to_numpy(expected), dtype=np.float64)
+    assert a.shape == e.shape, f"shape {a.shape}, expected {e.shape}"
+    scale = float(np.max(np.abs(e))) if e.size else 0.0
+    err = float(np.max(np.abs(a - e))) if e.size else 0.0
+    assert err <= rtol * scale + atol, f"max abs error {err:.3e} > rtol {rtol:.1e} * {scale:.3e} + atol {atol:.1e}"
+
+
+def directional_derivative(loss: Callable[[dict[str, np.ndarray]], float], inputs: dict[str, np.ndarray],
+                           name: str, v: np.ndarray, *, h: float) -> float:
+    """d/dt loss(inputs with name + t v) at t = 0: central differences, Richardson-extrapolated."""
+
+    def at(t: float) -> float:
+        moved = dict(inputs)
+        moved[name] = inputs[name] + t * v
+        return loss(moved)
+
+    d_h = (at(h) - at(-h)) / (2 * h)
+    d_h2 = (at(h / 2) - at(-h / 2)) / h
+    return (4 * d_h2 - d_h) / 3
+
+
+def vjp_check(f: Callable[..., Any], inputs: dict[str, np.ndarray], grads: dict[str, Any], dy: np.ndarray,
+              *, tol: float = 1e-7, directions: int = 2, seed: int = 0, h: float = 1e-4) -> float:
+    """Assert each hand-written gradient in `grads` matches finite differences of sum(f * dy).
+
+    `f(**inputs)` returns the output (NumPy float64). Returns the worst relative error seen.
+    """
+    rng = np.random.default_rng(seed)
+
+    def loss(values: dict[str, np.ndarray]) -> float:
+        return float(np.sum(np.asarray(to_numpy(f(**values)), dtype=np.float64) * dy))
+
+    worst = 0.0
+    for name, grad in grads.items():
+        g = np.asarray(to_numpy(grad), dtype=np.float64)
+        assert g.shape == np.shape(inputs[name]), f"d{name} has shape {g.shape}, input {np.shape(inputs[name])}"
+        for _ in range(directions):
+            v = rng.standard_normal(g.shape)
+            scale = float(np.linalg.norm(g) * np.linalg.norm(v))
+            fd = directional_derivative(loss, inputs, name, v, h=h)
+            analytic = float(np.sum(g * v))
+            err = abs(fd - analytic) / max(scale, np.finfo(np.float64).tiny)
+            if scale == 0.0:
+                err = abs(fd)  # a zero gradient must have a zero finite difference
+            worst = max(worst, err)
+            assert err < tol, f"d{name}: finite difference {fd!r} vs analytic {analytic!r} (relative error {err:.2e})"
+    return worst
