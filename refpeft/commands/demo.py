@@ -1,0 +1,72 @@
+"""`refpeft demo`: train an adapter on the embedded task and report what it learned."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from refpeft.backend import FLOAT_NAMES
+from refpeft.demo import GRADIENT_TOLERANCE, METHODS, DemoConfig, DemoReport, run_demo
+
+HELP = "fine-tune an adapter on an embedded task with a known answer, checking gradients on the way"
+
+DESCRIPTION = """\
+Fine-tunes an adapter on a built-in task: a frozen linear layer whose targets come from the
+same layer plus a hidden low-rank delta. The adapter has to find that delta. On the way the
+hand-written gradients are checked against float64 finite differences; at the end the report
+gives the loss, how much of the hidden delta's energy the learned adapter captured, parameter
+counts (full fine-tuning vs adapter) and the wall time.
+
+The command exits with status 1 if a gradient check fails or the loss does not fall 100x.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    defaults = DemoConfig()
+    p = subparsers.add_parser("demo", help=HELP, description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=sorted(METHODS), default=defaults.method, help="adapter method (default: %(default)s)")
+    p.add_argument("--rank", type=int, default=defaults.rank, help="adapter rank r (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=defaults.alpha, help="LoRA alpha; scaling is alpha / r (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--loraplus-ratio", type=float, default=None, metavar="RATIO",
+                   help="use LoRA+ parameter groups: B learns RATIO times faster than A")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the task and the initialisation (default: %(default)s)")
+    p.add_argument("--dtype", choices=FLOAT_NAMES, default=defaults.dtype,
+                   help="training precision; bfloat16 is emulated in float32 (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    p.set_defaults(func=run, command="demo")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = DemoConfig(method=args.method, rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr,
+                        seed=args.seed, dtype=args.dtype, loraplus_ratio=args.loraplus_ratio)
+    print(f"refpeft demo: {config.method} r={config.rank} alpha={config.alpha:g} on a {config.d}x{config.k} layer, "
+          f"{config.tokens} tokens, hidden delta of rank {config.hidden_rank}, {config.dtype}")
+    from tqdm import tqdm
+
+    with tqdm(total=config.steps, desc="training", unit="step", disable=args.no_progress,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        def progress(step: int, loss: float) -> None:
+            bar.update(1)
+            if step % 10 == 0 or step == config.steps - 1:
+                bar.set_postfix(loss=f"{loss:.3e}")
+
+        report = run_demo(config, progress=progress)
+    print(format_report(report))
+    return 0 if report.gradients_ok and report.loss_drop >= 100 else 1
+
+
+def format_report(report: DemoReport) -> str:
+    grad_lines = ", ".join(f"d{name} {err:.1e}" for name, err in sorted(report.gradient_errors.items()))
+    verdict = "ok" if report.gradients_ok else f"FAILED (tolerance {GRADIENT_TOLERANCE:.0e})"
+    share = report.trainable_parameters / report.full_parameters
+    return "\n".join([
+        f"  loss            {report.losses[0]:.4e} -> {report.losses[-1]:.4e}  ({report.loss_drop:.3g}x lower)",
+        f"  captured energy {report.captured_energy:.6f}  of the hidden delta (1 = recovered exactly)",
+        f"  gradient check  {verdict}: worst relative error vs finite differences: {grad_lines}",
+        f"  parameters      {report.trainable_parameters:,} trainable vs {report.full_parameters:,} for full "
+        f"fine-tuning ({share:.2%})",
+        f"  wall time       {report.seconds:.2f} s",
+    ])

@@ -1,0 +1,226 @@
+"""`refpeft demo`: fine-tune an adapter on an embedded task whose answer is known.
+
+The task: a frozen linear layer W0 (d x k) with bias b, and targets produced by a *different*
+layer, W0 + Delta, where Delta = U diag(sigma) V^T is a hidden delta of low rank. Fitting the
+targets with an adapter means finding Delta; since it is known, the report can say how much of
+it the adapter captured:
+
+    loss            L = (1 / 2n) sum_rows ||y - t||^2,      dL/dy = (y - t) / n
+    captured energy E = 1 - ||Delta_learned - Delta||_F^2 / ||Delta||_F^2
+                    (1 = the hidden delta recovered exactly; Delta_learned = merged W - W0)
+
+Training uses refpeft's own Adam/AdamW (or LoRA+ groups) and the method's hand-written backward;
+on the way, the gradients are checked against float64 finite differences (refpeft.gradcheck).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from refpeft.backend import float_dtype, numpy_namespace, round_to, to_numpy
+from refpeft.errors import ConfigError
+from refpeft.gradcheck import gradient_errors
+from refpeft.lora import (
+    full_parameter_count,
+    init_lora,
+    lora_backward,
+    lora_forward,
+    lora_parameter_count,
+    lora_scaling,
+    merge,
+)
+from refpeft.optim import AdamState, adam_step, adamw, loraplus_groups, single_group
+
+GRADIENT_TOLERANCE = 1e-7
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything `refpeft demo` can vary."""
+
+    method: str = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    steps: int = 300
+    lr: float = 1e-2
+    seed: int = 0
+    dtype: str = "float64"
+    loraplus_ratio: float | None = None   # None: plain AdamW; a number: LoRA+ groups
+    d: int = 256
+    k: int = 384
+    tokens: int = 1024
+    hidden_rank: int = 4
+    gradient_checks: int = 3              # at the first step, in the middle, at the last
+
+
+@dataclass(frozen=True)
+class Task:
+    """The embedded task (float64 on the host; cast per the demo's dtype for training)."""
+
+    x: np.ndarray        # (n, k)
+    W0: np.ndarray       # (d, k)
+    bias: np.ndarray     # (d,)
+    delta: np.ndarray    # (d, k)  hidden: the answer
+    target: np.ndarray   # (n, d)  x (W0 + delta)^T + bias
+
+
+def embedded_task(config: DemoConfig) -> Task:
+    """A frozen layer and targets from a hidden rank-`hidden_rank` delta (seeded, machine-independent)."""
+    rng = np.random.default_rng(config.seed)
+    d, k, n, h = config.d, config.k, config.tokens, config.hidden_rank
+    if not 1 <= h <= min(d, k):
+        raise ConfigError(f"hidden rank must be in 1..min(d, k) = {min(d, k)}, got {h}")
+    W0 = rng.standard_normal((d, k)) / math.sqrt(k)
+    bias = 0.1 * rng.standard_normal(d)
+    U, _ = np.linalg.qr(rng.standard_normal((d, h)))
+    V, _ = np.linalg.qr(rng.standard_normal((k, h)))
+    sigma = np.linspace(3.0, 1.0, h)
+    delta = (U * sigma) @ V.T
+    x = rng.standard_normal((n, k))
+    return Task(x=x, W0=W0, bias=bias, delta=delta, target=x @ (W0 + delta).T + bias)
+
+
+@dataclass(frozen=True)
+class Method:
+    """How the demo trains one adapter method: its parameters, passes and merged weight."""
+
+    init: Callable[[Task, DemoConfig], dict[str, np.ndarray]]      # float64 trainable params
+    forward: Callable[[Any, dict[str, Any], dict[str, Any], DemoConfig], tuple[Any, Any]]  # x, frozen, params
+    backward: Callable[[Any, Any], dict[str, Any]]                  # dL/dy, cache -> grads by name ("x" too)
+    merged: Callable[[dict[str, Any], dict[str, Any], DemoConfig], Any]  # frozen, params -> W0 + delta
+    trainable: Callable[[DemoConfig], int]
+
+
+def _lora_init(task: Task, config: DemoConfig) -> dict[str, np.ndarray]:
+    A, B = init_lora(config.k, config.d, config.rank, seed=config.seed)
+    return {"lora_A": A, "lora_B": B}
+
+
+def _lora_forward(x: Any, frozen: dict[str, Any], params: dict[str, Any], config: DemoConfig):
+    return lora_forward(x, frozen["W0"], params["lora_A"], params["lora_B"], bias=frozen["bias"],
+                        scaling=lora_scaling(config.alpha, config.rank))
+
+
+def _lora_backward(dy: Any, cache: Any) -> dict[str, Any]:
+    grads = lora_backward(dy, cache)
+    return {"lora_A": grads.dA, "lora_B": grads.dB, "x": grads.dx}
+
+
+def _lora_merged(frozen: dict[str, Any], params: dict[str, Any], config: DemoConfig):
+    return merge(frozen["W0"], params["lora_A"], params["lora_B"], scaling=lora_scaling(config.alpha, config.rank))
+
+
+METHODS: dict[str, Method] = {
+    "lora": Method(init=_lora_init, forward=_lora_forward, backward=_lora_backward, merged=_lora_merged,
+                   trainable=lambda c: lora_parameter_count(c.d, c.k, c.rank)),
+}
+
+
+@dataclass
+class DemoReport:
+    """What the demo measured."""
+
+    config: DemoConfig
+    losses: list[float] = field(default_factory=list)
+    gradient_errors: dict[str, float] = field(default_factory=dict)   # worst relative error per tensor
+    captured_energy: float = float("nan")
+    trainable_parameters: int = 0
+    full_parameters: int = 0
+    seconds: float = 0.0
+
+    @property
+    def loss_drop(self) -> float:
+        return self.losses[0] / self.losses[-1] if self.losses[-1] > 0 else math.inf
+
+    @property
+    def gradients_ok(self) -> bool:
+        return bool(self.gradient_errors) and max(self.gradient_errors.values()) < GRADIENT_TOLERANCE
+
+
+def run_demo(config: DemoConfig, *, progress: Callable[[int, float], None] | None = None) -> DemoReport:
+    """Train `config.method` on the embedded task; `progress(step, loss)` is called after each step."""
+    if config.method not in METHODS:
+        raise ConfigError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    if config.steps < 1:
+        raise ConfigError(f"steps must be at least 1, got {config.steps}")
+    method = METHODS[config.method]
+    xp = numpy_namespace()
+    start = time.perf_counter()
+    task = embedded_task(config)
+    cast = _caster(config.dtype, xp=xp)
+    frozen = {"W0": cast(task.W0), "bias": cast(task.bias)}
+    x, target = cast(task.x), cast(task.target)
+    params = {name: cast(p) for name, p in method.init(task, config).items()}
+    groups = (single_group(params, adamw(lr=config.lr, weight_decay=0.0)) if config.loraplus_ratio is None
+              else loraplus_groups(params, adamw(lr=config.lr), lr_ratio=config.loraplus_ratio))
+    state = AdamState()
+    report = DemoReport(config=config, trainable_parameters=method.trainable(config),
+                        full_parameters=full_parameter_count(config.d, config.k))
+    check_at = _check_steps(config)
+    n = task.x.shape[0]
+    for step in range(config.steps):
+        y, cache = method.forward(x, frozen, params, config)
+        residual = y - target
+        report.losses.append(0.5 * float(xp.sum(residual * residual)) / n)
+        grads = method.backward(residual / n, cache)
+        if step in check_at:
+            _record_gradient_check(report, method, task, params, config, seed=step)
+        params, state = adam_step(params, {k: v for k, v in grads.items() if k in params}, state, groups)
+        if config.dtype == "bfloat16":
+            params = {name: round_to(p, "bfloat16", xp=xp) for name, p in params.items()}
+        if progress is not None:
+            progress(step, report.losses[-1])
+    learned = np.asarray(to_numpy(method.merged(task_frozen64(task), _to64(params), config))) - task.W0
+    report.captured_energy = 1.0 - float(np.sum((learned - task.delta) ** 2) / np.sum(task.delta**2))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def task_frozen64(task: Task) -> dict[str, np.ndarray]:
+    """The frozen tensors of the task in float64."""
+    return {"W0": task.W0, "bias": task.bias}
+
+
+def _to64(params: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {name: np.asarray(to_numpy(p), dtype=np.float64) for name, p in params.items()}
+
+
+def _caster(dtype: str, *, xp: Any) -> Callable[[np.ndarray], Any]:
+    """float64 host arrays -> the training dtype (bfloat16: float32 storage of bfloat16 values)."""
+    target = float_dtype(dtype, xp=xp)
+
+    def cast(a: np.ndarray) -> Any:
+        array = xp.astype(xp.asarray(a), target)
+        return round_to(array, "bfloat16", xp=xp) if dtype == "bfloat16" else array
+
+    return cast
+
+
+def _check_steps(config: DemoConfig) -> set[int]:
+    if config.gradient_checks <= 0:
+        return set()
+    last = config.steps - 1
+    return {round(i * last / max(config.gradient_checks - 1, 1)) for i in range(config.gradient_checks)}
+
+
+def _record_gradient_check(report: DemoReport, method: Method, task: Task, params: dict[str, Any],
+                           config: DemoConfig, *, seed: int) -> None:
+    """Check the method's backward in float64 at the current parameters, on a slice of the batch."""
+    rows = slice(0, 16)
+    frozen = task_frozen64(task)
+    inputs = {"x": task.x[rows], **_to64(params)}
+    dy = np.random.default_rng(seed).standard_normal((16, config.d))
+
+    def f(x, **p):
+        return method.forward(x, frozen, p, config)[0]
+
+    _, cache = method.forward(inputs["x"], frozen, {k: v for k, v in inputs.items() if k != "x"}, config)
+    grads = method.backward(dy, cache)
+    errors = gradient_errors(f, inputs, grads, dy, seed=seed)
+    for name, err in errors.items():
+        report.gradient_errors[name] = max(report.gradient_errors.get(name, 0.0), err)
