@@ -93,9 +93,9 @@ def require_float(name: str, x: Any, *, xp: Any) -> None:
 
 def require_finite(name: str, x: Any, *, xp: Any) -> None:
     """Refuse arrays holding NaN or infinity, saying how many entries are bad."""
-    bad = ~xp.isfinite(x)
-    if bool(xp.any(bad)):
-        count = int(xp.sum(xp.astype(bad, xp.int64)))
+    finite = xp.isfinite(x)
+    if not bool(xp.all(finite)):
+        count = int(xp.sum(xp.astype(~finite, xp.int64)))
         raise NonFiniteError(f"{name} holds {count} non-finite value(s) (NaN or inf)")
 
 
