@@ -1,0 +1,291 @@
+"""DoRA for a linear layer: magnitude init, forward, detached and exact backward, merge (Liu et al. 2024).
+
+DoRA ("Weight-Decomposed Low-Rank Adaptation", arXiv 2402.09353) splits the adapted weight into a
+trainable per-row magnitude m and a direction V = W0 + s B A whose rows are normalised:
+
+    W' = diag(m / n) V,        n_i = ||V_i|| = ||W0_i + s (B A)_i||       (norm over the input axis)
+
+Layout as in refpeft.lora (A is (r, k), B is (d, r), W0 is (d, k) or (k, d) with fan_in_fan_out;
+shapes at line ends, n rows after flattening the batch). Forward, in HF PEFT's form (base output
+plus a correction; `tuners/lora/dora.py`):
+
+    xd = dropout(x) = x * mask                  # (n, k)
+    xa = xd A^T                                  # (n, r)
+    u  = xd W0^T                                 # (n, d)   = x W0^T (the base product) without dropout
+    v  = xa B^T                                  # (n, d)
+    g  = m / n                                   # (d,)     n computed here from the current A, B
+    y  = x W0^T + b + (g - 1) * u + (g * v) * s  # (n, d)
+
+Without dropout this is y = g * (x V^T) + b. With dropout PEFT recomputes u on the dropped input, so
+the base term keeps the full x and only the correction sees the mask; refpeft does the same.
+
+Backward, for dy = dL/dy (n, d). Let xv = u + s v = xd V^T (the direction's output before g):
+
+    dg     = sum_n dy * xv                                           # (d,)
+    dm     = dg / n                                                  # (d,)
+    gy     = s * (g * dy)                                            # (n, d)  dL/dv / ... times s
+    dB     = gy^T xa                                                 # (d, r)
+    gb     = gy B                                                    # (n, r)  dL/d(xa)
+    dA     = gb^T xd                                                 # (r, k)
+    dx     = dy W0 + mask * (((g - 1) * dy) W0 + gb A)               # (n, k)
+           = (g * dy) W0 + gb A                                      # without dropout
+    dbias  = sum_n dy                                                # (d,)
+
+That is the whole gradient in the default `gradient="detached"` mode: n is treated as a constant,
+as section 4.3 of the paper suggests and as PEFT does (`weight_norm.detach()`). The `"exact"` mode
+also differentiates n(A, B). With dL/dn = dg * dg/dn = -dg * g / n and dn_i/dV_i = V_i / n_i,
+
+    w      = -(dg * g) / n^2                                         # (d,)    dL/dV = diag(w) V
+    dB    += s * diag(w) V A^T = s * diag(w) (W0 A^T + s B (A A^T))  # (d, r)
+    dA    += s * B^T diag(w) V = s * ((w B)^T W0 + s ((w B)^T B) A)   # (r, k)
+
+(dm, dx and dbias are the same in both modes: m and x do not enter n). The exact extra terms are
+written with W0 A^T (d, r) and A A^T (r, r), so even the exact backward never forms B A.
+docs/dora.md derives all of this and shows what the detached form drops.
+
+The norm n. refpeft forms V = W0 + s B A exactly as PEFT does, but in blocks of rows
+(`NORM_BLOCK_ELEMENTS` entries at a time), so memory stays O(block) instead of d x k, and each
+row's norm is computed from the same values PEFT sums. The expansion
+||W0_i||^2 + 2 s (W0 A^T)_i . B_i + s^2 B_i (A A^T) B_i^T avoids forming any row of B A, but it
+subtracts: where W0_i and s (B A)_i nearly cancel its relative error grows like
+||W0_i||^2 / n_i^2 (measured in benchmarks/bench_dora_vera.py), and an exactly zero row, which
+must be refused, comes out as rounding noise. Its flop count (d k r for W0 A^T) equals that of
+forming B A blockwise, so it saves nothing worth the accuracy; the blockwise formation it is.
+
+A zero norm row (n_i = 0) has no direction; PEFT divides by it and returns NaN/inf. refpeft
+raises NonFiniteError naming the rows.
+
+Merge: W' = diag(g) (W0 + s B A), with g = m / n and n computed from W0 (in W0's layout: with
+fan_in_fan_out the columns are scaled). Unmerge needs that same n: the merged weight's rows all
+have norm |m_i| whatever n was, so W0 cannot be recovered from W', m, A, B alone. PEFT caches n at
+merge time; here `dora_weight_norm` gives it and `dora_unmerge` takes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from refpeft.backend import check_float_array, namespace
+from refpeft.errors import ConfigError, NonFiniteError
+from refpeft.linear import base_forward, base_input_grad, check_linear_inputs, flatten_rows, linear_shape, weight_rows
+from refpeft.lora import check_dropout_mask, check_factors, delta_weight, lora_parameter_count
+
+GRADIENTS = ("detached", "exact")
+
+# Rows of V = W0 + s B A are formed this many entries at a time (at least one row): 2^18 entries
+# are 1 MiB in float32, small enough to stay in cache and never a d x k allocation.
+NORM_BLOCK_ELEMENTS = 2**18
+
+
+def dora_weight_norm(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
+    """n = the row norms ||W0_i + s (B A)_i|| over the input axis, (d,); refuses a zero row.
+
+    V is formed in blocks of rows (see the module docstring for why not the expanded formula).
+    """
+    xp = namespace(W0, A, B)
+    shape = linear_shape(W0, fan_in_fan_out=fan_in_fan_out)
+    for name, array in (("W0", W0), ("A", A), ("B", B)):
+        check_float_array(name, array, xp=xp)
+    check_factors(A, B, d=shape.d, k=shape.k)
+    return _weight_norm(W0, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out, xp=xp)
+
+
+def init_dora_magnitude(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
+    """m0 = ||W0 + s B A|| row-wise (d,), so that g = m / n = 1 and DoRA starts as the LoRA it wraps.
+
+    Call it after A and B are initialised (refpeft.lora.init_lora); with B = 0, m0 = ||W0_i||.
+    """
+    return dora_weight_norm(W0, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
+
+
+@dataclass(frozen=True)
+class DoraCache:
+    """What `dora_backward` needs: x, the mask, xa, xv = dropout(x) V^T, the norm, the parameters."""
+
+    x: Any                 # (..., k)
+    dropout_mask: Any      # (..., k) or None
+    xa: Any                # (n, r)  dropout(x) A^T
+    xv: Any                # (n, d)  dropout(x) (W0 + s B A)^T, built as u + s v (B A never formed)
+    weight_norm: Any       # (d,)    n
+    magnitude: Any         # (d,)    m
+    W0: Any
+    A: Any
+    B: Any
+    scaling: float
+    fan_in_fan_out: bool
+    gradient: str
+    bias_trainable: bool
+
+
+@dataclass(frozen=True)
+class DoraGrads:
+    """Gradients of the loss with respect to the input and each trainable tensor."""
+
+    dx: Any          # (..., k)
+    dA: Any          # (r, k)
+    dB: Any          # (d, r)
+    dmagnitude: Any  # (d,)
+    dbias: Any       # (d,) or None when the bias is frozen or absent
+
+
+def dora_forward(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, bias: Any = None,
+                 dropout_mask: Any = None, fan_in_fan_out: bool = False, gradient: str = "detached",
+                 weight_norm: Any = None, bias_trainable: bool = False) -> tuple[Any, DoraCache]:
+    """y = x W0^T + b + (g - 1) * (xd W0^T) + (g * (xd A^T) B^T) * s, g = m / ||W0 + s B A||.
+
+    gradient: "detached" (default, PEFT's) treats the norm as a constant in `dora_backward`;
+      "exact" differentiates it too.
+    weight_norm: None computes n from the current A and B (training). A given (d,) array is used
+      as n instead, frozen (PEFT's cached eval norm, or an exported fixed scale); it cannot be
+      combined with gradient="exact", which needs n to follow A and B.
+    """
+    xp, shape = check_linear_inputs(x, W0, bias=bias, fan_in_fan_out=fan_in_fan_out, A=A, B=B,
+                                    magnitude=magnitude, dropout_mask=dropout_mask, weight_norm=weight_norm)
+    check_factors(A, B, d=shape.d, k=shape.k)
+    check_dropout_mask(dropout_mask, x)
+    check_float_array("magnitude", magnitude, xp=xp, shape=(shape.d,))
+    if gradient not in GRADIENTS:
+        raise ConfigError(f"unknown DoRA gradient mode {gradient!r}; choose one of {', '.join(GRADIENTS)}")
+    if bias_trainable and bias is None:
+        raise ConfigError("bias_trainable=True needs a bias")
+    if weight_norm is None:
+        n = _weight_norm(W0, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out, xp=xp)   # (d,)
+    elif gradient == "exact":
+        raise ConfigError("a given (frozen) weight_norm has no gradient; use gradient='detached' with it")
+    else:
+        check_float_array("weight_norm", weight_norm, xp=xp, shape=(shape.d,))
+        _refuse_zero_rows(weight_norm, xp=xp)
+        n = weight_norm
+    g = magnitude / n                                                  # (d,)
+    x2 = flatten_rows(x, xp=xp)                                        # (n, k)
+    xd = x2 if dropout_mask is None else x2 * flatten_rows(dropout_mask, xp=xp)
+    xw = base_forward(x2, W0, None, fan_in_fan_out=fan_in_fan_out, xp=xp)          # (n, d)
+    u = xw if dropout_mask is None else base_forward(xd, W0, None, fan_in_fan_out=fan_in_fan_out, xp=xp)
+    xa = xp.matmul(xd, xp.matrix_transpose(A))                         # (n, r)
+    v = xp.matmul(xa, xp.matrix_transpose(B))                          # (n, d)
+    base = xw if bias is None else xw + bias
+    y = base + ((g - 1) * u + (g * v) * scaling)                      # (n, d)  PEFT's order
+    cache = DoraCache(x=x, dropout_mask=dropout_mask, xa=xa, xv=u + v * scaling, weight_norm=n,
+                      magnitude=magnitude, W0=W0, A=A, B=B, scaling=scaling, fan_in_fan_out=fan_in_fan_out,
+                      gradient=gradient, bias_trainable=bias_trainable)
+    return xp.reshape(y, (*x.shape[:-1], shape.d)), cache
+
+
+def dora_backward(dy: Any, cache: DoraCache) -> DoraGrads:
+    """dx, dA, dB, dmagnitude (and dbias when trainable) from dy; see the module docstring."""
+    xp = namespace(dy, cache.x)
+    d = cache.B.shape[0]
+    check_float_array("dy", dy, xp=xp, shape=(*cache.x.shape[:-1], d))
+    s, n, A, B = cache.scaling, cache.weight_norm, cache.A, cache.B
+    g = cache.magnitude / n                                            # (d,)
+    g2 = flatten_rows(dy, xp=xp)                                       # (n, d)
+    x2 = flatten_rows(cache.x, xp=xp)                                  # (n, k)
+    mask = None if cache.dropout_mask is None else flatten_rows(cache.dropout_mask, xp=xp)
+    xd = x2 if mask is None else x2 * mask                             # recomputed, not cached
+    dg = xp.sum(g2 * cache.xv, axis=0)                                 # (d,)
+    dmagnitude = dg / n                                                # (d,)
+    gy = (g2 * g) * s                                                  # (n, d)
+    dB = xp.matmul(xp.matrix_transpose(gy), cache.xa)                  # (d, r)
+    gb = xp.matmul(gy, B)                                              # (n, r)
+    dA = xp.matmul(xp.matrix_transpose(gb), xd)                        # (r, k)
+    ffo = cache.fan_in_fan_out
+    if mask is None:
+        dx = base_input_grad(g2 * g, cache.W0, fan_in_fan_out=ffo, xp=xp) + xp.matmul(gb, A)
+    else:
+        dxd = base_input_grad(g2 * (g - 1), cache.W0, fan_in_fan_out=ffo, xp=xp) + xp.matmul(gb, A)
+        dx = base_input_grad(g2, cache.W0, fan_in_fan_out=ffo, xp=xp) + dxd * mask
+    if cache.gradient == "exact":
+        W = weight_rows(cache.W0, fan_in_fan_out=ffo, xp=xp)           # (d, k)
+        w = -(dg * g) / (n * n)                                        # (d,)  dL/dV = diag(w) V
+        wB = w[:, None] * B                                            # (d, r)
+        WAt = xp.matmul(W, xp.matrix_transpose(A))                     # (d, r)  W0 A^T
+        AAt = xp.matmul(A, xp.matrix_transpose(A))                     # (r, r)
+        dB = dB + s * (w[:, None] * WAt + s * xp.matmul(wB, AAt))      # s diag(w) V A^T
+        wBt = xp.matrix_transpose(wB)                                  # (r, d)
+        dA = dA + s * (xp.matmul(wBt, W) + s * xp.matmul(xp.matmul(wBt, B), A))   # s B^T diag(w) V
+    dbias = xp.sum(g2, axis=0) if cache.bias_trainable else None
+    return DoraGrads(dx=xp.reshape(dx, cache.x.shape), dA=dA, dB=dB, dmagnitude=dmagnitude, dbias=dbias)
+
+
+def dora_delta_weight(W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float,
+                      fan_in_fan_out: bool = False) -> Any:
+    """W' - W0 = diag(g) (W0 + s B A) - W0 in W0's layout, g = m / n. Forms the d x k product."""
+    return dora_merge(W0, A, B, magnitude, scaling=scaling, fan_in_fan_out=fan_in_fan_out) - W0
+
+
+def dora_merge(W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
+    """W' = diag(m / n) (W0 + s B A) in W0's layout: the merged layer computes x W'^T + b."""
+    xp, g = _merge_scale(W0, A, B, magnitude, scaling=scaling, fan_in_fan_out=fan_in_fan_out, weight_norm=None)
+    V = W0 + delta_weight(A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
+    return _per_row(g, fan_in_fan_out=fan_in_fan_out) * V
+
+
+def dora_unmerge(W: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, weight_norm: Any,
+                 fan_in_fan_out: bool = False) -> Any:
+    """W0 = diag(n / m) W' - s B A, with n = `dora_weight_norm` of the unmerged W0 (taken before merging).
+
+    Exact up to a few roundings per entry; a zero magnitude m_i erased row i and is refused.
+    """
+    xp, g = _merge_scale(W, A, B, magnitude, scaling=scaling, fan_in_fan_out=fan_in_fan_out,
+                         weight_norm=weight_norm)
+    zero = magnitude == 0
+    if bool(xp.any(zero)):
+        rows = [int(i) for i in xp.nonzero(zero)[0][:8]]
+        raise NonFiniteError(f"magnitude is zero in row(s) {rows}: the merge erased them, W0 cannot be recovered")
+    V = W / _per_row(g, fan_in_fan_out=fan_in_fan_out)               # PEFT: W / dora_factor
+    return V - delta_weight(A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
+
+
+def dora_parameter_count(d: int, k: int, r: int, *, bias: bool = False) -> int:
+    """Trainable parameters of one DoRA layer: LoRA's r (d + k) plus the d magnitudes (plus d for a bias)."""
+    return lora_parameter_count(d, k, r, bias=bias) + d
+
+
+def _weight_norm(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool, xp: Any) -> Any:
+    """Row norms of V = W0 + s B A, V formed NORM_BLOCK_ELEMENTS at a time; refuses zero rows."""
+    W = weight_rows(W0, fan_in_fan_out=fan_in_fan_out, xp=xp)         # (d, k)
+    d, k = W.shape
+    rows = max(1, NORM_BLOCK_ELEMENTS // k)
+    norms = []
+    for start in range(0, d, rows):
+        stop = min(start + rows, d)
+        V = W[start:stop, :] + scaling * xp.matmul(B[start:stop, :], A)   # (rows, k)  PEFT's W + s * (B A)
+        norms.append(xp.linalg.vector_norm(V, axis=1))
+    n = norms[0] if len(norms) == 1 else xp.concat(norms)              # (d,)
+    if not bool(xp.all(xp.isfinite(n))):
+        raise NonFiniteError("the DoRA weight norm ||W0 + s B A|| overflowed in this dtype")
+    _refuse_zero_rows(n, xp=xp)
+    return n
+
+
+def _refuse_zero_rows(n: Any, *, xp: Any) -> None:
+    zero = n == 0
+    if bool(xp.any(zero)):
+        count = int(xp.sum(xp.astype(zero, xp.int64)))
+        rows = [int(i) for i in xp.nonzero(zero)[0][:8]]
+        raise NonFiniteError(
+            f"the DoRA weight norm ||W0 + s B A|| is zero in {count} row(s), first {rows}: such a row has no "
+            "direction to normalise (m / 0); give W0 (or the adapter) a non-zero value there")
+
+
+def _merge_scale(W: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, fan_in_fan_out: bool,
+                 weight_norm: Any) -> tuple[Any, Any]:
+    """Check a merge's inputs; return the namespace and g = m / n (n computed from W when not given)."""
+    xp = namespace(W, A, B, magnitude, weight_norm)
+    shape = linear_shape(W, fan_in_fan_out=fan_in_fan_out)
+    for name, array in (("W", W), ("A", A), ("B", B)):
+        check_float_array(name, array, xp=xp)
+    check_factors(A, B, d=shape.d, k=shape.k)
+    check_float_array("magnitude", magnitude, xp=xp, shape=(shape.d,))
+    if weight_norm is None:
+        weight_norm = _weight_norm(W, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out, xp=xp)
+    else:
+        check_float_array("weight_norm", weight_norm, xp=xp, shape=(shape.d,))
+        _refuse_zero_rows(weight_norm, xp=xp)
+    return xp, magnitude / weight_norm
+
+
+def _per_row(g: Any, *, fan_in_fan_out: bool) -> Any:
+    """g (d,) shaped to broadcast over the rows of the (d, k) view: (d, 1), or (d,) when W is stored (k, d)."""
+    return g if fan_in_fan_out else g[:, None]
