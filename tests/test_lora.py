@@ -43,16 +43,19 @@ def options(case: LayerCase) -> dict:
     return dict(scaling=lora_scaling(16.0, case.r, rslora=case.rslora), fan_in_fan_out=case.fan_in_fan_out)
 
 
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 @FAST
-@given(layer_cases())
-def test_gradients_match_finite_differences(case):
+@given(case=layer_cases())
+def test_gradients_match_finite_differences(backend, case):
     a = layer(case)
-    y, cache = lora_forward(a["x"], a["W0"], a["A"], a["B"], bias=a["bias"], dropout_mask=a["dropout_mask"],
+    b = {n: backend(v) for n, v in a.items()}
+    y, cache = lora_forward(b["x"], b["W0"], b["A"], b["B"], bias=b["bias"], dropout_mask=b["dropout_mask"],
                             bias_trainable=case.bias, **options(case))
-    grads = lora_backward(a["dy"], cache)
+    grads = lora_backward(b["dy"], cache)
 
     def f(x, A, B, bias=None):
-        return lora_forward(x, a["W0"], A, B, bias=bias, dropout_mask=a["dropout_mask"], **options(case))[0]
+        return lora_forward(backend(x), b["W0"], backend(A), backend(B), bias=backend(bias),
+                            dropout_mask=b["dropout_mask"], **options(case))[0]
 
     inputs = {"x": a["x"], "A": a["A"], "B": a["B"]}
     wanted = {"x": grads.dx, "A": grads.dA, "B": grads.dB}
@@ -63,16 +66,18 @@ def test_gradients_match_finite_differences(case):
     vjp_check(f, inputs, wanted, a["dy"], tol=1e-7)
 
 
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
 @FAST
-@given(layer_cases())
-def test_merged_forward_equals_unmerged_forward(case):
+@given(case=layer_cases())
+def test_merged_forward_equals_unmerged_forward(backend, case):
     a = layer(case)
+    b = {n: backend(v) for n, v in a.items()}
     opts = options(case)
-    y, _ = lora_forward(a["x"], a["W0"], a["A"], a["B"], bias=a["bias"], **opts)
-    W = merge(a["W0"], a["A"], a["B"], **opts)
-    zero_B = np.zeros_like(a["B"])
-    y_merged, _ = lora_forward(a["x"], W, a["A"], zero_B, bias=a["bias"], **opts)
-    assert_close(y_merged, y, rtol=1e-12, atol=1e-12 * _scale(a, opts["scaling"]))
+    y, _ = lora_forward(b["x"], b["W0"], b["A"], b["B"], bias=b["bias"], **opts)
+    W = merge(b["W0"], b["A"], b["B"], **opts)
+    zero_B = backend(np.zeros_like(a["B"]))
+    y_merged, _ = lora_forward(b["x"], W, b["A"], zero_B, bias=b["bias"], **opts)
+    assert_close(y_merged, y, rtol=1e-12, atol=1e-12 * _scale(a, opts["scaling"]), like=b["x"])
 
 
 def _scale(a, s):
