@@ -27,7 +27,7 @@ class ModuleAdapter:
     magnitude: Any = None     # (d,)    DoRA's m
     lambda_d: Any = None      # (r,)    VeRA
     lambda_b: Any = None      # (d,)    VeRA
-    bias: Any = None          # (d,)    a trained bias (PEFT's lora_bias / bias="lora_only")
+    bias: Any = None          # (d,)    the adapter's own bias, added as s * bias (PEFT's lora_bias=True: lora_B.bias)
     fan_in_fan_out: bool = False
 
     @property
@@ -54,6 +54,9 @@ class Adapter:
     vera_A: Any = None        # (r, k_max) VeRA's shared frozen projection
     vera_B: Any = None        # (d_max, r)
     config: dict[str, Any] = field(default_factory=dict)  # the source's own config, kept for round trips
+    # Trained biases that replace the frozen layers' own (PEFT's bias="lora_only"/"all"), by module
+    # path; with "all" this includes modules without an adapter (layer norms, say).
+    base_biases: dict[str, Any] = field(default_factory=dict)
 
     @property
     def method(self) -> str:

@@ -1,8 +1,8 @@
 """Files: atomic writes and checked safetensors reads. Nothing here ever unpickles.
 
-- `atomic_write_bytes` writes to a temporary file in the target's directory, flushes and fsyncs
-  it, then renames it over the target (`os.replace`, atomic on POSIX): an interrupted write
-  leaves the previous file intact and never a partial one.
+- `atomic_write_bytes` (and `atomic_open`, its streaming form) writes to a temporary file in the
+  target's directory, flushes and fsyncs it, then renames it over the target (`os.replace`,
+  atomic on POSIX): an interrupted write leaves the previous file intact and never a partial one.
 - `read_safetensors` turns every way a file can be wrong (missing, truncated, a corrupt header,
   data that does not fit its declared shape) into a FormatError naming the file.
 """
@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 import safetensors
@@ -22,21 +23,30 @@ import safetensors.numpy
 from refpeft.errors import FormatError
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically (temporary file + fsync + rename); returns the path."""
+@contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write `path` through: a temporary file in the target's directory that is
+    flushed, fsynced and renamed over `path` when the block ends normally, and deleted (leaving
+    any previous `path` untouched) when the block raises or is interrupted."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(handle, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return target
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically (temporary file + fsync + rename); returns the path."""
+    with atomic_open(path) as f:
+        f.write(data)
+    return Path(path)
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],

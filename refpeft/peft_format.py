@@ -1,0 +1,640 @@
+"""HF PEFT adapter files, read and written without torch: adapter_model.safetensors + adapter_config.json.
+
+What PEFT 0.21 writes (`save_pretrained`; keys carry no adapter name; <p> is a module path such
+as "model.layers.0.self_attn.q_proj", the name of the adapted linear layer in the base model):
+
+    base_model.model.<p>.lora_A.weight          (r, k)   LoRA and DoRA
+    base_model.model.<p>.lora_B.weight          (d, r)
+    base_model.model.<p>.lora_B.bias            (d,)     lora_bias=True, added as s * bias
+    base_model.model.<p>.lora_magnitude_vector  (d,)     use_dora=True (no ".weight" suffix)
+    base_model.model.<p>.vera_lambda_d          (r,)     VeRA
+    base_model.model.<p>.vera_lambda_b          (d,)
+    base_model.vera_A, base_model.vera_B        (r, k_max), (d_max, r)   VeRA with save_projection=True
+    base_model.model.<p>.base_layer.bias        (d,)     bias="lora_only"/"all"/"vera_only": the
+                                                         trained bias of an adapted layer
+    base_model.model.<q>.bias                   any      bias="all": the bias of any other module q
+
+adapter_config.json gives the rest. LoRA: s = lora_alpha / r (lora_alpha / sqrt(r) with
+use_rslora); a module's r and alpha come from `rank_pattern` / `alpha_pattern` when a key matches
+it, PEFT's `get_pattern_key` rule: the first key K (in file order) for which the regular
+expression `(.*\\.)?(K)$` matches the whole module path, so "q_proj" matches every q_proj and
+"layers\\.0\\.q_proj" one of them. VeRA: one r for all modules, `projection_prng_key` seeds the
+projections when they are not saved (regenerated bit for bit with refpeft.vera.vera_projections,
+which needs the base's layer sizes: k_max is not recorded in the adapter file).
+
+Reading checks everything at the boundary and names the file and key of each problem: a missing
+or unreadable file (adapter_model.bin is refused: it is a pickle, and refpeft never unpickles),
+corrupt or truncated safetensors (refpeft.checkpoint), invalid JSON, unsupported config options
+(named), missing and unexpected keys, non-float dtypes, shapes that disagree with each other or
+with the base model, ranks that disagree with the config, and non-finite values.
+
+Writing produces files PEFT loads with `PeftModel.from_pretrained`. The config it writes is
+exact rather than pretty: `target_modules` is a regular expression matching exactly the adapted
+paths (PEFT full-matches a string against each module name), r and lora_alpha are the most common
+values and `rank_pattern` / `alpha_pattern` name every other module by its escaped full path,
+most specific first. Each file is written atomically (refpeft.io); the weights go first, so an
+interrupted save leaves either the old pair, or new weights with the old config, which reading
+then refuses (their ranks or keys disagree) instead of loading a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Mapping
+
+import numpy as np
+
+from refpeft.adapter import Adapter, ModuleAdapter
+from refpeft.backend import FLOAT_NAMES, to_numpy
+from refpeft.checkpoint import FLOAT_DTYPES, SafetensorsFile
+from refpeft.errors import ConfigError, DTypeError, FormatError, NonFiniteError, RankError, ShapeError
+from refpeft.init import as_parameter
+from refpeft.io import atomic_write_bytes, write_safetensors
+from refpeft.linear import LinearShape, linear_shape
+from refpeft.vera import largest_layer, vera_projections
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+PROJECTION_KEYS = {"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"}
+
+# Per-module tensors: ModuleAdapter field -> key suffix after "base_model.model.<p>.".
+MODULE_SUFFIXES = {
+    "A": "lora_A.weight", "B": "lora_B.weight", "bias": "lora_B.bias", "magnitude": "lora_magnitude_vector",
+    "lambda_d": "vera_lambda_d", "lambda_b": "vera_lambda_b",
+}
+ADAPTED_BIAS_SUFFIX = "base_layer.bias"
+
+CONVERT_PICKLE = (
+    "refpeft never unpickles files. Convert it where torch and peft are installed, e.g.\n"
+    "    python -c \"import torch, safetensors.torch as st; "
+    "st.save_file(torch.load('adapter_model.bin', weights_only=True), 'adapter_model.safetensors', "
+    "metadata={'format': 'pt'})\"\n"
+    "or load it with PeftModel.from_pretrained and save it again with save_pretrained "
+    "(safetensors is PEFT's default)."
+)
+
+# Config options refpeft reads, and those it refuses when set (value other than None/False/empty).
+LORA_OPTIONS = {"peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "bias", "lora_bias",
+                "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules", "init_lora_weights"}
+VERA_OPTIONS = {"peft_type", "r", "projection_prng_key", "save_projection", "d_initial", "fan_in_fan_out", "bias",
+                "target_modules", "init_weights"}
+# Options that only shape training or which modules are targeted (the file's keys say which), or
+# are bookkeeping: accepted and kept in Adapter.config.
+IGNORED_OPTIONS = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                   "inference_mode", "lora_dropout", "vera_dropout", "layers_to_transform", "layers_pattern",
+                   "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
+                   "lora_ga_config", "runtime_config", "ensure_weight_tying"}
+UNSUPPORTED_OPTIONS = {
+    "modules_to_save": "whole modules trained and saved in full",
+    "trainable_token_indices": "trainable token embeddings",
+    "layer_replication": "layers duplicated in the base model",
+    "use_qalora": "QA-LoRA's pooled inputs", "use_bdlora": "block-diagonal LoRA",
+    "alora_invocation_tokens": "activated LoRA", "arrow_config": "Arrow routing",
+    "target_parameters": "LoRA on bare parameters (MoE experts)", "megatron_config": "Megatron parallel layers",
+    "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA", "kasa_config": "KaSA",
+}
+# init_lora_weights values that rewrite the base weights (PEFT's olora/pissa/corda/loftq/lora_ga/mica
+# inits): the saved A, B only make sense on top of that rewritten base.
+BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
+PEFT_TYPES = {"LORA": LORA_OPTIONS, "VERA": VERA_OPTIONS}
+PASSTHROUGH = ("base_model_name_or_path", "revision", "task_type")
+
+
+def pattern_value(patterns: Mapping[str, Any], path: str, default: Any) -> tuple[Any, str | None]:
+    """A module's value from a rank_pattern/alpha_pattern, PEFT's `get_pattern_key` rule.
+
+    Returns (value, the matching key) or (default, None): the first key K in order for which
+    `(.*\\.)?(K)$` matches the whole path (K is a regular expression).
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return patterns[key], key
+    return default, None
+
+
+def targets(config: Mapping[str, Any], path: str) -> bool:
+    """Whether PEFT's `target_modules` (minus `exclude_modules`) selects the module `path`.
+
+    A string is a regular expression full-matched against the path; a list selects a path equal
+    to an entry or ending in "." + entry. "all-linear" selects every linear layer and so cannot be
+    judged from the adapter alone (True).
+    """
+    excluded = config.get("exclude_modules")
+    if isinstance(excluded, str) and re.fullmatch(excluded, path):
+        return False
+    if isinstance(excluded, list) and any(path == e or path.endswith("." + e) for e in excluded):
+        return False
+    target = config.get("target_modules")
+    if target == "all-linear" or target is None:
+        return True
+    if isinstance(target, str):
+        return re.fullmatch(target, path) is not None
+    return any(path == t or path.endswith("." + t) for t in target)
+
+
+def read_peft_adapter(directory: str | os.PathLike, *, base_shapes: Mapping[str, LinearShape] | None = None,
+                      dtype: str | None = None) -> Adapter:
+    """Read a PEFT adapter directory into an Adapter, checking every tensor against the config.
+
+    base_shapes: the base model's layer sizes by module path (`Checkpoint.linear_shapes`); when
+    given, every adapted layer must be present with those sizes, and a VeRA adapter saved without
+    its projections gets them regenerated from `projection_prng_key` (without base_shapes they
+    stay None). dtype: None keeps each tensor's file dtype (bfloat16 becomes float32 holding the
+    same values, refpeft's emulation); a float name casts every tensor to it.
+    Raises FormatError, ConfigError, ShapeError, RankError, DTypeError or NonFiniteError, each
+    naming the file and the key.
+    """
+    if dtype is not None and dtype not in FLOAT_NAMES:
+        raise DTypeError(f"unknown float format {dtype!r}; choose one of {', '.join(FLOAT_NAMES)}")
+    folder = _adapter_folder(directory)
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    config = _read_config(config_path)
+    checkpoint = SafetensorsFile(weights_path)
+    tensors = {name: _read_checked(checkpoint, name, dtype=dtype) for name in checkpoint.keys()}
+    if config["peft_type"] == "LORA":
+        adapter = _lora_adapter(config, tensors, source=weights_path)
+    else:
+        adapter = _vera_adapter(config, tensors, source=weights_path)
+    if base_shapes is not None:
+        adapter = _against_base(adapter, base_shapes, source=weights_path, dtype=dtype)
+    return adapter
+
+
+def write_peft_adapter(directory: str | os.PathLike, adapter: Adapter, *, save_projection: bool = True) -> Path:
+    """Write `adapter` as a PEFT adapter directory (weights, then config, each atomically).
+
+    LoRA and DoRA modules are written as peft_type "LORA" (all modules one method: PEFT's use_dora
+    is per config), VeRA as "VERA" with the projections saved unless save_projection=False (then
+    Adapter.config must hold the `projection_prng_key` they were drawn from). Arrays keep their
+    dtype. Returns the directory.
+    """
+    folder = Path(directory)
+    source = folder / WEIGHTS_NAME
+    config = peft_config(adapter, save_projection=save_projection)
+    tensors = peft_tensors(adapter, save_projection=save_projection)
+    check_adapter(adapter, config=config, source=source)
+    for key, array in tensors.items():
+        _check_values(array, key=key, source=source)
+    write_safetensors(source, tensors, metadata={"format": "pt"})
+    atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    return folder
+
+
+def peft_config(adapter: Adapter, *, save_projection: bool = True) -> dict[str, Any]:
+    """The adapter_config.json PEFT needs to rebuild exactly `adapter`'s modules (see module docstring)."""
+    if not adapter.modules:
+        raise ConfigError("the adapter has no modules")
+    method = adapter.method
+    if method == "mixed":
+        raise ConfigError("PEFT stores one method per adapter: these modules mix "
+                          f"{sorted({m.method for m in adapter.modules.values()})}")
+    modules = adapter.modules
+    fan_in_fan_out = _one_value({p: m.fan_in_fan_out for p, m in modules.items()}, "fan_in_fan_out")
+    config: dict[str, Any] = {k: adapter.config[k] for k in PASSTHROUGH if k in adapter.config}
+    config.update(
+        inference_mode=True,
+        target_modules="(?:" + "|".join(re.escape(p) for p in sorted(modules)) + ")",
+        fan_in_fan_out=fan_in_fan_out,
+        bias=_bias_option(adapter, method),
+    )
+    if method == "vera":
+        if not save_projection and "projection_prng_key" not in adapter.config:
+            raise ConfigError("save_projection=False needs Adapter.config['projection_prng_key'], the seed the "
+                              "projections were drawn from")
+        config.update(peft_type="VERA", r=_one_value({p: m.r for p, m in modules.items()}, "VeRA rank r"),
+                      save_projection=save_projection,
+                      projection_prng_key=int(adapter.config.get("projection_prng_key", 0)),
+                      d_initial=adapter.config.get("d_initial", 0.1),
+                      vera_dropout=adapter.config.get("vera_dropout", 0.0))
+        return config
+    ranks = {p: m.r for p, m in modules.items()}
+    alphas = {p: _plain_number(m.alpha) for p, m in modules.items()}
+    r, alpha = _most_common(ranks), _most_common(alphas)
+    has_bias = any(m.bias is not None for m in modules.values())
+    if has_bias and method == "dora":
+        raise ConfigError("PEFT does not support lora_bias with DoRA")
+    config.update(peft_type="LORA", r=r, lora_alpha=alpha, rank_pattern=_patterns(ranks, r),
+                  alpha_pattern=_patterns(alphas, alpha),
+                  use_rslora=_one_value({p: m.rslora for p, m in modules.items()}, "rslora"),
+                  use_dora=method == "dora", lora_bias=has_bias, init_lora_weights=True,
+                  lora_dropout=adapter.config.get("lora_dropout", 0.0))
+    return config
+
+
+def peft_tensors(adapter: Adapter, *, save_projection: bool = True) -> dict[str, np.ndarray]:
+    """The adapter_model.safetensors content: PEFT's key for each tensor (NumPy arrays).
+
+    With lora_bias on some modules only, the others get a zero bias (PEFT's lora_bias is per
+    config, and a zero bias changes nothing)."""
+    has_bias = any(m.bias is not None for m in adapter.modules.values())
+    tensors: dict[str, np.ndarray] = {}
+    for path, module in adapter.modules.items():
+        for field, suffix in MODULE_SUFFIXES.items():
+            value = getattr(module, field)
+            if field == "bias" and value is None and has_bias:
+                value = np.zeros(module.B.shape[0], dtype=to_numpy(module.B).dtype)
+            if value is not None:
+                tensors[f"{PREFIX}{path}.{suffix}"] = to_numpy(value)
+    for path, bias in adapter.base_biases.items():
+        suffix = ADAPTED_BIAS_SUFFIX if path in adapter.modules else "bias"
+        tensors[f"{PREFIX}{path}.{suffix}"] = to_numpy(bias)
+    if adapter.method == "vera" and save_projection:
+        if adapter.vera_A is None or adapter.vera_B is None:
+            raise ConfigError("save_projection=True needs the adapter's vera_A and vera_B (read the adapter "
+                              "with base_shapes to regenerate them)")
+        for field, key in PROJECTION_KEYS.items():
+            tensors[key] = to_numpy(getattr(adapter, field))
+    return tensors
+
+
+def tensor_key(path: str, field: str) -> str:
+    """The PEFT file key of ModuleAdapter field `field` of module `path`."""
+    return f"{PREFIX}{path}.{MODULE_SUFFIXES[field]}"
+
+
+def check_adapter(adapter: Adapter, *, config: Mapping[str, Any], source: str | os.PathLike) -> None:
+    """Shapes and ranks of every module against each other and against `config` (PEFT's fields).
+
+    Errors name `source` and the PEFT key of the offending tensor.
+    """
+    lora = config["peft_type"] == "LORA"
+    for path, m in adapter.modules.items():
+        key = lambda field: f"{source}: {tensor_key(path, field)}"  # noqa: E731
+        if lora:
+            expected_r, r_key = pattern_value(config.get("rank_pattern") or {}, path, config["r"])
+            _require_ndim(m.A, 2, key("A"))
+            _require_ndim(m.B, 2, key("B"))
+            if m.A.shape[0] != expected_r:
+                origin = f"rank_pattern[{r_key!r}]" if r_key is not None else "r"
+                raise RankError(f"{key('A')} has rank {m.A.shape[0]} (shape {tuple(m.A.shape)}) but "
+                                f"{CONFIG_NAME} gives {origin} = {expected_r} for module {path!r}")
+            if m.B.shape[1] != m.A.shape[0]:
+                raise RankError(f"{key('B')} has shape {tuple(m.B.shape)}: its rank {m.B.shape[1]} disagrees "
+                                f"with lora_A's {m.A.shape[0]}")
+            d = m.B.shape[0]
+            for field in ("magnitude", "bias"):
+                _require_shape(getattr(m, field), (d,), key(field), f"one value per output of lora_B (d = {d})")
+        else:
+            _require_ndim(m.lambda_d, 1, key("lambda_d"))
+            _require_ndim(m.lambda_b, 1, key("lambda_b"))
+            if m.lambda_d.shape[0] != config["r"]:
+                raise RankError(f"{key('lambda_d')} has rank {m.lambda_d.shape[0]} but {CONFIG_NAME} gives "
+                                f"r = {config['r']}")
+            d = m.lambda_b.shape[0]
+        if path in adapter.base_biases:
+            _require_shape(adapter.base_biases[path], (d,), f"{source}: {PREFIX}{path}.{ADAPTED_BIAS_SUFFIX}",
+                           f"one value per output of the layer (d = {d})")
+    if not lora and adapter.vera_A is not None:
+        _check_projections(adapter, config["r"], source=source)
+
+
+def linear_shapes_of(stored: Mapping[str, tuple[int, ...]], *, fan_in_fan_out: bool) -> dict[str, LinearShape]:
+    """Layer sizes (k, d) from stored 2-D weight shapes (d, k), or (k, d) with fan_in_fan_out."""
+    # linear_shape reads only `.shape`, so the weights themselves are never needed.
+    return {path: linear_shape(SimpleNamespace(shape=shape), fan_in_fan_out=fan_in_fan_out)
+            for path, shape in stored.items()}
+
+
+def module_shape(module: ModuleAdapter) -> LinearShape | None:
+    """(k, d) of an adapted layer as far as the adapter alone tells: VeRA files do not record k."""
+    if module.A is not None:
+        return LinearShape(k=module.A.shape[1], d=module.B.shape[0])
+    return None
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def _adapter_folder(directory: str | os.PathLike) -> Path:
+    path = Path(directory)
+    if path.is_file():
+        if path.name == PICKLE_NAME or path.suffix in (".bin", ".pt", ".pth", ".pkl"):
+            raise FormatError(f"{path}: a pickle file. {CONVERT_PICKLE}")
+        path = path.parent
+    if not path.is_dir():
+        raise FormatError(f"{path}: no such adapter directory")
+    if not (path / WEIGHTS_NAME).is_file():
+        if (path / PICKLE_NAME).is_file():
+            raise FormatError(f"{path / PICKLE_NAME}: a pickle file, and {WEIGHTS_NAME} is absent. {CONVERT_PICKLE}")
+        raise FormatError(f"{path / WEIGHTS_NAME}: no such file (a PEFT adapter directory holds {WEIGHTS_NAME} "
+                          f"and {CONFIG_NAME})")
+    if not (path / CONFIG_NAME).is_file():
+        raise FormatError(f"{path / CONFIG_NAME}: no such file")
+    return path
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    peft_type = config.get("peft_type")
+    if peft_type not in PEFT_TYPES:
+        raise ConfigError(f"{path}: peft_type {peft_type!r} is not supported; refpeft reads "
+                          f"{', '.join(sorted(PEFT_TYPES))} adapters")
+    known = PEFT_TYPES[peft_type] | IGNORED_OPTIONS
+    for option, value in config.items():
+        if option in known or value in (None, False, [], {}):
+            continue
+        what = UNSUPPORTED_OPTIONS.get(option)
+        raise ConfigError(f"{path}: option {option!r} = {value!r} is not supported"
+                          + (f" ({what})" if what else " (not a PEFT 0.21 option refpeft knows)"))
+    _check_config_values(config, path)
+    return config
+
+
+def _check_config_values(config: dict[str, Any], path: Path) -> None:
+    def positive_int(name: str, value: Any) -> None:
+        if type(value) is not int or value < 1:
+            raise ConfigError(f"{path}: {name} must be a positive integer, got {value!r}")
+
+    def number(name: str, value: Any) -> None:
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise ConfigError(f"{path}: {name} must be a finite number, got {value!r}")
+
+    def flag(name: str) -> None:
+        if type(config.get(name, False)) is not bool:
+            raise ConfigError(f"{path}: {name} must be true or false, got {config[name]!r}")
+
+    positive_int("r", config.get("r", 8 if config["peft_type"] == "LORA" else 256))
+    for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "save_projection"):
+        flag(name)
+    for name in ("target_modules", "exclude_modules"):
+        value = config.get(name)
+        if value is None:
+            continue
+        if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            raise ConfigError(f"{path}: {name} must be a string or a list of strings, got {value!r}")
+        if isinstance(value, str):
+            _compile(value, f"{path}: {name}")
+    if config["peft_type"] == "LORA":
+        config.setdefault("r", 8)
+        config.setdefault("lora_alpha", 8)
+        number("lora_alpha", config["lora_alpha"])
+        for name, check in (("rank_pattern", positive_int), ("alpha_pattern", number)):
+            patterns = config.get(name) or {}
+            if not isinstance(patterns, dict):
+                raise ConfigError(f"{path}: {name} must be an object, got {patterns!r}")
+            for key, value in patterns.items():
+                _compile(key, f"{path}: {name} key {key!r}")
+                check(f"{name}[{key!r}]", value)
+        bias = config.get("bias", "none")
+        if bias not in ("none", "lora_only", "all"):
+            raise ConfigError(f"{path}: bias must be 'none', 'lora_only' or 'all', got {bias!r}")
+        init = config.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+            raise ConfigError(
+                f"{path}: init_lora_weights = {init!r} rewrites the base weights, so these A and B only apply "
+                "to that rewritten base. Convert the adapter to a plain LoRA first with PEFT's "
+                "save_pretrained(..., path_initial_model_for_weight_conversion=...)")
+        if config.get("lora_bias") and config.get("use_dora"):
+            raise ConfigError(f"{path}: lora_bias with use_dora is not a combination PEFT supports")
+    else:
+        config.setdefault("r", 256)
+        config.setdefault("save_projection", True)
+        config.setdefault("projection_prng_key", 0)
+        if type(config["projection_prng_key"]) is not int:
+            raise ConfigError(f"{path}: projection_prng_key must be an integer, got {config['projection_prng_key']!r}")
+        if config.get("bias", "none") not in ("none", "vera_only", "all"):
+            raise ConfigError(f"{path}: bias must be 'none', 'vera_only' or 'all', got {config['bias']!r}")
+
+
+def _compile(pattern: str, where: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{where}: not a valid regular expression ({exc})") from None
+
+
+def _read_checked(checkpoint: SafetensorsFile, name: str, *, dtype: str | None) -> np.ndarray:
+    """One adapter tensor in memory: floating, finite, optionally cast."""
+    info = checkpoint.info(name)
+    if info.dtype not in FLOAT_DTYPES:
+        raise DTypeError(f"{checkpoint.path}: {name} has dtype {info.dtype}; adapter tensors are floating "
+                         f"({', '.join(FLOAT_DTYPES)})")
+    array = checkpoint.read_float(name)
+    _check_values(array, key=name, source=checkpoint.path)
+    return array if dtype is None else as_parameter(array, dtype=dtype, xp=None)
+
+
+def _check_values(array: np.ndarray, *, key: str, source: str | os.PathLike) -> None:
+    if array.dtype.kind != "f":
+        raise DTypeError(f"{source}: {key} has dtype {array.dtype}; adapter tensors are floating")
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise NonFiniteError(f"{source}: {key} holds {bad} non-finite value(s) (NaN or inf)")
+
+
+def _split_keys(tensors: dict[str, np.ndarray], *, fields: tuple[str, ...], source: Path,
+                bias: str) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Keys -> ({path: {field: array}}, {path: trained base bias}, {projection field: array})."""
+    suffixes = {MODULE_SUFFIXES[f]: f for f in fields}
+    modules: dict[str, dict[str, np.ndarray]] = {}
+    biases: dict[str, tuple[str, np.ndarray]] = {}
+    projections: dict[str, np.ndarray] = {}
+    projection_fields = {key: field for field, key in PROJECTION_KEYS.items()}
+    for key, array in tensors.items():
+        if "lora_embedding_A" in key or "lora_embedding_B" in key:
+            raise ConfigError(f"{source}: {key}: LoRA on embedding layers is not supported (linear layers only)")
+        if key in projection_fields and "lambda_d" in fields:
+            projections[projection_fields[key]] = array
+            continue
+        if not key.startswith(PREFIX):
+            raise FormatError(f"{source}: unexpected key {key!r} (PEFT keys start with {PREFIX!r})")
+        rest = key[len(PREFIX):]
+        for suffix, field in suffixes.items():
+            if rest.endswith("." + suffix):
+                modules.setdefault(rest[: -len(suffix) - 1], {})[field] = array
+                break
+        else:
+            if bias != "none" and rest.endswith("." + ADAPTED_BIAS_SUFFIX):
+                biases[rest[: -len(ADAPTED_BIAS_SUFFIX) - 1]] = (key, array)
+            elif bias == "all" and rest.endswith(".bias"):
+                biases[rest[: -len(".bias")]] = (key, array)
+            else:
+                raise FormatError(f"{source}: unexpected key {key!r}" + _bias_hint(rest, bias))
+    for path, (key, _) in biases.items():
+        adapted = path in modules
+        if adapted != key.endswith("." + ADAPTED_BIAS_SUFFIX):
+            raise FormatError(f"{source}: unexpected key {key!r}: the bias of "
+                              + (f"adapted module {path!r} is saved as {PREFIX}{path}.{ADAPTED_BIAS_SUFFIX}" if adapted
+                                 else f"{path!r}, which has no adapter, is saved as {PREFIX}{path}.bias"))
+    return modules, {path: array for path, (_, array) in biases.items()}, projections
+
+
+def _bias_hint(rest: str, bias: str) -> str:
+    if rest.endswith(".bias") and bias == "none":
+        return f" (a bias, but {CONFIG_NAME} has bias = 'none')"
+    for suffix in MODULE_SUFFIXES.values():
+        if rest.endswith("." + suffix):
+            return f" ({suffix} does not belong to this config's method)"
+    return ""
+
+
+def _require_fields(modules: dict[str, dict[str, np.ndarray]], required: tuple[str, ...], *, source: Path,
+                    why: dict[str, str]) -> None:
+    for path, found in modules.items():
+        for field in required:
+            if field not in found:
+                raise FormatError(f"{source}: missing key {tensor_key(path, field)!r}"
+                                  + (f" ({why[field]})" if field in why else "")
+                                  + f"; module {path!r} has {', '.join(tensor_key(path, f) for f in found)}")
+
+
+def _check_targets(config: dict[str, Any], paths: list[str], *, source: Path) -> None:
+    for path in paths:
+        if not targets(config, path):
+            raise FormatError(f"{source}: module {path!r} has adapter tensors but {CONFIG_NAME}'s target_modules "
+                              f"{config.get('target_modules')!r} does not select it, so PEFT would not load them")
+
+
+def _lora_adapter(config: dict[str, Any], tensors: dict[str, np.ndarray], *, source: Path) -> Adapter:
+    dora, lora_bias = bool(config.get("use_dora")), bool(config.get("lora_bias"))
+    fields = ("A", "B") + (("magnitude",) if dora else ()) + (("bias",) if lora_bias else ())
+    modules, base_biases, _ = _split_keys(tensors, fields=fields, source=source, bias=config.get("bias", "none"))
+    _require_fields(modules, fields, source=source,
+                    why={"magnitude": "use_dora is true", "bias": "lora_bias is true"})
+    if not modules:
+        raise FormatError(f"{source}: no LoRA tensors (lora_A/lora_B) found")
+    _check_targets(config, list(modules), source=source)
+    adapter = Adapter(
+        modules={path: ModuleAdapter(
+            A=found["A"], B=found["B"], magnitude=found.get("magnitude"), bias=found.get("bias"),
+            alpha=float(pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])[0]),
+            rslora=bool(config.get("use_rslora")), fan_in_fan_out=bool(config.get("fan_in_fan_out")))
+            for path, found in sorted(modules.items())},
+        config=config, base_biases=base_biases)
+    check_adapter(adapter, config=config, source=source)
+    return adapter
+
+
+def _vera_adapter(config: dict[str, Any], tensors: dict[str, np.ndarray], *, source: Path) -> Adapter:
+    fields = ("lambda_d", "lambda_b")
+    modules, base_biases, projections = _split_keys(tensors, fields=fields, source=source,
+                                                    bias=config.get("bias", "none"))
+    _require_fields(modules, fields, source=source, why={})
+    if not modules:
+        raise FormatError(f"{source}: no VeRA tensors (vera_lambda_d/vera_lambda_b) found")
+    if config["save_projection"]:
+        for field, key in PROJECTION_KEYS.items():
+            if field not in projections:
+                raise FormatError(f"{source}: missing key {key!r} (save_projection is true)")
+    elif projections:
+        raise FormatError(f"{source}: unexpected key {PROJECTION_KEYS[next(iter(projections))]!r} "
+                          "(save_projection is false)")
+    _check_targets(config, list(modules), source=source)
+    adapter = Adapter(
+        modules={path: ModuleAdapter(lambda_d=found["lambda_d"], lambda_b=found["lambda_b"],
+                                     fan_in_fan_out=bool(config.get("fan_in_fan_out")))
+                 for path, found in sorted(modules.items())},
+        vera_A=projections.get("vera_A"), vera_B=projections.get("vera_B"), config=config, base_biases=base_biases)
+    check_adapter(adapter, config=config, source=source)
+    return adapter
+
+
+def _check_projections(adapter: Adapter, r: int, *, source: str | os.PathLike,
+                       shapes: Mapping[str, LinearShape] | None = None) -> None:
+    A, B = adapter.vera_A, adapter.vera_B
+    names = {f: f"{source}: {key}" for f, key in PROJECTION_KEYS.items()}
+    _require_ndim(A, 2, names["vera_A"])
+    _require_ndim(B, 2, names["vera_B"])
+    if A.shape[0] != r or B.shape[1] != r:
+        raise RankError(f"{names['vera_A']} has shape {tuple(A.shape)} and vera_B {tuple(B.shape)}; "
+                        f"{CONFIG_NAME} gives r = {r}, so expected (r, k_max) and (d_max, r)")
+    for path, m in adapter.modules.items():
+        if m.lambda_b.shape[0] > B.shape[0]:
+            raise ShapeError(f"{names['vera_B']} has shape {tuple(B.shape)}: it covers {B.shape[0]} outputs, but "
+                             f"{tensor_key(path, 'lambda_b')} has {m.lambda_b.shape[0]}")
+        if shapes is not None and shapes[path].k > A.shape[1]:
+            raise ShapeError(f"{names['vera_A']} has shape {tuple(A.shape)}: it covers {A.shape[1]} inputs, but "
+                             f"module {path!r} has k = {shapes[path].k} in the base model")
+
+
+def _against_base(adapter: Adapter, shapes: Mapping[str, LinearShape], *, source: Path,
+                  dtype: str | None) -> Adapter:
+    """Check every module's sizes against the base model's; regenerate unsaved VeRA projections."""
+    for path, m in adapter.modules.items():
+        if path not in shapes:
+            raise ShapeError(f"{source}: module {path!r} is adapted but the base model has no linear layer "
+                             f"{path + '.weight'!r}")
+        base = shapes[path]
+        if m.method == "vera":
+            if m.lambda_b.shape[0] != base.d:
+                raise ShapeError(f"{source}: {tensor_key(path, 'lambda_b')} has {m.lambda_b.shape[0]} entries but the base layer has "
+                                 f"d = {base.d} outputs")
+            continue
+        if module_shape(m) != base:
+            ours = module_shape(m)
+            raise ShapeError(f"{source}: {tensor_key(path, 'A')} {tuple(m.A.shape)} and {tensor_key(path, 'B')} "
+                             f"{tuple(m.B.shape)} adapt a layer of k = {ours.k} inputs and d = {ours.d} outputs; "
+                             f"the base layer {path + '.weight'!r} has k = {base.k}, d = {base.d}")
+    if adapter.method != "vera":
+        return adapter
+    r = adapter.config["r"]
+    if adapter.vera_A is None:
+        largest = largest_layer(shapes[p] for p in adapter.modules)
+        vera_A, vera_B = vera_projections(largest, r, seed=adapter.config["projection_prng_key"],
+                                          generator="torch-cpu", dtype=dtype or "float32")
+        adapter = Adapter(modules=adapter.modules, vera_A=vera_A, vera_B=vera_B, config=adapter.config,
+                          base_biases=adapter.base_biases)
+    _check_projections(adapter, r, source=source, shapes=shapes)
+    return adapter
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def _bias_option(adapter: Adapter, method: str) -> str:
+    if not adapter.base_biases:
+        return "none"
+    if set(adapter.base_biases) <= set(adapter.modules):
+        return "vera_only" if method == "vera" else "lora_only"
+    return "all"
+
+
+def _one_value(values: dict[str, Any], name: str) -> Any:
+    distinct = set(values.values())
+    if len(distinct) != 1:
+        raise ConfigError(f"PEFT stores one {name} per adapter, but the modules have {sorted(distinct)}")
+    return distinct.pop()
+
+
+def _most_common(values: dict[str, Any]) -> Any:
+    return Counter(values.values()).most_common(1)[0][0]
+
+
+def _plain_number(value: float) -> int | float:
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
+
+def _patterns(values: dict[str, Any], default: Any) -> dict[str, Any]:
+    """{escaped full path: value} for the modules that differ from `default`, most specific first
+    (PEFT takes the first key that matches, and "a.q" also matches module "b.a.q")."""
+    paths = sorted((p for p, v in values.items() if v != default), key=lambda p: (-p.count("."), p))
+    return {re.escape(p): values[p] for p in paths}
+
+
+def _require_ndim(array: Any, ndim: int, where: str) -> None:
+    if len(array.shape) != ndim:
+        hint = " (only linear layers are supported; conv layers have 4-D factors)" if len(array.shape) == 4 else ""
+        raise ShapeError(f"{where} has shape {tuple(array.shape)}, expected {ndim}-D{hint}")
+
+
+def _require_shape(array: Any, shape: tuple[int, ...], where: str, what: str) -> None:
+    if array is not None and tuple(array.shape) != shape:
+        raise ShapeError(f"{where} has shape {tuple(array.shape)}, expected {shape}: {what}")
+
+
+__all__ = ["read_peft_adapter", "write_peft_adapter", "peft_config", "peft_tensors", "pattern_value", "targets",
+           "check_adapter", "tensor_key", "linear_shapes_of", "module_shape"]
