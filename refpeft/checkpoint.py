@@ -33,13 +33,19 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable
 
 import ml_dtypes
 import numpy as np
 
-from refpeft.errors import DTypeError, FormatError
+from refpeft.adapter import Adapter, ModuleAdapter
+from refpeft.dora import dora_merge
+from refpeft.errors import ConfigError, DTypeError, FormatError, RefpeftError, ShapeError
 from refpeft.io import atomic_open
+from refpeft.linear import LinearShape, linear_shape
+from refpeft.lora import merge
+from refpeft.vera import vera_merge
 
 # safetensors dtype names -> NumPy dtypes (little-endian); bfloat16 and the float8s via ml-dtypes.
 DTYPES = {
@@ -124,6 +130,22 @@ class SafetensorsFile:
                               f"{', '.join(FLOAT_DTYPES)}")
         array = self.read(name)
         return np.array(array, dtype=np.float32 if entry.dtype == "BF16" else array.dtype)
+
+    def linear_shapes(self, paths: Iterable[str], *, fan_in_fan_out: bool = False) -> dict[str, LinearShape]:
+        """Sizes (k, d) of the linear layers `paths` (weights "<path>.weight", read from the header only).
+
+        Paths without a weight are left out (the caller names what it needed); a weight that is
+        not 2-D is a ShapeError naming it."""
+        shapes = {}
+        for path in paths:
+            key = f"{path}.weight"
+            if key in self.tensors:
+                shape = self.tensors[key].shape
+                if len(shape) != 2:
+                    raise ShapeError(f"{self.path}: {key} has shape {shape}; a linear layer's weight is 2-D")
+                # linear_shape reads only `.shape`: the weight itself is not loaded.
+                shapes[path] = linear_shape(SimpleNamespace(shape=shape), fan_in_fan_out=fan_in_fan_out)
+        return shapes
 
     def _read_header(self) -> dict:
         if self.file_size < 8:
@@ -212,3 +234,97 @@ def write_safetensors_streaming(path: str | os.PathLike, entries: Iterable[tuple
             if progress is not None:
                 progress(name, array.nbytes)
     return Path(path)
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What `merge_into_checkpoint` wrote."""
+
+    tensors: int             # tensors in the output (as many as in the base)
+    merged_weights: int      # adapted weights replaced by merged ones
+    changed_biases: int      # biases changed (lora_bias added, or trained biases written)
+    bytes_written: int
+    largest_merged_bytes: int  # the largest adapted weight, in the checkpoint's dtype
+
+
+def merge_into_checkpoint(adapter: Adapter, base: SafetensorsFile, out: str | os.PathLike, *,
+                          progress: Callable[[str, int], None] | None = None) -> MergeReport:
+    """Write `base` with `adapter` merged into it, one tensor at a time, atomically.
+
+    Every tensor of the base is copied in file order, except:
+      <p>.weight  of an adapted module p: the merged weight (refpeft.lora.merge, refpeft.dora.dora_merge
+                  or refpeft.vera.vera_merge), computed in float64 and rounded once to the base's
+                  dtype (bfloat16 through float32, as ml_dtypes and torch both round float64 to it);
+      <p>.bias    the trained bias from Adapter.base_biases (PEFT's bias="lora_only"/"all"), plus
+                  s * lora_B.bias when the module has a lora_bias (PEFT's merge does the same).
+    Memory: one adapted layer at a time (the mapped base weight, its float64 copy and the delta),
+    never the whole checkpoint. Errors name the base file and the key.
+    """
+    target = Path(out)
+    if target.exists() and target.resolve() == base.path.resolve():
+        raise ConfigError(f"{target}: the output would overwrite the base checkpoint it is read from")
+    weights = {f"{path}.weight": path for path in adapter.modules}
+    biases = {f"{path}.bias": path for path, m in adapter.modules.items() if m.bias is not None}
+    biases.update({f"{path}.bias": path for path in adapter.base_biases})
+    for key in (*weights, *biases):
+        if key not in base:
+            why = "the adapter changes this bias" if key in biases else "the adapter adapts this layer"
+            raise FormatError(f"{base.path}: tensor {key!r} is missing ({why})")
+    for key in (*weights, *biases):
+        if base.info(key).dtype not in FLOAT_DTYPES:
+            raise DTypeError(f"{base.path}: {key} has dtype {base.info(key).dtype}; merging needs a floating weight")
+
+    def produce(key: str) -> np.ndarray:
+        stored = base.read(key)
+        if key not in weights and key not in biases:
+            return stored
+        try:
+            W0 = np.asarray(stored, dtype=np.float64)
+            if key in weights:
+                value = merged_weight(adapter.modules[weights[key]], W0, vera_A=adapter.vera_A, vera_B=adapter.vera_B)
+            else:
+                value = merged_bias(adapter, biases[key], W0)
+        except RefpeftError as exc:
+            raise type(exc)(f"{base.path}: {key}: {exc}") from None
+        return value.astype(stored.dtype)
+
+    written = 0
+
+    def count(name: str, nbytes: int) -> None:
+        nonlocal written
+        written += nbytes
+        if progress is not None:
+            progress(name, nbytes)
+
+    entries = [(key, base.info(key).dtype, base.info(key).shape) for key in base.keys()]
+    write_safetensors_streaming(target, entries, produce, metadata=base.metadata, progress=count)
+    return MergeReport(tensors=len(entries), merged_weights=len(weights), changed_biases=len(biases),
+                       bytes_written=written,
+                       largest_merged_bytes=max(base.info(key).nbytes for key in weights) if weights else 0)
+
+
+def merged_weight(module: ModuleAdapter, W0: np.ndarray, *, vera_A: Any = None, vera_B: Any = None) -> np.ndarray:
+    """One module's merged weight in W0's layout, all in float64 (W0 must be float64 already)."""
+    f64 = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
+    fif = module.fan_in_fan_out
+    if module.method == "vera":
+        if vera_A is None or vera_B is None:
+            raise ConfigError("VeRA projections are needed to merge (saved in the adapter, or regenerated from "
+                              "projection_prng_key with the base's layer sizes)")
+        return vera_merge(W0, f64(vera_A), f64(vera_B), f64(module.lambda_d), f64(module.lambda_b),
+                          fan_in_fan_out=fif)
+    if module.method == "dora":
+        return dora_merge(W0, f64(module.A), f64(module.B), f64(module.magnitude), scaling=module.scaling,
+                          fan_in_fan_out=fif)
+    return merge(W0, f64(module.A), f64(module.B), scaling=module.scaling, fan_in_fan_out=fif)
+
+
+def merged_bias(adapter: Adapter, path: str, b0: np.ndarray) -> np.ndarray:
+    """The bias of layer `path` after merging: the trained one (if any) plus s * lora_B.bias (if any)."""
+    bias = np.asarray(adapter.base_biases[path], dtype=np.float64) if path in adapter.base_biases else b0
+    module = adapter.modules.get(path)
+    if module is not None and module.bias is not None:
+        bias = bias + np.asarray(module.bias, dtype=np.float64) * module.scaling
+    if bias.shape != b0.shape:
+        raise ShapeError(f"the adapter's bias has shape {bias.shape}, the base's {b0.shape}")
+    return bias

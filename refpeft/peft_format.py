@@ -45,7 +45,6 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Mapping
 
 import numpy as np
@@ -56,7 +55,7 @@ from refpeft.checkpoint import FLOAT_DTYPES, SafetensorsFile
 from refpeft.errors import ConfigError, DTypeError, FormatError, NonFiniteError, RankError, ShapeError
 from refpeft.init import as_parameter
 from refpeft.io import atomic_write_bytes, write_safetensors
-from refpeft.linear import LinearShape, linear_shape
+from refpeft.linear import LinearShape
 from refpeft.vera import largest_layer, vera_projections
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -144,7 +143,7 @@ def read_peft_adapter(directory: str | os.PathLike, *, base_shapes: Mapping[str,
                       dtype: str | None = None) -> Adapter:
     """Read a PEFT adapter directory into an Adapter, checking every tensor against the config.
 
-    base_shapes: the base model's layer sizes by module path (`Checkpoint.linear_shapes`); when
+    base_shapes: the base model's layer sizes by module path (`SafetensorsFile.linear_shapes`); when
     given, every adapted layer must be present with those sizes, and a VeRA adapter saved without
     its projections gets them regenerated from `projection_prng_key` (without base_shapes they
     stay None). dtype: None keeps each tensor's file dtype (bfloat16 becomes float32 holding the
@@ -164,8 +163,17 @@ def read_peft_adapter(directory: str | os.PathLike, *, base_shapes: Mapping[str,
     else:
         adapter = _vera_adapter(config, tensors, source=weights_path)
     if base_shapes is not None:
-        adapter = _against_base(adapter, base_shapes, source=weights_path, dtype=dtype)
+        adapter = fit_to_base(adapter, base_shapes, source=weights_path, dtype=dtype)
     return adapter
+
+
+def read_peft_adapter_with_base(directory: str | os.PathLike, base: SafetensorsFile, *,
+                                dtype: str | None = None) -> Adapter:
+    """`read_peft_adapter` checked against the base checkpoint `base` (layer sizes from its header)."""
+    adapter = read_peft_adapter(directory, dtype=dtype)
+    shapes = base.linear_shapes(adapter.modules, fan_in_fan_out=bool(adapter.config.get("fan_in_fan_out")))
+    return fit_to_base(adapter, shapes, source=f"{_adapter_folder(directory) / WEIGHTS_NAME} (base {base.path})",
+                       dtype=dtype)
 
 
 def write_peft_adapter(directory: str | os.PathLike, adapter: Adapter, *, save_projection: bool = True) -> Path:
@@ -294,13 +302,6 @@ def check_adapter(adapter: Adapter, *, config: Mapping[str, Any], source: str | 
                            f"one value per output of the layer (d = {d})")
     if not lora and adapter.vera_A is not None:
         _check_projections(adapter, config["r"], source=source)
-
-
-def linear_shapes_of(stored: Mapping[str, tuple[int, ...]], *, fan_in_fan_out: bool) -> dict[str, LinearShape]:
-    """Layer sizes (k, d) from stored 2-D weight shapes (d, k), or (k, d) with fan_in_fan_out."""
-    # linear_shape reads only `.shape`, so the weights themselves are never needed.
-    return {path: linear_shape(SimpleNamespace(shape=shape), fan_in_fan_out=fan_in_fan_out)
-            for path, shape in stored.items()}
 
 
 def module_shape(module: ModuleAdapter) -> LinearShape | None:
@@ -560,9 +561,12 @@ def _check_projections(adapter: Adapter, r: int, *, source: str | os.PathLike,
                              f"module {path!r} has k = {shapes[path].k} in the base model")
 
 
-def _against_base(adapter: Adapter, shapes: Mapping[str, LinearShape], *, source: Path,
-                  dtype: str | None) -> Adapter:
-    """Check every module's sizes against the base model's; regenerate unsaved VeRA projections."""
+def fit_to_base(adapter: Adapter, shapes: Mapping[str, LinearShape], *, source: str | os.PathLike,
+                dtype: str | None = None) -> Adapter:
+    """Check every module's sizes against the base model's layer sizes `shapes` (by module path)
+    and regenerate a VeRA adapter's projections when the file did not save them (PEFT's
+    `_find_dim`: k_max, d_max over the adapted layers; seed projection_prng_key). Errors name
+    `source` and the key."""
     for path, m in adapter.modules.items():
         if path not in shapes:
             raise ShapeError(f"{source}: module {path!r} is adapted but the base model has no linear layer "
@@ -636,5 +640,5 @@ def _require_shape(array: Any, shape: tuple[int, ...], where: str, what: str) ->
         raise ShapeError(f"{where} has shape {tuple(array.shape)}, expected {shape}: {what}")
 
 
-__all__ = ["read_peft_adapter", "write_peft_adapter", "peft_config", "peft_tensors", "pattern_value", "targets",
-           "check_adapter", "tensor_key", "linear_shapes_of", "module_shape"]
+__all__ = ["read_peft_adapter", "read_peft_adapter_with_base", "write_peft_adapter", "peft_config", "peft_tensors", "pattern_value", "targets",
+           "check_adapter", "fit_to_base", "tensor_key", "module_shape"]

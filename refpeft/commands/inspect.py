@@ -1,0 +1,97 @@
+"""`refpeft inspect`: what a PEFT adapter holds, module by module."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+HELP = "list a PEFT adapter's modules with their ranks, alphas, scalings and parameter counts"
+
+DESCRIPTION = """\
+Reads a HF PEFT adapter directory (adapter_model.safetensors + adapter_config.json), checks it
+completely (keys, shapes, ranks against the config, finite values) and prints one row per
+adapted module: its method, layer size (d x k: outputs x inputs), rank r, alpha, scaling s
+(alpha / r, or alpha / sqrt(r) with rsLoRA) and trainable parameter count, then the totals.
+VeRA files do not record a layer's input size k; it is shown when the projections are saved
+(as k_max) or with --base. Exit status 2 and a message naming the file and key if anything is wrong.
+"""
+
+# Columns of the module table, in order: (row key, heading). A command option that adds a column
+# (say a spectrum summary) appends to this list and fills the key in each row (see `module_rows`).
+COLUMNS = [("module", "module"), ("method", "method"), ("size", "d x k"), ("r", "r"), ("alpha", "alpha"),
+           ("scaling", "scaling"), ("params", "params")]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("inspect", help=HELP, description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="PEFT adapter directory")
+    p.add_argument("--base", metavar="MODEL.safetensors",
+                   help="base checkpoint: also check every adapted layer's size against it")
+    p.set_defaults(func=run, command="inspect")
+
+
+def run(args: argparse.Namespace) -> int:
+    from refpeft.checkpoint import SafetensorsFile
+    from refpeft.peft_format import read_peft_adapter, read_peft_adapter_with_base
+
+    if args.base is None:
+        adapter = read_peft_adapter(args.adapter)
+    else:
+        adapter = read_peft_adapter_with_base(args.adapter, SafetensorsFile(args.base))
+    print(describe(adapter, source=args.adapter))
+    return 0
+
+
+def describe(adapter: Any, *, source: str, columns: list[tuple[str, str]] = COLUMNS) -> str:
+    """The report `refpeft inspect` prints: a header line, the module table and the totals."""
+    config = adapter.config
+    rows = module_rows(adapter)
+    lines = [f"{source}: {config['peft_type']} adapter ({adapter.method}), {len(rows)} modules"
+             + (", rsLoRA" if config.get("use_rslora") else "")
+             + (", fan_in_fan_out" if config.get("fan_in_fan_out") else "")
+             + (f", bias={config['bias']!r}" if config.get("bias", "none") != "none" else "")]
+    if adapter.method == "vera":
+        seed = config.get("projection_prng_key")
+        lines.append("shared projections: " + (f"vera_A {tuple(adapter.vera_A.shape)}, vera_B "
+                                               f"{tuple(adapter.vera_B.shape)}" if adapter.vera_A is not None else
+                                               f"not saved; regenerated from projection_prng_key = {seed} "
+                                               "with the base's sizes (--base)"))
+    lines.append(format_table(rows, columns))
+    total = sum(int(row["params"]) for row in rows)
+    extra = sum(int(b.size) for b in adapter.base_biases.values())
+    lines.append(f"total: {total} adapter parameters" + (f" + {extra} trained bias values" if extra else ""))
+    return "\n".join(lines)
+
+
+def module_rows(adapter: Any) -> list[dict[str, str]]:
+    """One dict per module with a string for each key of COLUMNS."""
+    from refpeft.dora import dora_parameter_count
+    from refpeft.lora import lora_parameter_count
+    from refpeft.vera import vera_parameter_count
+
+    rows = []
+    k_max = adapter.vera_A.shape[1] if adapter.vera_A is not None else None
+    for path, m in adapter.modules.items():
+        if m.method == "vera":
+            d, k = m.lambda_b.shape[0], (f"<={k_max}" if k_max is not None else "?")
+            params = vera_parameter_count(d, m.r)
+            alpha = scaling = "-"
+        else:
+            d, k = m.B.shape[0], m.A.shape[1]
+            count = dora_parameter_count if m.method == "dora" else lora_parameter_count
+            params = count(d, k, m.r, bias=m.bias is not None)
+            alpha, scaling = f"{m.alpha:g}", f"{m.scaling:.6g}"
+        rows.append({"module": path, "method": m.method, "size": f"{d} x {k}", "r": str(m.r), "alpha": alpha,
+                     "scaling": scaling, "params": str(params)})
+    return rows
+
+
+def format_table(rows: list[dict[str, str]], columns: list[tuple[str, str]]) -> str:
+    """Rows as aligned text columns (text left-aligned, the rest right-aligned)."""
+    widths = [max([len(head)] + [len(row[key]) for row in rows]) for key, head in columns]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line([head for _, head in columns])] + [line([row[key] for key, _ in columns]) for row in rows])
