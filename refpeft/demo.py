@@ -1,9 +1,15 @@
 """`refpeft demo`: fine-tune an adapter on an embedded task whose answer is known.
 
 The task: a frozen linear layer W0 (d x k) with bias b, and targets produced by a *different*
-layer, W0 + Delta, where Delta = U diag(sigma) V^T is a hidden delta of low rank. Fitting the
-targets with an adapter means finding Delta; since it is known, the report can say how much of
-it the adapter captured:
+layer, W0 + Delta, where Delta is hidden. Fitting the targets with an adapter means finding Delta;
+since it is known, the report can say how much of it the adapter captured. Delta is drawn from
+what the method can represent:
+
+- LoRA, DoRA: Delta = U diag(sigma) V^T of rank `hidden_rank` (4) < r, with orthonormal U, V
+  and sigma evenly spaced from 3 to 1;
+- VeRA: Delta = diag(lambda_b*) B diag(lambda_d*) A with the layer's own frozen random
+  projections A, B and hidden vectors lambda_d* ~ N(0, 1), lambda_b* ~ N(0, 0.2^2): VeRA can only
+  scale fixed random directions, so an arbitrary low-rank Delta is out of its reach.
 
     loss            L = (1 / 2n) sum_rows ||y - t||^2,      dL/dy = (y - t) / n
     captured energy E = 1 - ||Delta_learned - Delta||_F^2 / ||Delta||_F^2
@@ -25,6 +31,15 @@ import numpy as np
 from refpeft.backend import float_dtype, numpy_namespace, round_to, to_numpy
 from refpeft.errors import ConfigError
 from refpeft.gradcheck import gradient_errors
+from refpeft.dora import (
+    dora_backward,
+    dora_forward,
+    dora_merge,
+    dora_parameter_count,
+    dora_weight_norm,
+    init_dora_magnitude,
+)
+from refpeft.linear import LinearShape
 from refpeft.lora import (
     full_parameter_count,
     init_lora,
@@ -35,6 +50,7 @@ from refpeft.lora import (
     merge,
 )
 from refpeft.optim import AdamState, adam_step, adamw, loraplus_groups, single_group
+from refpeft.vera import init_vera, vera_backward, vera_delta_weight, vera_forward, vera_merge, vera_parameter_count, vera_projections
 
 GRADIENT_TOLERANCE = 1e-7
 
@@ -48,6 +64,7 @@ class DemoConfig:
     alpha: float = 16.0
     steps: int = 300
     lr: float = 1e-2
+    dora_gradient: str = "detached"       # DoRA's backward: "detached" (PEFT's) or "exact"
     seed: int = 0
     dtype: str = "float64"
     loraplus_ratio: float | None = None   # None: plain AdamW; a number: LoRA+ groups
@@ -69,41 +86,61 @@ class Task:
     target: np.ndarray   # (n, d)  x (W0 + delta)^T + bias
 
 
-def embedded_task(config: DemoConfig) -> Task:
-    """A frozen layer and targets from a hidden rank-`hidden_rank` delta (seeded, machine-independent)."""
+def embedded_task(config: DemoConfig, *, frozen_extra: dict[str, np.ndarray] | None = None,
+                  hidden_delta: Callable[[np.random.Generator, DemoConfig, dict], np.ndarray] | None = None) -> Task:
+    """A frozen layer and targets from a hidden delta (seeded, machine-independent).
+
+    `hidden_delta(rng, config, frozen_extra)` draws Delta; the default is a rank-`hidden_rank` one.
+    """
     rng = np.random.default_rng(config.seed)
-    d, k, n, h = config.d, config.k, config.tokens, config.hidden_rank
-    if not 1 <= h <= min(d, k):
-        raise ConfigError(f"hidden rank must be in 1..min(d, k) = {min(d, k)}, got {h}")
+    d, k, n = config.d, config.k, config.tokens
     W0 = rng.standard_normal((d, k)) / math.sqrt(k)
     bias = 0.1 * rng.standard_normal(d)
-    U, _ = np.linalg.qr(rng.standard_normal((d, h)))
-    V, _ = np.linalg.qr(rng.standard_normal((k, h)))
-    sigma = np.linspace(3.0, 1.0, h)
-    delta = (U * sigma) @ V.T
+    delta = (hidden_delta or low_rank_delta)(rng, config, frozen_extra or {})
     x = rng.standard_normal((n, k))
     return Task(x=x, W0=W0, bias=bias, delta=delta, target=x @ (W0 + delta).T + bias)
 
 
+def low_rank_delta(rng: np.random.Generator, config: DemoConfig, frozen_extra: dict) -> np.ndarray:
+    """U diag(sigma) V^T: orthonormal U (d, h), V (k, h), sigma from 3 down to 1."""
+    h = config.hidden_rank
+    if not 1 <= h <= min(config.d, config.k):
+        raise ConfigError(f"hidden rank must be in 1..min(d, k) = {min(config.d, config.k)}, got {h}")
+    U, _ = np.linalg.qr(rng.standard_normal((config.d, h)))
+    V, _ = np.linalg.qr(rng.standard_normal((config.k, h)))
+    return (U * np.linspace(3.0, 1.0, h)) @ V.T
+
+
 @dataclass(frozen=True)
 class Method:
-    """How the demo trains one adapter method: its parameters, passes and merged weight."""
+    """How the demo trains one adapter method: its parameters, passes and merged weight.
 
-    init: Callable[[Task, DemoConfig], dict[str, np.ndarray]]      # float64 trainable params
+    `frozen` is {"W0", "bias"} plus the method's own frozen tensors (VeRA's projections).
+    """
+
+    init: Callable[[dict[str, np.ndarray], DemoConfig], dict[str, np.ndarray]]  # frozen -> float64 params
     forward: Callable[[Any, dict[str, Any], dict[str, Any], DemoConfig], tuple[Any, Any]]  # x, frozen, params
     backward: Callable[[Any, Any], dict[str, Any]]                  # dL/dy, cache -> grads by name ("x" too)
     merged: Callable[[dict[str, Any], dict[str, Any], DemoConfig], Any]  # frozen, params -> W0 + delta
     trainable: Callable[[DemoConfig], int]
+    frozen_extra: Callable[[DemoConfig], dict[str, np.ndarray]] = lambda config: {}
+    hidden_delta: Callable[[np.random.Generator, DemoConfig, dict], np.ndarray] = low_rank_delta
+    # The function whose finite differences the backward must match (default: the forward itself).
+    differentiated: Callable[[dict[str, Any], dict[str, Any], DemoConfig], Callable[..., Any]] | None = None
 
 
-def _lora_init(task: Task, config: DemoConfig) -> dict[str, np.ndarray]:
+def _scaling(config: DemoConfig) -> float:
+    return lora_scaling(config.alpha, config.rank)
+
+
+def _lora_init(frozen: dict[str, np.ndarray], config: DemoConfig) -> dict[str, np.ndarray]:
     A, B = init_lora(config.k, config.d, config.rank, seed=config.seed)
     return {"lora_A": A, "lora_B": B}
 
 
 def _lora_forward(x: Any, frozen: dict[str, Any], params: dict[str, Any], config: DemoConfig):
     return lora_forward(x, frozen["W0"], params["lora_A"], params["lora_B"], bias=frozen["bias"],
-                        scaling=lora_scaling(config.alpha, config.rank))
+                        scaling=_scaling(config))
 
 
 def _lora_backward(dy: Any, cache: Any) -> dict[str, Any]:
@@ -112,12 +149,77 @@ def _lora_backward(dy: Any, cache: Any) -> dict[str, Any]:
 
 
 def _lora_merged(frozen: dict[str, Any], params: dict[str, Any], config: DemoConfig):
-    return merge(frozen["W0"], params["lora_A"], params["lora_B"], scaling=lora_scaling(config.alpha, config.rank))
+    return merge(frozen["W0"], params["lora_A"], params["lora_B"], scaling=_scaling(config))
+
+
+def _dora_init(frozen: dict[str, np.ndarray], config: DemoConfig) -> dict[str, np.ndarray]:
+    params = _lora_init(frozen, config)
+    magnitude = init_dora_magnitude(frozen["W0"], params["lora_A"], params["lora_B"], scaling=_scaling(config))
+    return {**params, "lora_magnitude_vector": magnitude}
+
+
+def _dora_forward(x: Any, frozen: dict[str, Any], params: dict[str, Any], config: DemoConfig):
+    return dora_forward(x, frozen["W0"], params["lora_A"], params["lora_B"], params["lora_magnitude_vector"],
+                        bias=frozen["bias"], scaling=_scaling(config), gradient=config.dora_gradient)
+
+
+def _dora_backward(dy: Any, cache: Any) -> dict[str, Any]:
+    grads = dora_backward(dy, cache)
+    return {"lora_A": grads.dA, "lora_B": grads.dB, "lora_magnitude_vector": grads.dmagnitude, "x": grads.dx}
+
+
+def _dora_merged(frozen: dict[str, Any], params: dict[str, Any], config: DemoConfig):
+    return dora_merge(frozen["W0"], params["lora_A"], params["lora_B"], params["lora_magnitude_vector"],
+                      scaling=_scaling(config))
+
+
+def _dora_differentiated(frozen: dict[str, Any], params: dict[str, Any], config: DemoConfig) -> Callable[..., Any]:
+    """Exact mode: the forward. Detached mode: the forward with the norm frozen at the current A, B."""
+    if config.dora_gradient == "exact":
+        return lambda x, **p: _dora_forward(x, frozen, p, config)[0]
+    norm = dora_weight_norm(frozen["W0"], params["lora_A"], params["lora_B"], scaling=_scaling(config))
+    return lambda x, **p: dora_forward(x, frozen["W0"], p["lora_A"], p["lora_B"], p["lora_magnitude_vector"],
+                                       bias=frozen["bias"], scaling=_scaling(config), weight_norm=norm)[0]
+
+
+def _vera_frozen(config: DemoConfig) -> dict[str, np.ndarray]:
+    vera_A, vera_B = vera_projections(LinearShape(k=config.k, d=config.d), config.rank, seed=config.seed)
+    return {"vera_A": vera_A, "vera_B": vera_B}
+
+
+def _vera_hidden_delta(rng: np.random.Generator, config: DemoConfig, frozen_extra: dict) -> np.ndarray:
+    lambda_d, lambda_b = rng.standard_normal(config.rank), 0.2 * rng.standard_normal(config.d)
+    return vera_delta_weight(frozen_extra["vera_A"], frozen_extra["vera_B"], lambda_d, lambda_b, k=config.k)
+
+
+def _vera_init(frozen: dict[str, np.ndarray], config: DemoConfig) -> dict[str, np.ndarray]:
+    lambda_d, lambda_b = init_vera(config.d, config.rank)
+    return {"vera_lambda_d": lambda_d, "vera_lambda_b": lambda_b}
+
+
+def _vera_forward(x: Any, frozen: dict[str, Any], params: dict[str, Any], config: DemoConfig):
+    return vera_forward(x, frozen["W0"], frozen["vera_A"], frozen["vera_B"], params["vera_lambda_d"],
+                        params["vera_lambda_b"], bias=frozen["bias"])
+
+
+def _vera_backward(dy: Any, cache: Any) -> dict[str, Any]:
+    grads = vera_backward(dy, cache)
+    return {"vera_lambda_d": grads.dlambda_d, "vera_lambda_b": grads.dlambda_b, "x": grads.dx}
+
+
+def _vera_merged(frozen: dict[str, Any], params: dict[str, Any], config: DemoConfig):
+    return vera_merge(frozen["W0"], frozen["vera_A"], frozen["vera_B"], params["vera_lambda_d"],
+                      params["vera_lambda_b"])
 
 
 METHODS: dict[str, Method] = {
     "lora": Method(init=_lora_init, forward=_lora_forward, backward=_lora_backward, merged=_lora_merged,
                    trainable=lambda c: lora_parameter_count(c.d, c.k, c.rank)),
+    "dora": Method(init=_dora_init, forward=_dora_forward, backward=_dora_backward, merged=_dora_merged,
+                   trainable=lambda c: dora_parameter_count(c.d, c.k, c.rank), differentiated=_dora_differentiated),
+    "vera": Method(init=_vera_init, forward=_vera_forward, backward=_vera_backward, merged=_vera_merged,
+                   trainable=lambda c: vera_parameter_count(c.d, c.rank), frozen_extra=_vera_frozen,
+                   hidden_delta=_vera_hidden_delta),
 }
 
 
@@ -151,11 +253,13 @@ def run_demo(config: DemoConfig, *, progress: Callable[[int, float], None] | Non
     method = METHODS[config.method]
     xp = numpy_namespace()
     start = time.perf_counter()
-    task = embedded_task(config)
+    extra = method.frozen_extra(config)
+    task = embedded_task(config, frozen_extra=extra, hidden_delta=method.hidden_delta)
+    frozen64 = {"W0": task.W0, "bias": task.bias, **extra}
     cast = _caster(config.dtype, xp=xp)
-    frozen = {"W0": cast(task.W0), "bias": cast(task.bias)}
+    frozen = {name: cast(a) for name, a in frozen64.items()}
     x, target = cast(task.x), cast(task.target)
-    params = {name: cast(p) for name, p in method.init(task, config).items()}
+    params = {name: cast(p) for name, p in method.init(frozen64, config).items()}
     groups = (single_group(params, adamw(lr=config.lr, weight_decay=0.0)) if config.loraplus_ratio is None
               else loraplus_groups(params, adamw(lr=config.lr), lr_ratio=config.loraplus_ratio))
     state = AdamState()
@@ -169,21 +273,16 @@ def run_demo(config: DemoConfig, *, progress: Callable[[int, float], None] | Non
         report.losses.append(0.5 * float(xp.sum(residual * residual)) / n)
         grads = method.backward(residual / n, cache)
         if step in check_at:
-            _record_gradient_check(report, method, task, params, config, seed=step)
+            _record_gradient_check(report, method, task.x, frozen64, params, config, seed=step)
         params, state = adam_step(params, {k: v for k, v in grads.items() if k in params}, state, groups)
         if config.dtype == "bfloat16":
             params = {name: round_to(p, "bfloat16", xp=xp) for name, p in params.items()}
         if progress is not None:
             progress(step, report.losses[-1])
-    learned = np.asarray(to_numpy(method.merged(task_frozen64(task), _to64(params), config))) - task.W0
+    learned = np.asarray(to_numpy(method.merged(frozen64, _to64(params), config))) - task.W0
     report.captured_energy = 1.0 - float(np.sum((learned - task.delta) ** 2) / np.sum(task.delta**2))
     report.seconds = time.perf_counter() - start
     return report
-
-
-def task_frozen64(task: Task) -> dict[str, np.ndarray]:
-    """The frozen tensors of the task in float64."""
-    return {"W0": task.W0, "bias": task.bias}
 
 
 def _to64(params: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -208,18 +307,18 @@ def _check_steps(config: DemoConfig) -> set[int]:
     return {round(i * last / max(config.gradient_checks - 1, 1)) for i in range(config.gradient_checks)}
 
 
-def _record_gradient_check(report: DemoReport, method: Method, task: Task, params: dict[str, Any],
-                           config: DemoConfig, *, seed: int) -> None:
-    """Check the method's backward in float64 at the current parameters, on a slice of the batch."""
-    rows = slice(0, 16)
-    frozen = task_frozen64(task)
-    inputs = {"x": task.x[rows], **_to64(params)}
+def _record_gradient_check(report: DemoReport, method: Method, x: np.ndarray, frozen: dict[str, np.ndarray],
+                           params: dict[str, Any], config: DemoConfig, *, seed: int) -> None:
+    """Check the method's backward in float64 at the current parameters, on 16 rows of the batch."""
+    inputs = {"x": x[:16], **_to64(params)}
     dy = np.random.default_rng(seed).standard_normal((16, config.d))
-
-    def f(x, **p):
-        return method.forward(x, frozen, p, config)[0]
-
-    _, cache = method.forward(inputs["x"], frozen, {k: v for k, v in inputs.items() if k != "x"}, config)
+    current = {k: v for k, v in inputs.items() if k != "x"}
+    if method.differentiated is None:
+        def f(x, **p):
+            return method.forward(x, frozen, p, config)[0]
+    else:
+        f = method.differentiated(frozen, current, config)
+    _, cache = method.forward(inputs["x"], frozen, current, config)
     grads = method.backward(dy, cache)
     errors = gradient_errors(f, inputs, grads, dy, seed=seed)
     for name, err in errors.items():

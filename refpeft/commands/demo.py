@@ -8,6 +8,9 @@ import sys
 from refpeft.backend import FLOAT_NAMES
 from refpeft.demo import GRADIENT_TOLERANCE, METHODS, DemoConfig, DemoReport, run_demo
 
+HIDDEN = {"lora": "rank 4", "dora": "rank 4", "vera": "VeRA vectors on the shared projections",
+          "qlora": "rank 4, NF4 base"}
+
 HELP = "fine-tune an adapter on an embedded task with a known answer, checking gradients on the way"
 
 DESCRIPTION = """\
@@ -32,6 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--loraplus-ratio", type=float, default=None, metavar="RATIO",
                    help="use LoRA+ parameter groups: B learns RATIO times faster than A")
+    p.add_argument("--dora-gradient", choices=("detached", "exact"), default=defaults.dora_gradient,
+                   help="DoRA backward: the norm detached as in PEFT, or differentiated exactly (default: %(default)s)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the task and the initialisation (default: %(default)s)")
     p.add_argument("--dtype", choices=FLOAT_NAMES, default=defaults.dtype,
                    help="training precision; bfloat16 is emulated in float32 (default: %(default)s)")
@@ -41,9 +46,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = DemoConfig(method=args.method, rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr,
-                        seed=args.seed, dtype=args.dtype, loraplus_ratio=args.loraplus_ratio)
-    print(f"refpeft demo: {config.method} r={config.rank} alpha={config.alpha:g} on a {config.d}x{config.k} layer, "
-          f"{config.tokens} tokens, hidden delta of rank {config.hidden_rank}, {config.dtype}")
+                        seed=args.seed, dtype=args.dtype, loraplus_ratio=args.loraplus_ratio,
+                        dora_gradient=args.dora_gradient)
+    print(f"refpeft demo: {config.method} r={config.rank} on a {config.d}x{config.k} layer (hidden delta: "
+          f"{HIDDEN[config.method]}), {config.tokens} tokens, {config.dtype}")
     from tqdm import tqdm
 
     with tqdm(total=config.steps, desc="training", unit="step", disable=args.no_progress,
