@@ -1,0 +1,91 @@
+"""`.onnx_adapter` files: one adapter's tensors for the unmerged graph, in ONNX Runtime's format.
+
+The file (onnxruntime.AdapterFormat, FlatBuffers) maps names to tensors. Its names are exactly the
+unmerged graph's swappable inputs (refpeft_onnx.graph.adapter_input_names), its dtypes the graph's:
+
+    LoRA  {layer}.lora_A_t (k, r)   {layer}.lora_B_t (r, d)   {layer}.lora_scaling (1,)
+    DoRA  the same, and {layer}.dora_scale (d,) = m / ||W0 + s B A|| (fixed per adapter)
+    VeRA  {layer}.vera_lambda_d (r,)   {layer}.vera_lambda_b (d,)   (the projections stay in the graph)
+
+ONNX Runtime appends a loaded adapter's tensors to a run's feeds, so every name must be an input of
+the graph it is used with and every dtype must match; `check_against_model` says so before writing.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from refpeft.adapter import Adapter
+from refpeft.errors import ConfigError, FormatError, ShapeError
+
+from refpeft_onnx.graph import adapter_inputs
+from refpeft_onnx.stack import LinearStack
+from refpeft_onnx.verify import adapter_feeds
+
+ADAPTER_VERSION = 1   # of the adapter's content (written into the file; ONNX Runtime does not check it)
+MODEL_VERSION = 1     # of the graph it belongs to (idem)
+
+
+def adapter_parameters(stack: LinearStack, adapter: Adapter, *, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """The tensors of `adapter` for the unmerged graph of `stack`, by input name, in `dtype`."""
+    return adapter_feeds(stack, adapter, dtype)
+
+
+def check_against_model(parameters: dict[str, np.ndarray], model: onnx.ModelProto) -> None:
+    """Every parameter must be a swappable input of `model` with its element type and fixed sizes."""
+    inputs = adapter_inputs(model)
+    unknown = sorted(set(parameters) - set(inputs))
+    if unknown:
+        raise ConfigError(f"parameter(s) {unknown} are not adapter inputs of the graph (it has {sorted(inputs)})")
+    for name, value in parameters.items():
+        elem_type, dims = inputs[name]
+        wanted = helper.tensor_dtype_to_np_dtype(elem_type)
+        if value.dtype != wanted:
+            raise ConfigError(f"{name} has dtype {value.dtype}, the graph's input is {wanted}")
+        if len(dims) != value.ndim or any(isinstance(s, int) and s != n for s, n in zip(dims, value.shape)):
+            raise ShapeError(f"{name} has shape {value.shape}, the graph's input is {dims}")
+
+
+def write_onnx_adapter(path: str | os.PathLike, parameters: dict[str, np.ndarray], *,
+                       adapter_version: int = ADAPTER_VERSION, model_version: int = MODEL_VERSION) -> Path:
+    """Write an .onnx_adapter file atomically (a temporary file in the target's folder, then a rename)."""
+    import onnxruntime as ort
+
+    empty = [name for name, value in parameters.items() if value.ndim == 0]
+    if empty:
+        raise ShapeError(f"ONNX Runtime refuses scalar adapter parameters: {empty}; give them shape (1,)")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    writer = ort.AdapterFormat()
+    writer.set_adapter_version(adapter_version)
+    writer.set_model_version(model_version)
+    writer.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+                           for name, value in parameters.items()})
+    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    try:
+        writer.export_adapter(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def read_onnx_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The tensors of an .onnx_adapter file, by name; FormatError when it cannot be read."""
+    import onnxruntime as ort
+
+    if not Path(path).is_file():
+        raise FormatError(f"{path}: no such file")
+    try:
+        parameters = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+    except Exception as exc:  # ONNX Runtime raises RuntimeError subclasses for corrupt files
+        raise FormatError(f"{path}: not a readable .onnx_adapter file ({exc})") from None
+    return {name: value.numpy() for name, value in parameters.items()}

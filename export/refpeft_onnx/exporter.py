@@ -1,0 +1,74 @@
+"""Export end to end: (quantise,) build, verify, and only then write the model and its adapter file.
+
+    export_model("model.onnx", stack, adapter, form="unmerged", dtype="float32")
+        -> writes model.onnx (+ model.onnx_adapter for an unmerged graph with an adapter)
+    export_adapter_file("a.onnx_adapter", stack, adapter, model=onnx.load("model.onnx"))
+
+Nothing is written when the graph fails verification (refpeft_onnx.verify): the VerificationError
+says by how much the output missed the derived bound.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from refpeft.adapter import Adapter
+from refpeft.errors import ConfigError
+from refpeft.io import atomic_write_bytes
+
+from refpeft_onnx.adapter_files import adapter_parameters, check_against_model, write_onnx_adapter
+from refpeft_onnx.builder import DEFAULT_OPSET
+from refpeft_onnx.graph import build_model
+from refpeft_onnx.nf4 import bits_per_parameter, quantize_stack
+from refpeft_onnx.stack import LinearStack
+from refpeft_onnx.verify import VerificationReport, require_passed, verify_model
+
+PROTOBUF_LIMIT = 2**31 - 1   # a single-file ONNX model is one protobuf message
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    model_path: Path
+    adapter_path: Path | None
+    report: VerificationReport
+    bits_per_parameter: dict[str, float]     # NF4 layers: stored weight bits per parameter
+
+
+def export_model(path: str | os.PathLike, stack: LinearStack, adapter: Adapter | None = None, *,
+                 form: str = "merged", dtype: str = "float32", nf4_blocksize: int | None = None,
+                 double_quant: bool = True, nf4_ops: str = "bnb4", opset: int = DEFAULT_OPSET,
+                 adapter_path: str | os.PathLike | None = None, providers: list[str] | None = None) -> ExportResult:
+    """Build, verify and write the graph (see the module docstring).
+
+    nf4_blocksize: quantise every frozen weight to NF4 with this block size (None: float weights).
+    adapter_path: where an unmerged export writes the adapter's .onnx_adapter file (default: the
+      model's path with the suffix .onnx_adapter).
+    """
+    if nf4_blocksize is not None:
+        stack = quantize_stack(stack, blocksize=nf4_blocksize, double_quant=double_quant)
+    model = build_model(stack, adapter, form=form, dtype=dtype, nf4_ops=nf4_ops, opset=opset)
+    report = verify_model(model, stack, adapter, providers=providers)
+    require_passed(report)
+    data = model.SerializeToString()
+    if len(data) > PROTOBUF_LIMIT:
+        raise ConfigError(f"the model is {len(data) / 2**30:.1f} GiB; single-file ONNX models stop at 2 GiB")
+    model_path = atomic_write_bytes(path, data)
+    written_adapter = None
+    if form == "unmerged" and adapter is not None:
+        target = Path(adapter_path) if adapter_path is not None else model_path.with_suffix(".onnx_adapter")
+        written_adapter = export_adapter_file(target, stack, adapter, dtype=dtype, model=model)
+    bits = {layer.name: bits_per_parameter(model, layer) for layer in stack.layers if layer.nf4 is not None}
+    return ExportResult(model_path, written_adapter, report, bits)
+
+
+def export_adapter_file(path: str | os.PathLike, stack: LinearStack, adapter: Adapter, *, dtype: str = "float32",
+                        model: onnx.ModelProto | None = None) -> Path:
+    """Write `adapter` as an .onnx_adapter file, checked against `model`'s inputs when given."""
+    parameters = adapter_parameters(stack, adapter, dtype=dtype)
+    if model is not None:
+        check_against_model(parameters, model)
+    return write_onnx_adapter(path, parameters)

@@ -1,0 +1,209 @@
+"""ONNX graphs of a stack of adapted linear layers: merged, unmerged (swappable adapters), NF4 bases.
+
+Every graph maps x (batch, sequence, k) to y (batch, sequence, d), both leading axes symbolic, in
+one dtype T (float32 or float16). Per layer, for an input h (shapes at line ends):
+
+merged (the adapter folded into the weight initializer; refpeft's own merge of each method):
+    y = MatMul(h, W^T) + b          W = lora.merge | dora.dora_merge | vera.vera_merge     # (..., d)
+
+unmerged (the base and the adapter branch as separate nodes; every adapter tensor is a graph input
+with an initializer default of the same name, so ONNX Runtime can swap it per run):
+    base = MatMul(h, W0^T)                                                                 # (..., d)
+    LoRA  v = Mul(MatMul(MatMul(h, A^T), B^T), s)     y = base + v + b
+    DoRA  v as LoRA                                   y = g * (base + v) + b
+          g = m / ||W0 + s B A|| per output row (refpeft.dora.dora_weight_norm), fixed per adapter:
+          the eval-time DoRA output g (x W0^T + s (x A^T) B^T) + b, with no norm in the graph
+    VeRA  v = lambda_b * MatMul(lambda_d * MatMul(h, A^T), B^T)                 y = base + v + b
+          A^T, B^T are slices of the shared projections (initializers); only lambda_d, lambda_b swap
+The defaults give the base output: LoRA/DoRA factors of rank 0 on a symbolic rank axis
+(A^T (k, 0), B^T (0, d), s = 1, g = 1), VeRA's lambda_b = 0. Adapters of any rank share a session.
+
+NF4 base (a layer with `nf4`): `base` comes from refpeft_onnx.nf4 (MatMulBnb4 or standard ops).
+
+Between layers: Relu, Gelu (approximate="none") or Tanh; none after the last layer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import onnx
+
+from refpeft import __version__
+from refpeft.adapter import Adapter, ModuleAdapter
+from refpeft.dora import dora_merge, dora_weight_norm
+from refpeft.errors import ConfigError
+from refpeft.lora import merge
+from refpeft.vera import vera_merge
+
+from refpeft_onnx.builder import DEFAULT_OPSET, GraphBuilder
+from refpeft_onnx.nf4 import NF4_OPS, nf4_matmul
+from refpeft_onnx.stack import BaseLinear, LinearStack, _f64, check_adapter
+
+FORMS = ("merged", "unmerged")
+ONNX_ACTIVATIONS = {"relu": "Relu", "gelu": "Gelu", "tanh": "Tanh"}
+
+
+def adapter_input_names(layer: str, method: str) -> tuple[str, ...]:
+    """The swappable inputs of one layer's branch, in the order the unmerged graph declares them."""
+    if method == "vera":
+        return (f"{layer}.vera_lambda_d", f"{layer}.vera_lambda_b")
+    names = (f"{layer}.lora_A_t", f"{layer}.lora_B_t", f"{layer}.lora_scaling")
+    return (*names, f"{layer}.dora_scale") if method == "dora" else names
+
+
+def branch_values(layer: BaseLinear, module: ModuleAdapter) -> dict[str, np.ndarray]:
+    """One module's values for the unmerged graph's inputs (float64; cast when fed or written)."""
+    names = adapter_input_names(layer.name, module.method)
+    if module.method == "vera":
+        return dict(zip(names, (_f64(module.lambda_d), _f64(module.lambda_b))))
+    A, B = _f64(module.A), _f64(module.B)
+    values = [A.T, B.T, np.asarray([module.scaling])]
+    if module.method == "dora":
+        n = dora_weight_norm(layer.weight, A, B, scaling=module.scaling, fan_in_fan_out=layer.fan_in_fan_out)
+        values.append(_f64(module.magnitude) / n)                     # g = m / ||W0 + s B A||
+    return dict(zip(names, values))
+
+
+def merged_weight(layer: BaseLinear, module: ModuleAdapter, adapter: Adapter) -> np.ndarray:
+    """W0 + delta in W0's layout, by the method's own merge in refpeft."""
+    W, ffo = layer.weight, layer.fan_in_fan_out
+    if module.method == "lora":
+        return merge(W, _f64(module.A), _f64(module.B), scaling=module.scaling, fan_in_fan_out=ffo)
+    if module.method == "dora":
+        return dora_merge(W, _f64(module.A), _f64(module.B), _f64(module.magnitude), scaling=module.scaling,
+                          fan_in_fan_out=ffo)
+    return vera_merge(W, _f64(adapter.vera_A), _f64(adapter.vera_B), _f64(module.lambda_d), _f64(module.lambda_b),
+                      fan_in_fan_out=ffo)
+
+
+def build_model(stack: LinearStack, adapter: Adapter | None = None, *, form: str = "merged",
+                dtype: str = "float32", method: str | None = None, nf4_ops: str = "bnb4",
+                opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """The ONNX model of `stack` with `adapter` (None: the base alone, or empty branches when unmerged).
+
+    form: "merged" folds each adapted layer's delta into its weight; "unmerged" builds swappable
+      branches on the adapter's layers (on every layer, of `method`, when there is no adapter).
+    nf4_ops: for layers stored as NF4, "bnb4" (com.microsoft.MatMulBnb4, ONNX Runtime) or
+      "standard" (standard ops only).
+    """
+    if form not in FORMS:
+        raise ConfigError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+    if nf4_ops not in NF4_OPS:
+        raise ConfigError(f"nf4_ops must be one of {', '.join(NF4_OPS)}, got {nf4_ops!r}")
+    check_adapter(stack, adapter)
+    targets = _branch_methods(stack, adapter, form=form, method=method)
+    g = GraphBuilder(dtype)
+    h = g.input("x", ["batch", "sequence", stack.in_features])
+    vera_t = _vera_projections(g, adapter) if "vera" in targets.values() else None
+    for i, layer in enumerate(stack.layers):
+        module = None if adapter is None else adapter.modules.get(layer.name)
+        if form == "merged":
+            h = _merged_layer(g, h, layer, module, adapter, nf4_ops=nf4_ops)
+        else:
+            h = _unmerged_layer(g, h, layer, targets.get(layer.name), vera_t=vera_t, nf4_ops=nf4_ops)
+        if i < len(stack.layers) - 1 and stack.activation != "identity":
+            h = g.op(ONNX_ACTIVATIONS[stack.activation], [h], f"{layer.name}.{stack.activation}")
+    y = g.op("Identity", [h], "y")
+    metadata = {"refpeft.version": __version__, "refpeft.form": form, "refpeft.dtype": dtype,
+                "refpeft.opset": str(opset), "refpeft.activation": stack.activation,
+                "refpeft.branches": json.dumps(targets), "refpeft.adapter_inputs": json.dumps(g.swappable_names),
+                "refpeft.nf4_ops": nf4_ops if any(l.nf4 is not None for l in stack.layers) else "none"}
+    return g.model(y, ["batch", "sequence", stack.out_features], opset=opset, name="refpeft_stack",
+                   metadata=metadata)
+
+
+def _branch_methods(stack: LinearStack, adapter: Adapter | None, *, form: str, method: str | None) -> dict[str, str]:
+    """Which layers get an unmerged branch, and of which method ({} for merged graphs)."""
+    if form == "merged":
+        for name, module in ({} if adapter is None else adapter.modules).items():
+            if stack.layer(name).nf4 is not None:
+                raise ConfigError(f"{name}: an NF4 base cannot be merged without re-quantising it, which changes "
+                                  "every block's absmax (PEFT's QLoRA merge does this); export it --unmerged")
+        return {}
+    if adapter is not None:
+        if method is not None and any(m.method != method for m in adapter.modules.values()):
+            raise ConfigError(f"method={method!r} disagrees with the adapter's {adapter.method!r}")
+        return {name: module.method for name, module in adapter.modules.items()}
+    method = method or "lora"
+    if method == "vera":
+        raise ConfigError("an unmerged VeRA graph needs an adapter: its shared projections are part of the graph")
+    return {layer.name: method for layer in stack.layers}
+
+
+def _vera_projections(g: GraphBuilder, adapter: Adapter) -> tuple[str, str, int]:
+    """The shared projections, once, as constants: vera_A^T (k_max, r), vera_B^T (r, d_max); and r."""
+    vera_A = _f64(adapter.vera_A)
+    return (g.const("vera_A_t", vera_A.T), g.const("vera_B_t", _f64(adapter.vera_B).T), vera_A.shape[0])
+
+
+def _base_matmul(g: GraphBuilder, h: str, layer: BaseLinear, weight_t: np.ndarray | None, *, nf4_ops: str) -> str:
+    """h W^T without the bias: a float initializer W^T (k, d), or the layer's NF4 weight."""
+    if layer.nf4 is not None and weight_t is None:
+        return nf4_matmul(g, h, layer, ops=nf4_ops)
+    wt = g.const(f"{layer.name}.weight_t", layer.weight_rows.T if weight_t is None else weight_t)
+    return g.op("MatMul", [h, wt], f"{layer.name}.base")
+
+
+def _add_bias(g: GraphBuilder, h: str, layer: BaseLinear) -> str:
+    if layer.bias is None:
+        return h
+    return g.op("Add", [h, g.const(f"{layer.name}.bias", layer.bias)], f"{layer.name}.out")
+
+
+def _merged_layer(g: GraphBuilder, h: str, layer: BaseLinear, module: ModuleAdapter | None,
+                  adapter: Adapter | None, *, nf4_ops: str) -> str:
+    if module is None:
+        return _add_bias(g, _base_matmul(g, h, layer, None, nf4_ops=nf4_ops), layer)
+    W = merged_weight(layer, module, adapter)
+    weight_t = W if layer.fan_in_fan_out else W.T                     # (k, d)
+    return _add_bias(g, _base_matmul(g, h, layer, weight_t, nf4_ops=nf4_ops), layer)
+
+
+def _unmerged_layer(g: GraphBuilder, h: str, layer: BaseLinear, method: str | None, *,
+                    vera_t: tuple[str, str, int] | None, nf4_ops: str) -> str:
+    base = _base_matmul(g, h, layer, None, nf4_ops=nf4_ops)
+    if method is None:
+        return _add_bias(g, base, layer)
+    name, k, d = layer.name, layer.k, layer.d
+    names = adapter_input_names(name, method)
+    if method == "vera":
+        lambda_d = g.swappable(names[0], np.zeros(vera_t[2]), [vera_t[2]])
+        lambda_b = g.swappable(names[1], np.zeros(d), [d])
+        starts, k_end, d_end, axis0, axis1 = (g.const(f"{name}.slice.{s}", np.asarray(v, dtype=np.int64))
+                                              for s, v in (("start", [0]), ("k", [k]), ("d", [d]),
+                                                           ("axis0", [0]), ("axis1", [1])))
+        a_t = g.op("Slice", [vera_t[0], starts, k_end, axis0], f"{name}.vera_A_t")          # (k, r)
+        b_t = g.op("Slice", [vera_t[1], starts, d_end, axis1], f"{name}.vera_B_t")          # (r, d)
+        xa = g.op("MatMul", [h, a_t], f"{name}.xa")                                          # (..., r)
+        scaled = g.op("Mul", [xa, lambda_d], f"{name}.lambda_d_xa")
+        v = g.op("Mul", [g.op("MatMul", [scaled, b_t], f"{name}.xb"), lambda_b], f"{name}.branch")
+        return _add_bias(g, g.op("Add", [base, v], f"{name}.sum"), layer)
+    rank = f"{name}.rank"
+    a_t = g.swappable(names[0], np.zeros((k, 0)), [k, rank])
+    b_t = g.swappable(names[1], np.zeros((0, d)), [rank, d])
+    s = g.swappable(names[2], np.ones(1), [1])
+    xa = g.op("MatMul", [h, a_t], f"{name}.xa")                                              # (..., r)
+    v = g.op("Mul", [g.op("MatMul", [xa, b_t], f"{name}.xb"), s], f"{name}.branch")          # (..., d)
+    total = g.op("Add", [base, v], f"{name}.sum")
+    if method == "dora":
+        total = g.op("Mul", [g.swappable(names[3], np.ones(d), [d]), total], f"{name}.dora")
+    return _add_bias(g, total, layer)
+
+
+def graph_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """The refpeft.* metadata a model was exported with."""
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def adapter_inputs(model: onnx.ModelProto) -> dict[str, tuple[int, list[int | str]]]:
+    """Swappable inputs of a model: name -> (ONNX element type, shape with symbolic axes as strings)."""
+    defaults = {t.name for t in model.graph.initializer}
+    found = {}
+    for value in model.graph.input:
+        if value.name in defaults:
+            dims = [dim.dim_param or dim.dim_value for dim in value.type.tensor_type.shape.dim]
+            found[value.name] = (value.type.tensor_type.elem_type, dims)
+    return found

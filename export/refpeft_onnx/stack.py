@@ -1,0 +1,220 @@
+"""The model an exported graph computes: a stack of linear layers, each optionally adapted, with activations.
+
+    h_0 = x                                            # (..., k_1)
+    h_l = act(layer_l(h_{l-1}))    for l = 1 .. L-1
+    y   = layer_L(h_{L-1})                             # (..., d_L)  no activation after the last layer
+
+    layer_l(h) = h W_l^T + b_l + (the adapter's branch, when the adapter names layer l)
+
+The branch is refpeft's own forward (refpeft.lora / refpeft.dora / refpeft.vera), evaluated in
+float64: that is the reference every exported graph is checked against. A layer may hold its frozen
+weight as NF4 (a refpeft.quant QuantState4bit): its `weight` is then refpeft's dequantised weight
+(float32 values f32(code * absmax)), exactly what the 4-bit graph computes with, so the reference
+of a 4-bit graph is refpeft's dequantised matmul (refpeft_onnx.nf4.quantize_stack builds these).
+
+Base files: a safetensors file with `<layer>.weight` (d, k) and optional `<layer>.bias` (d,)
+(PyTorch state-dict names; (k, d) for layers listed as fan_in_fan_out), and the layer order and
+activation in its metadata under `refpeft.stack` (JSON `{"layers": [...], "activation": "relu",
+"fan_in_fan_out": [...]}`), or given by the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from refpeft.adapter import Adapter, ModuleAdapter
+from refpeft.backend import to_numpy
+from refpeft.dora import dora_forward
+from refpeft.errors import ConfigError, FormatError, ShapeError
+from refpeft.io import read_safetensors, write_safetensors
+from refpeft.linear import base_forward, linear_shape
+from refpeft.lora import lora_forward
+from refpeft.quant import QuantState4bit
+from refpeft.vera import vera_forward
+
+# Activations between layers (ONNX Relu, Gelu with approximate="none", Tanh; identity adds no node).
+ACTIVATIONS = ("relu", "gelu", "tanh", "identity")
+STACK_METADATA_KEY = "refpeft.stack"
+
+
+@dataclass(frozen=True)
+class BaseLinear:
+    """One frozen linear layer: y = x W^T + b."""
+
+    name: str                     # module path, as the adapter names it ("layers.0")
+    weight: np.ndarray            # (d, k); (k, d) with fan_in_fan_out. NF4: the dequantised weight
+    bias: np.ndarray | None = None  # (d,)
+    fan_in_fan_out: bool = False
+    nf4: QuantState4bit | None = None  # the 4-bit weight (refpeft.quant), (d, k), NF4
+
+    @property
+    def k(self) -> int:
+        return linear_shape(self.weight, fan_in_fan_out=self.fan_in_fan_out).k
+
+    @property
+    def d(self) -> int:
+        return linear_shape(self.weight, fan_in_fan_out=self.fan_in_fan_out).d
+
+    @property
+    def weight_rows(self) -> np.ndarray:
+        """W as (d, k), whatever the storage layout."""
+        return self.weight.T if self.fan_in_fan_out else self.weight
+
+
+@dataclass(frozen=True)
+class LinearStack:
+    """Layers applied in order, `activation` between consecutive layers."""
+
+    layers: tuple[BaseLinear, ...]
+    activation: str = "relu"
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ConfigError("a stack needs at least one layer")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        names = [layer.name for layer in self.layers]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"layer names must be unique, got {names}")
+        for prev, nxt in zip(self.layers, self.layers[1:]):
+            if prev.d != nxt.k:
+                raise ShapeError(f"layer {prev.name!r} has {prev.d} outputs but {nxt.name!r} takes {nxt.k} inputs")
+
+    @property
+    def in_features(self) -> int:
+        return self.layers[0].k
+
+    @property
+    def out_features(self) -> int:
+        return self.layers[-1].d
+
+    def layer(self, name: str) -> BaseLinear:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise ConfigError(f"no layer named {name!r}; the stack has {[l.name for l in self.layers]}")
+
+
+def single_layer(weight: Any, bias: Any = None, *, name: str = "linear", fan_in_fan_out: bool = False) -> LinearStack:
+    """A one-layer stack (the shape of `refpeft demo`'s model)."""
+    return LinearStack((BaseLinear(name, _f64(weight), None if bias is None else _f64(bias), fan_in_fan_out),))
+
+
+def check_adapter(stack: LinearStack, adapter: Adapter | None) -> None:
+    """Every adapted module must be a layer of the stack, with the layer's sizes and layout."""
+    if adapter is None:
+        return
+    names = {layer.name for layer in stack.layers}
+    unknown = sorted(set(adapter.modules) - names)
+    if unknown:
+        raise ConfigError(f"the adapter names module(s) {unknown} that are not layers of the base {sorted(names)}")
+    for name, module in adapter.modules.items():
+        layer = stack.layer(name)
+        if module.fan_in_fan_out != layer.fan_in_fan_out:
+            raise ConfigError(f"{name}: the adapter says fan_in_fan_out={module.fan_in_fan_out}, "
+                              f"the base layer {layer.fan_in_fan_out}")
+        if module.method in ("lora", "dora"):
+            if tuple(module.A.shape) != (module.r, layer.k) or tuple(module.B.shape) != (layer.d, module.r):
+                raise ShapeError(f"{name}: A {tuple(module.A.shape)} and B {tuple(module.B.shape)} do not fit "
+                                 f"a layer with k = {layer.k} inputs and d = {layer.d} outputs")
+        if module.method == "vera" and (adapter.vera_A is None or adapter.vera_B is None):
+            raise ConfigError(f"{name}: a VeRA adapter needs its shared projections vera_A and vera_B")
+        if module.bias is not None:
+            raise ConfigError(f"{name}: adapters with a trained bias (lora_bias) are not exported yet")
+
+
+def _f64(a: Any) -> np.ndarray:
+    return np.asarray(to_numpy(a), dtype=np.float64)
+
+
+def layer_forward(h: np.ndarray, layer: BaseLinear, module: ModuleAdapter | None, *,
+                  vera_A: Any = None, vera_B: Any = None) -> np.ndarray:
+    """One layer in float64 by refpeft's own forward of the module's method (the base alone if None)."""
+    W, b, ffo = layer.weight, layer.bias, layer.fan_in_fan_out
+    if module is None:
+        y = base_forward(np.reshape(h, (-1, layer.k)), W, b, fan_in_fan_out=ffo, xp=np)
+        return np.reshape(y, (*h.shape[:-1], layer.d))
+    if module.method == "lora":
+        return lora_forward(h, W, _f64(module.A), _f64(module.B), scaling=module.scaling, bias=b, fan_in_fan_out=ffo)[0]
+    if module.method == "dora":
+        return dora_forward(h, W, _f64(module.A), _f64(module.B), _f64(module.magnitude), scaling=module.scaling,
+                            bias=b, fan_in_fan_out=ffo)[0]
+    return vera_forward(h, W, _f64(vera_A), _f64(vera_B), _f64(module.lambda_d), _f64(module.lambda_b), bias=b,
+                        fan_in_fan_out=ffo)[0]
+
+
+def activation(h: np.ndarray, name: str) -> np.ndarray:
+    """The activation in float64: relu max(h, 0); gelu h Phi(h) (erf form, ONNX Gelu approximate="none")."""
+    if name == "relu":
+        return np.maximum(h, 0.0)
+    if name == "gelu":
+        from scipy.special import erf
+
+        return 0.5 * h * (1.0 + erf(h / math.sqrt(2.0)))
+    if name == "tanh":
+        return np.tanh(h)
+    return h
+
+
+def reference_forward(stack: LinearStack, adapter: Adapter | None, x: Any) -> np.ndarray:
+    """The stack's output in float64 (refpeft's forward per layer); adapter None gives the base model."""
+    check_adapter(stack, adapter)
+    h = _f64(x)
+    modules = {} if adapter is None else adapter.modules
+    vera = {} if adapter is None else {"vera_A": adapter.vera_A, "vera_B": adapter.vera_B}
+    for i, layer in enumerate(stack.layers):
+        h = layer_forward(h, layer, modules.get(layer.name), **vera)
+        if i < len(stack.layers) - 1:
+            h = activation(h, stack.activation)
+    return h
+
+
+def to_float64(stack: LinearStack) -> LinearStack:
+    """The same stack with every weight and bias as a float64 NumPy array (refpeft's oracle precision)."""
+    layers = tuple(replace(layer, weight=_f64(layer.weight), bias=None if layer.bias is None else _f64(layer.bias))
+                   for layer in stack.layers)
+    return replace(stack, layers=layers)
+
+
+def load_stack(path: str | Path, *, layers: list[str] | None = None, activation: str | None = None) -> LinearStack:
+    """A base model from safetensors (see the module docstring for names and metadata).
+
+    `layers` (the order) and `activation` override the file's metadata; without either, a file
+    with exactly one `*.weight` is a single layer.
+    """
+    tensors, metadata = read_safetensors(path)
+    stored = json.loads(metadata[STACK_METADATA_KEY]) if STACK_METADATA_KEY in metadata else {}
+    weights = sorted(name[: -len(".weight")] for name in tensors if name.endswith(".weight"))
+    order = layers or stored.get("layers")
+    if order is None:
+        if len(weights) != 1:
+            raise FormatError(f"{path}: {len(weights)} weights ({weights}) and no layer order in the metadata "
+                              f"key {STACK_METADATA_KEY!r}; give the order (--layers)")
+        order = weights
+    missing = [name for name in order if f"{name}.weight" not in tensors]
+    if missing:
+        raise FormatError(f"{path}: no weight for layer(s) {missing}; the file has {weights}")
+    transposed = set(stored.get("fan_in_fan_out", []))
+    built = tuple(BaseLinear(name, np.asarray(tensors[f"{name}.weight"], dtype=np.float64),
+                             None if f"{name}.bias" not in tensors else np.asarray(tensors[f"{name}.bias"], dtype=np.float64),
+                             fan_in_fan_out=name in transposed)
+                  for name in order)
+    return LinearStack(built, activation=activation or stored.get("activation", "relu"))
+
+
+def save_stack(path: str | Path, stack: LinearStack) -> Path:
+    """Write a base model as safetensors (weights in their own dtype and layout), order in the metadata."""
+    tensors: dict[str, np.ndarray] = {}
+    for layer in stack.layers:
+        tensors[f"{layer.name}.weight"] = layer.weight
+        if layer.bias is not None:
+            tensors[f"{layer.name}.bias"] = layer.bias
+    meta = {STACK_METADATA_KEY: json.dumps({"layers": [l.name for l in stack.layers], "activation": stack.activation,
+                                            "fan_in_fan_out": [l.name for l in stack.layers if l.fan_in_fan_out]})}
+    return write_safetensors(path, tensors, metadata=meta)
