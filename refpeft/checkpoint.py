@@ -41,7 +41,7 @@ import numpy as np
 
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.dora import dora_merge
-from refpeft.errors import ConfigError, DTypeError, FormatError, RefpeftError, ShapeError
+from refpeft.errors import ConfigError, DTypeError, FormatError, NonFiniteError, RefpeftError, ShapeError
 from refpeft.io import atomic_open
 from refpeft.linear import LinearShape, linear_shape
 from refpeft.lora import merge
@@ -115,8 +115,10 @@ class SafetensorsFile:
         """Tensor `name` as a read-only array mapped from the file (no copy; unmapped when released)."""
         entry = self.info(name)
         dtype = DTYPES[entry.dtype]
-        if entry.nbytes == 0:
-            return np.zeros(entry.shape, dtype=dtype)
+        if entry.nbytes == 0:  # nothing to map
+            empty = np.zeros(entry.shape, dtype=dtype)
+            empty.setflags(write=False)
+            return empty
         mapped = np.memmap(self.path, dtype=dtype, mode="r", offset=self.data_start + entry.begin,
                            shape=(math.prod(entry.shape),))
         return mapped.reshape(entry.shape)
@@ -286,7 +288,11 @@ def merge_into_checkpoint(adapter: Adapter, base: SafetensorsFile, out: str | os
                 value = merged_bias(adapter, biases[key], W0)
         except RefpeftError as exc:
             raise type(exc)(f"{base.path}: {key}: {exc}") from None
-        return value.astype(stored.dtype)
+        rounded = value.astype(stored.dtype)
+        if not np.all(np.isfinite(rounded)):
+            raise NonFiniteError(f"{base.path}: {key}: the merged values overflow {base.info(key).dtype} "
+                                 f"({int(np.count_nonzero(~np.isfinite(rounded)))} non-finite)")
+        return rounded
 
     written = 0
 

@@ -340,7 +340,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise FormatError(f"{path}: expected a JSON object, got {type(config).__name__}")
     peft_type = config.get("peft_type")
-    if peft_type not in PEFT_TYPES:
+    if not isinstance(peft_type, str) or peft_type not in PEFT_TYPES:
         raise ConfigError(f"{path}: peft_type {peft_type!r} is not supported; refpeft reads "
                           f"{', '.join(sorted(PEFT_TYPES))} adapters")
     known = PEFT_TYPES[peft_type] | IGNORED_OPTIONS

@@ -1,0 +1,187 @@
+"""refpeft.checkpoint: safetensors one tensor at a time, read and written.
+
+Specification: every file the safetensors package writes reads back bit for bit (bfloat16 too);
+streamed writes are files the safetensors package reads; every defect of a header or of the data
+section is a FormatError naming the file; an interrupted write leaves the previous file intact
+and no temporary file behind; merging a LoRA adapter changes exactly the adapted weights.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from refpeft.adapter import Adapter, ModuleAdapter
+from refpeft.checkpoint import SafetensorsFile, merge_into_checkpoint, write_safetensors_streaming
+from refpeft.errors import DTypeError, FormatError, NonFiniteError, RefpeftError
+from refpeft.lora import merge
+
+TENSORS = {
+    "a.weight": np.arange(12, dtype=np.float32).reshape(3, 4),
+    "b": np.array([1.5, -2.0], dtype=np.float64),
+    "empty": np.zeros((0, 3), dtype=np.float32),
+    "scalar": np.array(7, dtype=np.int64),
+}
+
+
+def _write(path, tensors=TENSORS, metadata=None):
+    safetensors.numpy.save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_reads_what_safetensors_writes(tmp_path):
+    f = SafetensorsFile(_write(tmp_path / "x.safetensors", metadata={"format": "pt"}))
+    assert set(f.keys()) == set(TENSORS) and f.metadata == {"format": "pt"}
+    for name, array in TENSORS.items():
+        read = f.read(name)
+        assert read.dtype == array.dtype and read.shape == array.shape
+        np.testing.assert_array_equal(read, array)
+        assert not read.flags.writeable
+
+
+def test_bfloat16_round_trips_and_reads_as_float32(tmp_path):
+    torch = pytest.importorskip("torch", reason="torch writes the bfloat16 reference file")
+    from safetensors.torch import save_file
+
+    values = torch.randn(5, 7).to(torch.bfloat16)
+    save_file({"w": values}, str(tmp_path / "bf16.safetensors"))
+    f = SafetensorsFile(tmp_path / "bf16.safetensors")
+    assert f.info("w").dtype == "BF16" and f.read("w").dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(f.read_float("w"), values.float().numpy())
+    assert f.read_float("w").dtype == np.float32
+    write_safetensors_streaming(tmp_path / "copy.safetensors", [("w", "BF16", (5, 7))], f.read)
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(tmp_path / "copy.safetensors"))["w"], values)
+
+
+def test_streamed_write_is_a_standard_file(tmp_path):
+    source = SafetensorsFile(_write(tmp_path / "x.safetensors"))
+    entries = [(k, source.info(k).dtype, source.info(k).shape) for k in source.keys()]
+    write_safetensors_streaming(tmp_path / "y.safetensors", entries, source.read, metadata={"k": "v"})
+    loaded = safetensors.numpy.load_file(str(tmp_path / "y.safetensors"))
+    for name, array in TENSORS.items():
+        np.testing.assert_array_equal(loaded[name], array)
+    assert SafetensorsFile(tmp_path / "y.safetensors").metadata == {"k": "v"}
+
+
+def test_interrupted_write_keeps_the_previous_file(tmp_path):
+    target = _write(tmp_path / "out.safetensors")
+    before = target.read_bytes()
+
+    def produce(name):
+        if name == "second":
+            raise KeyboardInterrupt  # the user pressing Ctrl-C half way
+        return np.ones(1000, dtype=np.float32)
+
+    with pytest.raises(KeyboardInterrupt):
+        write_safetensors_streaming(target, [("first", "F32", (1000,)), ("second", "F32", (1000,))], produce)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+def test_a_produced_tensor_must_match_its_declaration(tmp_path):
+    with pytest.raises(FormatError, match="'w'"):
+        write_safetensors_streaming(tmp_path / "o.safetensors", [("w", "F32", (2,))],
+                                    lambda name: np.zeros(3, dtype=np.float32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _raw(header: dict, data: bytes) -> bytes:
+    encoded = json.dumps(header).encode()
+    return struct.pack("<Q", len(encoded)) + encoded + data
+
+
+DEFECTS = {
+    "empty file": b"",
+    "short length": b"\x01\x02",
+    "header longer than file": struct.pack("<Q", 10**6) + b"{}",
+    "header not json": struct.pack("<Q", 4) + b"{{{{",
+    "header not an object": _raw([1, 2], b""),
+    "unknown dtype": _raw({"w": {"dtype": "F7", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)),
+    "negative shape": _raw({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4)),
+    "span disagrees with shape": _raw({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, bytes(4)),
+    "truncated data": _raw({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(5)),
+    "trailing bytes": _raw({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(9)),
+    "overlap": _raw({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                     "v": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8)),
+    "gap": _raw({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8)),
+    "bad metadata": _raw({"__metadata__": {"a": 1}}, b""),
+    "extra entry field": _raw({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": 0}}, bytes(4)),
+}
+
+
+@pytest.mark.parametrize("defect", sorted(DEFECTS))
+def test_defects_are_format_errors_naming_the_file(defect, tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(DEFECTS[defect])
+    with pytest.raises(FormatError, match="bad.safetensors"):
+        SafetensorsFile(path)
+
+
+def test_missing_file_and_missing_tensor(tmp_path):
+    with pytest.raises(FormatError, match="no such file"):
+        SafetensorsFile(tmp_path / "absent.safetensors")
+    f = SafetensorsFile(_write(tmp_path / "x.safetensors"))
+    with pytest.raises(FormatError, match="'nope' is missing"):
+        f.read("nope")
+    with pytest.raises(DTypeError, match="'scalar'"):
+        f.read_float("scalar")
+
+
+def test_linear_shapes_follow_the_layout(tmp_path):
+    f = SafetensorsFile(_write(tmp_path / "x.safetensors"))
+    assert list(f.linear_shapes(["a", "absent"])) == ["a"]  # paths without a weight are left out
+    shape = f.linear_shapes(["a"])["a"]
+    assert (shape.d, shape.k) == (3, 4)
+    swapped = f.linear_shapes(["a"], fan_in_fan_out=True)["a"]
+    assert (swapped.d, swapped.k) == (4, 3)
+
+
+def _lora_base(tmp_path, dtype=np.float32):
+    rng = np.random.default_rng(0)
+    tensors = {"l1.weight": rng.standard_normal((6, 5)).astype(dtype), "l1.bias": rng.standard_normal(6).astype(dtype),
+               "l2.weight": rng.standard_normal((4, 6)).astype(dtype), "norm": np.ones(6, dtype=dtype),
+               "ids": np.arange(3)}
+    return SafetensorsFile(_write(tmp_path / "base.safetensors", tensors, metadata={"format": "pt"})), tensors
+
+
+def test_merge_changes_exactly_the_adapted_weights(tmp_path):
+    base, tensors = _lora_base(tmp_path)
+    rng = np.random.default_rng(1)
+    module = ModuleAdapter(A=rng.standard_normal((2, 5)), B=rng.standard_normal((6, 2)), alpha=4.0,
+                           bias=rng.standard_normal(6))
+    report = merge_into_checkpoint(Adapter(modules={"l1": module}), base, tmp_path / "out.safetensors")
+    out = SafetensorsFile(tmp_path / "out.safetensors")
+    assert out.keys() == base.keys() and out.metadata == {"format": "pt"}
+    assert (report.merged_weights, report.changed_biases, report.tensors) == (1, 1, 5)
+    expected = merge(tensors["l1.weight"].astype(np.float64), module.A, module.B, scaling=2.0).astype(np.float32)
+    np.testing.assert_array_equal(out.read("l1.weight"), expected)
+    np.testing.assert_array_equal(out.read("l1.bias"),
+                                  (tensors["l1.bias"].astype(np.float64) + 2.0 * module.bias).astype(np.float32))
+    for key in ("l2.weight", "norm", "ids"):
+        np.testing.assert_array_equal(out.read(key), tensors[key])
+
+
+def test_merge_refusals_leave_no_output(tmp_path):
+    base, tensors = _lora_base(tmp_path)
+    rng = np.random.default_rng(1)
+    cases = [
+        (Adapter(modules={"l9": ModuleAdapter(A=rng.standard_normal((2, 5)), B=rng.standard_normal((6, 2)))}),
+         FormatError, "'l9.weight' is missing"),
+        (Adapter(modules={"l2": ModuleAdapter(A=rng.standard_normal((2, 6)), B=rng.standard_normal((4, 2)),
+                                              bias=np.zeros(4))}), FormatError, "'l2.bias' is missing"),
+        (Adapter(modules={"l1": ModuleAdapter(A=np.full((1, 5), 1e30), B=np.full((6, 1), 1e30))}),
+         NonFiniteError, "l1.weight.*overflow"),
+    ]
+    for adapter, error, message in cases:
+        with pytest.raises(error, match=message):
+            merge_into_checkpoint(adapter, base, tmp_path / "out.safetensors")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]
+    with pytest.raises(RefpeftError, match="overwrite"):
+        merge_into_checkpoint(cases[0][0], base, tmp_path / "base.safetensors")
