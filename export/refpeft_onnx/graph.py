@@ -33,14 +33,13 @@ import onnx
 
 from refpeft import __version__
 from refpeft.adapter import Adapter, ModuleAdapter
-from refpeft.dora import dora_merge, dora_weight_norm
+from refpeft.checkpoint import merged_weight as checkpoint_merged_weight
+from refpeft.dora import dora_weight_norm
 from refpeft.errors import ConfigError
-from refpeft.lora import merge
-from refpeft.vera import vera_merge
 
 from refpeft_onnx.builder import DEFAULT_OPSET, GraphBuilder
 from refpeft_onnx.nf4 import NF4_OPS, nf4_matmul
-from refpeft_onnx.stack import BaseLinear, LinearStack, _f64, check_adapter
+from refpeft_onnx.stack import BaseLinear, LinearStack, as_float64, check_adapter, with_trained_biases
 
 FORMS = ("merged", "unmerged")
 ONNX_ACTIVATIONS = {"relu": "Relu", "gelu": "Gelu", "tanh": "Tanh"}
@@ -58,25 +57,18 @@ def branch_values(layer: BaseLinear, module: ModuleAdapter) -> dict[str, np.ndar
     """One module's values for the unmerged graph's inputs (float64; cast when fed or written)."""
     names = adapter_input_names(layer.name, module.method)
     if module.method == "vera":
-        return dict(zip(names, (_f64(module.lambda_d), _f64(module.lambda_b))))
-    A, B = _f64(module.A), _f64(module.B)
+        return dict(zip(names, (as_float64(module.lambda_d), as_float64(module.lambda_b))))
+    A, B = as_float64(module.A), as_float64(module.B)
     values = [A.T, B.T, np.asarray([module.scaling])]
     if module.method == "dora":
         n = dora_weight_norm(layer.weight, A, B, scaling=module.scaling, fan_in_fan_out=layer.fan_in_fan_out)
-        values.append(_f64(module.magnitude) / n)                     # g = m / ||W0 + s B A||
+        values.append(as_float64(module.magnitude) / n)                     # g = m / ||W0 + s B A||
     return dict(zip(names, values))
 
 
 def merged_weight(layer: BaseLinear, module: ModuleAdapter, adapter: Adapter) -> np.ndarray:
-    """W0 + delta in W0's layout, by the method's own merge in refpeft."""
-    W, ffo = layer.weight, layer.fan_in_fan_out
-    if module.method == "lora":
-        return merge(W, _f64(module.A), _f64(module.B), scaling=module.scaling, fan_in_fan_out=ffo)
-    if module.method == "dora":
-        return dora_merge(W, _f64(module.A), _f64(module.B), _f64(module.magnitude), scaling=module.scaling,
-                          fan_in_fan_out=ffo)
-    return vera_merge(W, _f64(adapter.vera_A), _f64(adapter.vera_B), _f64(module.lambda_d), _f64(module.lambda_b),
-                      fan_in_fan_out=ffo)
+    """W0 + delta in W0's layout, float64: refpeft.checkpoint's merge of one module (each method's own merge)."""
+    return checkpoint_merged_weight(module, layer.weight, vera_A=adapter.vera_A, vera_B=adapter.vera_B)
 
 
 def build_model(stack: LinearStack, adapter: Adapter | None = None, *, form: str = "merged",
@@ -94,6 +86,11 @@ def build_model(stack: LinearStack, adapter: Adapter | None = None, *, form: str
     if nf4_ops not in NF4_OPS:
         raise ConfigError(f"nf4_ops must be one of {', '.join(NF4_OPS)}, got {nf4_ops!r}")
     check_adapter(stack, adapter)
+    if adapter is not None and adapter.base_biases:
+        if form == "unmerged":
+            raise ConfigError("an adapter with trained base biases (PEFT's bias='lora_only'/'all') changes the "
+                              "frozen layers; export it --merged")
+        stack = with_trained_biases(stack, adapter)
     targets = _branch_methods(stack, adapter, form=form, method=method)
     g = GraphBuilder(dtype)
     h = g.input("x", ["batch", "sequence", stack.in_features])
@@ -135,8 +132,8 @@ def _branch_methods(stack: LinearStack, adapter: Adapter | None, *, form: str, m
 
 def _vera_projections(g: GraphBuilder, adapter: Adapter) -> tuple[str, str, int]:
     """The shared projections, once, as constants: vera_A^T (k_max, r), vera_B^T (r, d_max); and r."""
-    vera_A = _f64(adapter.vera_A)
-    return (g.const("vera_A_t", vera_A.T), g.const("vera_B_t", _f64(adapter.vera_B).T), vera_A.shape[0])
+    vera_A = as_float64(adapter.vera_A)
+    return (g.const("vera_A_t", vera_A.T), g.const("vera_B_t", as_float64(adapter.vera_B).T), vera_A.shape[0])
 
 
 def _base_matmul(g: GraphBuilder, h: str, layer: BaseLinear, weight_t: np.ndarray | None, *, nf4_ops: str) -> str:

@@ -103,7 +103,7 @@ class LinearStack:
 
 def single_layer(weight: Any, bias: Any = None, *, name: str = "linear", fan_in_fan_out: bool = False) -> LinearStack:
     """A one-layer stack (the shape of `refpeft demo`'s model)."""
-    return LinearStack((BaseLinear(name, _f64(weight), None if bias is None else _f64(bias), fan_in_fan_out),))
+    return LinearStack((BaseLinear(name, as_float64(weight), None if bias is None else as_float64(bias), fan_in_fan_out),))
 
 
 def check_adapter(stack: LinearStack, adapter: Adapter | None) -> None:
@@ -126,10 +126,24 @@ def check_adapter(stack: LinearStack, adapter: Adapter | None) -> None:
         if module.method == "vera" and (adapter.vera_A is None or adapter.vera_B is None):
             raise ConfigError(f"{name}: a VeRA adapter needs its shared projections vera_A and vera_B")
         if module.bias is not None:
-            raise ConfigError(f"{name}: adapters with a trained bias (lora_bias) are not exported yet")
+            raise ConfigError(f"{name}: a LoRA bias (lora_bias=True) is not exported (refpeft's lora_forward has none)")
 
 
-def _f64(a: Any) -> np.ndarray:
+def with_trained_biases(stack: LinearStack, adapter: Adapter | None) -> LinearStack:
+    """The stack with the adapter's trained base biases (PEFT's bias="lora_only"/"all") in place of the frozen ones."""
+    if adapter is None or not adapter.base_biases:
+        return stack
+    names = {layer.name for layer in stack.layers}
+    unknown = sorted(set(adapter.base_biases) - names)
+    if unknown:
+        raise ConfigError(f"the adapter trains biases of {unknown}, which are not layers of the base {sorted(names)}")
+    layers = tuple(replace(layer, bias=as_float64(adapter.base_biases[layer.name])) if layer.name in adapter.base_biases
+                   else layer for layer in stack.layers)
+    return replace(stack, layers=layers)
+
+
+def as_float64(a: Any) -> np.ndarray:
+    """A float64 NumPy copy of any array (the oracle's precision)."""
     return np.asarray(to_numpy(a), dtype=np.float64)
 
 
@@ -141,11 +155,11 @@ def layer_forward(h: np.ndarray, layer: BaseLinear, module: ModuleAdapter | None
         y = base_forward(np.reshape(h, (-1, layer.k)), W, b, fan_in_fan_out=ffo, xp=np)
         return np.reshape(y, (*h.shape[:-1], layer.d))
     if module.method == "lora":
-        return lora_forward(h, W, _f64(module.A), _f64(module.B), scaling=module.scaling, bias=b, fan_in_fan_out=ffo)[0]
+        return lora_forward(h, W, as_float64(module.A), as_float64(module.B), scaling=module.scaling, bias=b, fan_in_fan_out=ffo)[0]
     if module.method == "dora":
-        return dora_forward(h, W, _f64(module.A), _f64(module.B), _f64(module.magnitude), scaling=module.scaling,
+        return dora_forward(h, W, as_float64(module.A), as_float64(module.B), as_float64(module.magnitude), scaling=module.scaling,
                             bias=b, fan_in_fan_out=ffo)[0]
-    return vera_forward(h, W, _f64(vera_A), _f64(vera_B), _f64(module.lambda_d), _f64(module.lambda_b), bias=b,
+    return vera_forward(h, W, as_float64(vera_A), as_float64(vera_B), as_float64(module.lambda_d), as_float64(module.lambda_b), bias=b,
                         fan_in_fan_out=ffo)[0]
 
 
@@ -165,7 +179,8 @@ def activation(h: np.ndarray, name: str) -> np.ndarray:
 def reference_forward(stack: LinearStack, adapter: Adapter | None, x: Any) -> np.ndarray:
     """The stack's output in float64 (refpeft's forward per layer); adapter None gives the base model."""
     check_adapter(stack, adapter)
-    h = _f64(x)
+    stack = with_trained_biases(stack, adapter)
+    h = as_float64(x)
     modules = {} if adapter is None else adapter.modules
     vera = {} if adapter is None else {"vera_A": adapter.vera_A, "vera_B": adapter.vera_B}
     for i, layer in enumerate(stack.layers):
@@ -177,7 +192,7 @@ def reference_forward(stack: LinearStack, adapter: Adapter | None, x: Any) -> np
 
 def to_float64(stack: LinearStack) -> LinearStack:
     """The same stack with every weight and bias as a float64 NumPy array (refpeft's oracle precision)."""
-    layers = tuple(replace(layer, weight=_f64(layer.weight), bias=None if layer.bias is None else _f64(layer.bias))
+    layers = tuple(replace(layer, weight=as_float64(layer.weight), bias=None if layer.bias is None else as_float64(layer.bias))
                    for layer in stack.layers)
     return replace(stack, layers=layers)
 

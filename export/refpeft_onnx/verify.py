@@ -47,7 +47,8 @@ from refpeft.tolerance import Bounded, Comparison, Precision, add, compare, exac
 
 from refpeft_onnx.builder import DTYPES
 from refpeft_onnx.graph import branch_values, graph_metadata, merged_weight
-from refpeft_onnx.stack import BaseLinear, LinearStack, _f64, activation, check_adapter, reference_forward
+from refpeft_onnx.stack import BaseLinear, LinearStack, activation, as_float64, check_adapter, reference_forward, \
+    with_trained_biases
 
 # name -> (Lipschitz constant L, runtime accuracy c in units of u (|f| + |h|)); see the module docstring.
 ACTIVATION_ERROR = {"relu": (1.0, 0.0), "identity": (1.0, 0.0), "tanh": (1.0, 8.0), "gelu": (1.13, 8.0)}
@@ -72,7 +73,7 @@ def activation_bound(P: Bounded, name: str, precision: Precision) -> Bounded:
 
 
 def _optional_stored(a: Any, p: Precision) -> Bounded | None:
-    return None if a is None else stored(_f64(a), p)
+    return None if a is None else stored(as_float64(a), p)
 
 
 def _cast(P: Bounded, p: Precision) -> Bounded:
@@ -105,7 +106,7 @@ def _layer_bound(h: Bounded, layer: BaseLinear, module: ModuleAdapter | None, ad
     base = _base_bound(h, layer, p, nf4_ops=nf4_ops, bias=False)
     values = list(branch_values(layer, module).values())
     if module.method == "vera":
-        A_t, B_t = _f64(adapter.vera_A)[:, : layer.k].T, _f64(adapter.vera_B)[: layer.d, :].T
+        A_t, B_t = as_float64(adapter.vera_A)[:, : layer.k].T, as_float64(adapter.vera_B)[: layer.d, :].T
         xa = matmul(h, stored(A_t, p), p)                                                  # (n, r)
         scaled = multiply(xa, stored(values[0], p), p)                                     # lambda_d * xa
         total = add(base, multiply(matmul(scaled, stored(B_t, p), p), stored(values[1], p), p), p)
@@ -121,7 +122,8 @@ def _layer_bound(h: Bounded, layer: BaseLinear, module: ModuleAdapter | None, ad
 def graph_bound(stack: LinearStack, adapter: Adapter | None, x: Any, *, form: str, dtype: str,
                 nf4_ops: str = "bnb4") -> np.ndarray:
     """beta: the per-element bound on |graph output - reference| for input x (..., k) (module docstring)."""
-    x64 = _f64(x)
+    x64 = as_float64(x)
+    stack = with_trained_biases(stack, adapter)
     modules = {} if adapter is None else adapter.modules
 
     def chain(p: Precision) -> Bounded:
