@@ -155,6 +155,18 @@ def test_projections_are_seeded_with_the_documented_bounds():
     assert A32.dtype == np.float32
 
 
+def test_refpeft_bound_gives_peft_float32_draw_parameters():
+    """PEFT's bound sqrt(3) * (sqrt(2) / sqrt(f)) and refpeft's may differ in float64's last bit;
+    the float32 width and offset a torch uniform_ draw uses must not, for any fan-in in range."""
+    fan = np.arange(1, 300_001, dtype=np.float64)
+    peft = np.sqrt(3.0) * (np.sqrt(2.0) / np.sqrt(fan))
+    ours = np.array([kaiming_uniform_bound(int(f), a=0.0) for f in fan[::997]])
+    np.testing.assert_array_equal(ours, np.sqrt(2.0) * np.sqrt(3.0 / fan[::997]))  # vectorised form is refpeft's
+    refpeft = np.sqrt(2.0) * np.sqrt(3.0 / fan)
+    np.testing.assert_array_equal((2 * refpeft).astype(np.float32), (2 * peft).astype(np.float32))
+    np.testing.assert_array_equal((-refpeft).astype(np.float32), (-peft).astype(np.float32))
+
+
 def test_init_values_and_parameter_counts():
     lambda_d, lambda_b = init_vera(7, 3)
     np.testing.assert_array_equal(lambda_d, [0.1, 0.1, 0.1])
