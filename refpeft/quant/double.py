@@ -81,7 +81,8 @@ def dequantize_absmax(nested: NestedAbsmax) -> Any:
         raise DTypeError(f"nested codes have dtype {nested.codes.dtype}, expected uint8")
     n = nested.codes.shape[0]
     require_shape("nested_absmax", nested.nested_absmax, (-(-n // NESTED_BLOCKSIZE),))
-    values = xp.take(xp.asarray(dynamic_map(), dtype=xp.float32), xp.reshape(nested.codes, (-1,)))
+    index = xp.astype(xp.reshape(nested.codes, (-1,)), xp.int32)  # some namespaces take no uint8 index
+    values = xp.take(xp.asarray(dynamic_map(), dtype=xp.float32), index)
     scaled = split_blocks(values, NESTED_BLOCKSIZE, xp=xp) * nested.nested_absmax[:, None]
     return xp.reshape(scaled, (-1,))[:n] + xp.asarray(nested.offset, dtype=xp.float32)
 
