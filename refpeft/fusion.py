@@ -114,6 +114,10 @@ def combine_adapters(adapters: Sequence[Adapter], weights: Sequence[float], *, c
         raise ConfigError(f"got {len(adapters)} adapters but {len(weights)} weights")
     if not adapters:
         raise ConfigError("no adapters to combine")
+    for i, adapter in enumerate(adapters):
+        if adapter.base_biases:
+            raise ConfigError(f"adapter {i} trains base biases ({', '.join(sorted(adapter.base_biases))}); "
+                              "PEFT's add_weighted_adapter does not combine them and neither does refpeft")
     paths = list(dict.fromkeys(path for adapter in adapters for path in adapter.modules))
     modules, reports = {}, {}
     for path in paths:

@@ -190,3 +190,13 @@ def _checked_factors(A: Any, B: Any) -> Any:
         raise ShapeError(f"factors must be A (R, k) and B (d, R) with one inner rank R, got A {tuple(A.shape)}"
                          f" and B {tuple(B.shape)}")
     return xp
+
+
+def adapter_spectra(adapter: Any) -> dict[str, Any]:
+    """The singular values of s B A for every LoRA/DoRA module of an Adapter, by module path.
+
+    For DoRA this is the spectrum of the low-rank direction update s B A (the magnitude rescales
+    rows on top of it). VeRA modules are left out: their layer's input size k is not recorded.
+    """
+    return {path: singular_values(m.A, m.B, scaling=m.scaling)
+            for path, m in adapter.modules.items() if m.method in ("lora", "dora")}

@@ -186,3 +186,38 @@ def test_bad_requests_are_refused():
     dora = ModuleAdapter(A=modules[0].A, B=modules[0].B, magnitude=np.ones(8))
     with pytest.raises(ConfigError, match="dora"):
         combine_modules([dora, modules[0]], [1.0, 1.0], combination="cat")
+
+
+def test_fuse_command_writes_the_combination_and_its_report(tmp_path, capsys):
+    from refpeft.cli import main
+    from refpeft.peft_format import read_peft_adapter, write_peft_adapter
+
+    named = []
+    for i, seed in enumerate((1, 2, 3)):
+        modules = {p: layer_adapters(12, 10, [3], seed=seed + 10 * j)[0] for j, p in enumerate(("q_proj", "v_proj"))}
+        write_peft_adapter(tmp_path / f"in{i}", Adapter(modules=modules))
+        named.append(read_peft_adapter(tmp_path / f"in{i}"))
+    args = ["fuse", *(str(tmp_path / f"in{i}") for i in range(3)), "--weights", "0.5", "-1", "2",
+            "--combination", "svd", "--rank", "4", "-o", str(tmp_path / "out")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "q_proj" in printed and "optimal error" in printed
+    written = read_peft_adapter(tmp_path / "out")
+    expected, _ = combine_adapters(named, [0.5, -1.0, 2.0], combination="svd", rank=4)
+    for path, m in expected.modules.items():
+        np.testing.assert_allclose(reconstructed(written.modules[path]), reconstructed(m), rtol=1e-12, atol=1e-13)
+        assert written.modules[path].r == 4 and written.modules[path].scaling == 1.0
+    assert main(["fuse", str(tmp_path / "in0"), "--combination", "ties", "-o", str(tmp_path / "bad")]) == 2
+    assert "density" in capsys.readouterr().err
+
+
+def test_inspect_spectrum_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--plot draws with matplotlib (test extra)")
+    from refpeft.cli import main
+    from refpeft.peft_format import write_peft_adapter
+
+    write_peft_adapter(tmp_path / "adapter", Adapter(modules={"q_proj": layer_adapters(12, 10, [4])[0]}))
+    assert main(["inspect", str(tmp_path / "adapter"), "--spectrum", "--plot", str(tmp_path / "spectra.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "r(90%)" in printed and "E(r)" in printed
+    assert (tmp_path / "spectra.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -28,6 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("adapter", metavar="ADAPTER_DIR", help="PEFT adapter directory")
     p.add_argument("--base", metavar="MODEL.safetensors",
                    help="base checkpoint: also check every adapted layer's size against it")
+    p.add_argument("--spectrum", action="store_true",
+                   help="also print each layer's singular values of s B A and energy curve E(r) (refpeft.plots)")
+    p.add_argument("--plot", metavar="FILE.png", help="write the spectra and energy curves as a PNG (matplotlib)")
     p.set_defaults(func=run, command="inspect")
 
 
@@ -40,6 +43,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         adapter = read_peft_adapter_with_base(args.adapter, SafetensorsFile(args.base))
     print(describe(adapter, source=args.adapter))
+    if args.spectrum or args.plot:
+        from refpeft.plots import format_spectra, plot_spectra
+        from refpeft.spectrum import adapter_spectra
+
+        spectra = adapter_spectra(adapter)
+        print(format_spectra(spectra))
+        if args.plot:
+            print(f"plot: {plot_spectra(spectra, args.plot, title=str(args.adapter))}")
     return 0
 
 
