@@ -24,7 +24,7 @@ from refpeft_onnx.adapter_files import adapter_parameters, check_against_model, 
 from refpeft_onnx.builder import DEFAULT_OPSET
 from refpeft_onnx.graph import build_model
 from refpeft_onnx.nf4 import bits_per_parameter, quantize_stack
-from refpeft_onnx.stack import LinearStack
+from refpeft_onnx.stack import LinearStack, load_stack
 from refpeft_onnx.verify import VerificationReport, require_passed, verify_model
 
 PROTOBUF_LIMIT = 2**31 - 1   # a single-file ONNX model is one protobuf message
@@ -36,6 +36,20 @@ class ExportResult:
     adapter_path: Path | None
     report: VerificationReport
     bits_per_parameter: dict[str, float]     # NF4 layers: stored weight bits per parameter
+
+
+def load_inputs(base: str | os.PathLike, adapter_dir: str | os.PathLike | None = None, *,
+                layers: list[str] | None = None, activation: str | None = None) -> tuple[LinearStack, Adapter | None]:
+    """The base stack (refpeft_onnx.stack.load_stack) and a PEFT adapter directory read against it
+    (refpeft.peft_format; refpeft writes adapters in that format too), in float64."""
+    from refpeft.linear import LinearShape
+    from refpeft.peft_format import read_peft_adapter
+
+    stack = load_stack(base, layers=layers, activation=activation)
+    if adapter_dir is None:
+        return stack, None
+    shapes = {layer.name: LinearShape(k=layer.k, d=layer.d) for layer in stack.layers}
+    return stack, read_peft_adapter(adapter_dir, base_shapes=shapes, dtype="float64")
 
 
 def export_model(path: str | os.PathLike, stack: LinearStack, adapter: Adapter | None = None, *,

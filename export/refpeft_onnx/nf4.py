@@ -39,13 +39,11 @@ from onnx import TensorProto, numpy_helper
 
 from refpeft.errors import ConfigError
 from refpeft.quant import QuantState4bit, quantize_4bit
-from refpeft.quant.blockwise import dequantize_blockwise_4bit
 from refpeft.quant.codebooks import code_values, dynamic_map
 from refpeft.quant.double import NESTED_BLOCKSIZE
-from refpeft.quant.state import absmax_values
 
 from refpeft_onnx.builder import MICROSOFT_DOMAIN, GraphBuilder
-from refpeft_onnx.stack import BaseLinear, LinearStack
+from refpeft_onnx.stack import BaseLinear, LinearStack, dequantized_weight, with_nf4
 
 NF4_OPS = ("bnb4", "standard")
 BNB4_CPU_BLOCKSIZES = (16, 32, 64, 128, 256)   # MatMulBnb4's CPU kernel (see the module docstring)
@@ -62,23 +60,6 @@ def quantize_layer(layer: BaseLinear, *, blocksize: int = 64, double_quant: bool
     W32 = np.ascontiguousarray(layer.weight, dtype=np.float32)      # the weight bitsandbytes would hold
     state = quantize_4bit(W32, quant_type="nf4", blocksize=blocksize, double_quant=double_quant, rounding=rounding)
     return with_nf4(layer, state)
-
-
-def with_nf4(layer: BaseLinear, state: QuantState4bit) -> BaseLinear:
-    """The layer computing with a given NF4 state (quantised here or read from a bitsandbytes file)."""
-    if state.quant_type != "nf4":
-        raise ConfigError(f"{layer.name}: only NF4 weights are exported, got {state.quant_type}")
-    if tuple(state.shape) != (layer.d, layer.k) or layer.fan_in_fan_out:
-        raise ConfigError(f"{layer.name}: the 4-bit state has shape {tuple(state.shape)}, expected (d, k) = "
-                          f"({layer.d}, {layer.k})")
-    W = dequantized_weight(state)
-    return replace(layer, weight=W.astype(np.float64), nf4=state)
-
-
-def dequantized_weight(state: QuantState4bit) -> np.ndarray:
-    """float32 f32(code * absmax), (d, k): what both graph variants multiply by (before any float16 cast)."""
-    return np.asarray(dequantize_blockwise_4bit(state.packed, absmax_values(state), shape=state.shape,
-                                                quant_type="nf4", blocksize=state.blocksize))
 
 
 def quantize_stack(stack: LinearStack, *, blocksize: int = 64, double_quant: bool = True,

@@ -35,7 +35,9 @@ from refpeft.errors import ConfigError, FormatError, ShapeError
 from refpeft.io import read_safetensors, write_safetensors
 from refpeft.linear import base_forward, linear_shape
 from refpeft.lora import lora_forward
-from refpeft.quant import QuantState4bit
+from refpeft.quant import QuantState4bit, dequantize_blockwise_4bit, from_state_dict
+from refpeft.quant.bnb_layout import quantized_prefixes
+from refpeft.quant.state import absmax_values
 from refpeft.vera import vera_forward
 
 # Activations between layers (ONNX Relu, Gelu with approximate="none", Tanh; identity adds no node).
@@ -197,13 +199,34 @@ def to_float64(stack: LinearStack) -> LinearStack:
     return replace(stack, layers=layers)
 
 
+def with_nf4(layer: BaseLinear, state: QuantState4bit) -> BaseLinear:
+    """The layer computing with a given NF4 state (quantised here or read from a bitsandbytes file)."""
+    if state.quant_type != "nf4":
+        raise ConfigError(f"{layer.name}: only NF4 weights are exported, got {state.quant_type}")
+    if tuple(state.shape) != (layer.d, layer.k) or layer.fan_in_fan_out:
+        raise ConfigError(f"{layer.name}: the 4-bit state has shape {tuple(state.shape)}, expected (d, k) = "
+                          f"({layer.d}, {layer.k})")
+    W = dequantized_weight(state)
+    return replace(layer, weight=W.astype(np.float64), nf4=state)
+
+
+def dequantized_weight(state: QuantState4bit) -> np.ndarray:
+    """float32 f32(code * absmax), (d, k): what both graph variants multiply by (before any float16 cast)."""
+    return np.asarray(dequantize_blockwise_4bit(state.packed, absmax_values(state), shape=state.shape,
+                                                quant_type="nf4", blocksize=state.blocksize))
+
+
 def load_stack(path: str | Path, *, layers: list[str] | None = None, activation: str | None = None) -> LinearStack:
     """A base model from safetensors (see the module docstring for names and metadata).
 
     `layers` (the order) and `activation` override the file's metadata; without either, a file
-    with exactly one `*.weight` is a single layer.
+    with exactly one `*.weight` is a single layer. Weights stored as bitsandbytes 4-bit state dicts
+    (refpeft.quant.bnb_layout: `<layer>.weight` uint8 plus its absmax and quant_state record) are
+    read as NF4 layers.
     """
     tensors, metadata = read_safetensors(path)
+    states = {p[: -len(".weight")]: from_state_dict(tensors, prefix=p, source=str(path))
+              for p in quantized_prefixes(tensors) if p.endswith(".weight")}
     stored = json.loads(metadata[STACK_METADATA_KEY]) if STACK_METADATA_KEY in metadata else {}
     weights = sorted(name[: -len(".weight")] for name in tensors if name.endswith(".weight"))
     order = layers or stored.get("layers")
@@ -216,10 +239,15 @@ def load_stack(path: str | Path, *, layers: list[str] | None = None, activation:
     if missing:
         raise FormatError(f"{path}: no weight for layer(s) {missing}; the file has {weights}")
     transposed = set(stored.get("fan_in_fan_out", []))
-    built = tuple(BaseLinear(name, np.asarray(tensors[f"{name}.weight"], dtype=np.float64),
-                             None if f"{name}.bias" not in tensors else np.asarray(tensors[f"{name}.bias"], dtype=np.float64),
-                             fan_in_fan_out=name in transposed)
-                  for name in order)
+
+    def layer(name: str) -> BaseLinear:
+        bias = None if f"{name}.bias" not in tensors else np.asarray(tensors[f"{name}.bias"], dtype=np.float64)
+        if name in states:
+            return with_nf4(BaseLinear(name, np.zeros(states[name].shape), bias), states[name])
+        return BaseLinear(name, np.asarray(tensors[f"{name}.weight"], dtype=np.float64), bias,
+                          fan_in_fan_out=name in transposed)
+
+    built = tuple(layer(name) for name in order)
     return LinearStack(built, activation=activation or stored.get("activation", "relu"))
 
 

@@ -1,0 +1,108 @@
+"""`refpeft export`: a refpeft/PEFT adapter and its base as an ONNX model, verified before it is written."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "export an adapter and its base to ONNX (merged, or unmerged with swappable adapter inputs; NF4 bases)"
+
+DESCRIPTION = """\
+Builds an ONNX graph of the base model (a stack of linear layers from one safetensors file) with a
+HF PEFT adapter directory (LoRA, DoRA or VeRA; refpeft writes adapters in that format):
+
+  --merged    (default) the adapter folded into each weight initializer: one MatMul per layer
+  --unmerged  the base MatMul plus the adapter branch as separate nodes, every adapter tensor a
+              graph input with a rank-0 default (no adapter = the base model); the adapter itself
+              is written next to the model as an .onnx_adapter file for ONNX Runtime's multi-LoRA
+  --nf4       the frozen weights stored as NF4 (~4.127 bits/parameter with double quantisation),
+              computed by com.microsoft.MatMulBnb4 (--nf4-ops bnb4, ONNX Runtime) or by standard
+              ops (--nf4-ops standard, any runtime). A base file already in bitsandbytes' 4-bit
+              layout is exported as NF4 as it is.
+
+Base file: `<layer>.weight` (d, k) and optional `<layer>.bias` tensors; the layer order and the
+activation between layers come from its `refpeft.stack` metadata or from --layers/--activation.
+The input x is (batch, sequence, k) with both leading axes symbolic.
+
+Before anything is written, the graph must pass onnx.checker (full shape inference) and ONNX
+Runtime's output must match refpeft's float64 reference on random inputs within the error bound
+derived for the graph's dtype (refpeft.tolerance). Otherwise nothing is written and the command
+says by how much the output missed (exit status 2).
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help=HELP, description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapter", nargs="?", metavar="ADAPTER_DIR",
+                   help="PEFT adapter directory (omit it to export the base alone)")
+    add_base_options(p)
+    p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="ONNX model to write")
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--merged", dest="form", action="store_const", const="merged",
+                      help="fold the adapter into the weights (default)")
+    form.add_argument("--unmerged", dest="form", action="store_const", const="unmerged",
+                      help="keep the adapter branch as separate nodes with swappable inputs")
+    p.set_defaults(form="merged")
+    p.add_argument("--adapter-out", metavar="FILE.onnx_adapter",
+                   help="with --unmerged: where to write the adapter file (default: MODEL.onnx_adapter)")
+    p.add_argument("--nf4-ops", choices=("bnb4", "standard"), default="bnb4",
+                   help="NF4 bases: com.microsoft.MatMulBnb4 (ONNX Runtime) or standard ops (default: %(default)s)")
+    p.add_argument("--opset", type=int, default=21, help="ONNX opset to record and use (21-23; default: %(default)s)")
+    p.set_defaults(func=run, command="export")
+
+
+def add_base_options(p: argparse.ArgumentParser) -> None:
+    """Options shared with `refpeft export-adapter`: the base model and the graph's dtype."""
+    p.add_argument("--base", required=True, metavar="BASE.safetensors", help="the base model's weights")
+    p.add_argument("--layers", metavar="NAME,NAME,...",
+                   help="layer order (default: the base file's refpeft.stack metadata, or its one weight)")
+    p.add_argument("--activation", choices=("relu", "gelu", "tanh", "identity"),
+                   help="activation between layers (default: from the base file's metadata, else relu)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="the graph's dtype (default: %(default)s)")
+    p.add_argument("--nf4", action="store_true", help="store the frozen weights as NF4")
+    p.add_argument("--blocksize", type=int, default=64, help="NF4 block size (default: %(default)s)")
+    p.add_argument("--no-double-quant", action="store_true",
+                   help="NF4: keep the absmax in float32 (4.5 bits/parameter at block 64) instead of 8-bit codes")
+
+
+def missing_onnx() -> str | None:
+    """The error message when the `onnx` extra is not installed, else None."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"needs the `onnx` extra ({', '.join(missing)} missing): pip install 'refpeft[onnx]'"
+    return None
+
+
+def load(args: argparse.Namespace):
+    """The base stack (NF4-quantised with --nf4) and the adapter, from the shared options."""
+    from refpeft_onnx.exporter import load_inputs
+    from refpeft_onnx.nf4 import quantize_stack
+
+    layers = args.layers.split(",") if args.layers else None
+    stack, adapter = load_inputs(args.base, args.adapter, layers=layers, activation=args.activation)
+    if args.nf4:
+        stack = quantize_stack(stack, blocksize=args.blocksize, double_quant=not args.no_double_quant)
+    return stack, adapter
+
+
+def run(args: argparse.Namespace) -> int:
+    from refpeft.errors import ConfigError
+
+    problem = missing_onnx()
+    if problem:
+        raise ConfigError(problem)
+    from refpeft_onnx.exporter import export_model
+
+    stack, adapter = load(args)
+    result = export_model(args.output, stack, adapter, form=args.form, dtype=args.dtype, nf4_ops=args.nf4_ops,
+                          opset=args.opset, adapter_path=args.adapter_out)
+    what = "the base" if adapter is None else f"a {adapter.method} adapter ({len(adapter.modules)} modules)"
+    print(f"refpeft export: {args.form} {args.dtype} graph of {what} on {len(stack.layers)} layers, opset {args.opset}")
+    print(f"  verified: {result.report.summary()}")
+    for name, bits in result.bits_per_parameter.items():
+        print(f"  {name}: NF4 ({args.nf4_ops}), {bits:.4f} bits per parameter stored")
+    print(f"  wrote {result.model_path}" + (f" and {result.adapter_path}" if result.adapter_path else ""))
+    return 0

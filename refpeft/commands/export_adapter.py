@@ -1,0 +1,50 @@
+"""`refpeft export-adapter`: an adapter as an .onnx_adapter file for an unmerged ONNX graph."""
+
+from __future__ import annotations
+
+import argparse
+
+from refpeft.commands.export import add_base_options, load, missing_onnx
+
+HELP = "write a PEFT adapter as an ONNX Runtime .onnx_adapter file for an unmerged exported graph"
+
+DESCRIPTION = """\
+Writes the tensors of a HF PEFT adapter directory (LoRA, DoRA, VeRA) in ONNX Runtime's adapter
+format (onnxruntime.AdapterFormat), named after the inputs of the graph `refpeft export --unmerged`
+builds over the same base: {layer}.lora_A_t, .lora_B_t, .lora_scaling (+ .dora_scale, the fixed
+per-row DoRA scale m / ||W0 + s B A||, which needs the base weights), or VeRA's .vera_lambda_d and
+.vera_lambda_b. Load it with onnxruntime.LoraAdapter and activate it per run
+(RunOptions.add_active_adapter), or through refpeft_onnx.serving.AdapterSession.
+
+With --model, every tensor is checked against that graph's inputs (names, dtype, sizes) before
+the file is written; give the same --dtype (and --nf4 options, for DoRA on an NF4 base) as the export.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export-adapter", help=HELP, description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="PEFT adapter directory")
+    add_base_options(p)
+    p.add_argument("-o", "--output", required=True, metavar="FILE.onnx_adapter", help="adapter file to write")
+    p.add_argument("--model", metavar="MODEL.onnx", help="the unmerged graph the file is for: check against its inputs")
+    p.set_defaults(func=run, command="export-adapter")
+
+
+def run(args: argparse.Namespace) -> int:
+    from refpeft.errors import ConfigError
+
+    problem = missing_onnx()
+    if problem:
+        raise ConfigError(problem)
+    import onnx
+
+    from refpeft_onnx.exporter import export_adapter_file
+
+    stack, adapter = load(args)
+    model = onnx.load(args.model) if args.model else None
+    path = export_adapter_file(args.output, stack, adapter, dtype=args.dtype, model=model)
+    checked = f", checked against {args.model}" if args.model else ""
+    print(f"refpeft export-adapter: {adapter.method} adapter, {len(adapter.modules)} modules, {args.dtype}{checked}: "
+          f"wrote {path}")
+    return 0
