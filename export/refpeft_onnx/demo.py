@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from refpeft.adapter import Adapter, ModuleAdapter
+from refpeft.errors import ConfigError
 
 LAYER = "linear"
 
@@ -30,9 +31,12 @@ def missing_extra() -> str | None:
             "pip install 'refpeft[onnx]')")
 
 
-def export_and_check(out_dir: str | os.PathLike, *, W0: Any, bias: Any, adapter: ModuleAdapter,
+def export_and_check(out_dir: str | os.PathLike, *, W0: Any, bias: Any, adapter: Adapter | ModuleAdapter,
                      dtype: str = "float32", seed: int = 0) -> list[str]:
     """Export the demo's one adapted layer merged and unmerged (+ .onnx_adapter), verified; report lines.
+
+    adapter: the trained module (LoRA or DoRA), or an Adapter with one module (VeRA: with its
+    shared projections vera_A, vera_B).
 
     Each graph is verified before it is written (refpeft_onnx.verify); then the unmerged graph is
     served through an AdapterSession with the adapter file switched on and off, and both outputs
@@ -46,8 +50,10 @@ def export_and_check(out_dir: str | os.PathLike, *, W0: Any, bias: Any, adapter:
     from refpeft_onnx.verify import graph_bound
 
     out = Path(out_dir)
-    stack = single_layer(W0, bias, name=LAYER)
-    whole = Adapter({LAYER: adapter})
+    whole = adapter if isinstance(adapter, Adapter) else Adapter({LAYER: adapter})
+    if len(whole.modules) != 1:
+        raise ConfigError(f"the demo exports one adapted layer, the adapter has {len(whole.modules)} modules")
+    stack = single_layer(W0, bias, name=next(iter(whole.modules)))
     merged = export_model(out / "merged.onnx", stack, whole, form="merged", dtype=dtype)
     unmerged = export_model(out / "unmerged.onnx", stack, whole, form="unmerged", dtype=dtype)
     server = AdapterSession(unmerged.model_path)
