@@ -1,0 +1,94 @@
+"""`refpeft conformance`: generate the golden vectors, check an implementation, report on the peers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "golden vectors: generate them, check an implementation against them, report on every peer"
+
+DESCRIPTION = """\
+The conformance suite: refpeft as an oracle for other implementations.
+
+  generate   write every catalogued case (inputs in the case's dtype, float64 expected results,
+             per-element error bounds) as safetensors + JSON manifests; byte-identical on any machine
+  check      run one implementation (a Python function, MODULE:FUNCTION) on every case
+  report     run every installed runner (refpeft itself, HF PEFT on torch, bitsandbytes,
+             ONNX Runtime) and print a table per implementation: pass/fail, worst error / bound,
+             differing bytes for bit-exact results
+
+A result passes when |actual - expected| <= bound for every element; the bound is derived from the
+computation (refpeft.tolerance, docs/tolerance.md). conformance/README.md specifies the format.
+Exit status: 0 when every expected pass passes, 1 otherwise.
+"""
+
+DEFAULT_VECTORS = Path("conformance") / "vectors"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("conformance", help=HELP, description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(title="subcommands", metavar="SUBCOMMAND", required=True)
+    g = sub.add_parser("generate", help="write the golden vectors of every case",
+                       description="Write NAME.safetensors and NAME.json for every catalogued case, and index.json.")
+    g.add_argument("--out", type=Path, default=DEFAULT_VECTORS, help="vectors directory (default: %(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    g.set_defaults(func=run_generate)
+    c = sub.add_parser("check", help="check one implementation (MODULE:FUNCTION) against the vectors",
+                       description="Import FUNCTION from MODULE and run it on every case; see "
+                                   "refpeft.conformance.check for the protocol: "
+                                   "impl(manifest: dict, inputs: dict[str, ndarray]) -> dict[str, ndarray] | None.")
+    c.add_argument("--impl", required=True, metavar="MODULE:FUNCTION", help="the implementation to check")
+    c.add_argument("--vectors", type=Path, default=DEFAULT_VECTORS, help="vectors directory (default: %(default)s)")
+    c.add_argument("--case", action="append", metavar="NAME", help="only this case (repeatable)")
+    c.set_defaults(func=run_check)
+    r = sub.add_parser("report", help="run every installed runner and print a table per implementation",
+                       description="Run refpeft itself, HF PEFT (torch CPU, CUDA when present), bitsandbytes and "
+                                   "ONNX Runtime on every case; runners whose peer is missing are listed as not run.")
+    r.add_argument("--vectors", type=Path, default=None,
+                   help="vectors directory (default: conformance/vectors when present, else generated afresh)")
+    r.add_argument("--case", action="append", metavar="NAME", help="only this case (repeatable)")
+    r.add_argument("--runner", action="append", metavar="MODULE",
+                   help="only this runner module (refpeft_self, peft_torch, bitsandbytes_cpu, onnxruntime; repeatable)")
+    r.set_defaults(func=run_report)
+    p.set_defaults(command="conformance")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from refpeft.conformance.generate import generate
+
+    manifests = generate(args.out, progress=not args.no_progress)
+    print(f"wrote {len(manifests)} cases to {args.out}")
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from refpeft.conformance.check import Summary, check_directory, load_implementation
+    from refpeft.conformance.report import format_summary, format_table
+
+    impl = load_implementation(args.impl)
+    reports = check_directory(impl, args.vectors, implementation=args.impl, names=args.case)
+    print(format_table(reports))
+    print(format_summary(args.impl, reports))
+    return 0 if Summary.of(reports).ok else 1
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from refpeft.conformance.report import run_report as report
+    from refpeft.conformance.runners import RUNNER_MODULES, load_runners
+
+    runners = None
+    if args.runner:
+        unknown = sorted(set(args.runner) - set(RUNNER_MODULES))
+        if unknown:
+            print(f"refpeft conformance: unknown runner(s) {', '.join(unknown)}; choose from "
+                  f"{', '.join(RUNNER_MODULES)}", file=sys.stderr)
+            return 2
+        runners, missing = load_runners(tuple(args.runner))
+        for module, reason in missing.items():
+            print(f"{module}: not run: {reason}")
+    vectors = args.vectors
+    if vectors is None and (DEFAULT_VECTORS / "index.json").is_file():
+        vectors = DEFAULT_VECTORS
+    return 0 if report(vectors, runners=runners, names=args.case, out=sys.stdout) else 1

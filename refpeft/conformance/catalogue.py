@@ -1,0 +1,54 @@
+"""The case catalogue: every committed conformance case, by name.
+
+Sizes are small on purpose (the whole set is a few MB and regenerates in seconds) but not
+trivial: reductions of 16 to 128 terms, batches with two leading dimensions, ranks 1 to 16, and
+each option of each method in at least one case. float32 is the precision peers are checked in;
+float64 cases check the oracle's own precision (PEFT in float64 agrees to ~1e-16); float16 cases
+check half-precision paths with float32 accumulation.
+"""
+
+from __future__ import annotations
+
+from refpeft.conformance.families import Case
+
+SMALL = {"batch": [2, 3], "k": 32, "d": 24, "r": 4}
+WIDE = {"batch": [16], "k": 128, "d": 96, "r": 16}
+
+
+def _lora() -> list[Case]:
+    cases = []
+    variants = [
+        ("basic", SMALL, {"alpha": 8.0}),
+        ("bias-dropout", SMALL, {"alpha": 16.0, "bias": True, "dropout": 0.25}),
+        ("rslora-fan-in-fan-out", SMALL, {"alpha": 8.0, "rslora": True, "fan_in_fan_out": True, "bias": True}),
+        ("rank1", {"batch": [5], "k": 16, "d": 8, "r": 1}, {"alpha": 1.0}),
+        ("wide", WIDE, {"alpha": 32.0, "bias": True}),
+    ]
+    for seed, (label, sizes, options) in enumerate(variants):
+        for dtype in ("float32", "float64"):
+            for family in ("lora_forward", "lora_backward"):
+                direction = family.split("_")[1]
+                cases.append(Case(f"lora-{direction}-{label}-{dtype}", family, dtype, 100 + seed, sizes, options))
+    cases.append(Case("lora-forward-basic-float16", "lora_forward", "float16", 100, SMALL, {"alpha": 8.0}))
+    for seed, (label, options) in enumerate([("merge", {"alpha": 8.0}),
+                                             ("merge-fan-in-fan-out", {"alpha": 8.0, "fan_in_fan_out": True}),
+                                             ("unmerge", {"alpha": 8.0, "unmerge": True}),
+                                             ("merge-rslora", {"alpha": 16.0, "rslora": True})]):
+        for dtype in ("float32", "float64"):
+            cases.append(Case(f"lora-{label}-{dtype}", "lora_merge", dtype, 200 + seed, SMALL, options))
+    return cases
+
+
+def _adam() -> list[Case]:
+    sizes = {"k": 32, "d": 24, "r": 4}
+    variants = [
+        ("adam-step1", {"lr": 1e-3}),
+        ("adam-step5-l2", {"lr": 1e-2, "step": 5, "weight_decay": 0.1}),
+        ("adamw-step3", {"lr": 1e-2, "step": 3, "weight_decay": 0.01, "adamw": True}),
+        ("loraplus-adamw-step1", {"lr": 2e-4, "adamw": True, "loraplus_ratio": 16.0, "weight_decay": 0.01}),
+    ]
+    return [Case(f"{label}-{dtype}", "adam_step", dtype, 300 + seed, sizes, options)
+            for seed, (label, options) in enumerate(variants) for dtype in ("float32", "float64")]
+
+
+CASES: tuple[Case, ...] = tuple(_lora() + _adam())

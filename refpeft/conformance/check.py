@@ -1,0 +1,160 @@
+"""Checking one implementation against the golden vectors.
+
+The Python protocol for any implementation (the runners in refpeft.conformance.runners follow it):
+
+    def impl(manifest: dict, inputs: dict[str, numpy.ndarray]) -> dict[str, numpy.ndarray] | None
+
+`manifest` is the case's JSON manifest (family, dtype, options, parameters such as the LoRA
+scaling); `inputs` holds the input tensors in the case's dtype. Return every result the manifest
+lists, by name, as arrays of any float dtype (bit-exact results in their exact dtype), or None
+(or raise `Unsupported`) for a case the implementation does not cover: it is reported, not failed.
+`refpeft conformance check --impl module:function` imports such a function and runs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from refpeft.conformance.vectors import LoadedCase, read_case, read_index
+from refpeft.errors import ConfigError
+from refpeft.tolerance import compare
+
+Implementation = Callable[[dict, dict], "dict[str, Any] | None"]
+
+
+class Unsupported(Exception):
+    """Raised by an implementation for a case it does not cover (reported as unsupported, not failed)."""
+
+
+@dataclass(frozen=True)
+class ResultCheck:
+    """One result of one case: by bound (ratio) or bit for bit (differing bytes)."""
+
+    name: str
+    check: str                       # "bound" or "bytes"
+    passed: bool
+    ratio: float | None = None       # max |actual - expected| / bound
+    max_error: float | None = None
+    differing_bytes: int | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class CaseReport:
+    """How one implementation did on one case."""
+
+    implementation: str
+    case: str
+    dtype: str
+    status: str                      # pass, fail, known-deviation, unsupported, error
+    results: tuple[ResultCheck, ...] = ()
+    message: str = ""
+    finding: str = ""                # the FINDINGS.md entry a known deviation refers to
+
+    @property
+    def worst_ratio(self) -> float | None:
+        ratios = [r.ratio for r in self.results if r.ratio is not None]
+        return max(ratios) if ratios else None
+
+    @property
+    def differing_bytes(self) -> int | None:
+        counts = [r.differing_bytes for r in self.results if r.differing_bytes is not None]
+        return sum(counts) if counts else None
+
+
+def check_result(name: str, spec: dict[str, Any], actual: Any, loaded: LoadedCase) -> ResultCheck:
+    """Compare one returned result with the expected tensor of the case."""
+    expected = loaded.expected[name]
+    if actual is None:
+        return ResultCheck(name, spec["check"], False, message="not returned")
+    actual = np.asarray(actual)
+    if tuple(actual.shape) != tuple(expected.shape):
+        return ResultCheck(name, spec["check"], False,
+                           message=f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+    if spec["check"] == "bytes":
+        if actual.dtype != expected.dtype:
+            return ResultCheck(name, "bytes", False, message=f"dtype {actual.dtype}, expected {expected.dtype}")
+        differing = int(np.count_nonzero(np.ascontiguousarray(actual).view(np.uint8)
+                                         != np.ascontiguousarray(expected).view(np.uint8)))
+        return ResultCheck(name, "bytes", differing == 0, differing_bytes=differing)
+    if actual.dtype.kind != "f" and not str(actual.dtype) == "bfloat16":
+        return ResultCheck(name, "bound", False, message=f"dtype {actual.dtype} is not floating")
+    c = compare(actual.astype(np.float64), expected, loaded.bounds[name])
+    return ResultCheck(name, "bound", c.passed, ratio=c.ratio, max_error=c.max_error)
+
+
+def check_case(impl: Implementation, loaded: LoadedCase, *, implementation: str,
+               known_deviations: dict[str, str] | None = None) -> CaseReport:
+    """Run `impl` on one case and compare every result; exceptions become an `error` status."""
+    m = loaded.manifest
+    base = dict(implementation=implementation, case=loaded.name, dtype=m["dtype"])
+    inputs = {name: array.copy() for name, array in loaded.inputs.items()}
+    try:
+        outputs = impl(m, inputs)
+    except Unsupported as exc:
+        return CaseReport(**base, status="unsupported", message=str(exc))
+    except Exception as exc:  # an implementation's failure is a result to report, whatever it is
+        last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        return CaseReport(**base, status="error", message=last)
+    if outputs is None:
+        return CaseReport(**base, status="unsupported")
+    results = tuple(check_result(name, spec, outputs.get(name), loaded) for name, spec in sorted(m["results"].items()))
+    passed = all(r.passed for r in results)
+    finding = (known_deviations or {}).get(loaded.name, "")
+    if passed:
+        status = "pass"
+    else:
+        status = "known-deviation" if finding else "fail"
+    failing = [f"{r.name}: {r.message}" for r in results if r.message]
+    return CaseReport(**base, status=status, results=results, message="; ".join(failing), finding=finding)
+
+
+def check_directory(impl: Implementation, directory: str | Path, *, implementation: str,
+                    known_deviations: dict[str, str] | None = None,
+                    names: Iterable[str] | None = None) -> list[CaseReport]:
+    """Check `impl` on every case of a vectors directory (or the named ones)."""
+    selected = list(names) if names is not None else read_index(Path(directory))
+    return [check_case(impl, read_case(Path(directory), name), implementation=implementation,
+                       known_deviations=known_deviations) for name in selected]
+
+
+def load_implementation(spec: str) -> Implementation:
+    """Import `module:function` (the `--impl` argument)."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigError(f"--impl must be MODULE:FUNCTION, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name!r}: {exc}") from None
+    impl = getattr(module, attribute, None)
+    if not callable(impl):
+        raise ConfigError(f"{module_name!r} has no callable {attribute!r}")
+    return impl
+
+
+@dataclass
+class Summary:
+    """Counts per status, and the worst ratio among passing bound checks."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    worst_ratio: float = 0.0
+
+    @classmethod
+    def of(cls, reports: Iterable[CaseReport]) -> "Summary":
+        s = cls()
+        for r in reports:
+            s.counts[r.status] = s.counts.get(r.status, 0) + 1
+            if r.status == "pass" and r.worst_ratio is not None:
+                s.worst_ratio = max(s.worst_ratio, r.worst_ratio)
+        return s
+
+    @property
+    def ok(self) -> bool:
+        return self.counts.get("fail", 0) == 0 and self.counts.get("error", 0) == 0

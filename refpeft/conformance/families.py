@@ -1,0 +1,201 @@
+"""Case families: for each capability, how a case's inputs are drawn and its expected results computed.
+
+A family turns a `Case` (sizes, options, dtype, seed) into `Vectors`:
+- inputs, drawn from NumPy's PCG64 seeded with the case's seed as uniform values in [-scale, scale)
+  (`rng.random`: 53 random bits, no libm involved) rounded once to the case's dtype, so every
+  input is exactly representable in the precision an implementation computes in;
+- expected results, from refpeft's own functions run in float64 on `ExactArray` inputs (every
+  reduction correctly rounded, refpeft.conformance.exact), so the bytes are machine-independent;
+- per-element bounds from refpeft.tolerance for every result checked by bound, in the case's
+  precision (plus refpeft's own float64 error), computed the same way;
+- results checked bit for bit (4-bit codes, absmaxes) carry no bound;
+- parameters: derived numbers an implementation needs (the LoRA scaling as a float64), which
+  the manifest records so no implementation has to re-derive them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from refpeft import tolerance
+from refpeft.conformance.exact import exact_array, plain
+from refpeft.errors import ConfigError
+from refpeft.linear import dropout_mask
+from refpeft.lora import lora_backward, lora_forward, lora_scaling, merge, unmerge
+from refpeft.optim import AdamConfig, adam_step, AdamState, loraplus_groups, single_group
+
+
+@dataclass(frozen=True)
+class Case:
+    """One conformance case: a family, its sizes and options, the dtype computed in, a seed."""
+
+    name: str
+    family: str
+    dtype: str
+    seed: int
+    sizes: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Vectors:
+    """What a family makes of a case (see the module docstring)."""
+
+    inputs: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray]
+    bounds: dict[str, np.ndarray]             # one per bound-checked result; absent for bit-exact ones
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    method: str
+    summary: str            # what an implementation must compute, in one line (goes to the manifest)
+    make: Callable[[Case], Vectors]
+
+
+def draw(rng: np.random.Generator, shape: tuple[int, ...], *, dtype: str, scale: float = 1.0) -> np.ndarray:
+    """Uniform values in [-scale, scale), rounded once to `dtype` (scale a power of two keeps this exact)."""
+    return ((rng.random(shape) * 2.0 - 1.0) * scale).astype(dtype)
+
+
+def _exact(arrays: dict[str, np.ndarray | None]) -> dict[str, Any]:
+    return {name: None if a is None else exact_array(a) for name, a in arrays.items()}
+
+
+def _plain(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {name: np.ascontiguousarray(plain(a), dtype=np.float64) for name, a in arrays.items() if a is not None}
+
+
+# ---------------------------------------------------------------- LoRA
+
+def _lora_inputs(case: Case, *, with_dy: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """x, W0, A, B (and bias, dropout_mask, dy per options) and the keyword options of refpeft.lora."""
+    s, o = case.sizes, case.options
+    rng = np.random.default_rng(case.seed)
+    batch, k, d, r = tuple(s["batch"]), s["k"], s["d"], s["r"]
+    fan_in_fan_out = o.get("fan_in_fan_out", False)
+    inputs = {
+        "x": draw(rng, (*batch, k), dtype=case.dtype),
+        "W0": draw(rng, (k, d) if fan_in_fan_out else (d, k), dtype=case.dtype, scale=0.25),
+        "A": draw(rng, (r, k), dtype=case.dtype, scale=0.25),
+        "B": draw(rng, (d, r), dtype=case.dtype, scale=0.5),
+    }
+    if o.get("bias", False):
+        inputs["bias"] = draw(rng, (d,), dtype=case.dtype)
+    if o.get("dropout", 0.0):
+        inputs["dropout_mask"] = dropout_mask((*batch, k), o["dropout"], seed=case.seed, dtype=case.dtype)
+    if with_dy:
+        inputs["dy"] = draw(rng, (*batch, d), dtype=case.dtype)
+    options = {"scaling": lora_scaling(o["alpha"], r, rslora=o.get("rslora", False)), "fan_in_fan_out": fan_in_fan_out}
+    return inputs, options
+
+
+def lora_forward_vectors(case: Case) -> Vectors:
+    inputs, options = _lora_inputs(case, with_dy=False)
+    e = _exact(inputs)
+    args = dict(bias=e.get("bias"), dropout_mask=e.get("dropout_mask"), **options)
+    y, _ = lora_forward(e["x"], e["W0"], e["A"], e["B"], **args)
+    bound = tolerance.lora_forward_bound(e["x"], e["W0"], e["A"], e["B"], dtype=case.dtype, **args)
+    return Vectors(inputs, _plain({"y": y}), _plain({"y": bound}), {"scaling": options["scaling"]})
+
+
+def lora_backward_vectors(case: Case) -> Vectors:
+    inputs, options = _lora_inputs(case, with_dy=True)
+    e = _exact(inputs)
+    trainable = "bias" in inputs
+    _, cache = lora_forward(e["x"], e["W0"], e["A"], e["B"], bias=e.get("bias"), dropout_mask=e.get("dropout_mask"),
+                            bias_trainable=trainable, **options)
+    grads = lora_backward(e["dy"], cache)
+    bounds = tolerance.lora_backward_bound(e["dy"], e["x"], e["W0"], e["A"], e["B"], dropout_mask=e.get("dropout_mask"),
+                                           bias_trainable=trainable, dtype=case.dtype, **options)
+    expected = {"dx": grads.dx, "dA": grads.dA, "dB": grads.dB, "dbias": grads.dbias}
+    return Vectors(inputs, _plain(expected), _plain(bounds), {"scaling": options["scaling"]})
+
+
+def lora_merge_vectors(case: Case) -> Vectors:
+    """merge: W = W0 + s B A; with options unmerge=True the input is W and the result W0 = W - s B A."""
+    inputs, options = _lora_inputs(case, with_dy=False)
+    inputs.pop("x")
+    e = _exact(inputs)
+    undo = case.options.get("unmerge", False)
+    if undo:
+        inputs["W"] = inputs.pop("W0")
+        W = unmerge(e["W0"], e["A"], e["B"], **options)
+    else:
+        W = merge(e["W0"], e["A"], e["B"], **options)
+    bound = tolerance.merge_bound(e["W0"], e["A"], e["B"], dtype=case.dtype, unmerge=undo, **options)
+    name = "W0" if undo else "W"
+    return Vectors(inputs, _plain({name: W}), _plain({name: bound}), {"scaling": options["scaling"]})
+
+
+# ---------------------------------------------------------------- Adam, AdamW, LoRA+
+
+def _adam_config(o: dict[str, Any]) -> AdamConfig:
+    return AdamConfig(lr=o["lr"], betas=tuple(o.get("betas", (0.9, 0.999))), eps=o.get("eps", 1e-8),
+                      weight_decay=o.get("weight_decay", 0.0), decoupled_weight_decay=o.get("adamw", False))
+
+
+def adam_step_vectors(case: Case) -> Vectors:
+    """One step of Adam/AdamW from a given state: parameters A (r, k) and B (d, r), step t.
+
+    Inputs: each parameter, its gradient `grad.NAME`, moments `exp_avg.NAME` and `exp_avg_sq.NAME`
+    (the state after t - 1 steps; zeros when t = 1). Results: the updated parameter and moments.
+    With option loraplus_ratio, the groups are PEFT's LoRA+ groups (B at lr * ratio).
+    """
+    s, o = case.sizes, case.options
+    rng = np.random.default_rng(case.seed)
+    t = o.get("step", 1)
+    shapes = {"lora_A": (s["r"], s["k"]), "lora_B": (s["d"], s["r"])}
+    inputs: dict[str, np.ndarray] = {}
+    for name, shape in shapes.items():
+        inputs[name] = draw(rng, shape, dtype=case.dtype, scale=0.5)
+        inputs[f"grad.{name}"] = draw(rng, shape, dtype=case.dtype, scale=2.0**-4)
+        first = t == 1
+        inputs[f"exp_avg.{name}"] = np.zeros(shape, case.dtype) if first else draw(rng, shape, dtype=case.dtype, scale=2.0**-5)
+        inputs[f"exp_avg_sq.{name}"] = (np.zeros(shape, case.dtype) if first
+                                        else np.abs(draw(rng, shape, dtype=case.dtype, scale=2.0**-10)))
+    e = _exact(inputs)
+    config = _adam_config(o)
+    params = {name: e[name] for name in shapes}
+    groups = (loraplus_groups(params, config, lr_ratio=o["loraplus_ratio"],
+                              loraplus_weight_decay=o.get("weight_decay", 0.0))
+              if "loraplus_ratio" in o else single_group(params, config))
+    state = AdamState(step={n: t - 1 for n in shapes} if t > 1 else {},
+                      exp_avg={n: e[f"exp_avg.{n}"] for n in shapes} if t > 1 else {},
+                      exp_avg_sq={n: e[f"exp_avg_sq.{n}"] for n in shapes} if t > 1 else {})
+    new_params, new_state = adam_step(params, {n: e[f"grad.{n}"] for n in shapes}, state, groups)
+    expected, bounds = {}, {}
+    for group in groups:
+        c = group.config
+        for name in group.names:
+            expected[name] = new_params[name]
+            expected[f"exp_avg.{name}"] = new_state.exp_avg[name]
+            expected[f"exp_avg_sq.{name}"] = new_state.exp_avg_sq[name]
+            b = tolerance.adam_update_bound(e[name], e[f"grad.{name}"], e[f"exp_avg.{name}"], e[f"exp_avg_sq.{name}"],
+                                            t=t, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay,
+                                            decoupled_weight_decay=c.decoupled_weight_decay, dtype=case.dtype)
+            bounds.update({name: b["p"], f"exp_avg.{name}": b["m"], f"exp_avg_sq.{name}": b["v"]})
+    groups_json = [{"names": list(g.names), "lr": g.config.lr, "weight_decay": g.config.weight_decay} for g in groups]
+    return Vectors(inputs, _plain(expected), _plain(bounds), {"step": t, "groups": groups_json})
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("lora_forward", "lora", "y = x W0^T + b + s * ((x * dropout_mask) A^T) B^T", lora_forward_vectors),
+    Family("lora_backward", "lora", "dx, dA, dB (and dbias when a bias is given) of sum(y * dy), y as lora_forward",
+           lora_backward_vectors),
+    Family("lora_merge", "lora", "W = W0 + s B A (unmerge: W0 = W - s B A), in W0's layout", lora_merge_vectors),
+    Family("adam_step", "optim", "one torch.optim.Adam/AdamW step per parameter group (LoRA+: B at lr * ratio)",
+           adam_step_vectors),
+)}
+
+
+def make_vectors(case: Case) -> Vectors:
+    """The vectors of one case (its family's `make`)."""
+    if case.family not in FAMILIES:
+        raise ConfigError(f"case {case.name!r} has unknown family {case.family!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[case.family].make(case)

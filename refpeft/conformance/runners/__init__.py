@@ -1,0 +1,47 @@
+"""Runners: real implementations wrapped in the check protocol (see refpeft.conformance.check).
+
+Each runner module exposes `implementations() -> list[Runner]`: one per device it can use (CPU,
+and CUDA when present), or raises `NotInstalled` when its peer is missing. The peers are imported
+only inside these modules, only when a report runs them: refpeft's core never imports them.
+A runner's `known_deviations` maps case names to the conformance/FINDINGS.md entry that explains
+why that case is expected to fail; the report shows them and does not count them as failures.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+RUNNER_MODULES = ("refpeft_self", "peft_torch", "bitsandbytes_cpu", "onnxruntime")
+
+
+class NotInstalled(Exception):
+    """The peer a runner needs is not importable here."""
+
+
+@dataclass(frozen=True)
+class Runner:
+    name: str
+    run: Callable
+    known_deviations: dict[str, str] = field(default_factory=dict)
+
+
+def load_runners(modules: tuple[str, ...] = RUNNER_MODULES) -> tuple[list[Runner], dict[str, str]]:
+    """Every runner that can run here, and for each module that cannot, the reason."""
+    runners, missing = [], {}
+    for module in modules:
+        try:
+            runners.extend(importlib.import_module(f"refpeft.conformance.runners.{module}").implementations())
+        except NotInstalled as exc:
+            missing[module] = str(exc)
+    return runners, missing
+
+
+def require(*modules: str) -> None:
+    """Raise NotInstalled unless every module imports."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # a broken install (missing shared library) counts as not installed
+            raise NotInstalled(f"{module} is not importable ({type(exc).__name__}: {exc})") from None

@@ -1,0 +1,201 @@
+"""HF PEFT on torch (CPU, and CUDA when present): LoRA, DoRA, VeRA layers, merges, and torch.optim/LoRA+ steps.
+
+Each case builds a one-layer model (`proj`: nn.Linear, or transformers' Conv1D for
+fan_in_fan_out), wraps it with `peft.get_peft_model`, copies the case's tensors into the base and
+adapter weights, and runs PEFT's own forward, autograd backward, merge or unmerge. A dropout mask
+is applied by replacing the layer's `lora_dropout` module with a fixed multiplication by the mask,
+so PEFT's forward runs unchanged with the case's mask. Adam steps run `torch.optim.Adam`/`AdamW`
+with the state injected; LoRA+ cases build the optimiser with `peft.optimizers.create_loraplus_optimizer`.
+CUDA runs use float32 matmuls without TF32 (torch's default for matmul), so the float32 bounds apply.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from refpeft.conformance.check import Unsupported
+from refpeft.conformance.runners import Runner, require
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+class _FixedMask:
+    """Stands in for PEFT's dropout module: x * mask (built lazily as a torch Module)."""
+
+    @staticmethod
+    def module(mask: Any):
+        torch = _torch()
+
+        class FixedMask(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.register_buffer("mask", mask)
+
+            def forward(self, x):
+                return x * self.mask
+
+        return FixedMask()
+
+
+def _tensor(a: np.ndarray, device: str, *, grad: bool = False):
+    torch = _torch()
+    t = torch.from_numpy(np.array(a, copy=True)).to(device)
+    return t.requires_grad_(grad)
+
+
+def _model(manifest: dict, inputs: dict, device: str, *, method: str = "lora"):
+    """A PEFT model over one layer `proj`, holding the case's base weight and bias."""
+    torch = _torch()
+    import peft
+
+    o, s = manifest["options"], manifest["sizes"]
+    dtype = getattr(torch, manifest["dtype"])
+    fan_in_fan_out = o.get("fan_in_fan_out", False)
+    W = inputs.get("W0", inputs.get("W"))
+    k, d = s["k"], s["d"]
+    if fan_in_fan_out:
+        from transformers.pytorch_utils import Conv1D
+
+        layer = Conv1D(d, k)
+    else:
+        layer = torch.nn.Linear(k, d, bias="bias" in inputs)
+    layer = layer.to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(np.array(W, copy=True)))
+        if layer.bias is not None:
+            layer.bias.copy_(torch.from_numpy(np.array(inputs["bias"], copy=True)) if "bias" in inputs
+                             else torch.zeros(d))
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = layer
+
+        def forward(self, x):
+            return self.proj(x)
+
+    if method == "vera":
+        config = peft.VeraConfig(r=s["r"], target_modules=["proj"], vera_dropout=0.0, fan_in_fan_out=fan_in_fan_out)
+    else:
+        config = peft.LoraConfig(r=s["r"], lora_alpha=o["alpha"], target_modules=["proj"], lora_dropout=0.0,
+                                 use_rslora=o.get("rslora", False), use_dora=method == "dora",
+                                 fan_in_fan_out=fan_in_fan_out, init_lora_weights=False)
+    model = peft.get_peft_model(Net(), config).to(device=device, dtype=dtype)
+    return model, model.base_model.model.proj
+
+
+def _set(parameter, array: np.ndarray) -> None:
+    torch = _torch()
+    with torch.no_grad():
+        parameter.copy_(torch.from_numpy(np.array(array, copy=True)).to(parameter.device, parameter.dtype))
+
+
+def _numpy(t) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _lora(manifest: dict, inputs: dict, device: str) -> dict:
+    family, o = manifest["family"], manifest["options"]
+    model, proj = _model(manifest, inputs, device)
+    _set(proj.lora_A["default"].weight, inputs["A"])
+    _set(proj.lora_B["default"].weight, inputs["B"])
+    scaling = proj.scaling["default"]
+    if scaling != manifest["parameters"]["scaling"]:
+        raise AssertionError(f"PEFT's scaling {scaling!r} differs from the case's {manifest['parameters']['scaling']!r}")
+    if family == "lora_merge":
+        if o.get("unmerge", False):
+            proj.merged_adapters.append("default")   # the base holds W = W0 + s B A, as after merge()
+            proj.unmerge()
+            return {"W0": _numpy(proj.base_layer.weight)}
+        merged = model.merge_and_unload()
+        return {"W": _numpy(merged.proj.weight)}
+    if "dropout_mask" in inputs:
+        proj.lora_dropout["default"] = _FixedMask.module(_tensor(inputs["dropout_mask"], device))
+    return _run_layer(model, proj, manifest, inputs, device,
+                      {"dA": proj.lora_A["default"].weight, "dB": proj.lora_B["default"].weight})
+
+
+def _run_layer(model, proj, manifest: dict, inputs: dict, device: str, params: dict) -> dict:
+    """Forward (y) or forward + autograd backward (dx, the named parameter grads, dbias)."""
+    backward = manifest["family"].endswith("_backward")
+    if backward and "bias" in inputs:
+        proj.base_layer.bias.requires_grad_(True)
+        params = {**params, "dbias": proj.base_layer.bias}
+    model.train(backward and "dropout_mask" in inputs)   # the fixed mask module ignores the mode
+    x = _tensor(inputs["x"], device, grad=backward)
+    y = model(x)
+    if not backward:
+        return {"y": _numpy(y)}
+    y.backward(_tensor(inputs["dy"], device))
+    return {"dx": _numpy(x.grad), **{name: _numpy(p.grad) for name, p in params.items()}}
+
+
+def _adam(manifest: dict, inputs: dict, device: str) -> dict:
+    torch = _torch()
+    o, p = manifest["options"], manifest["parameters"]
+    t = p["step"]
+    names = [n for g in p["groups"] for n in g["names"]]
+    tensors = {n: torch.nn.Parameter(_tensor(inputs[n], device)) for n in names}
+    for n, param in tensors.items():
+        param.grad = _tensor(inputs[f"grad.{n}"], device)
+    cls = torch.optim.AdamW if o.get("adamw", False) else torch.optim.Adam
+    common = dict(betas=tuple(o.get("betas", (0.9, 0.999))), eps=o.get("eps", 1e-8))
+    if "loraplus_ratio" in o:
+        optimizer = _loraplus_optimizer(manifest, tensors, cls, common)
+    else:
+        optimizer = cls([{"params": [tensors[n] for n in g["names"]], "lr": g["lr"], "weight_decay": g["weight_decay"]}
+                         for g in p["groups"]], **common)
+    if t > 1:
+        for n, param in tensors.items():
+            optimizer.state[param] = {"step": torch.tensor(float(t - 1)),
+                                      "exp_avg": _tensor(inputs[f"exp_avg.{n}"], device),
+                                      "exp_avg_sq": _tensor(inputs[f"exp_avg_sq.{n}"], device)}
+    optimizer.step()
+    out = {n: _numpy(param) for n, param in tensors.items()}
+    for n, param in tensors.items():
+        out[f"exp_avg.{n}"] = _numpy(optimizer.state[param]["exp_avg"])
+        out[f"exp_avg_sq.{n}"] = _numpy(optimizer.state[param]["exp_avg_sq"])
+    return out
+
+
+def _loraplus_optimizer(manifest: dict, tensors: dict, cls, common: dict):
+    """PEFT's create_loraplus_optimizer over a module whose parameters carry the case's names."""
+    torch = _torch()
+    from peft.optimizers import create_loraplus_optimizer
+
+    o = manifest["options"]
+    holder = torch.nn.Module()
+    for n, param in tensors.items():
+        holder.register_parameter(n, param)
+    if o.get("step", 1) != 1:
+        raise Unsupported("LoRA+ cases start from a fresh optimiser")
+    return create_loraplus_optimizer(holder, optimizer_cls=cls, lr=o["lr"], loraplus_lr_ratio=o["loraplus_ratio"],
+                                     loraplus_weight_decay=o.get("weight_decay", 0.0), **common)
+
+
+HANDLERS = {"lora_forward": _lora, "lora_backward": _lora, "lora_merge": _lora, "adam_step": _adam}
+
+
+def _runner(device: str):
+    def run(manifest: dict, inputs: dict[str, np.ndarray]) -> dict:
+        handler = HANDLERS.get(manifest["family"])
+        if handler is None:
+            raise Unsupported(f"no PEFT runner for family {manifest['family']!r}")
+        return handler(manifest, inputs, device)
+
+    return run
+
+
+def implementations() -> list[Runner]:
+    require("torch", "peft", "transformers")
+    torch = _torch()
+    runners = [Runner("peft-torch-cpu", _runner("cpu"))]
+    if torch.cuda.is_available():
+        runners.append(Runner("peft-torch-cuda", _runner("cuda")))
+    return runners

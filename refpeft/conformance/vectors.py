@@ -1,0 +1,147 @@
+"""Golden-vector files: one safetensors file and one JSON manifest per case, plus an index.
+
+Layout of a vectors directory (conformance/README.md is the specification for other languages):
+
+    index.json              {"format", "cases": [{"case", "family", "dtype", "manifest", "sha256"}, ...]}
+    NAME.json               the manifest of case NAME (sizes, options, parameters, tensors, tolerance)
+    NAME.safetensors        tensors "input.X", "expected.Y", "bound.Y"; metadata {"format": FORMAT}
+
+Both files are written byte-deterministically: JSON with sorted keys, two-space indent, a final
+newline and Python's shortest round-trip float repr; safetensors with a single metadata key (the
+format orders tensors by dtype then name, so the bytes depend only on the contents).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+
+from refpeft.backend import UNIT_ROUNDOFF
+from refpeft.conformance.families import FAMILIES, Case, Vectors
+from refpeft.errors import FormatError
+from refpeft.io import atomic_write_bytes, read_safetensors
+from refpeft.tolerance import Precision
+
+FORMAT = "refpeft-conformance/1"
+INPUT, EXPECTED, BOUND = "input.", "expected.", "bound."
+
+
+def json_bytes(value: Any) -> bytes:
+    """The one JSON serialisation used for every manifest (sorted keys, indent 2, final newline)."""
+    return (json.dumps(value, sort_keys=True, indent=2, allow_nan=False) + "\n").encode()
+
+
+def _describe(array: np.ndarray) -> dict[str, Any]:
+    return {"dtype": str(array.dtype), "shape": list(array.shape)}
+
+
+def case_files(case: Case, vectors: Vectors) -> tuple[bytes, dict[str, Any]]:
+    """The safetensors bytes and the manifest of one case."""
+    tensors = {INPUT + n: a for n, a in vectors.inputs.items()}
+    tensors.update({EXPECTED + n: a for n, a in vectors.expected.items()})
+    tensors.update({BOUND + n: a for n, a in vectors.bounds.items()})
+    data = safetensors.numpy.save({n: np.ascontiguousarray(a) for n, a in tensors.items()}, metadata={"format": FORMAT})
+    family = FAMILIES[case.family]
+    precision = Precision(case.dtype)
+    results = {}
+    for name, array in vectors.expected.items():
+        entry = {"tensor": EXPECTED + name, **_describe(array)}
+        if name in vectors.bounds:
+            entry.update(check="bound", bound=BOUND + name)
+        else:
+            entry.update(check="bytes")
+        results[name] = entry
+    manifest = {
+        "format": FORMAT,
+        "case": case.name,
+        "family": case.family,
+        "method": family.method,
+        "computes": family.summary,
+        "dtype": case.dtype,
+        "seed": case.seed,
+        "sizes": case.sizes,
+        "options": case.options,
+        "parameters": vectors.parameters,
+        "file": f"{case.name}.safetensors",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "inputs": {n: {"tensor": INPUT + n, **_describe(a)} for n, a in vectors.inputs.items()},
+        "results": results,
+        "tolerance": {
+            "model": precision.model,
+            "storage": precision.storage,
+            "accumulation": "float32" if case.dtype in ("float16", "bfloat16") else case.dtype,
+            "unit_roundoff": UNIT_ROUNDOFF[case.dtype],
+            "reference": "float64, every reduction correctly rounded",
+            "rule": "pass iff |actual - expected| <= bound for every element (both read as float64); "
+                    "report max(|actual - expected| / bound), 0/0 counting as 0",
+        },
+    }
+    return data, manifest
+
+
+def write_case(directory: Path, case: Case, vectors: Vectors) -> dict[str, Any]:
+    """Write NAME.safetensors and NAME.json; returns the manifest."""
+    data, manifest = case_files(case, vectors)
+    atomic_write_bytes(directory / manifest["file"], data)
+    atomic_write_bytes(directory / f"{case.name}.json", json_bytes(manifest))
+    return manifest
+
+
+def write_index(directory: Path, manifests: list[dict[str, Any]]) -> None:
+    entries = [{"case": m["case"], "family": m["family"], "dtype": m["dtype"], "manifest": f"{m['case']}.json",
+                "sha256": m["sha256"]} for m in manifests]
+    atomic_write_bytes(directory / "index.json", json_bytes({"format": FORMAT, "cases": entries}))
+
+
+@dataclass(frozen=True)
+class LoadedCase:
+    """A case read back from disk: its manifest and the three groups of tensors."""
+
+    manifest: dict[str, Any]
+    inputs: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray]
+    bounds: dict[str, np.ndarray]
+
+    @property
+    def name(self) -> str:
+        return self.manifest["case"]
+
+
+def read_index(directory: Path) -> list[str]:
+    """Case names listed in a vectors directory's index.json."""
+    path = Path(directory) / "index.json"
+    if not path.is_file():
+        raise FormatError(f"{path}: no such file (generate vectors with `refpeft conformance generate`)")
+    index = json.loads(path.read_text())
+    if index.get("format") != FORMAT:
+        raise FormatError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}")
+    return [entry["case"] for entry in index["cases"]]
+
+
+def read_case(directory: Path, name: str) -> LoadedCase:
+    """Read and verify one case (its file's sha256 must match the manifest)."""
+    directory = Path(directory)
+    manifest_path = directory / f"{name}.json"
+    if not manifest_path.is_file():
+        raise FormatError(f"{manifest_path}: no such file")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise FormatError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    data_path = directory / manifest["file"]
+    digest = hashlib.sha256(data_path.read_bytes()).hexdigest() if data_path.is_file() else None
+    if digest != manifest["sha256"]:
+        raise FormatError(f"{data_path}: sha256 {digest} does not match the manifest's {manifest['sha256']}")
+    tensors, _ = read_safetensors(data_path)
+    groups: dict[str, dict[str, np.ndarray]] = {INPUT: {}, EXPECTED: {}, BOUND: {}}
+    for key, array in tensors.items():
+        prefix = key[: key.index(".") + 1]
+        if prefix not in groups:
+            raise FormatError(f"{data_path}: unexpected tensor {key!r}")
+        groups[prefix][key[len(prefix):]] = array
+    return LoadedCase(manifest, groups[INPUT], groups[EXPECTED], groups[BOUND])

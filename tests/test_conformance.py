@@ -1,0 +1,198 @@
+"""Conformance suite: reproducible vectors, the committed set is current, peers pass, a wrong implementation fails."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from refpeft.cli import main
+from refpeft.conformance.catalogue import CASES
+from refpeft.conformance.check import Summary, Unsupported, check_directory, load_implementation
+from refpeft.conformance.exact import exact_array, exact_matmul, exact_sum, exact_vector_norm
+from refpeft.conformance.families import FAMILIES
+from refpeft.conformance.generate import generate
+from refpeft.conformance.report import run_report
+from refpeft.conformance.runners import Runner
+from refpeft.conformance.runners.refpeft_self import run as refpeft_run
+from refpeft.conformance.vectors import read_case, read_index
+from refpeft.errors import ConfigError, FormatError
+
+COMMITTED = Path(__file__).resolve().parent.parent / "conformance" / "vectors"
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("vectors")
+    generate(directory)
+    return directory
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_committed_vectors_equal_freshly_generated_ones(fresh):
+    committed, generated = _files(COMMITTED), _files(fresh)
+    assert sorted(committed) == sorted(generated), "case files differ: run `refpeft conformance generate`"
+    stale = [name for name in committed if committed[name] != generated[name]]
+    assert not stale, f"committed vectors are out of date: {stale[:5]}"
+
+
+def test_generate_twice_is_byte_identical(tmp_path):
+    subset = [c for c in CASES if c.name.endswith("float32")][:6]
+    generate(tmp_path / "one", cases=subset)
+    generate(tmp_path / "two", cases=subset)
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+
+
+def test_every_family_has_a_case_and_the_set_is_small():
+    assert {c.family for c in CASES} == set(FAMILIES)
+    assert len({c.name for c in CASES}) == len(CASES)
+    size = sum(p.stat().st_size for p in COMMITTED.iterdir())
+    assert size < 8 * 2**20, f"committed vectors take {size / 2**20:.1f} MiB"
+
+
+def test_manifest_describes_every_tensor(fresh):
+    for name in read_index(fresh):
+        case = read_case(fresh, name)
+        m = case.manifest
+        assert set(m["inputs"]) == set(case.inputs) and set(m["results"]) == set(case.expected)
+        for result, spec in m["results"].items():
+            assert (spec["check"] == "bound") == (result in case.bounds)
+            assert list(case.expected[result].shape) == spec["shape"]
+        for inp, spec in m["inputs"].items():
+            assert str(case.inputs[inp].dtype) == spec["dtype"] == (m["dtype"] if case.inputs[inp].dtype.kind == "f"
+                                                                     else spec["dtype"])
+
+
+def test_refpeft_in_low_precision_passes_every_case():
+    reports = check_directory(refpeft_run, COMMITTED, implementation="refpeft")
+    bad = [(r.case, r.status, r.message) for r in reports if r.status not in ("pass", "unsupported")]
+    assert not bad
+
+
+def test_peft_passes_every_expected_case_and_the_bounds_are_tight():
+    pytest.importorskip("peft", reason="HF PEFT is the peer checked here")
+    from refpeft.conformance.runners.peft_torch import implementations
+
+    runner = implementations()[0]
+    reports = check_directory(runner.run, COMMITTED, implementation=runner.name,
+                              known_deviations=runner.known_deviations)
+    assert Summary.of(reports).ok, [(r.case, r.message) for r in reports if r.status in ("fail", "error")]
+    # tightness: the rigorous bound is within 1000x of what PEFT's float32 error actually is
+    f32 = [r.worst_ratio for r in reports if r.dtype == "float32" and r.status == "pass" and r.worst_ratio]
+    assert f32 and max(f32) > 1e-3
+
+
+def perturbed(manifest: dict, inputs: dict) -> dict | None:
+    """refpeft with one wrong element per result: the kind of bug a conformance suite must catch."""
+    out = refpeft_run(manifest, inputs)
+    wrong = {}
+    for name, value in out.items():
+        value = np.array(value, copy=True)
+        flat = value.reshape(-1)
+        if value.dtype.kind == "f":
+            flat[0] = flat[0] * (1 + 1e-3) + 1e-3
+        else:
+            flat[0] ^= 1
+        wrong[name] = value
+    return wrong
+
+
+def test_a_perturbed_implementation_fails_with_a_clear_report():
+    runner = Runner("perturbed", perturbed)
+    names = [c.name for c in CASES if c.family in ("lora_forward", "adam_step")][:4]
+    out = io.StringIO()
+    assert run_report(COMMITTED, runners=[runner], names=names, out=out) is False
+    text = out.getvalue()
+    assert "UNEXPECTED FAILURES" in text
+    for name in names:
+        line = next(line for line in text.splitlines() if line.startswith(name))
+        assert " fail " in line
+        ratio = float(line.split()[3])
+        assert ratio > 1.0
+
+
+def test_check_command_runs_an_implementation_given_as_module_function(capsys):
+    case = "lora-forward-basic-float32"
+    assert main(["conformance", "check", "--impl", "refpeft.conformance.runners.refpeft_self:run",
+                 "--vectors", str(COMMITTED), "--case", case]) == 0
+    assert "pass" in capsys.readouterr().out
+    assert main(["conformance", "check", "--impl", "test_conformance:perturbed",
+                 "--vectors", str(COMMITTED), "--case", case]) == 1
+    assert "fail" in capsys.readouterr().out
+
+
+def test_unsupported_and_crashing_implementations_are_reported_not_raised():
+    def unsupported(manifest, inputs):
+        raise Unsupported("not my method")
+
+    def crashing(manifest, inputs):
+        raise RuntimeError("boom")
+
+    names = ["lora-forward-basic-float32"]
+    assert check_directory(unsupported, COMMITTED, implementation="u", names=names)[0].status == "unsupported"
+    report = check_directory(crashing, COMMITTED, implementation="c", names=names)[0]
+    assert report.status == "error" and "boom" in report.message
+    missing = check_directory(lambda m, i: {}, COMMITTED, implementation="m", names=names)[0]
+    assert missing.status == "fail" and "not returned" in missing.message
+
+
+def test_known_deviation_is_shown_and_not_counted_as_failure():
+    names = ["lora-forward-basic-float32"]
+    reports = check_directory(perturbed, COMMITTED, implementation="p", names=names,
+                              known_deviations={names[0]: "FINDINGS.md#example"})
+    assert reports[0].status == "known-deviation" and Summary.of(reports).ok
+
+
+def test_a_corrupted_vector_file_is_refused(tmp_path):
+    case = "lora-forward-basic-float32"
+    for suffix in (".json", ".safetensors"):
+        (tmp_path / f"{case}{suffix}").write_bytes((COMMITTED / f"{case}{suffix}").read_bytes())
+    data = bytearray((tmp_path / f"{case}.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / f"{case}.safetensors").write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="sha256"):
+        read_case(tmp_path, case)
+
+
+def test_load_implementation_refuses_bad_specs():
+    for spec in ("nocolon", "no_such_module_xyz:f", "json:no_such_function"):
+        with pytest.raises(ConfigError):
+            load_implementation(spec)
+
+
+def test_index_lists_every_case_with_its_manifest():
+    index = json.loads((COMMITTED / "index.json").read_text())
+    assert [e["case"] for e in index["cases"]] == [c.name for c in CASES]
+
+
+# ---------------------------------------------------------------- the exact (machine-independent) reductions
+
+def test_exact_matmul_is_the_correctly_rounded_product():
+    rng = np.random.default_rng(0)
+    P, Q = rng.standard_normal((4, 7)) * 1e3, rng.standard_normal((7, 3))
+    truth = [[float(sum(Fraction(P[i, l]) * Fraction(Q[l, j]) for l in range(7))) for j in range(3)] for i in range(4)]
+    assert np.array_equal(exact_matmul(P, Q), np.array(truth))
+
+
+def test_exact_sum_and_norm_are_correctly_rounded():
+    values = np.array([1e16, 1.0, -1e16, 1.0, 3e-17])
+    assert exact_sum(values) == 2.0 + 3e-17
+    v = np.array([3.0, 4.0, 1e-9])
+    assert exact_vector_norm(v[None, :], axis=-1)[0] == math.sqrt(float(Fraction(3) ** 2 + 16 + Fraction(1e-9) ** 2))
+
+
+def test_exact_array_refuses_machine_dependent_numpy_calls():
+    a = exact_array(np.ones((2, 2)))
+    with pytest.raises(ConfigError):
+        np.dot(a, a)
+    with pytest.raises(ConfigError):
+        np.cumsum(a)
+    assert type(a @ a).__name__ == "ExactArray"
