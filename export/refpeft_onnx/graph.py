@@ -9,7 +9,9 @@ merged (the adapter folded into the weight initializer; refpeft's own merge of e
 unmerged (the base and the adapter branch as separate nodes; every adapter tensor is a graph input
 with an initializer default of the same name, so ONNX Runtime can swap it per run):
     base = MatMul(h, W0^T)                                                                 # (..., d)
-    LoRA  v = Mul(MatMul(MatMul(h, A^T), B^T), s)     y = base + v + b
+    LoRA  v = MatMul(Mul(MatMul(h, A^T), s), B^T)     y = base + v + b
+          (s scales the rank-r activations, r multiplies per row instead of d; PEFT scales after
+          B^T, which is the same product up to rounding and inside the same bound)
     DoRA  v as LoRA                                   y = g * (base + v) + b
           g = m / ||W0 + s B A|| per output row (refpeft.dora.dora_weight_norm), fixed per adapter:
           the eval-time DoRA output g (x W0^T + s (x A^T) B^T) + b, with no norm in the graph
@@ -183,7 +185,8 @@ def _unmerged_layer(g: GraphBuilder, h: str, layer: BaseLinear, method: str | No
     b_t = g.swappable(names[1], np.zeros((0, d)), [rank, d])
     s = g.swappable(names[2], np.ones(1), [1])
     xa = g.op("MatMul", [h, a_t], f"{name}.xa")                                              # (..., r)
-    v = g.op("Mul", [g.op("MatMul", [xa, b_t], f"{name}.xb"), s], f"{name}.branch")          # (..., d)
+    scaled = g.op("Mul", [xa, s], f"{name}.scaled_xa")                                       # s xa: r columns, not d
+    v = g.op("MatMul", [scaled, b_t], f"{name}.branch")                                      # (..., d)
     total = g.op("Add", [base, v], f"{name}.sum")
     if method == "dora":
         total = g.op("Mul", [g.swappable(names[3], np.ones(d), [d]), total], f"{name}.dora")

@@ -112,7 +112,8 @@ def _layer_bound(h: Bounded, layer: BaseLinear, module: ModuleAdapter | None, ad
         total = add(base, multiply(matmul(scaled, stored(B_t, p), p), stored(values[1], p), p), p)
     else:
         xa = matmul(h, stored(values[0], p), p)                                            # (n, r)
-        total = add(base, matmul(xa, stored(values[1], p), p, scale=module.scaling), p)    # + s (xa B^T)
+        scaled = multiply(xa, stored(values[2], p), p)                                     # s xa
+        total = add(base, matmul(scaled, stored(values[1], p), p), p)                      # + (s xa) B^T
         if module.method == "dora":
             total = multiply(stored(values[3], p), total, p)                               # g * (...)
     b = _optional_stored(layer.bias, p)
