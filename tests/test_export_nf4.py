@@ -26,9 +26,9 @@ from refpeft.quant.state import absmax_values  # noqa: E402
 
 from refpeft_onnx.builder import GraphBuilder  # noqa: E402
 from refpeft_onnx.graph import build_model  # noqa: E402
-from refpeft_onnx.nf4 import bits_per_parameter, dequantize_graph, dequantized_weight, nf4_absmax, \
-    quantize_layer, quantize_stack  # noqa: E402
-from refpeft_onnx.stack import BaseLinear, LinearStack  # noqa: E402
+from refpeft_onnx.nf4 import bits_per_parameter, dequantize_graph, nf4_absmax, quantize_layer, \
+    quantize_stack  # noqa: E402
+from refpeft_onnx.stack import BaseLinear, LinearStack, dequantized_weight  # noqa: E402
 from refpeft_onnx.verify import session, verify_model  # noqa: E402
 
 

@@ -28,7 +28,6 @@ Between layers: Relu, Gelu (approximate="none") or Tanh; none after the last lay
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import numpy as np
 import onnx

@@ -30,7 +30,6 @@ Both reproduce f32(code * absmax) bit for bit; the tests check it against refpef
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import numpy as np
@@ -43,7 +42,7 @@ from refpeft.quant.codebooks import code_values, dynamic_map
 from refpeft.quant.double import NESTED_BLOCKSIZE
 
 from refpeft_onnx.builder import MICROSOFT_DOMAIN, GraphBuilder
-from refpeft_onnx.stack import BaseLinear, LinearStack, dequantized_weight, with_nf4
+from refpeft_onnx.stack import BaseLinear, LinearStack, with_nf4
 
 NF4_OPS = ("bnb4", "standard")
 BNB4_CPU_BLOCKSIZES = (16, 32, 64, 128, 256)   # MatMulBnb4's CPU kernel (see the module docstring)

@@ -152,7 +152,8 @@ def as_float64(a: Any) -> np.ndarray:
 def layer_forward(h: np.ndarray, layer: BaseLinear, module: ModuleAdapter | None, *,
                   vera_A: Any = None, vera_B: Any = None) -> np.ndarray:
     """One layer in float64 by refpeft's own forward of the module's method (the base alone if None)."""
-    W, b, ffo = layer.weight, layer.bias, layer.fan_in_fan_out
+    W, ffo = as_float64(layer.weight), layer.fan_in_fan_out
+    b = None if layer.bias is None else as_float64(layer.bias)
     if module is None:
         y = base_forward(np.reshape(h, (-1, layer.k)), W, b, fan_in_fan_out=ffo, xp=np)
         return np.reshape(y, (*h.shape[:-1], layer.d))
@@ -190,13 +191,6 @@ def reference_forward(stack: LinearStack, adapter: Adapter | None, x: Any) -> np
         if i < len(stack.layers) - 1:
             h = activation(h, stack.activation)
     return h
-
-
-def to_float64(stack: LinearStack) -> LinearStack:
-    """The same stack with every weight and bias as a float64 NumPy array (refpeft's oracle precision)."""
-    layers = tuple(replace(layer, weight=as_float64(layer.weight), bias=None if layer.bias is None else as_float64(layer.bias))
-                   for layer in stack.layers)
-    return replace(stack, layers=layers)
 
 
 def with_nf4(layer: BaseLinear, state: QuantState4bit) -> BaseLinear:
