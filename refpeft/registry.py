@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from refpeft.adapter import Adapter, ModuleAdapter
-from refpeft.backend import from_numpy, namespace
+from refpeft.backend import from_numpy
 from refpeft.dora import dora_forward
 from refpeft.errors import ConfigError, ShapeError
 from refpeft.linear import base_forward, check_linear_inputs, flatten_rows

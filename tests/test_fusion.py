@@ -221,3 +221,15 @@ def test_inspect_spectrum_and_plot(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "r(90%)" in printed and "E(r)" in printed
     assert (tmp_path / "spectra.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "magnitude_prune"])
+def test_task_merges_on_every_backend(backend, method):
+    rng = np.random.default_rng(4)
+    tensors = [rng.standard_normal((5, 6)) for _ in range(3)]
+    weights = [0.5, -1.0, 2.0]
+    options = dict(method=method, density=0.4, majority_sign_method="frequency")
+    expected = merge_task_tensors(tensors, weights, rng=dare_generator(1, "x"), **options)
+    merged = merge_task_tensors([backend(t) for t in tensors], weights, rng=dare_generator(1, "x"), **options)
+    assert_close(merged, expected, rtol=1e-15, like=backend(tensors[0]))
