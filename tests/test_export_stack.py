@@ -1,0 +1,76 @@
+"""The exported model description: base files, adapter/base agreement, trained biases.
+
+Specifications:
+- A stack saved with `save_stack` loads back identically (order, activation, fan_in_fan_out, biases).
+- A base file with several weights and no recorded order is refused with the names it holds.
+- An adapter that names unknown layers, has the wrong sizes or a LoRA bias is refused, naming it.
+- Trained base biases (PEFT's bias="lora_only") replace the frozen ones in merged graphs and in the
+  reference; unmerged graphs refuse them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from test_export_cases import StackCase, build_adapter, build_stack
+
+from refpeft.adapter import Adapter, ModuleAdapter  # noqa: E402
+from refpeft.errors import ConfigError, FormatError, ShapeError  # noqa: E402
+from refpeft.io import write_safetensors  # noqa: E402
+
+from refpeft_onnx.graph import build_model  # noqa: E402
+from refpeft_onnx.stack import BaseLinear, LinearStack, load_stack, reference_forward, save_stack  # noqa: E402
+from refpeft_onnx.verify import verify_model  # noqa: E402
+
+
+def test_save_and_load_round_trip(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    stack = LinearStack((BaseLinear("a", rng.standard_normal((5, 4)), rng.standard_normal(5)),
+                         BaseLinear("b", rng.standard_normal((5, 3)), None, fan_in_fan_out=True)), activation="tanh")
+    save_stack(tmp_path / "base.safetensors", stack)
+    back = load_stack(tmp_path / "base.safetensors")
+    assert back.activation == "tanh" and [l.name for l in back.layers] == ["a", "b"]
+    for old, new in zip(stack.layers, back.layers):
+        assert new.fan_in_fan_out == old.fan_in_fan_out and np.array_equal(new.weight, old.weight)
+        assert (new.bias is None) == (old.bias is None)
+    assert load_stack(tmp_path / "base.safetensors", layers=["a"], activation="relu").out_features == 5
+
+
+def test_unordered_base_files_are_refused(tmp_path) -> None:
+    write_safetensors(tmp_path / "two.safetensors", {"p.weight": np.ones((2, 2)), "q.weight": np.ones((2, 2))})
+    with pytest.raises(FormatError, match=r"\['p', 'q'\].*--layers"):
+        load_stack(tmp_path / "two.safetensors")
+    with pytest.raises(FormatError, match="no weight for layer"):
+        load_stack(tmp_path / "two.safetensors", layers=["p", "r"])
+    write_safetensors(tmp_path / "one.safetensors", {"p.weight": np.ones((3, 2))})
+    assert load_stack(tmp_path / "one.safetensors").layers[0].name == "p"
+
+
+def test_layers_must_chain() -> None:
+    with pytest.raises(ShapeError, match="4 outputs"):
+        LinearStack((BaseLinear("a", np.ones((4, 3))), BaseLinear("b", np.ones((2, 5)))))
+
+
+def test_adapters_that_do_not_fit_are_refused() -> None:
+    stack = build_stack(StackCase((6, 4), 1, "lora", False, "relu", 0))
+    with pytest.raises(ConfigError, match="not layers of the base"):
+        build_model(stack, Adapter({"elsewhere": ModuleAdapter(A=np.ones((1, 6)), B=np.ones((4, 1)))}))
+    with pytest.raises(ShapeError, match="do not fit"):
+        build_model(stack, Adapter({"layers.0": ModuleAdapter(A=np.ones((1, 5)), B=np.ones((4, 1)))}))
+    with pytest.raises(ConfigError, match="lora_bias"):
+        build_model(stack, Adapter({"layers.0": ModuleAdapter(A=np.ones((1, 6)), B=np.ones((4, 1)), bias=np.ones(4))}))
+
+
+def test_trained_base_biases_replace_the_frozen_ones_when_merged() -> None:
+    stack = build_stack(StackCase((6, 5, 4), 1, "lora", True, "relu", 3))
+    adapter = build_adapter(stack, "lora", 2, seed=4)
+    trained = replace(adapter, base_biases={"layers.1": np.full(4, 2.0)})
+    x = np.ones((1, 2, 6))
+    assert not np.allclose(reference_forward(stack, trained, x), reference_forward(stack, adapter, x))
+    report = verify_model(build_model(stack, trained, form="merged"), stack, trained)
+    assert report.passed, report.summary()
+    with pytest.raises(ConfigError, match="--merged"):
+        build_model(stack, trained, form="unmerged")
