@@ -51,4 +51,24 @@ def _adam() -> list[Case]:
             for seed, (label, options) in enumerate(variants) for dtype in ("float32", "float64")]
 
 
-CASES: tuple[Case, ...] = tuple(_lora() + _adam())
+def _quant() -> list[Case]:
+    """Bit-exact 4-bit cases: each semantics (bnb-cuda, bnb-cpu) x NF4/FP4, partial blocks, double quant."""
+    cases = []
+    variants = [
+        ("bs64", "float32", [24, 128], {"blocksize": 64, "zero_block": True}),
+        ("bs32-partial", "float32", [7, 33], {"blocksize": 32}),
+        ("bs128-float16", "float16", [8, 256], {"blocksize": 128}),
+        ("double-bs32", "float32", [32, 512], {"blocksize": 32, "double_quant": True}),
+    ]
+    seed = 400
+    for label, dtype, shape, options in variants:
+        for quant_type in ("nf4", "fp4"):
+            for rounding in ("bnb-cuda", "bnb-cpu"):
+                opts = {**options, "quant_type": quant_type, "rounding": rounding}
+                for family, verb in (("quantize_4bit", "quantize"), ("dequantize_4bit", "dequantize")):
+                    cases.append(Case(f"{quant_type}-{verb}-{label}-{rounding}", family, dtype, seed, {"shape": shape}, opts))
+                seed += 1
+    return cases
+
+
+CASES: tuple[Case, ...] = tuple(_lora() + _adam() + _quant())

@@ -184,6 +184,74 @@ def adam_step_vectors(case: Case) -> Vectors:
     return Vectors(inputs, _plain(expected), _plain(bounds), {"step": t, "groups": groups_json})
 
 
+# ---------------------------------------------------------------- 4-bit quantisation (bit-exact)
+
+def quant_weight(case: Case) -> np.ndarray:
+    """A weight that reaches the quantiser's branches, with an order-independent absmax mean.
+
+    Each block's absmax is a multiple of 2^-6 in [1/4, 2) (the largest |value| of the block is set
+    to it), so with a power-of-two block count the float32 mean of the absmaxes is exact in any
+    summation order and every implementation's double-quantisation offset is the same number.
+    Blocks whose absmax is a power of two carry values exactly on each decision threshold of both
+    semantics and one float32 step either side of them; with option zero_block, block 1 is all zeros.
+    """
+    from refpeft.quant.codebooks import thresholds
+
+    s, o = case.sizes, case.options
+    rng = np.random.default_rng(case.seed)
+    shape, bs = tuple(s["shape"]), o["blocksize"]
+    flat = (rng.random(int(np.prod(shape))) * 2.0 - 1.0).astype(np.float32)
+    n_blocks = -(-flat.size // bs)
+    grid = (rng.integers(16, 128, size=n_blocks) / 64.0).astype(np.float32)
+    special = [t for rounding in ("bnb-cuda", "bnb-cpu") for t in thresholds(o["quant_type"], rounding)]
+    special = np.array(special, dtype=np.float32)
+    special = np.concatenate([special, np.nextafter(special, np.float32(2)), np.nextafter(special, np.float32(-2))])
+    for b in range(n_blocks):
+        block = flat[b * bs:(b + 1) * bs]
+        if b % 3 == 0:
+            grid[b] = np.float32(2.0) ** -int(rng.integers(0, 3))   # a power of two: thresholds land exactly
+            take = min(block.size - 1, special.size)
+            block[1:1 + take] = rng.permutation(special)[:take] * grid[b]
+        block *= grid[b] / np.max(np.abs(block))
+        block[int(np.argmax(np.abs(block)))] = grid[b] * np.sign(block[int(np.argmax(np.abs(block)))])
+    if o.get("zero_block", False) and n_blocks > 1:
+        flat[bs:2 * bs] = 0.0
+    return flat.reshape(shape).astype(case.dtype)
+
+
+def _quant_state(case: Case, W: np.ndarray):
+    from refpeft.quant.state import quantize_4bit
+
+    o = case.options
+    return quantize_4bit(W, quant_type=o["quant_type"], blocksize=o["blocksize"], double_quant=o.get("double_quant", False),
+                         rounding=o["rounding"])
+
+
+def _absmax_tensors(state) -> dict[str, np.ndarray]:
+    if state.nested:
+        return {"absmax.codes": np.asarray(state.absmax.codes), "absmax.nested": np.asarray(state.absmax.nested_absmax),
+                "absmax.offset": np.asarray([state.absmax.offset], dtype=np.float32)}
+    return {"absmax": np.asarray(state.absmax)}
+
+
+def quantize_4bit_vectors(case: Case) -> Vectors:
+    """Blockwise NF4/FP4 of W (bitsandbytes' flat row-major blocks): packed bytes and absmax, bit for bit."""
+    W = quant_weight(case)
+    state = _quant_state(case, W)
+    expected = {"packed": np.asarray(state.packed), **_absmax_tensors(state)}
+    return Vectors({"W": W}, expected, {}, {"numel": int(W.size)})
+
+
+def dequantize_4bit_vectors(case: Case) -> Vectors:
+    """The weight rebuilt from packed codes and absmax: f32(code_value * absmax) in W's dtype, bit for bit."""
+    from refpeft.quant.state import dequantize_4bit
+
+    W = quant_weight(case)
+    state = _quant_state(case, W)
+    inputs = {"packed": np.asarray(state.packed), **_absmax_tensors(state)}
+    return Vectors(inputs, {"W": np.asarray(dequantize_4bit(state))}, {}, {"numel": int(W.size)})
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("lora_forward", "lora", "y = x W0^T + b + s * ((x * dropout_mask) A^T) B^T", lora_forward_vectors),
     Family("lora_backward", "lora", "dx, dA, dB (and dbias when a bias is given) of sum(y * dy), y as lora_forward",
@@ -191,6 +259,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("lora_merge", "lora", "W = W0 + s B A (unmerge: W0 = W - s B A), in W0's layout", lora_merge_vectors),
     Family("adam_step", "optim", "one torch.optim.Adam/AdamW step per parameter group (LoRA+: B at lr * ratio)",
            adam_step_vectors),
+    Family("quantize_4bit", "quant", "NF4/FP4 blockwise codes of W packed two per byte (first element high "
+           "nibble) and the float32 absmax per block; with double_quant the absmax as 8-bit codes, nested "
+           "float32 absmax per 256 and the float32 offset", quantize_4bit_vectors),
+    Family("dequantize_4bit", "quant", "W = f32(code_value[code] * absmax[block]) rounded to W's dtype, from "
+           "the packed codes and the (possibly double-quantised) absmax", dequantize_4bit_vectors),
 )}
 
 

@@ -12,6 +12,7 @@ from refpeft.conformance.check import Unsupported
 from refpeft.conformance.runners import Runner
 from refpeft.lora import lora_backward, lora_forward, merge, unmerge
 from refpeft.optim import AdamConfig, AdamState, ParamGroup, adam_step
+from refpeft.quant import NestedAbsmax, QuantState4bit, dequantize_4bit, quantize_4bit
 
 
 def _lora(manifest: dict, inputs: dict) -> dict:
@@ -48,7 +49,26 @@ def _adam(manifest: dict, inputs: dict) -> dict:
     return out
 
 
-HANDLERS = {"lora_forward": _lora, "lora_backward": _lora, "lora_merge": _lora, "adam_step": _adam}
+def _quantize(manifest: dict, inputs: dict) -> dict:
+    o = manifest["options"]
+    state = quantize_4bit(inputs["W"], quant_type=o["quant_type"], blocksize=o["blocksize"],
+                          double_quant=o.get("double_quant", False), rounding=o["rounding"])
+    if state.nested:
+        return {"packed": state.packed, "absmax.codes": state.absmax.codes, "absmax.nested": state.absmax.nested_absmax,
+                "absmax.offset": np.asarray([state.absmax.offset], dtype=np.float32)}
+    return {"packed": state.packed, "absmax": state.absmax}
+
+
+def _dequantize(manifest: dict, inputs: dict) -> dict:
+    o = manifest["options"]
+    absmax = (NestedAbsmax(codes=inputs["absmax.codes"], nested_absmax=inputs["absmax.nested"],
+                           offset=float(inputs["absmax.offset"][0])) if o.get("double_quant", False) else inputs["absmax"])
+    state = QuantState4bit(packed=inputs["packed"], absmax=absmax, shape=tuple(manifest["sizes"]["shape"]),
+                           dtype=manifest["dtype"], blocksize=o["blocksize"], quant_type=o["quant_type"])
+    return {"W": dequantize_4bit(state)}
+
+
+HANDLERS = {"quantize_4bit": _quantize, "dequantize_4bit": _dequantize, "lora_forward": _lora, "lora_backward": _lora, "lora_merge": _lora, "adam_step": _adam}
 
 
 def run(manifest: dict, inputs: dict[str, np.ndarray]) -> dict:
