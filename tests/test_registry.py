@@ -118,3 +118,35 @@ def test_bad_requests_are_refused():
         registry.add("math", Adapter(modules={}))
     with pytest.raises(ConfigError, match="fan_in_fan_out"):
         registry.activate("math").forward(x, W0.T.copy(), fan_in_fan_out=True)
+
+
+def test_mixed_batch_backward_matches_finite_differences():
+    from tests.support import vjp_check
+
+    rng = np.random.default_rng(6)
+    base = layer_modules()
+    vera = vera_adapter()
+    x, W0, bias = rng.standard_normal((6, 2, K)), rng.standard_normal((D, K)), rng.standard_normal(D)
+    names = ["math", "vera", BASE, "dora", "math", "code"]
+
+    def registry_with(A_math, B_math, magnitude, lambda_b):
+        modules = dict(base, math=ModuleAdapter(A=A_math, B=B_math, alpha=4.0),
+                       dora=ModuleAdapter(A=base["dora"].A, B=base["dora"].B, alpha=2.0, magnitude=magnitude))
+        v = ModuleAdapter(lambda_d=vera.modules[LAYER].lambda_d, lambda_b=lambda_b)
+        return AdapterRegistry.for_layer(modules).add("vera", Adapter(modules={LAYER: v}, vera_A=vera.vera_A,
+                                                                      vera_B=vera.vera_B))
+
+    inputs = dict(x=x, A_math=base["math"].A, B_math=base["math"].B, magnitude=base["dora"].magnitude,
+                  lambda_b=vera.modules[LAYER].lambda_b)
+
+    def f(x, A_math, B_math, magnitude, lambda_b):
+        return registry_with(A_math, B_math, magnitude, lambda_b).forward(x, W0, bias=bias, adapter_names=names)
+
+    registry = registry_with(*(inputs[n] for n in ("A_math", "B_math", "magnitude", "lambda_b")))
+    y, cache = registry.forward_with_cache(x, W0, bias=bias, adapter_names=names)
+    dy = rng.standard_normal(y.shape)
+    grads = registry.backward(dy, cache)
+    assert set(grads.adapters) == {"math", "code", "dora", "vera"}
+    vjp_check(f, inputs, {"x": grads.dx, "A_math": grads.adapters["math"].dA, "B_math": grads.adapters["math"].dB,
+                          "magnitude": grads.adapters["dora"].dmagnitude,
+                          "lambda_b": grads.adapters["vera"].dlambda_b}, dy)
