@@ -12,11 +12,11 @@ Specifications:
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 
 from test_export_cases import StackCase, build_adapter, build_stack
 
+import onnx  # noqa: E402  (test_export_cases skips the module without the onnx extra)
 from refpeft.cli import main  # noqa: E402
 from refpeft.peft_format import write_peft_adapter  # noqa: E402
 from refpeft.quant import quantize_4bit, save_quantized  # noqa: E402

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
 
 from test_export_cases import StackCase, build_adapter, build_case, build_stack
 
+import onnx  # noqa: E402  (test_export_cases skips the module without the onnx extra)
 import onnxruntime as ort  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
 
 from refpeft.tolerance import Bounded, Precision, exact  # noqa: E402
 
@@ -70,6 +71,25 @@ def test_activation_rule_holds_for_onnx_runtime(name, dtype) -> None:
     assert np.all(err <= bound.error), f"{name} {dtype}: worst {np.max(err / np.maximum(bound.error, 1e-300)):.3g} of the rule"
     if ACTIVATION_ERROR[name][1] == 0.0:
         assert np.array_equal(err, np.zeros_like(err))
+
+
+def test_onnx_runtime_float16_matmul_accumulates_in_float32() -> None:
+    """The float16 bound assumes float32 accumulation (refpeft.tolerance's default for float16):
+    with k = 4096 that leaves the result within a couple of float16 ulps of the exact value, where
+    float16 accumulation would be off by tens of ulps (and has no gamma_k bound at all: k u > 1)."""
+    rng = np.random.default_rng(0)
+    k = 4096
+    W = (rng.standard_normal((k, 64)) / np.sqrt(k)).astype(np.float16)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [16, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [16, 64])],
+                              initializer=[onnx.numpy_helper.from_array(W, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    x = rng.standard_normal((16, k)).astype(np.float16)
+    exact = x.astype(np.float64) @ W.astype(np.float64)
+    y = session(model).run(None, {"x": x})[0].astype(np.float64)
+    ulps = np.abs(y - exact) / np.spacing(np.abs(exact).astype(np.float16)).astype(np.float64)
+    assert ulps.max() < 4
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDAExecutionProvider is not available (needs onnxruntime-gpu and a GPU)")
