@@ -191,7 +191,8 @@ def merge_task_tensors(tensors: Sequence[Any], weights: Sequence[float], *, meth
         tensors = [_prune_by_magnitude(t, _density(density, method), xp=xp) for t in tensors]
     elif method in ("dare_linear", "dare_ties"):
         if rng is None:
-            raise ConfigError(f"{method} drops entries at random: give it a seeded generator (dare_generator)")
+            raise ConfigError(f"{method} drops entries at random: give a seed (combine_adapters(seed=...), "
+                              "refpeft fuse --seed) or a generator (rng=dare_generator(seed, path))")
         tensors = [_prune_at_random(t, _density(density, method), rng=rng, xp=xp) for t in tensors]
     stacked = xp.stack(list(tensors))                                        # (n, ...)
     c = from_numpy(np.asarray(weights, dtype=np.float64), xp=xp, like=stacked)

@@ -179,7 +179,7 @@ def test_bad_requests_are_refused():
         combine_modules(modules, [1.0, 1.0], combination="cat", rank=2)
     with pytest.raises(ConfigError, match="density"):
         combine_modules(modules, [1.0, 1.0], combination="ties_svd")
-    with pytest.raises(ConfigError, match="seeded generator"):
+    with pytest.raises(ConfigError, match="give a seed"):
         combine_modules(modules, [1.0, 1.0], combination="dare_linear_svd", density=0.5)
     with pytest.raises(ConfigError, match="2 adapters and 1 weights"):
         combine_modules(modules, [1.0], combination="cat")

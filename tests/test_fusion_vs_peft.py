@@ -138,3 +138,14 @@ def test_peft_rslora_fusion_is_scaled_by_sqrt_rank():
     fused_rank = RANK * len(named)
     for path, delta in refpeft_deltas(ours).items():
         np.testing.assert_allclose(peft_deltas(model, "fused")[path], np.sqrt(fused_rank) * delta, rtol=1e-12, atol=1e-13)
+
+
+def test_peft_loads_the_fused_adapter_refpeft_writes(tmp_path):
+    from refpeft.peft_format import write_peft_adapter
+
+    named = adapters()
+    fused, _ = combine_adapters(list(named.values()), WEIGHTS, combination="svd", rank=RANK + 1)
+    write_peft_adapter(tmp_path / "fused", fused)
+    model = peft.PeftModel.from_pretrained(TwoLayers(), str(tmp_path / "fused"), adapter_name="fused")
+    for path, delta in refpeft_deltas(fused).items():
+        np.testing.assert_allclose(peft_deltas(model, "fused")[path], delta, rtol=0, atol=1e-14 * np.abs(delta).max())
