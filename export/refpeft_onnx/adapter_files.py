@@ -85,7 +85,8 @@ def read_onnx_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not Path(path).is_file():
         raise FormatError(f"{path}: no such file")
     try:
-        parameters = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+        reader = ort.AdapterFormat.read_adapter(str(path))
     except Exception as exc:  # ONNX Runtime raises RuntimeError subclasses for corrupt files
         raise FormatError(f"{path}: not a readable .onnx_adapter file ({exc})") from None
-    return {name: value.numpy() for name, value in parameters.items()}
+    # The OrtValues view memory the reader owns: copy while it is alive.
+    return {name: value.numpy().copy() for name, value in reader.get_parameters().items()}
