@@ -25,7 +25,8 @@ from refpeft.tolerance import Bounded, Precision, exact  # noqa: E402
 from refpeft_onnx.demo import export_and_check, missing_extra  # noqa: E402
 from refpeft_onnx.graph import build_model  # noqa: E402
 from refpeft_onnx.nf4 import quantize_stack  # noqa: E402
-from refpeft_onnx.verify import ACTIVATION_ERROR, VerificationError, activation_bound, session, verify_model  # noqa: E402
+from refpeft_onnx.verify import ACTIVATION_ERROR, VerificationError, activation_bound, graph_bound, session, \
+    verify_model  # noqa: E402
 
 CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -121,3 +122,13 @@ def test_demo_says_why_export_is_skipped_without_the_extra(monkeypatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
     assert "the `onnx` extra is not installed" in missing_extra()
+
+
+def test_probabilistic_bound_is_tighter_and_still_met() -> None:
+    stack, adapter = build_case(StackCase((256, 64), 8, "lora", True, "relu", 8))
+    x = np.random.default_rng(0).standard_normal((2, 3, 256)).astype(np.float32)
+    rigorous = graph_bound(stack, adapter, x, form="unmerged", dtype="float32")
+    probabilistic = graph_bound(stack, adapter, x, form="unmerged", dtype="float32", model="probabilistic")
+    assert np.all(probabilistic < rigorous)
+    report = verify_model(build_model(stack, adapter, form="unmerged"), stack, adapter, bound_model="probabilistic")
+    assert report.passed and "(probabilistic)" in report.summary()

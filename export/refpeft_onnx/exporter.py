@@ -55,17 +55,19 @@ def load_inputs(base: str | os.PathLike, adapter_dir: str | os.PathLike | None =
 def export_model(path: str | os.PathLike, stack: LinearStack, adapter: Adapter | None = None, *,
                  form: str = "merged", dtype: str = "float32", nf4_blocksize: int | None = None,
                  double_quant: bool = True, nf4_ops: str = "bnb4", opset: int = DEFAULT_OPSET,
-                 adapter_path: str | os.PathLike | None = None, providers: list[str] | None = None) -> ExportResult:
+                 adapter_path: str | os.PathLike | None = None, providers: list[str] | None = None,
+                 bound_model: str = "rigorous") -> ExportResult:
     """Build, verify and write the graph (see the module docstring).
 
     nf4_blocksize: quantise every frozen weight to NF4 with this block size (None: float weights).
     adapter_path: where an unmerged export writes the adapter's .onnx_adapter file (default: the
       model's path with the suffix .onnx_adapter).
+    bound_model: "rigorous" (default) or "probabilistic" (refpeft_onnx.verify.graph_bound).
     """
     if nf4_blocksize is not None:
         stack = quantize_stack(stack, blocksize=nf4_blocksize, double_quant=double_quant)
     model = build_model(stack, adapter, form=form, dtype=dtype, nf4_ops=nf4_ops, opset=opset)
-    report = verify_model(model, stack, adapter, providers=providers)
+    report = verify_model(model, stack, adapter, providers=providers, bound_model=bound_model)
     require_passed(report)
     data = model.SerializeToString()
     if len(data) > PROTOBUF_LIMIT:

@@ -121,8 +121,12 @@ def _layer_bound(h: Bounded, layer: BaseLinear, module: ModuleAdapter | None, ad
 
 
 def graph_bound(stack: LinearStack, adapter: Adapter | None, x: Any, *, form: str, dtype: str,
-                nf4_ops: str = "bnb4") -> np.ndarray:
-    """beta: the per-element bound on |graph output - reference| for input x (..., k) (module docstring)."""
+                nf4_ops: str = "bnb4", model: str = "rigorous") -> np.ndarray:
+    """beta: the per-element bound on |graph output - reference| for input x (..., k) (module docstring).
+
+    model: refpeft.tolerance's error model, "rigorous" (every summation order, the default) or
+      "probabilistic" (Higham & Mary's, about sqrt(k)/6 times tighter for long dot products).
+    """
     x64 = as_float64(x)
     stack = with_trained_biases(stack, adapter)
     modules = {} if adapter is None else adapter.modules
@@ -135,7 +139,7 @@ def graph_bound(stack: LinearStack, adapter: Adapter | None, x: Any, *, form: st
                 h = activation_bound(h, stack.activation, p)
         return h
 
-    bound = with_reference(chain, Precision(dtype))
+    bound = with_reference(chain, Precision(dtype, model=model))
     return np.reshape(bound, (*x64.shape[:-1], stack.out_features))
 
 
@@ -187,6 +191,7 @@ class Check:
 class VerificationReport:
     checks: tuple[Check, ...]
     dtype: str
+    bound_model: str = "rigorous"
 
     @property
     def passed(self) -> bool:
@@ -201,16 +206,18 @@ class VerificationReport:
         verdict = "agrees with" if self.passed else "DISAGREES with"
         return (f"ONNX Runtime {verdict} the refpeft reference: {len(self.checks)} runs, worst "
                 f"max|error| {w.comparison.max_error:.3g} = {w.comparison.ratio:.3g} of the derived {self.dtype} "
-                f"bound ({w.run}, {w.executor}, x {w.shape})")
+                f"bound{'' if self.bound_model == 'rigorous' else ' (' + self.bound_model + ')'} "
+                f"({w.run}, {w.executor}, x {w.shape})")
 
 
 def verify_model(model: onnx.ModelProto, stack: LinearStack, adapter: Adapter | None = None, *,
                  shapes: tuple[tuple[int, int], ...] = DEFAULT_SHAPES, seed: int = 0,
-                 providers: list[str] | None = None, reference_evaluator: bool | None = None) -> VerificationReport:
+                 providers: list[str] | None = None, reference_evaluator: bool | None = None,
+                 bound_model: str = "rigorous") -> VerificationReport:
     """Check `model` (built by refpeft_onnx.graph.build_model from `stack` and `adapter`); see the module docstring.
 
     Raises VerificationError when the checker refuses the model; otherwise returns the report
-    (its `passed` says whether every run was within the bound).
+    (its `passed` says whether every run was within the bound). bound_model: see `graph_bound`.
     """
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -235,11 +242,11 @@ def verify_model(model: onnx.ModelProto, stack: LinearStack, adapter: Adapter | 
         for run, run_adapter, feed_adapter in runs:
             feeds = {"x": x, **(adapter_feeds(stack, run_adapter, dtype) if feed_adapter else {})}
             expected = reference_forward(stack, run_adapter, x)
-            bound = graph_bound(stack, run_adapter, x, form=form, dtype=dtype, nf4_ops=nf4_ops)
+            bound = graph_bound(stack, run_adapter, x, form=form, dtype=dtype, nf4_ops=nf4_ops, model=bound_model)
             for executor, runner in executors.items():
                 y = runner.run(None, feeds)[0]
                 checks.append(Check(run, executor, x.shape, compare(y, expected, bound)))
-    return VerificationReport(tuple(checks), dtype)
+    return VerificationReport(tuple(checks), dtype, bound_model)
 
 
 def require_passed(report: VerificationReport) -> None:

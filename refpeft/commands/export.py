@@ -48,6 +48,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nf4-ops", choices=("bnb4", "standard"), default="bnb4",
                    help="NF4 bases: com.microsoft.MatMulBnb4 (ONNX Runtime) or standard ops (default: %(default)s)")
     p.add_argument("--opset", type=int, default=21, help="ONNX opset to record and use (21-23; default: %(default)s)")
+    p.add_argument("--bound", choices=("rigorous", "probabilistic"), default="rigorous",
+                   help="error model of the verification bound: the worst case over every summation order, or "
+                        "Higham & Mary's probabilistic one, ~sqrt(k)/6 tighter (default: %(default)s)")
     p.set_defaults(func=run, command="export")
 
 
@@ -98,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     stack, adapter = load(args)
     result = export_model(args.output, stack, adapter, form=args.form, dtype=args.dtype, nf4_ops=args.nf4_ops,
-                          opset=args.opset, adapter_path=args.adapter_out)
+                          opset=args.opset, adapter_path=args.adapter_out, bound_model=args.bound)
     what = "the base" if adapter is None else f"a {adapter.method} adapter ({len(adapter.modules)} modules)"
     print(f"refpeft export: {args.form} {args.dtype} graph of {what} on {len(stack.layers)} layers, opset {args.opset}")
     print(f"  verified: {result.report.summary()}")
