@@ -62,14 +62,14 @@ def branch_values(layer: BaseLinear, module: ModuleAdapter) -> dict[str, np.ndar
     A, B = as_float64(module.A), as_float64(module.B)
     values = [A.T, B.T, np.asarray([module.scaling])]
     if module.method == "dora":
-        n = dora_weight_norm(layer.weight, A, B, scaling=module.scaling, fan_in_fan_out=layer.fan_in_fan_out)
+        n = dora_weight_norm(as_float64(layer.weight), A, B, scaling=module.scaling, fan_in_fan_out=layer.fan_in_fan_out)
         values.append(as_float64(module.magnitude) / n)                     # g = m / ||W0 + s B A||
     return dict(zip(names, values))
 
 
 def merged_weight(layer: BaseLinear, module: ModuleAdapter, adapter: Adapter) -> np.ndarray:
     """W0 + delta in W0's layout, float64: refpeft.checkpoint's merge of one module (each method's own merge)."""
-    return checkpoint_merged_weight(module, layer.weight, vera_A=adapter.vera_A, vera_B=adapter.vera_B)
+    return checkpoint_merged_weight(module, as_float64(layer.weight), vera_A=adapter.vera_A, vera_B=adapter.vera_B)
 
 
 def build_model(stack: LinearStack, adapter: Adapter | None = None, *, form: str = "merged",
