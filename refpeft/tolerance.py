@@ -277,6 +277,22 @@ def rows(P: Bounded) -> Bounded:
     return Bounded(xp.reshape(P.value, (-1, P.value.shape[-1])), xp.reshape(P.error, (-1, P.error.shape[-1])))
 
 
+def column(P: Bounded) -> Bounded:
+    """A (d,) vector as a (d, 1) column, to scale rows (no rounding)."""
+    return Bounded(P.value[:, None], P.error[:, None])
+
+
+def either(*candidates: Bounded) -> Bounded:
+    """One quantity computed in any of several orders: the elementwise largest error bound.
+
+    Used where refpeft and a peer (say PEFT's autograd) associate the same expression differently."""
+    xp = namespace(candidates[0].value)
+    error = candidates[0].error
+    for c in candidates[1:]:
+        error = xp.maximum(error, c.error)
+    return Bounded(candidates[0].value, error)
+
+
 def with_reference(chain: Callable[[Precision], Bounded | dict[str, Bounded]], precision: Precision) -> Any:
     """The comparison bound: the peer's error in `precision` plus refpeft's own float64 error.
 
@@ -381,6 +397,179 @@ def quantized_linear_bound(x: Any, W_dequantized: Any, *, bias: Any = None, dtyp
     bound = with_reference(chain, _precision(dtype, accumulation, model))
     xp = namespace(bound)
     return xp.reshape(bound, (*x.shape[:-1], bound.shape[-1]))
+
+
+# ---------------------------------------------------------------- DoRA (refpeft.dora's computation, and PEFT's)
+
+def _dora_norm(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool, p: Precision) -> tuple[Bounded, Bounded]:
+    """V = W0 + s B A (d, k) and its row norms n (d,), each with its error."""
+    W_rows = transpose(exact(W0)) if fan_in_fan_out else exact(W0)
+    V = add(W_rows, matmul(exact(B), exact(A), p, scale=scaling), p)
+    return V, row_norm(V, p)
+
+
+def _dora_chain(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, bias: Any, dropout_mask: Any,
+                fan_in_fan_out: bool, p: Precision) -> dict[str, Bounded]:
+    """y = x W0^T + b + (g - 1) * u + (g * v) * s with g = m / n, u = xd W0^T, v = (xd A^T) B^T.
+
+    PEFT without dropout takes u as (x W0^T + b) - b (its base output minus the bias): both ways of
+    forming u are bounded and the larger error kept."""
+    _, n = _dora_norm(W0, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out, p=p)
+    g = divide(exact(magnitude), n, p)                                          # (d,)
+    x2 = rows(exact(x))
+    xd = x2 if dropout_mask is None else multiply(x2, rows(exact(dropout_mask)), p)
+    W0_t = exact(W0) if fan_in_fan_out else transpose(exact(W0))               # (k, d)
+    xw = matmul(x2, W0_t, p)
+    base = xw if bias is None else add(xw, exact(bias), p)
+    u = matmul(xd, W0_t, p)
+    if dropout_mask is None and bias is not None:
+        u = either(u, subtract(base, exact(bias), p))
+    xa = matmul(xd, transpose(exact(A)), p)
+    v = matmul(xa, transpose(exact(B)), p)
+    g_minus_1 = subtract(g, exact(g.value * 0 + 1), p)
+    correction = add(multiply(g_minus_1, u, p), scale(multiply(g, v, p), scaling, p), p)
+    return {"y": add(base, correction, p), "g": g, "n": n, "u": u, "v": v, "xa": xa, "xd": xd}
+
+
+def dora_forward_bound(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, bias: Any = None,
+                       dropout_mask: Any = None, fan_in_fan_out: bool = False, dtype: str = "float32",
+                       accumulation: str | None = None, model: str = "rigorous") -> Any:
+    """Per-element bound on DoRA's y (refpeft.dora.dora_forward, PEFT's order), (..., d)."""
+    chain = lambda p: _dora_chain(x, W0, A, B, magnitude, scaling=scaling, bias=bias, dropout_mask=dropout_mask,  # noqa: E731
+                                  fan_in_fan_out=fan_in_fan_out, p=p)["y"]
+    bound = with_reference(chain, _precision(dtype, accumulation, model))
+    xp = namespace(bound)
+    return xp.reshape(bound, (*x.shape[:-1], bound.shape[-1]))
+
+
+def dora_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float,
+                        bias: Any = None, dropout_mask: Any = None, fan_in_fan_out: bool = False,
+                        gradient: str = "detached", bias_trainable: bool = False, dtype: str = "float32",
+                        accumulation: str | None = None, model: str = "rigorous") -> dict[str, Any]:
+    """Per-element bounds on dx, dA, dB, dmagnitude (dbias) of refpeft.dora.dora_backward.
+
+    Covers PEFT's autograd order where it differs: dg as one sum of dy * (u + s v) or as two sums,
+    g * dy * s in either association, and the base path as (g dy) W0 or (dy + (g - 1) dy) W0.
+    """
+    def chain(p: Precision) -> dict[str, Bounded]:
+        f = _dora_chain(x, W0, A, B, magnitude, scaling=scaling, bias=bias, dropout_mask=dropout_mask,
+                        fan_in_fan_out=fan_in_fan_out, p=p)
+        g, n, u, v, xa, xd = f["g"], f["n"], f["u"], f["v"], f["xa"], f["xd"]
+        g2 = rows(exact(dy))
+        sv = scale(v, scaling, p)
+        dg = either(row_sum(multiply(g2, add(u, sv, p), p), p),
+                    add(row_sum(multiply(g2, u, p), p), row_sum(multiply(g2, sv, p), p), p))
+        gy = either(scale(multiply(g2, g, p), scaling, p), multiply(scale(g2, scaling, p), g, p))
+        dB = matmul(transpose(gy), xa, p)
+        gb = matmul(gy, exact(B), p)
+        dA = matmul(transpose(gb), xd, p)
+        W0_rows = transpose(exact(W0)) if fan_in_fan_out else exact(W0)            # (d, k)
+        g_minus_1 = subtract(g, exact(g.value * 0 + 1), p)
+        if dropout_mask is None:
+            base = either(matmul(multiply(g2, g, p), W0_rows, p),
+                          matmul(add(g2, multiply(g2, g_minus_1, p), p), W0_rows, p))
+            dx = add(base, matmul(gb, exact(A), p), p)
+        else:
+            dxd = add(matmul(multiply(g2, g_minus_1, p), W0_rows, p), matmul(gb, exact(A), p), p)
+            dx = add(matmul(g2, W0_rows, p), multiply(dxd, rows(exact(dropout_mask)), p), p)
+        grads = {"dx": dx, "dmagnitude": divide(dg, n, p)}
+        if gradient == "exact":
+            w = scale(divide(multiply(dg, g, p), multiply(n, n, p), p), -1.0, p)   # -(dg g) / n^2
+            wB = multiply(column(w), exact(B), p)                                    # (d, r)
+            WAt = matmul(W0_rows, transpose(exact(A)), p)                            # (d, r)
+            AAt = matmul(exact(A), transpose(exact(A)), p)                           # (r, r)
+            extra_B = scale(add(multiply(column(w), WAt, p), scale(matmul(wB, AAt, p), scaling, p), p), scaling, p)
+            dB = add(dB, extra_B, p)
+            wBt = transpose(wB)
+            extra_A = add(matmul(wBt, W0_rows, p), scale(matmul(matmul(wBt, exact(B), p), exact(A), p), scaling, p), p)
+            dA = add(dA, scale(extra_A, scaling, p), p)
+        grads.update(dA=dA, dB=dB)
+        if bias_trainable:
+            grads["dbias"] = row_sum(g2, p)
+        return grads
+
+    bounds = with_reference(chain, _precision(dtype, accumulation, model))
+    xp = namespace(bounds["dx"])
+    bounds["dx"] = xp.reshape(bounds["dx"], tuple(x.shape))
+    return bounds
+
+
+def dora_merge_bound(W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, fan_in_fan_out: bool = False,
+                     dtype: str = "float32", accumulation: str | None = None, model: str = "rigorous") -> Any:
+    """Per-element bound on W' = diag(m / n) (W0 + s B A), in W0's layout."""
+    def chain(p: Precision) -> Bounded:
+        V, n = _dora_norm(W0, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out, p=p)
+        merged = multiply(column(divide(exact(magnitude), n, p)), V, p)
+        return transpose(merged) if fan_in_fan_out else merged
+
+    return with_reference(chain, _precision(dtype, accumulation, model))
+
+
+# ---------------------------------------------------------------- VeRA (refpeft.vera's computation)
+
+def _vera_chain(x: Any, W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, bias: Any, dropout_mask: Any,
+                fan_in_fan_out: bool, p: Precision) -> dict[str, Bounded]:
+    """y = x W0^T + b + lambda_b * ((lambda_d * xa) B^T), A and B the layer's slices."""
+    x2 = rows(exact(x))
+    xd = x2 if dropout_mask is None else multiply(x2, rows(exact(dropout_mask)), p)
+    W0_t = exact(W0) if fan_in_fan_out else transpose(exact(W0))
+    base = matmul(x2, W0_t, p, bias=_optional(bias))
+    xa = matmul(xd, transpose(exact(A)), p)
+    h = multiply(xa, exact(lambda_d), p)
+    y = add(base, multiply(exact(lambda_b), matmul(h, transpose(exact(B)), p), p), p)
+    return {"y": y, "xa": xa, "xd": xd, "h": h}
+
+
+def vera_forward_bound(x: Any, W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, bias: Any = None,
+                       dropout_mask: Any = None, fan_in_fan_out: bool = False, dtype: str = "float32",
+                       accumulation: str | None = None, model: str = "rigorous") -> Any:
+    """Per-element bound on VeRA's y; A (r, k) and B (d, r) are the layer's slices of the shared pair."""
+    chain = lambda p: _vera_chain(x, W0, A, B, lambda_d, lambda_b, bias=bias, dropout_mask=dropout_mask,  # noqa: E731
+                                  fan_in_fan_out=fan_in_fan_out, p=p)["y"]
+    bound = with_reference(chain, _precision(dtype, accumulation, model))
+    xp = namespace(bound)
+    return xp.reshape(bound, (*x.shape[:-1], bound.shape[-1]))
+
+
+def vera_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *,
+                        dropout_mask: Any = None, fan_in_fan_out: bool = False, bias_trainable: bool = False,
+                        dtype: str = "float32", accumulation: str | None = None, model: str = "rigorous") -> dict[str, Any]:
+    """Per-element bounds on dx, dlambda_d, dlambda_b (dbias) of refpeft.vera.vera_backward.
+
+    dlambda_b is bounded both as refpeft forms it (row sums of B * (dy^T h)) and as autograd does
+    (column sums of dy * (h B^T)), keeping the larger error."""
+    def chain(p: Precision) -> dict[str, Bounded]:
+        f = _vera_chain(x, W0, A, B, lambda_d, lambda_b, bias=None, dropout_mask=dropout_mask,
+                        fan_in_fan_out=fan_in_fan_out, p=p)
+        g2 = rows(exact(dy))
+        h, xa, xd = f["h"], f["xa"], f["xd"]
+        by_refpeft = row_sum(transpose(multiply(exact(B), matmul(transpose(g2), h, p), p)), p)
+        by_autograd = row_sum(multiply(g2, matmul(h, transpose(exact(B)), p), p), p)
+        gh = matmul(multiply(g2, exact(lambda_b), p), exact(B), p)
+        dx_adapter = matmul(multiply(gh, exact(lambda_d), p), exact(A), p)
+        if dropout_mask is not None:
+            dx_adapter = multiply(dx_adapter, rows(exact(dropout_mask)), p)
+        W0_rows = transpose(exact(W0)) if fan_in_fan_out else exact(W0)
+        grads = {"dx": add(matmul(g2, W0_rows, p), dx_adapter, p), "dlambda_d": row_sum(multiply(gh, xa, p), p),
+                 "dlambda_b": either(by_refpeft, by_autograd)}
+        if bias_trainable:
+            grads["dbias"] = row_sum(g2, p)
+        return grads
+
+    bounds = with_reference(chain, _precision(dtype, accumulation, model))
+    xp = namespace(bounds["dx"])
+    bounds["dx"] = xp.reshape(bounds["dx"], tuple(x.shape))
+    return bounds
+
+
+def vera_merge_bound(W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, fan_in_fan_out: bool = False,
+                     dtype: str = "float32", accumulation: str | None = None, model: str = "rigorous") -> Any:
+    """Per-element bound on W0 + (lambda_b B)(lambda_d A) (PEFT's order), in W0's layout."""
+    def chain(p: Precision) -> Bounded:
+        delta = matmul(multiply(column(exact(lambda_b)), exact(B), p), multiply(column(exact(lambda_d)), exact(A), p), p)
+        return add(exact(W0), transpose(delta) if fan_in_fan_out else delta, p)
+
+    return with_reference(chain, _precision(dtype, accumulation, model))
 
 
 # ---------------------------------------------------------------- Adam (refpeft.optim.adam_update's chain)

@@ -166,3 +166,54 @@ def test_bounds_are_the_same_on_every_backend(backend):
     actual_grads = tolerance.lora_backward_bound(*map(backend, (dy, x, W0, A, B)), scaling=0.5)
     for name in expected_grads:
         assert_close(actual_grads[name], expected_grads[name], rtol=1e-12)
+
+
+@FAST
+@given(layer_cases(max_features=32), st.sampled_from(["detached", "exact"]))
+def test_dora_bounds_hold_for_refpeft_in_float32(case, gradient):
+    from refpeft.dora import dora_backward, dora_forward, dora_merge
+
+    a = layer(case, "float32")
+    a["magnitude"] = np.abs(a["bias"] if a["bias"] is not None else np.ones(case.d, np.float32)) + 0.5
+    wide = in_float64(a)
+    names = ("x", "W0", "A", "B", "magnitude")
+    opts = {**options(case), "bias": a["bias"], "dropout_mask": a["dropout_mask"]}
+    wide_opts = {**options(case), "bias": wide["bias"], "dropout_mask": wide["dropout_mask"]}
+    y, cache = dora_forward(*(a[n] for n in names), gradient=gradient, **opts)
+    y64, cache64 = dora_forward(*(wide[n] for n in names), gradient=gradient, **wide_opts)
+    assert tolerance.compare(y, y64, tolerance.dora_forward_bound(*(a[n] for n in names), **opts)).passed
+    grads, grads64 = dora_backward(a["dy"], cache), dora_backward(wide["dy"], cache64)
+    bounds = tolerance.dora_backward_bound(a["dy"], *(a[n] for n in names), gradient=gradient, **opts)
+    for name, b in bounds.items():
+        result = tolerance.compare(getattr(grads, name), getattr(grads64, name), b)
+        assert result.passed, f"{name}: {result}"
+    merged = dora_merge(*(a[n] for n in names[1:]), **options(case))
+    merged64 = dora_merge(*(wide[n] for n in names[1:]), **options(case))
+    assert tolerance.compare(merged, merged64, tolerance.dora_merge_bound(*(a[n] for n in names[1:]),
+                                                                          **options(case))).passed
+
+
+@FAST
+@given(layer_cases(max_features=32))
+def test_vera_bounds_hold_for_refpeft_in_float32(case):
+    from refpeft.vera import vera_backward, vera_forward, vera_merge
+
+    a = layer(case, "float32")
+    rng = np.random.default_rng(case.seed)
+    a["lambda_d"] = rng.standard_normal(case.r).astype(np.float32)
+    a["lambda_b"] = rng.standard_normal(case.d).astype(np.float32)
+    wide = in_float64(a)
+    names = ("x", "W0", "A", "B", "lambda_d", "lambda_b")
+    ffo = {"fan_in_fan_out": case.fan_in_fan_out}
+    opts = {**ffo, "bias": a["bias"], "dropout_mask": a["dropout_mask"]}
+    y, cache = vera_forward(*(a[n] for n in names), **opts)
+    y64, cache64 = vera_forward(*(wide[n] for n in names), **ffo, bias=wide["bias"], dropout_mask=wide["dropout_mask"])
+    assert tolerance.compare(y, y64, tolerance.vera_forward_bound(*(a[n] for n in names), **opts)).passed
+    grads, grads64 = vera_backward(a["dy"], cache), vera_backward(wide["dy"], cache64)
+    bounds = tolerance.vera_backward_bound(a["dy"], *(a[n] for n in names), dropout_mask=a["dropout_mask"], **ffo)
+    for name, b in bounds.items():
+        result = tolerance.compare(getattr(grads, name), getattr(grads64, name), b)
+        assert result.passed, f"{name}: {result}"
+    merged = vera_merge(*(a[n] for n in names[1:]), **ffo)
+    merged64 = vera_merge(*(wide[n] for n in names[1:]), **ffo)
+    assert tolerance.compare(merged, merged64, tolerance.vera_merge_bound(*(a[n] for n in names[1:]), **ffo)).passed

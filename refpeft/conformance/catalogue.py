@@ -39,6 +39,38 @@ def _lora() -> list[Case]:
     return cases
 
 
+def _dora_vera() -> list[Case]:
+    cases = []
+    dora = [
+        ("basic", SMALL, {"alpha": 8.0}),
+        ("bias-dropout", SMALL, {"alpha": 16.0, "bias": True, "dropout": 0.25}),
+        ("rslora-fan-in-fan-out", SMALL, {"alpha": 8.0, "rslora": True, "fan_in_fan_out": True}),
+        ("exact-gradient", SMALL, {"alpha": 8.0, "bias": True, "gradient": "exact"}),
+    ]
+    vera = [
+        ("basic", {**SMALL, "r": 8}, {}),
+        ("bias-dropout", {**SMALL, "r": 8}, {"bias": True, "dropout": 0.25}),
+        ("fan-in-fan-out", {**SMALL, "r": 8}, {"fan_in_fan_out": True}),
+    ]
+    seed = 500
+    for method, variants in (("dora", dora), ("vera", vera)):
+        for label, sizes, options in variants:
+            for dtype in ("float32", "float64"):
+                families = ["backward"] if options.get("gradient") == "exact" else ["forward", "backward"]
+                for direction in families:
+                    cases.append(Case(f"{method}-{direction}-{label}-{dtype}", f"{method}_{direction}", dtype, seed,
+                                      sizes, options))
+            seed += 1
+        for dtype in ("float32", "float64"):
+            options = {"alpha": 8.0} if method == "dora" else {}
+            sizes = SMALL if method == "dora" else {**SMALL, "r": 8}
+            cases.append(Case(f"{method}-merge-{dtype}", f"{method}_merge", dtype, seed, sizes, options))
+            cases.append(Case(f"{method}-merge-fan-in-fan-out-{dtype}", f"{method}_merge", dtype, seed + 1, sizes,
+                              {**options, "fan_in_fan_out": True}))
+        seed += 2
+    return cases
+
+
 def _adam() -> list[Case]:
     sizes = {"k": 32, "d": 24, "r": 4}
     variants = [
@@ -71,4 +103,4 @@ def _quant() -> list[Case]:
     return cases
 
 
-CASES: tuple[Case, ...] = tuple(_lora() + _adam() + _quant())
+CASES: tuple[Case, ...] = tuple(_lora() + _dora_vera() + _adam() + _quant())

@@ -91,7 +91,9 @@ def _lora_inputs(case: Case, *, with_dy: bool) -> tuple[dict[str, np.ndarray], d
         inputs["dropout_mask"] = dropout_mask((*batch, k), o["dropout"], seed=case.seed, dtype=case.dtype)
     if with_dy:
         inputs["dy"] = draw(rng, (*batch, d), dtype=case.dtype)
-    options = {"scaling": lora_scaling(o["alpha"], r, rslora=o.get("rslora", False)), "fan_in_fan_out": fan_in_fan_out}
+    options = {"fan_in_fan_out": fan_in_fan_out}
+    if "alpha" in o:  # LoRA and DoRA; VeRA has no scaling
+        options["scaling"] = lora_scaling(o["alpha"], r, rslora=o.get("rslora", False))
     return inputs, options
 
 
@@ -131,6 +133,112 @@ def lora_merge_vectors(case: Case) -> Vectors:
     bound = tolerance.merge_bound(e["W0"], e["A"], e["B"], dtype=case.dtype, unmerge=undo, **options)
     name = "W0" if undo else "W"
     return Vectors(inputs, _plain({name: W}), _plain({name: bound}), {"scaling": options["scaling"]})
+
+
+# ---------------------------------------------------------------- DoRA
+
+def _dora_inputs(case: Case, *, with_dy: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """LoRA's inputs plus the magnitude m (d,), drawn in [1/2, 3/2)."""
+    inputs, options = _lora_inputs(case, with_dy=with_dy)
+    rng = np.random.default_rng(case.seed + 1)
+    inputs["magnitude"] = (rng.random(case.sizes["d"]) + 0.5).astype(case.dtype)
+    return inputs, options
+
+
+def dora_forward_vectors(case: Case) -> Vectors:
+    from refpeft.dora import dora_forward
+
+    inputs, options = _dora_inputs(case, with_dy=False)
+    e = _exact(inputs)
+    args = dict(bias=e.get("bias"), dropout_mask=e.get("dropout_mask"), **options)
+    y, _ = dora_forward(e["x"], e["W0"], e["A"], e["B"], e["magnitude"], **args)
+    bound = tolerance.dora_forward_bound(e["x"], e["W0"], e["A"], e["B"], e["magnitude"], dtype=case.dtype, **args)
+    return Vectors(inputs, _plain({"y": y}), _plain({"y": bound}), {"scaling": options["scaling"]})
+
+
+def dora_backward_vectors(case: Case) -> Vectors:
+    """Gradients with the norm detached (PEFT's) or differentiated (option gradient = "exact")."""
+    from refpeft.dora import dora_backward, dora_forward
+
+    inputs, options = _dora_inputs(case, with_dy=True)
+    e = _exact(inputs)
+    trainable = "bias" in inputs
+    gradient = case.options.get("gradient", "detached")
+    args = dict(bias=e.get("bias"), dropout_mask=e.get("dropout_mask"), **options)
+    _, cache = dora_forward(e["x"], e["W0"], e["A"], e["B"], e["magnitude"], gradient=gradient,
+                            bias_trainable=trainable, **args)
+    g = dora_backward(e["dy"], cache)
+    bounds = tolerance.dora_backward_bound(e["dy"], e["x"], e["W0"], e["A"], e["B"], e["magnitude"], gradient=gradient,
+                                           bias_trainable=trainable, dtype=case.dtype, **args)
+    expected = {"dx": g.dx, "dA": g.dA, "dB": g.dB, "dmagnitude": g.dmagnitude, "dbias": g.dbias}
+    return Vectors(inputs, _plain(expected), _plain(bounds), {"scaling": options["scaling"]})
+
+
+def dora_merge_vectors(case: Case) -> Vectors:
+    from refpeft.dora import dora_merge
+
+    inputs, options = _dora_inputs(case, with_dy=False)
+    inputs.pop("x")
+    e = _exact(inputs)
+    W = dora_merge(e["W0"], e["A"], e["B"], e["magnitude"], **options)
+    bound = tolerance.dora_merge_bound(e["W0"], e["A"], e["B"], e["magnitude"], dtype=case.dtype, **options)
+    return Vectors(inputs, _plain({"W": W}), _plain({"W": bound}), {"scaling": options["scaling"]})
+
+
+# ---------------------------------------------------------------- VeRA
+
+def _vera_inputs(case: Case, *, with_dy: bool) -> dict[str, np.ndarray]:
+    """x, W0, the shared vera_A (r, k) / vera_B (d, r), lambda_d (r,), lambda_b (d,) (+ bias, mask, dy)."""
+    inputs, _ = _lora_inputs(case, with_dy=with_dy)
+    rng = np.random.default_rng(case.seed + 2)
+    inputs["vera_A"], inputs["vera_B"] = inputs.pop("A"), inputs.pop("B")
+    inputs["lambda_d"] = draw(rng, (case.sizes["r"],), dtype=case.dtype)
+    inputs["lambda_b"] = draw(rng, (case.sizes["d"],), dtype=case.dtype)
+    return inputs
+
+
+def _vera_args(e: dict[str, Any]) -> tuple[Any, ...]:
+    return e["vera_A"], e["vera_B"], e["lambda_d"], e["lambda_b"]
+
+
+def vera_forward_vectors(case: Case) -> Vectors:
+    from refpeft.vera import vera_forward
+
+    inputs = _vera_inputs(case, with_dy=False)
+    e = _exact(inputs)
+    args = dict(bias=e.get("bias"), dropout_mask=e.get("dropout_mask"),
+                fan_in_fan_out=case.options.get("fan_in_fan_out", False))
+    y, _ = vera_forward(e["x"], e["W0"], *_vera_args(e), **args)
+    bound = tolerance.vera_forward_bound(e["x"], e["W0"], *_vera_args(e), dtype=case.dtype, **args)
+    return Vectors(inputs, _plain({"y": y}), _plain({"y": bound}))
+
+
+def vera_backward_vectors(case: Case) -> Vectors:
+    from refpeft.vera import vera_backward, vera_forward
+
+    inputs = _vera_inputs(case, with_dy=True)
+    e = _exact(inputs)
+    trainable = "bias" in inputs
+    ffo = case.options.get("fan_in_fan_out", False)
+    _, cache = vera_forward(e["x"], e["W0"], *_vera_args(e), bias=e.get("bias"), dropout_mask=e.get("dropout_mask"),
+                            fan_in_fan_out=ffo, bias_trainable=trainable)
+    g = vera_backward(e["dy"], cache)
+    bounds = tolerance.vera_backward_bound(e["dy"], e["x"], e["W0"], *_vera_args(e), dropout_mask=e.get("dropout_mask"),
+                                           fan_in_fan_out=ffo, bias_trainable=trainable, dtype=case.dtype)
+    expected = {"dx": g.dx, "dlambda_d": g.dlambda_d, "dlambda_b": g.dlambda_b, "dbias": g.dbias}
+    return Vectors(inputs, _plain(expected), _plain(bounds))
+
+
+def vera_merge_vectors(case: Case) -> Vectors:
+    from refpeft.vera import vera_merge
+
+    inputs = _vera_inputs(case, with_dy=False)
+    inputs.pop("x")
+    e = _exact(inputs)
+    ffo = case.options.get("fan_in_fan_out", False)
+    W = vera_merge(e["W0"], *_vera_args(e), fan_in_fan_out=ffo)
+    bound = tolerance.vera_merge_bound(e["W0"], *_vera_args(e), fan_in_fan_out=ffo, dtype=case.dtype)
+    return Vectors(inputs, _plain({"W": W}), _plain({"W": bound}))
 
 
 # ---------------------------------------------------------------- Adam, AdamW, LoRA+
@@ -257,6 +365,16 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("lora_backward", "lora", "dx, dA, dB (and dbias when a bias is given) of sum(y * dy), y as lora_forward",
            lora_backward_vectors),
     Family("lora_merge", "lora", "W = W0 + s B A (unmerge: W0 = W - s B A), in W0's layout", lora_merge_vectors),
+    Family("dora_forward", "dora", "y = x W0^T + b + (g - 1) * ((x * mask) W0^T) + (g * ((x * mask) A^T) B^T) * s, "
+           "g = magnitude / ||W0 + s B A|| (row norms over the input axis)", dora_forward_vectors),
+    Family("dora_backward", "dora", "dx, dA, dB, dmagnitude (and dbias) of sum(y * dy), y as dora_forward; the norm "
+           "detached (PEFT) or, with gradient = exact, differentiated", dora_backward_vectors),
+    Family("dora_merge", "dora", "W = diag(magnitude / ||W0 + s B A||) (W0 + s B A), in W0's layout", dora_merge_vectors),
+    Family("vera_forward", "vera", "y = x W0^T + b + lambda_b * ((lambda_d * ((x * mask) vera_A^T)) vera_B^T)",
+           vera_forward_vectors),
+    Family("vera_backward", "vera", "dx, dlambda_d, dlambda_b (and dbias) of sum(y * dy), y as vera_forward",
+           vera_backward_vectors),
+    Family("vera_merge", "vera", "W = W0 + (lambda_b vera_B)(lambda_d vera_A), in W0's layout", vera_merge_vectors),
     Family("adam_step", "optim", "one torch.optim.Adam/AdamW step per parameter group (LoRA+: B at lr * ratio)",
            adam_step_vectors),
     Family("quantize_4bit", "quant", "NF4/FP4 blockwise codes of W packed two per byte (first element high "

@@ -81,7 +81,8 @@ def _model(manifest: dict, inputs: dict, device: str, *, method: str = "lora"):
             return self.proj(x)
 
     if method == "vera":
-        config = peft.VeraConfig(r=s["r"], target_modules=["proj"], vera_dropout=0.0, fan_in_fan_out=fan_in_fan_out)
+        config = peft.VeraConfig(r=s["r"], target_modules=["proj"], vera_dropout=0.0, fan_in_fan_out=fan_in_fan_out,
+                                 save_projection=True)
     else:
         config = peft.LoraConfig(r=s["r"], lora_alpha=o["alpha"], target_modules=["proj"], lora_dropout=0.0,
                                  use_rslora=o.get("rslora", False), use_dora=method == "dora",
@@ -121,13 +122,47 @@ def _lora(manifest: dict, inputs: dict, device: str) -> dict:
                       {"dA": proj.lora_A["default"].weight, "dB": proj.lora_B["default"].weight})
 
 
+def _dora(manifest: dict, inputs: dict, device: str) -> dict:
+    family, o = manifest["family"], manifest["options"]
+    if o.get("gradient", "detached") != "detached":
+        raise Unsupported("PEFT's DoRA detaches the weight norm; this case asks for the exact gradient")
+    model, proj = _model(manifest, inputs, device, method="dora")
+    _set(proj.lora_A["default"].weight, inputs["A"])
+    _set(proj.lora_B["default"].weight, inputs["B"])
+    magnitude = proj.lora_magnitude_vector["default"].weight
+    _set(magnitude, inputs["magnitude"])
+    if family == "dora_merge":
+        return {"W": _numpy(model.merge_and_unload().proj.weight)}
+    if "dropout_mask" in inputs:
+        proj.lora_dropout["default"] = _FixedMask.module(_tensor(inputs["dropout_mask"], device))
+    return _run_layer(model, proj, manifest, inputs, device,
+                      {"dA": proj.lora_A["default"].weight, "dB": proj.lora_B["default"].weight, "dmagnitude": magnitude})
+
+
+def _vera(manifest: dict, inputs: dict, device: str) -> dict:
+    family = manifest["family"]
+    model, proj = _model(manifest, inputs, device, method="vera")
+    _set(model.base_model.vera_A["default"], inputs["vera_A"])
+    _set(model.base_model.vera_B["default"], inputs["vera_B"])
+    _set(proj.vera_lambda_d["default"], inputs["lambda_d"])
+    _set(proj.vera_lambda_b["default"], inputs["lambda_b"])
+    if family == "vera_merge":
+        return {"W": _numpy(model.merge_and_unload().proj.weight)}
+    if "dropout_mask" in inputs:
+        proj.vera_dropout["default"] = _FixedMask.module(_tensor(inputs["dropout_mask"], device))
+    return _run_layer(model, proj, manifest, inputs, device,
+                      {"dlambda_d": proj.vera_lambda_d["default"], "dlambda_b": proj.vera_lambda_b["default"]})
+
+
 def _run_layer(model, proj, manifest: dict, inputs: dict, device: str, params: dict) -> dict:
     """Forward (y) or forward + autograd backward (dx, the named parameter grads, dbias)."""
     backward = manifest["family"].endswith("_backward")
     if backward and "bias" in inputs:
         proj.base_layer.bias.requires_grad_(True)
         params = {**params, "dbias": proj.base_layer.bias}
-    model.train(backward and "dropout_mask" in inputs)   # the fixed mask module ignores the mode
+    # training mode with a mask: PEFT's DoRA then recomputes the base product on the masked input,
+    # which is the case's definition (the fixed mask module itself ignores the mode)
+    model.train("dropout_mask" in inputs)
     x = _tensor(inputs["x"], device, grad=backward)
     y = model(x)
     if not backward:
@@ -179,7 +214,9 @@ def _loraplus_optimizer(manifest: dict, tensors: dict, cls, common: dict):
                                      loraplus_weight_decay=o.get("weight_decay", 0.0), **common)
 
 
-HANDLERS = {"lora_forward": _lora, "lora_backward": _lora, "lora_merge": _lora, "adam_step": _adam}
+HANDLERS = {"lora_forward": _lora, "lora_backward": _lora, "lora_merge": _lora, "adam_step": _adam,
+            "dora_forward": _dora, "dora_backward": _dora, "dora_merge": _dora,
+            "vera_forward": _vera, "vera_backward": _vera, "vera_merge": _vera}
 
 
 def _runner(device: str):

@@ -31,6 +31,39 @@ def _lora(manifest: dict, inputs: dict) -> dict:
     return {"dx": g.dx, "dA": g.dA, "dB": g.dB, **({"dbias": g.dbias} if trainable else {})}
 
 
+def _dora(manifest: dict, inputs: dict) -> dict:
+    from refpeft.dora import dora_backward, dora_forward, dora_merge
+
+    family, o, p = manifest["family"], manifest["options"], manifest["parameters"]
+    common = dict(scaling=p["scaling"], fan_in_fan_out=o.get("fan_in_fan_out", False))
+    layer = (inputs["W0"], inputs["A"], inputs["B"], inputs["magnitude"])
+    if family == "dora_merge":
+        return {"W": dora_merge(*layer, **common)}
+    trainable = "bias" in inputs
+    y, cache = dora_forward(inputs["x"], *layer, bias=inputs.get("bias"), dropout_mask=inputs.get("dropout_mask"),
+                            gradient=o.get("gradient", "detached"), bias_trainable=trainable, **common)
+    if family == "dora_forward":
+        return {"y": y}
+    g = dora_backward(inputs["dy"], cache)
+    return {"dx": g.dx, "dA": g.dA, "dB": g.dB, "dmagnitude": g.dmagnitude, **({"dbias": g.dbias} if trainable else {})}
+
+
+def _vera(manifest: dict, inputs: dict) -> dict:
+    from refpeft.vera import vera_backward, vera_forward, vera_merge
+
+    family, ffo = manifest["family"], manifest["options"].get("fan_in_fan_out", False)
+    shared = (inputs["vera_A"], inputs["vera_B"], inputs["lambda_d"], inputs["lambda_b"])
+    if family == "vera_merge":
+        return {"W": vera_merge(inputs["W0"], *shared, fan_in_fan_out=ffo)}
+    trainable = "bias" in inputs
+    y, cache = vera_forward(inputs["x"], inputs["W0"], *shared, bias=inputs.get("bias"),
+                            dropout_mask=inputs.get("dropout_mask"), fan_in_fan_out=ffo, bias_trainable=trainable)
+    if family == "vera_forward":
+        return {"y": y}
+    g = vera_backward(inputs["dy"], cache)
+    return {"dx": g.dx, "dlambda_d": g.dlambda_d, "dlambda_b": g.dlambda_b, **({"dbias": g.dbias} if trainable else {})}
+
+
 def _adam(manifest: dict, inputs: dict) -> dict:
     o, p = manifest["options"], manifest["parameters"]
     t = p["step"]
@@ -68,7 +101,8 @@ def _dequantize(manifest: dict, inputs: dict) -> dict:
     return {"W": dequantize_4bit(state)}
 
 
-HANDLERS = {"quantize_4bit": _quantize, "dequantize_4bit": _dequantize, "lora_forward": _lora, "lora_backward": _lora, "lora_merge": _lora, "adam_step": _adam}
+HANDLERS = {"dora_forward": _dora, "dora_backward": _dora, "dora_merge": _dora,
+            "vera_forward": _vera, "vera_backward": _vera, "vera_merge": _vera, "quantize_4bit": _quantize, "dequantize_4bit": _dequantize, "lora_forward": _lora, "lora_backward": _lora, "lora_merge": _lora, "adam_step": _adam}
 
 
 def run(manifest: dict, inputs: dict[str, np.ndarray]) -> dict:
