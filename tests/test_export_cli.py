@@ -105,3 +105,14 @@ def test_bad_inputs_are_reported_not_raised(files, capsys) -> None:
     assert main(["export", str(tmp / "adapter"), "--base", str(tmp / "base.safetensors"), "-o", str(tmp / "x.onnx"),
                  "--opset", "12"]) == 2
     assert "opset 12" in capsys.readouterr().err
+
+
+def test_without_the_onnx_extra_the_commands_say_what_to_install(files, capsys, monkeypatch) -> None:
+    import importlib.util
+
+    tmp, _, _ = files
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    for command in (["export"], ["export-adapter", str(tmp / "adapter")]):
+        assert main([*command, "--base", str(tmp / "base.safetensors"), "-o", str(tmp / "x")]) == 2
+        assert "pip install 'refpeft[onnx]'" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper  # noqa: E402
 
 from refpeft.tolerance import Bounded, Precision, exact  # noqa: E402
 
-from refpeft_onnx.demo import export_and_check, missing_extra  # noqa: E402
+from refpeft_onnx.demo import export_and_check, skip_reason  # noqa: E402
 from refpeft_onnx.graph import build_model  # noqa: E402
 from refpeft_onnx.nf4 import quantize_stack  # noqa: E402
 from refpeft_onnx.verify import ACTIVATION_ERROR, VerificationError, activation_bound, graph_bound, session, \
@@ -116,12 +116,12 @@ def test_demo_export_step_agrees(tmp_path, method) -> None:
 
 
 def test_demo_says_why_export_is_skipped_without_the_extra(monkeypatch) -> None:
-    assert missing_extra() is None
+    assert skip_reason() is None
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
-    assert "the `onnx` extra is not installed" in missing_extra()
+    assert skip_reason().startswith("ONNX export skipped: the `onnx` extra is not installed")
 
 
 def test_probabilistic_bound_is_tighter_and_still_met() -> None:

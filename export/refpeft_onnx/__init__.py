@@ -12,3 +12,17 @@
 
 The refpeft core never imports this package (nor onnx); install the `onnx` extra to use it.
 """
+
+import importlib.util
+
+
+def missing_extra() -> str | None:
+    """None when onnx and onnxruntime are importable, else a sentence saying what to install.
+
+    Importing `refpeft_onnx` itself needs neither, so callers (the demo, the CLI) can ask first.
+    """
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return (f"the `onnx` extra is not installed (missing {', '.join(missing)}; "
+            "pip install 'refpeft[onnx]')")

@@ -1,15 +1,14 @@
 """The export step of `refpeft demo`: export the trained adapter and show ONNX Runtime agreeing.
 
-    from refpeft_onnx.demo import export_and_check, missing_extra
-    reason = missing_extra()
+    from refpeft_onnx.demo import export_and_check, skip_reason
+    reason = skip_reason()
     lines = [reason] if reason else export_and_check(out_dir, W0=W0, bias=b, adapter=module)
 
-This module imports onnx only inside `export_and_check`, so `missing_extra()` can be asked first.
+This module imports onnx only inside `export_and_check`, so `skip_reason()` can be asked first.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,15 @@ import numpy as np
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.errors import ConfigError
 
+from refpeft_onnx import missing_extra
+
 LAYER = "linear"
 
 
-def missing_extra() -> str | None:
-    """None when onnx and onnxruntime are importable, else the sentence the demo prints instead."""
-    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
-    if not missing:
-        return None
-    return (f"ONNX export skipped: the `onnx` extra is not installed (missing {', '.join(missing)}; "
-            "pip install 'refpeft[onnx]')")
+def skip_reason() -> str | None:
+    """None when the export can run, else the sentence the demo prints instead of exporting."""
+    missing = missing_extra()
+    return None if missing is None else f"ONNX export skipped: {missing}"
 
 
 def export_and_check(out_dir: str | os.PathLike, *, W0: Any, bias: Any, adapter: Adapter | ModuleAdapter,

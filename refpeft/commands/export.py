@@ -69,16 +69,6 @@ def add_base_options(p: argparse.ArgumentParser) -> None:
                    help="NF4: keep the absmax in float32 (4.5 bits/parameter at block 64) instead of 8-bit codes")
 
 
-def missing_onnx() -> str | None:
-    """The error message when the `onnx` extra is not installed, else None."""
-    import importlib.util
-
-    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
-    if missing:
-        return f"needs the `onnx` extra ({', '.join(missing)} missing): pip install 'refpeft[onnx]'"
-    return None
-
-
 def load(args: argparse.Namespace):
     """The base stack (NF4-quantised with --nf4) and the adapter, from the shared options."""
     from refpeft_onnx.exporter import load_inputs
@@ -91,12 +81,18 @@ def load(args: argparse.Namespace):
     return stack, adapter
 
 
-def run(args: argparse.Namespace) -> int:
+def require_onnx() -> None:
+    """ConfigError (exit status 2, a clear message) when the `onnx` extra is missing."""
     from refpeft.errors import ConfigError
+    from refpeft_onnx import missing_extra
 
-    problem = missing_onnx()
+    problem = missing_extra()
     if problem:
-        raise ConfigError(problem)
+        raise ConfigError(f"ONNX export needs {problem}")
+
+
+def run(args: argparse.Namespace) -> int:
+    require_onnx()
     from refpeft_onnx.exporter import export_model
 
     stack, adapter = load(args)

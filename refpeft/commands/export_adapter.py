@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from refpeft.commands.export import add_base_options, load, missing_onnx
+from refpeft.commands.export import add_base_options, load, require_onnx
 
 HELP = "write a PEFT adapter as an ONNX Runtime .onnx_adapter file for an unmerged exported graph"
 
@@ -32,11 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from refpeft.errors import ConfigError
-
-    problem = missing_onnx()
-    if problem:
-        raise ConfigError(problem)
+    require_onnx()
     import onnx
 
     from refpeft_onnx.exporter import export_adapter_file
