@@ -4,8 +4,8 @@ Specifications:
 - A stack saved with `save_stack` loads back identically (order, activation, fan_in_fan_out, biases).
 - A base file with several weights and no recorded order is refused with the names it holds.
 - An adapter that names unknown layers, has the wrong sizes or a LoRA bias is refused, naming it.
-- Trained base biases (PEFT's bias="lora_only") replace the frozen ones in merged graphs and in the
-  reference; unmerged graphs refuse them.
+- Trained base biases (PEFT's bias="lora_only"/"all") replace the frozen ones: folded in merged
+  graphs, a swappable input (default: the frozen bias) in unmerged ones, shipped in adapter files.
 """
 
 from __future__ import annotations
@@ -21,9 +21,13 @@ from refpeft.adapter import Adapter, ModuleAdapter  # noqa: E402
 from refpeft.errors import ConfigError, FormatError, ShapeError  # noqa: E402
 from refpeft.io import write_safetensors  # noqa: E402
 
-from refpeft_onnx.graph import build_model  # noqa: E402
+from refpeft.tolerance import compare  # noqa: E402
+
+from refpeft_onnx.exporter import export_adapter_file  # noqa: E402
+from refpeft_onnx.graph import adapter_inputs, build_model  # noqa: E402
+from refpeft_onnx.serving import AdapterSession  # noqa: E402
 from refpeft_onnx.stack import BaseLinear, LinearStack, load_stack, reference_forward, save_stack  # noqa: E402
-from refpeft_onnx.verify import verify_model  # noqa: E402
+from refpeft_onnx.verify import graph_bound, verify_model  # noqa: E402
 
 
 def test_save_and_load_round_trip(tmp_path) -> None:
@@ -64,13 +68,21 @@ def test_adapters_that_do_not_fit_are_refused() -> None:
         build_model(stack, Adapter({"layers.0": ModuleAdapter(A=np.ones((1, 6)), B=np.ones((4, 1)), bias=np.ones(4))}))
 
 
-def test_trained_base_biases_replace_the_frozen_ones_when_merged() -> None:
+def test_trained_base_biases_replace_the_frozen_ones(tmp_path) -> None:
     stack = build_stack(StackCase((6, 5, 4), 1, "lora", True, "relu", 3))
-    adapter = build_adapter(stack, "lora", 2, seed=4)
-    trained = replace(adapter, base_biases={"layers.1": np.full(4, 2.0)})
+    adapter = build_adapter(stack, "lora", 2, seed=4, layers=("layers.0",))
+    trained = replace(adapter, base_biases={"layers.1": np.full(4, 2.0)})     # a layer without an adapter
     x = np.ones((1, 2, 6))
     assert not np.allclose(reference_forward(stack, trained, x), reference_forward(stack, adapter, x))
-    report = verify_model(build_model(stack, trained, form="merged"), stack, trained)
-    assert report.passed, report.summary()
-    with pytest.raises(ConfigError, match="--merged"):
-        build_model(stack, trained, form="unmerged")
+    for form in ("merged", "unmerged"):
+        report = verify_model(build_model(stack, trained, form=form), stack, trained)
+        assert report.passed, report.summary()
+    model = build_model(stack, trained, form="unmerged")
+    assert "layers.1.bias" in adapter_inputs(model)           # swappable, default the frozen bias
+    export_adapter_file(tmp_path / "t.onnx_adapter", stack, trained, model=model)
+    server = AdapterSession(model)
+    server.load("trained", tmp_path / "t.onnx_adapter")
+    y = server.run(x.astype(np.float32), adapter="trained")
+    result = compare(y, reference_forward(stack, trained, x), graph_bound(stack, trained, x, form="unmerged",
+                                                                         dtype="float32"))
+    assert result.passed

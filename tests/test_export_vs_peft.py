@@ -2,7 +2,7 @@
 gives PEFT's own output (torch, float64) within the float32 bound derived for the graph.
 
 The model is a torch stack of nn.Linear layers with ReLU between them; PEFT adapts every layer
-(LoRA, DoRA, VeRA, non-trivial weights), saves the adapter with `save_pretrained`; the base
+(LoRA, DoRA, VeRA, LoRA with bias="lora_only"; non-trivial weights), saves the adapter with `save_pretrained`; the base
 weights are saved with `save_stack`. Nothing of refpeft's math is involved in the expected output.
 """
 
@@ -54,16 +54,16 @@ def _peft_model(stack, method: str):
         config = peft.VeraConfig(r=4, target_modules=names, save_projection=True)
     else:
         config = peft.LoraConfig(r=4, lora_alpha=6, target_modules=names, init_lora_weights=False,
-                                 use_dora=method == "dora")
+                                 use_dora=method == "dora", bias="lora_only" if method == "lora-trained-bias" else "none")
     model = peft.get_peft_model(Stack(stack), config)
     with torch.no_grad():   # make every trainable tensor non-trivial
         for name, p in model.named_parameters():
-            if any(key in name for key in ("vera_lambda", "lora_magnitude")):
+            if p.requires_grad and any(key in name for key in ("vera_lambda", "lora_magnitude", "base_layer.bias")):
                 p.mul_(1.0 + 0.3 * torch.rand_like(p)).add_(0.1 * torch.randn_like(p))
     return model.eval()
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "vera"])
+@pytest.mark.parametrize("method", ["lora", "dora", "vera", "lora-trained-bias"])
 @pytest.mark.parametrize("form", ["merged", "unmerged"])
 def test_exported_peft_adapter_matches_peft(tmp_path, method, form) -> None:
     stack = build_stack(StackCase((12, 10, 6), 1, "lora", True, "relu", 31))
@@ -80,5 +80,6 @@ def test_exported_peft_adapter_matches_peft(tmp_path, method, form) -> None:
         feeds.update(read_onnx_adapter(tmp_path / "m.onnx_adapter"))
     y = session(onnx.load(tmp_path / "m.onnx")).run(None, feeds)[0]
     base, adapter = load_inputs(tmp_path / "base.safetensors", tmp_path / "adapter")
+    assert bool(adapter.base_biases) == (method == "lora-trained-bias")
     result = compare(y, expected, graph_bound(base, adapter, x, form=form, dtype="float32"))
     assert result.passed, f"{method} {form}: {result.ratio:.3g} of the bound"

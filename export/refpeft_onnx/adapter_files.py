@@ -6,6 +6,7 @@ unmerged graph's swappable inputs (refpeft_onnx.graph.adapter_input_names), its 
     LoRA  {layer}.lora_A_t (k, r)   {layer}.lora_B_t (r, d)   {layer}.lora_scaling (1,)
     DoRA  the same, and {layer}.dora_scale (d,) = m / ||W0 + s B A|| (fixed per adapter)
     VeRA  {layer}.vera_lambda_d (r,)   {layer}.vera_lambda_b (d,)   (the projections stay in the graph)
+    and   {layer}.bias (d,) for each base bias the adapter trains (PEFT's bias="lora_only"/"all")
 
 ONNX Runtime appends a loaded adapter's tensors to a run's feeds, so every name must be an input of
 the graph it is used with and every dtype must match; `check_against_model` says so before writing.

@@ -19,6 +19,8 @@ with an initializer default of the same name, so ONNX Runtime can swap it per ru
           A^T, B^T are slices of the shared projections (initializers); only lambda_d, lambda_b swap
 The defaults give the base output: LoRA/DoRA factors of rank 0 on a symbolic rank axis
 (A^T (k, 0), B^T (0, d), s = 1, g = 1), VeRA's lambda_b = 0. Adapters of any rank share a session.
+When the adapter trains base biases (PEFT's bias="lora_only"/"all"), those layers' b becomes a
+swappable input too ({layer}.bias, default: the frozen bias).
 
 NF4 base (a layer with `nf4`): `base` comes from refpeft_onnx.nf4 (MatMulBnb4 or standard ops).
 
@@ -54,6 +56,11 @@ def adapter_input_names(layer: str, method: str) -> tuple[str, ...]:
     return (*names, f"{layer}.dora_scale") if method == "dora" else names
 
 
+def bias_input_name(layer: str) -> str:
+    """The swappable bias of a layer whose bias an adapter trains (PEFT's bias="lora_only"/"all")."""
+    return f"{layer}.bias"
+
+
 def branch_values(layer: BaseLinear, module: ModuleAdapter) -> dict[str, np.ndarray]:
     """One module's values for the unmerged graph's inputs (float64; cast when fed or written)."""
     names = adapter_input_names(layer.name, module.method)
@@ -87,11 +94,12 @@ def build_model(stack: LinearStack, adapter: Adapter | None = None, *, form: str
     if nf4_ops not in NF4_OPS:
         raise ConfigError(f"nf4_ops must be one of {', '.join(NF4_OPS)}, got {nf4_ops!r}")
     check_adapter(stack, adapter)
-    if adapter is not None and adapter.base_biases:
-        if form == "unmerged":
-            raise ConfigError("an adapter with trained base biases (PEFT's bias='lora_only'/'all') changes the "
-                              "frozen layers; export it --merged")
+    trained_biases = set() if adapter is None else set(adapter.base_biases)
+    if form == "merged":
         stack = with_trained_biases(stack, adapter)
+        trained_biases = set()
+    else:
+        with_trained_biases(stack, adapter)                          # checks the names
     targets = _branch_methods(stack, adapter, form=form, method=method)
     g = GraphBuilder(dtype)
     h = g.input("x", ["batch", "sequence", stack.in_features])
@@ -101,7 +109,8 @@ def build_model(stack: LinearStack, adapter: Adapter | None = None, *, form: str
         if form == "merged":
             h = _merged_layer(g, h, layer, module, adapter, nf4_ops=nf4_ops)
         else:
-            h = _unmerged_layer(g, h, layer, targets.get(layer.name), vera_t=vera_t, nf4_ops=nf4_ops)
+            h = _unmerged_layer(g, h, layer, targets.get(layer.name), vera_t=vera_t, nf4_ops=nf4_ops,
+                                swappable_bias=layer.name in trained_biases)
         if i < len(stack.layers) - 1 and stack.activation != "identity":
             h = g.op(ONNX_ACTIVATIONS[stack.activation], [h], f"{layer.name}.{stack.activation}")
     y = g.op("Identity", [h], "y")
@@ -145,7 +154,11 @@ def _base_matmul(g: GraphBuilder, h: str, layer: BaseLinear, weight_t: np.ndarra
     return g.op("MatMul", [h, wt], f"{layer.name}.base")
 
 
-def _add_bias(g: GraphBuilder, h: str, layer: BaseLinear) -> str:
+def _add_bias(g: GraphBuilder, h: str, layer: BaseLinear, *, swappable: bool = False) -> str:
+    """h + b; a swappable b (default: the frozen bias, or zeros) when adapters train the layer's bias."""
+    if swappable:
+        default = np.zeros(layer.d) if layer.bias is None else as_float64(layer.bias)
+        return g.op("Add", [h, g.swappable(bias_input_name(layer.name), default, [layer.d])], f"{layer.name}.out")
     if layer.bias is None:
         return h
     return g.op("Add", [h, g.const(f"{layer.name}.bias", layer.bias)], f"{layer.name}.out")
@@ -161,10 +174,10 @@ def _merged_layer(g: GraphBuilder, h: str, layer: BaseLinear, module: ModuleAdap
 
 
 def _unmerged_layer(g: GraphBuilder, h: str, layer: BaseLinear, method: str | None, *,
-                    vera_t: tuple[str, str, int] | None, nf4_ops: str) -> str:
+                    vera_t: tuple[str, str, int] | None, nf4_ops: str, swappable_bias: bool) -> str:
     base = _base_matmul(g, h, layer, None, nf4_ops=nf4_ops)
     if method is None:
-        return _add_bias(g, base, layer)
+        return _add_bias(g, base, layer, swappable=swappable_bias)
     name, k, d = layer.name, layer.k, layer.d
     names = adapter_input_names(name, method)
     if method == "vera":
@@ -178,7 +191,7 @@ def _unmerged_layer(g: GraphBuilder, h: str, layer: BaseLinear, method: str | No
         xa = g.op("MatMul", [h, a_t], f"{name}.xa")                                          # (..., r)
         scaled = g.op("Mul", [xa, lambda_d], f"{name}.lambda_d_xa")
         v = g.op("Mul", [g.op("MatMul", [scaled, b_t], f"{name}.xb"), lambda_b], f"{name}.branch")
-        return _add_bias(g, g.op("Add", [base, v], f"{name}.sum"), layer)
+        return _add_bias(g, g.op("Add", [base, v], f"{name}.sum"), layer, swappable=swappable_bias)
     rank = f"{name}.rank"
     a_t = g.swappable(names[0], np.zeros((k, 0)), [k, rank])
     b_t = g.swappable(names[1], np.zeros((0, d)), [rank, d])
@@ -189,7 +202,7 @@ def _unmerged_layer(g: GraphBuilder, h: str, layer: BaseLinear, method: str | No
     total = g.op("Add", [base, v], f"{name}.sum")
     if method == "dora":
         total = g.op("Mul", [g.swappable(names[3], np.ones(d), [d]), total], f"{name}.dora")
-    return _add_bias(g, total, layer)
+    return _add_bias(g, total, layer, swappable=swappable_bias)
 
 
 def graph_metadata(model: onnx.ModelProto) -> dict[str, str]:

@@ -46,7 +46,7 @@ from refpeft.tolerance import Bounded, Comparison, Precision, add, compare, exac
     with_reference
 
 from refpeft_onnx.builder import DTYPES
-from refpeft_onnx.graph import branch_values, graph_metadata, merged_weight
+from refpeft_onnx.graph import bias_input_name, branch_values, graph_metadata, merged_weight
 from refpeft_onnx.stack import BaseLinear, LinearStack, activation, as_float64, check_adapter, reference_forward, \
     with_trained_biases
 
@@ -174,6 +174,8 @@ def adapter_feeds(stack: LinearStack, adapter: Adapter, dtype: str) -> dict[str,
     for name, module in adapter.modules.items():
         for key, value in branch_values(stack.layer(name), module).items():
             feeds[key] = np.ascontiguousarray(value.astype(np_dtype))
+    for name, bias in adapter.base_biases.items():
+        feeds[bias_input_name(name)] = np.ascontiguousarray(as_float64(bias).astype(np_dtype))
     return feeds
 
 
