@@ -71,6 +71,31 @@ def _dora_vera() -> list[Case]:
     return cases
 
 
+def _export() -> list[Case]:
+    """Exported graphs (ONNX Runtime runs them): merged and unmerged LoRA, DoRA, VeRA, NF4 bases."""
+    sizes = {"batch": [2, 3], "k": 64, "d": 32, "r": 4}
+    variants = [
+        ("lora-merged", {"method": "lora", "form": "merged", "alpha": 8.0, "bias": True}),
+        ("lora-unmerged", {"method": "lora", "form": "unmerged", "alpha": 8.0, "bias": True}),
+        ("rslora-unmerged", {"method": "lora", "form": "unmerged", "alpha": 8.0, "rslora": True}),
+        ("dora-merged", {"method": "dora", "form": "merged", "alpha": 8.0}),
+        ("dora-unmerged", {"method": "dora", "form": "unmerged", "alpha": 8.0, "bias": True}),
+        ("vera-merged", {"method": "vera", "form": "merged"}),
+        ("vera-unmerged", {"method": "vera", "form": "unmerged", "bias": True}),
+        ("qlora-nf4-bnb4-unmerged", {"method": "lora", "form": "unmerged", "alpha": 8.0, "nf4_blocksize": 64}),
+        ("qlora-nf4-standard-unmerged", {"method": "lora", "form": "unmerged", "alpha": 8.0, "nf4_blocksize": 64,
+                                         "nf4_ops": "standard"}),
+    ]
+    return [Case(f"export-{label}-float32", "export_forward", "float32", 600 + i, sizes, options)
+            for i, (label, options) in enumerate(variants)]
+
+
+def _fusion() -> list[Case]:
+    sizes = {"k": 32, "d": 24, "ranks": [4, 2]}
+    options = {"alphas": [8.0, 4.0], "weights": [0.7, -0.3]}
+    return [Case(f"fusion-cat-{dtype}", "fusion_cat", dtype, 700, sizes, options) for dtype in ("float32", "float64")]
+
+
 def _adam() -> list[Case]:
     sizes = {"k": 32, "d": 24, "r": 4}
     variants = [
@@ -103,4 +128,4 @@ def _quant() -> list[Case]:
     return cases
 
 
-CASES: tuple[Case, ...] = tuple(_lora() + _dora_vera() + _adam() + _quant())
+CASES: tuple[Case, ...] = tuple(_lora() + _dora_vera() + _fusion() + _export() + _adam() + _quant())

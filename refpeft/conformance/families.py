@@ -56,6 +56,7 @@ class Family:
     method: str
     summary: str            # what an implementation must compute, in one line (goes to the manifest)
     make: Callable[[Case], Vectors]
+    requires: tuple[str, ...] = ()   # importable modules the generator needs beyond the core (extras)
 
 
 def draw(rng: np.random.Generator, shape: tuple[int, ...], *, dtype: str, scale: float = 1.0) -> np.ndarray:
@@ -241,6 +242,104 @@ def vera_merge_vectors(case: Case) -> Vectors:
     return Vectors(inputs, _plain({"W": W}), _plain({"W": bound}))
 
 
+# ---------------------------------------------------------------- fusion (refpeft.fusion, PEFT's add_weighted_adapter)
+
+def fusion_cat_vectors(case: Case) -> Vectors:
+    """`cat` of two LoRA adapters with weights w: A = [(A_1 w_1) s_1 ; (A_2 w_2) s_2], B = [B_1 | B_2].
+
+    The factors are elementwise in the inputs (no reduction), so they are computed on plain NumPy;
+    B is copied (bound 0: it must be exact) and each A row is two roundings of A_i."""
+    from refpeft.adapter import ModuleAdapter
+    from refpeft.fusion import combine_modules
+
+    s, o = case.sizes, case.options
+    rng = np.random.default_rng(case.seed)
+    inputs, modules = {}, []
+    for i, (r, alpha) in enumerate(zip(s["ranks"], o["alphas"]), start=1):
+        inputs[f"A{i}"] = draw(rng, (r, s["k"]), dtype=case.dtype, scale=0.25)
+        inputs[f"B{i}"] = draw(rng, (s["d"], r), dtype=case.dtype, scale=0.5)
+        modules.append(ModuleAdapter(A=inputs[f"A{i}"].astype(np.float64), B=inputs[f"B{i}"].astype(np.float64),
+                                     alpha=alpha))
+    fused, _ = combine_modules(modules, o["weights"], combination="cat")
+    p = tolerance.Precision(case.dtype)
+    A_bounds = [tolerance.with_reference(
+        lambda prec, m=m, w=w: tolerance.scale(tolerance.scale(tolerance.exact(m.A), w, prec), m.scaling, prec), p)
+        for m, w in zip(modules, o["weights"])]
+    expected = {"A": np.asarray(fused.A), "B": np.asarray(fused.B)}
+    bounds = {"A": np.concatenate(A_bounds, axis=0), "B": np.zeros_like(expected["B"])}
+    return Vectors(inputs, expected, bounds, {"scalings": [m.scaling for m in modules], "fused_alpha": fused.alpha})
+
+
+# ---------------------------------------------------------------- exported ONNX graphs (refpeft_onnx)
+
+def round_up(bound: np.ndarray, *, bits: int = 20) -> np.ndarray:
+    """`bound` rounded up to `bits` significant bits: still a bound, and immune to last-bit noise.
+
+    The export bounds come from refpeft_onnx.verify.graph_bound, which evaluates its absolute-value
+    products with the platform's float64 matmul; rounding up to 20 bits makes their bytes the same
+    on any machine unless a value lies within ~1e-15 relative of a 20-bit grid point (odds ~1e-9).
+    """
+    mantissa, exponent = np.frexp(bound)
+    return np.ldexp(np.ceil(mantissa * 2.0**bits) / 2.0**bits, exponent)
+
+
+def export_adapter(inputs: dict[str, np.ndarray], options: dict[str, Any]):
+    """The one-layer stack and refpeft Adapter an export case describes (the exporter's own types)."""
+    from refpeft.adapter import Adapter, ModuleAdapter
+    from refpeft_onnx.nf4 import quantize_stack
+    from refpeft_onnx.stack import single_layer
+
+    stack = single_layer(inputs["W0"], inputs.get("bias"))
+    if options.get("nf4_blocksize"):   # stored as bitsandbytes would (CUDA semantics, double quantised)
+        stack = quantize_stack(stack, blocksize=options["nf4_blocksize"], double_quant=True)
+    method = options["method"]
+    if method == "vera":
+        module = ModuleAdapter(lambda_d=inputs["lambda_d"], lambda_b=inputs["lambda_b"])
+        adapter = Adapter({"linear": module}, vera_A=inputs["vera_A"], vera_B=inputs["vera_B"])
+    else:
+        module = ModuleAdapter(A=inputs["A"], B=inputs["B"], alpha=options["alpha"], rslora=options.get("rslora", False),
+                               magnitude=inputs.get("magnitude"))
+        adapter = Adapter({"linear": module})
+    return stack, adapter
+
+
+def export_forward_vectors(case: Case) -> Vectors:
+    """y of refpeft_onnx's exported graph (merged or unmerged; NF4 base via MatMulBnb4 or standard ops).
+
+    The expected y is the adapter's forward on the layer's weight (for an NF4 base its dequantised
+    weight, exactly what the graph multiplies by), computed exactly; the bound is the graph's own
+    (refpeft_onnx.verify.graph_bound: merged weights and initializers rounded to float32 once).
+    """
+    from refpeft.dora import dora_forward
+    from refpeft.vera import vera_forward
+    from refpeft_onnx.verify import graph_bound
+
+    o = case.options
+    method = o["method"]
+    if method == "vera":
+        inputs = _vera_inputs(case, with_dy=False)
+    elif method == "dora":
+        inputs, _ = _dora_inputs(case, with_dy=False)
+    else:
+        inputs, _ = _lora_inputs(case, with_dy=False)
+    if o.get("nf4_blocksize"):
+        inputs["W0"] = quant_weight(Case(case.name, case.family, "float32", case.seed,
+                                         {"shape": [case.sizes["d"], case.sizes["k"]]},
+                                         {"blocksize": o["nf4_blocksize"], "quant_type": "nf4"}))
+    stack, adapter = export_adapter(inputs, o)
+    layer, module = stack.layers[0], adapter.modules["linear"]
+    e = _exact({**inputs, "W": layer.weight})       # W: the float weight the graph multiplies by
+    if method == "vera":
+        y, _ = vera_forward(e["x"], e["W"], e["vera_A"], e["vera_B"], e["lambda_d"], e["lambda_b"], bias=e.get("bias"))
+    elif method == "dora":
+        y, _ = dora_forward(e["x"], e["W"], e["A"], e["B"], e["magnitude"], scaling=module.scaling, bias=e.get("bias"))
+    else:
+        y, _ = lora_forward(e["x"], e["W"], e["A"], e["B"], scaling=module.scaling, bias=e.get("bias"))
+    bound = graph_bound(stack, adapter, inputs["x"], form=o["form"], dtype=case.dtype, nf4_ops=o.get("nf4_ops", "bnb4"))
+    parameters = {"scaling": module.scaling} if method != "vera" else {}
+    return Vectors(inputs, _plain({"y": y}), {"y": round_up(np.asarray(bound, dtype=np.float64))}, parameters)
+
+
 # ---------------------------------------------------------------- Adam, AdamW, LoRA+
 
 def _adam_config(o: dict[str, Any]) -> AdamConfig:
@@ -375,6 +474,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("vera_backward", "vera", "dx, dlambda_d, dlambda_b (and dbias) of sum(y * dy), y as vera_forward",
            vera_backward_vectors),
     Family("vera_merge", "vera", "W = W0 + (lambda_b vera_B)(lambda_d vera_A), in W0's layout", vera_merge_vectors),
+    Family("fusion_cat", "fusion", "the `cat` combination of LoRA adapters with weights w_i: A = rows "
+           "(A_i * w_i) * s_i stacked, B = columns B_i stacked (fused alpha = total rank, scaling 1)",
+           fusion_cat_vectors),
+    Family("export_forward", "export", "y of refpeft_onnx's exported one-layer graph (options: method, form "
+           "merged/unmerged, NF4 base); the expected y is the adapter's exact forward", export_forward_vectors,
+           requires=("refpeft_onnx", "onnx")),
     Family("adam_step", "optim", "one torch.optim.Adam/AdamW step per parameter group (LoRA+: B at lr * ratio)",
            adam_step_vectors),
     Family("quantize_4bit", "quant", "NF4/FP4 blockwise codes of W packed two per byte (first element high "
@@ -385,8 +490,18 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 
+def missing_requirements(case: Case) -> list[str]:
+    """The modules case's family needs that are not importable here ([] when it can be generated)."""
+    import importlib.util
+
+    return [m for m in FAMILIES[case.family].requires if importlib.util.find_spec(m) is None]
+
+
 def make_vectors(case: Case) -> Vectors:
     """The vectors of one case (its family's `make`)."""
     if case.family not in FAMILIES:
         raise ConfigError(f"case {case.name!r} has unknown family {case.family!r}; known: {', '.join(FAMILIES)}")
+    missing = missing_requirements(case)
+    if missing:
+        raise ConfigError(f"case {case.name!r} needs {', '.join(missing)} (install refpeft[onnx] for exported graphs)")
     return FAMILIES[case.family].make(case)

@@ -1,5 +1,7 @@
 """ONNX Runtime (CPU provider): its bnb4 quantiser, and refpeft's exported graphs run on the cases' inputs.
 
+- export_forward: the case's layer exported by refpeft_onnx (merged or unmerged, NF4 through
+  com.microsoft.MatMulBnb4 or standard ops), run in an InferenceSession on the case's x.
 - quantize_4bit: `quantize_matmul_bnb4` (the quantiser behind com.microsoft.MatMulBnb4, CUDA's
   decision trees compiled for the CPU) on the weight as one row of numel values, so its blocks
   are bitsandbytes' flat blocks. It implements the "bnb-cuda" semantics without double
@@ -35,7 +37,31 @@ def _quantize(manifest: dict, inputs: dict) -> dict:
     return {"packed": packed.reshape(-1, 1), "absmax": absmax}
 
 
-HANDLERS = {"quantize_4bit": _quantize}
+def _export(manifest: dict, inputs: dict) -> dict:
+    """Export the case's layer with refpeft_onnx and run the graph in an ONNX Runtime CPU session."""
+    import importlib.util
+
+    import onnxruntime as ort
+    from refpeft.conformance.families import export_adapter
+
+    if importlib.util.find_spec("refpeft_onnx") is None:
+        raise Unsupported("refpeft_onnx (the exporter under test) is not installed")
+    from refpeft_onnx.graph import branch_values, build_model
+
+    o = manifest["options"]
+    stack, adapter = export_adapter(inputs, o)
+    model = build_model(stack, adapter, form=o["form"], dtype=manifest["dtype"], nf4_ops=o.get("nf4_ops", "bnb4"))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3   # the swappable adapter inputs are initializers by design: no warnings
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {"x": inputs["x"]}
+    if o["form"] == "unmerged":
+        values = branch_values(stack.layers[0], adapter.modules["linear"])
+        feeds.update({name: value.astype(manifest["dtype"]) for name, value in values.items()})
+    return {"y": session.run(["y"], feeds)[0]}
+
+
+HANDLERS = {"quantize_4bit": _quantize, "export_forward": _export}
 
 
 def run(manifest: dict, inputs: dict[str, np.ndarray]) -> dict:

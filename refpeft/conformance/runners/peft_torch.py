@@ -154,6 +154,42 @@ def _vera(manifest: dict, inputs: dict, device: str) -> dict:
                       {"dlambda_d": proj.vera_lambda_d["default"], "dlambda_b": proj.vera_lambda_b["default"]})
 
 
+def _fusion_cat(manifest: dict, inputs: dict, device: str) -> dict:
+    """Two adapters on one layer, PEFT's add_weighted_adapter(combination_type="cat")."""
+    torch = _torch()
+    import peft
+
+    s, o = manifest["sizes"], manifest["options"]
+    dtype = getattr(torch, manifest["dtype"])
+    layer = torch.nn.Linear(s["k"], s["d"], bias=False)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = layer
+
+        def forward(self, x):
+            return self.proj(x)
+
+    names = []
+    model = None
+    for i, (r, alpha) in enumerate(zip(s["ranks"], o["alphas"]), start=1):
+        config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], init_lora_weights=False)
+        name = f"adapter{i}"
+        if model is None:
+            model = peft.get_peft_model(Net(), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+        names.append(name)
+    model = model.to(device=device, dtype=dtype)
+    proj = model.base_model.model.proj
+    for i, name in enumerate(names, start=1):
+        _set(proj.lora_A[name].weight, inputs[f"A{i}"])
+        _set(proj.lora_B[name].weight, inputs[f"B{i}"])
+    model.add_weighted_adapter(names, o["weights"], "fused", combination_type="cat")
+    return {"A": _numpy(proj.lora_A["fused"].weight), "B": _numpy(proj.lora_B["fused"].weight)}
+
+
 def _run_layer(model, proj, manifest: dict, inputs: dict, device: str, params: dict) -> dict:
     """Forward (y) or forward + autograd backward (dx, the named parameter grads, dbias)."""
     backward = manifest["family"].endswith("_backward")
@@ -216,7 +252,7 @@ def _loraplus_optimizer(manifest: dict, tensors: dict, cls, common: dict):
 
 HANDLERS = {"lora_forward": _lora, "lora_backward": _lora, "lora_merge": _lora, "adam_step": _adam,
             "dora_forward": _dora, "dora_backward": _dora, "dora_merge": _dora,
-            "vera_forward": _vera, "vera_backward": _vera, "vera_merge": _vera}
+            "fusion_cat": _fusion_cat, "vera_forward": _vera, "vera_backward": _vera, "vera_merge": _vera}
 
 
 def _runner(device: str):

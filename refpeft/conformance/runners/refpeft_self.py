@@ -64,6 +64,17 @@ def _vera(manifest: dict, inputs: dict) -> dict:
     return {"dx": g.dx, "dlambda_d": g.dlambda_d, "dlambda_b": g.dlambda_b, **({"dbias": g.dbias} if trainable else {})}
 
 
+def _fusion_cat(manifest: dict, inputs: dict) -> dict:
+    from refpeft.adapter import ModuleAdapter
+    from refpeft.fusion import combine_modules
+
+    o = manifest["options"]
+    modules = [ModuleAdapter(A=inputs[f"A{i}"], B=inputs[f"B{i}"], alpha=alpha)
+               for i, alpha in enumerate(o["alphas"], start=1)]
+    fused, _ = combine_modules(modules, o["weights"], combination="cat")
+    return {"A": fused.A, "B": fused.B}
+
+
 def _adam(manifest: dict, inputs: dict) -> dict:
     o, p = manifest["options"], manifest["parameters"]
     t = p["step"]
@@ -101,7 +112,7 @@ def _dequantize(manifest: dict, inputs: dict) -> dict:
     return {"W": dequantize_4bit(state)}
 
 
-HANDLERS = {"dora_forward": _dora, "dora_backward": _dora, "dora_merge": _dora,
+HANDLERS = {"fusion_cat": _fusion_cat, "dora_forward": _dora, "dora_backward": _dora, "dora_merge": _dora,
             "vera_forward": _vera, "vera_backward": _vera, "vera_merge": _vera, "quantize_4bit": _quantize, "dequantize_4bit": _dequantize, "lora_forward": _lora, "lora_backward": _lora, "lora_merge": _lora, "adam_step": _adam}
 
 
