@@ -3,7 +3,7 @@
 DoRA ("Weight-Decomposed Low-Rank Adaptation", arXiv 2402.09353) splits the adapted weight into a
 trainable per-row magnitude m and a direction V = W0 + s B A whose rows are normalised:
 
-    W' = diag(m / n) V,        n_i = ||V_i|| = ||W0_i + s (B A)_i||       (norm over the input axis)
+    W' = diag(m / nu) V,       nu_i = ||V_i|| = ||W0_i + s (B A)_i||      (norm over the input axis)
 
 Layout as in refpeft.lora (A is (r, k), B is (d, r), W0 is (d, k) or (k, d) with fan_in_fan_out;
 shapes at line ends, n rows after flattening the batch). Forward, in HF PEFT's form (base output
@@ -13,7 +13,7 @@ plus a correction; `tuners/lora/dora.py`):
     xa = xd A^T                                  # (n, r)
     u  = xd W0^T                                 # (n, d)   = x W0^T (the base product) without dropout
     v  = xa B^T                                  # (n, d)
-    g  = m / n                                   # (d,)     n computed here from the current A, B
+    g  = m / nu                                  # (d,)     nu computed here from the current A, B
     y  = x W0^T + b + (g - 1) * u + (g * v) * s  # (n, d)
 
 Without dropout this is y = g * (x V^T) + b. With dropout PEFT recomputes u on the dropped input, so
@@ -22,8 +22,8 @@ the base term keeps the full x and only the correction sees the mask; refpeft do
 Backward, for dy = dL/dy (n, d). Let xv = u + s v = xd V^T (the direction's output before g):
 
     dg     = sum_n dy * xv                                           # (d,)
-    dm     = dg / n                                                  # (d,)
-    gy     = s * (g * dy)                                            # (n, d)  dL/dv / ... times s
+    dm     = dg / nu                                                 # (d,)
+    gy     = s * (g * dy)                                            # (n, d)  dL/dv
     dB     = gy^T xa                                                 # (d, r)
     gb     = gy B                                                    # (n, r)  dL/d(xa)
     dA     = gb^T xd                                                 # (r, k)
@@ -31,33 +31,33 @@ Backward, for dy = dL/dy (n, d). Let xv = u + s v = xd V^T (the direction's outp
            = (g * dy) W0 + gb A                                      # without dropout
     dbias  = sum_n dy                                                # (d,)
 
-That is the whole gradient in the default `gradient="detached"` mode: n is treated as a constant,
+That is the whole gradient in the default `gradient="detached"` mode: nu is treated as a constant,
 as section 4.3 of the paper suggests and as PEFT does (`weight_norm.detach()`). The `"exact"` mode
-also differentiates n(A, B). With dL/dn = dg * dg/dn = -dg * g / n and dn_i/dV_i = V_i / n_i,
+also differentiates nu(A, B). With dL/dnu = dg * dg/dnu = -dg * g / nu and dnu_i/dV_i = V_i / nu_i,
 
-    w      = -(dg * g) / n^2                                         # (d,)    dL/dV = diag(w) V
+    w      = -(dg * g) / nu^2                                        # (d,)    dL/dV = diag(w) V
     dB    += s * diag(w) V A^T = s * diag(w) (W0 A^T + s B (A A^T))  # (d, r)
     dA    += s * B^T diag(w) V = s * ((w B)^T W0 + s ((w B)^T B) A)   # (r, k)
 
-(dm, dx and dbias are the same in both modes: m and x do not enter n). The exact extra terms are
+(dm, dx and dbias are the same in both modes: m and x do not enter nu). The exact extra terms are
 written with W0 A^T (d, r) and A A^T (r, r), so even the exact backward never forms B A.
 docs/dora.md derives all of this and shows what the detached form drops.
 
-The norm n. refpeft forms V = W0 + s B A exactly as PEFT does, but in blocks of rows
+The norm nu. refpeft forms V = W0 + s B A exactly as PEFT does, but in blocks of rows
 (`NORM_BLOCK_ELEMENTS` entries at a time), so memory stays O(block) instead of d x k, and each
 row's norm is computed from the same values PEFT sums. The expansion
 ||W0_i||^2 + 2 s (W0 A^T)_i . B_i + s^2 B_i (A A^T) B_i^T avoids forming any row of B A, but it
 subtracts: where W0_i and s (B A)_i nearly cancel its relative error grows like
-||W0_i||^2 / n_i^2 (measured in benchmarks/bench_dora_vera.py), and an exactly zero row, which
+||W0_i||^2 / nu_i^2 (measured in benchmarks/bench_dora_vera.py), and an exactly zero row, which
 must be refused, comes out as rounding noise. Its flop count (d k r for W0 A^T) equals that of
 forming B A blockwise, so it saves nothing worth the accuracy; the blockwise formation it is.
 
-A zero norm row (n_i = 0) has no direction; PEFT divides by it and returns NaN/inf. refpeft
+A zero norm row (nu_i = 0) has no direction; PEFT divides by it and returns NaN/inf. refpeft
 raises NonFiniteError naming the rows.
 
-Merge: W' = diag(g) (W0 + s B A), with g = m / n and n computed from W0 (in W0's layout: with
-fan_in_fan_out the columns are scaled). Unmerge needs that same n: the merged weight's rows all
-have norm |m_i| whatever n was, so W0 cannot be recovered from W', m, A, B alone. PEFT caches n at
+Merge: W' = diag(g) (W0 + s B A), with g = m / nu and nu computed from W0 (in W0's layout: with
+fan_in_fan_out the columns are scaled). Unmerge needs that same nu: the merged weight's rows all
+have norm |m_i| whatever nu was, so W0 cannot be recovered from W', m, A, B alone. PEFT caches nu at
 merge time; here `dora_weight_norm` gives it and `dora_unmerge` takes it.
 """
 
@@ -80,7 +80,7 @@ NORM_BLOCK_ELEMENTS = 2**20
 
 
 def dora_weight_norm(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
-    """n = the row norms ||W0_i + s (B A)_i|| over the input axis, (d,); refuses a zero row.
+    """nu = the row norms ||W0_i + s (B A)_i|| over the input axis, (d,); refuses a zero row.
 
     V is formed in blocks of rows (see the module docstring for why not the expanded formula).
     """
@@ -93,7 +93,7 @@ def dora_weight_norm(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out:
 
 
 def init_dora_magnitude(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
-    """m0 = ||W0 + s B A|| row-wise (d,), so that g = m / n = 1 and DoRA starts as the LoRA it wraps.
+    """m0 = ||W0 + s B A|| row-wise (d,), so that g = m / nu = 1 and DoRA starts as the LoRA it wraps.
 
     Call it after A and B are initialised (refpeft.lora.init_lora); with B = 0, m0 = ||W0_i||.
     """
@@ -108,7 +108,7 @@ class DoraCache:
     dropout_mask: Any      # (..., k) or None
     xa: Any                # (n, r)  dropout(x) A^T
     xv: Any                # (n, d)  dropout(x) (W0 + s B A)^T, built as u + s v (B A never formed)
-    weight_norm: Any       # (d,)    n
+    weight_norm: Any       # (d,)    nu
     magnitude: Any         # (d,)    m
     W0: Any
     A: Any
@@ -137,9 +137,9 @@ def dora_forward(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: fl
 
     gradient: "detached" (default, PEFT's) treats the norm as a constant in `dora_backward`;
       "exact" differentiates it too.
-    weight_norm: None computes n from the current A and B (training). A given (d,) array is used
-      as n instead, frozen (PEFT's cached eval norm, or an exported fixed scale); it cannot be
-      combined with gradient="exact", which needs n to follow A and B.
+    weight_norm: None computes nu from the current A and B (training). A given (d,) array is used
+      as nu instead, frozen (PEFT's cached eval norm, or an exported fixed scale); it cannot be
+      combined with gradient="exact", which needs nu to follow A and B.
     """
     xp, shape = check_linear_inputs(x, W0, bias=bias, fan_in_fan_out=fan_in_fan_out, A=A, B=B,
                                     magnitude=magnitude, dropout_mask=dropout_mask, weight_norm=weight_norm)
@@ -151,14 +151,14 @@ def dora_forward(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: fl
     if bias_trainable and bias is None:
         raise ConfigError("bias_trainable=True needs a bias")
     if weight_norm is None:
-        n = _weight_norm(W0, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out, xp=xp)   # (d,)
+        nu = _weight_norm(W0, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out, xp=xp)  # (d,)
     elif gradient == "exact":
         raise ConfigError("a given (frozen) weight_norm has no gradient; use gradient='detached' with it")
     else:
         check_float_array("weight_norm", weight_norm, xp=xp, shape=(shape.d,))
         _refuse_zero_rows(weight_norm, xp=xp)
-        n = weight_norm
-    g = magnitude / n                                                  # (d,)
+        nu = weight_norm
+    g = magnitude / nu                                                 # (d,)
     x2 = flatten_rows(x, xp=xp)                                        # (n, k)
     xd = x2 if dropout_mask is None else x2 * flatten_rows(dropout_mask, xp=xp)
     xw = base_forward(x2, W0, None, fan_in_fan_out=fan_in_fan_out, xp=xp)          # (n, d)
@@ -167,7 +167,7 @@ def dora_forward(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: fl
     v = xp.matmul(xa, xp.matrix_transpose(B))                          # (n, d)
     base = xw if bias is None else xw + bias
     y = base + ((g - 1) * u + (g * v) * scaling)                      # (n, d)  PEFT's order
-    cache = DoraCache(x=x, dropout_mask=dropout_mask, xa=xa, xv=u + v * scaling, weight_norm=n,
+    cache = DoraCache(x=x, dropout_mask=dropout_mask, xa=xa, xv=u + v * scaling, weight_norm=nu,
                       magnitude=magnitude, W0=W0, A=A, B=B, scaling=scaling, fan_in_fan_out=fan_in_fan_out,
                       gradient=gradient, bias_trainable=bias_trainable)
     return xp.reshape(y, (*x.shape[:-1], shape.d)), cache
@@ -178,14 +178,14 @@ def dora_backward(dy: Any, cache: DoraCache) -> DoraGrads:
     xp = namespace(dy, cache.x)
     d = cache.B.shape[0]
     check_float_array("dy", dy, xp=xp, shape=(*cache.x.shape[:-1], d))
-    s, n, A, B = cache.scaling, cache.weight_norm, cache.A, cache.B
-    g = cache.magnitude / n                                            # (d,)
+    s, nu, A, B = cache.scaling, cache.weight_norm, cache.A, cache.B
+    g = cache.magnitude / nu                                           # (d,)
     g2 = flatten_rows(dy, xp=xp)                                       # (n, d)
     x2 = flatten_rows(cache.x, xp=xp)                                  # (n, k)
     mask = None if cache.dropout_mask is None else flatten_rows(cache.dropout_mask, xp=xp)
     xd = x2 if mask is None else x2 * mask                             # recomputed, not cached
     dg = xp.sum(g2 * cache.xv, axis=0)                                 # (d,)
-    dmagnitude = dg / n                                                # (d,)
+    dmagnitude = dg / nu                                               # (d,)
     gy = (g2 * g) * s                                                  # (n, d)
     dB = xp.matmul(xp.matrix_transpose(gy), cache.xa)                  # (d, r)
     gb = xp.matmul(gy, B)                                              # (n, r)
@@ -198,7 +198,7 @@ def dora_backward(dy: Any, cache: DoraCache) -> DoraGrads:
         dx = base_input_grad(g2, cache.W0, fan_in_fan_out=ffo, xp=xp) + dxd * mask
     if cache.gradient == "exact":
         W = weight_rows(cache.W0, fan_in_fan_out=ffo, xp=xp)           # (d, k)
-        w = -(dg * g) / (n * n)                                        # (d,)  dL/dV = diag(w) V
+        w = -(dg * g) / (nu * nu)                                      # (d,)  dL/dV = diag(w) V
         wB = w[:, None] * B                                            # (d, r)
         WAt = xp.matmul(W, xp.matrix_transpose(A))                     # (d, r)  W0 A^T
         AAt = xp.matmul(A, xp.matrix_transpose(A))                     # (r, r)
@@ -211,12 +211,12 @@ def dora_backward(dy: Any, cache: DoraCache) -> DoraGrads:
 
 def dora_delta_weight(W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float,
                       fan_in_fan_out: bool = False) -> Any:
-    """W' - W0 = diag(g) (W0 + s B A) - W0 in W0's layout, g = m / n. Forms the d x k product."""
+    """W' - W0 = diag(g) (W0 + s B A) - W0 in W0's layout, g = m / nu. Forms the d x k product."""
     return dora_merge(W0, A, B, magnitude, scaling=scaling, fan_in_fan_out=fan_in_fan_out) - W0
 
 
 def dora_merge(W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
-    """W' = diag(m / n) (W0 + s B A) in W0's layout: the merged layer computes x W'^T + b."""
+    """W' = diag(m / nu) (W0 + s B A) in W0's layout: the merged layer computes x W'^T + b."""
     xp, g = _merge_scale(W0, A, B, magnitude, scaling=scaling, fan_in_fan_out=fan_in_fan_out, weight_norm=None)
     V = W0 + delta_weight(A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
     return _per_row(g, fan_in_fan_out=fan_in_fan_out) * V
@@ -224,7 +224,7 @@ def dora_merge(W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, fan_i
 
 def dora_unmerge(W: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, weight_norm: Any,
                  fan_in_fan_out: bool = False) -> Any:
-    """W0 = diag(n / m) W' - s B A, with n = `dora_weight_norm` of the unmerged W0 (taken before merging).
+    """W0 = diag(nu / m) W' - s B A, with nu = `dora_weight_norm` of the unmerged W0 (taken before merging).
 
     Exact up to a few roundings per entry; a zero magnitude m_i erased row i and is refused.
     """
@@ -253,15 +253,15 @@ def _weight_norm(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: boo
         stop = min(start + rows, d)
         V = W[start:stop, :] + scaling * xp.matmul(B[start:stop, :], A)   # (rows, k)  PEFT's W + s * (B A)
         norms.append(xp.linalg.vector_norm(V, axis=1))
-    n = norms[0] if len(norms) == 1 else xp.concat(norms)              # (d,)
-    if not bool(xp.all(xp.isfinite(n))):
+    nu = norms[0] if len(norms) == 1 else xp.concat(norms)             # (d,)
+    if not bool(xp.all(xp.isfinite(nu))):
         raise NonFiniteError("the DoRA weight norm ||W0 + s B A|| overflowed in this dtype")
-    _refuse_zero_rows(n, xp=xp)
-    return n
+    _refuse_zero_rows(nu, xp=xp)
+    return nu
 
 
-def _refuse_zero_rows(n: Any, *, xp: Any) -> None:
-    zero = n == 0
+def _refuse_zero_rows(nu: Any, *, xp: Any) -> None:
+    zero = nu == 0
     if bool(xp.any(zero)):
         count = int(xp.sum(xp.astype(zero, xp.int64)))
         rows = [int(i) for i in xp.nonzero(zero)[0][:8]]
@@ -272,7 +272,7 @@ def _refuse_zero_rows(n: Any, *, xp: Any) -> None:
 
 def _merge_scale(W: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, fan_in_fan_out: bool,
                  weight_norm: Any) -> tuple[Any, Any]:
-    """Check a merge's inputs; return the namespace and g = m / n (n computed from W when not given)."""
+    """Check a merge's inputs; return the namespace and g = m / nu (nu computed from W when not given)."""
     xp = namespace(W, A, B, magnitude, weight_norm)
     shape = linear_shape(W, fan_in_fan_out=fan_in_fan_out)
     for name, array in (("W", W), ("A", A), ("B", B)):
