@@ -1,8 +1,7 @@
 """DoRA and VeRA against HF PEFT on torch CPU: same weights, float64 to 1e-12, float32 within a derived bound.
 
-The float32 bounds are composed here from refpeft.tolerance's rules (matmul, add, multiply,
-divide, row_norm), following each method's forward op by op; tolerance.py has no DoRA/VeRA
-chain of its own yet.
+The float32 bounds are refpeft.tolerance's (dora_/vera_ forward, backward and merge bounds, which
+cover both refpeft's and PEFT's operation orders): both implementations must stay within them.
 """
 
 from __future__ import annotations
@@ -141,55 +140,45 @@ def test_peft_gives_non_finite_output_for_a_zero_norm_row_where_refpeft_refuses(
         dora_forward(c["x"], c["W0"], c["A"], np.zeros_like(c["B"]), np.ones(c["d"]), scaling=1.0, bias=c["b"])
 
 
-def dora_forward_chain(c: dict, m: np.ndarray, s: float, p: tol.Precision) -> tol.Bounded:
-    """Error model of y = x W0^T + b + (g - 1) * u + (g * v) * s, g = m / ||W0 + s B A|| (no dropout).
-
-    u is bounded as PEFT computes it, (x W0^T + b) - b, which also covers refpeft's plain x W0^T.
-    """
-    W = tol.exact(c["W0"])                                                   # (d, k)
-    V = tol.add(W, tol.matmul(tol.exact(c["B"]), tol.exact(c["A"]), p, scale=s), p)
-    g = tol.divide(tol.exact(m), tol.row_norm(V, p), p)                      # (d,)
-    x2 = tol.rows(tol.exact(c["x"]))
-    base = tol.matmul(x2, tol.transpose(W), p, bias=tol.exact(c["b"]))
-    u = tol.subtract(base, tol.exact(c["b"]), p)
-    v = tol.matmul(tol.matmul(x2, tol.transpose(tol.exact(c["A"])), p), tol.transpose(tol.exact(c["B"])), p)
-    ones = tol.exact(np.ones(c["d"]))
-    gv_s = tol.scale(tol.multiply(g, v, p), s, p)
-    return tol.add(base, tol.add(tol.multiply(tol.subtract(g, ones, p), u, p), gv_s, p), p)
+def within(bound, reference, *results, named):
+    """Each result within `bound` of the float64 reference; returns the fraction of the bound used."""
+    checks = [tol.compare(result, reference, bound) for result in results]
+    assert all(c.passed for c in checks), (named, checks)
+    return [c.ratio for c in checks]
 
 
 def test_dora_float32_agrees_with_peft_within_the_derived_bound():
     c = dora_case(fan_in_fan_out=False, bias=True, dropout=False)
     # Inputs exactly representable in float32, so both sides start from the same values.
-    for name in ("W0", "b", "A", "B", "x", "noise"):
+    for name in ("W0", "b", "A", "B", "x", "dy", "noise"):
         c[name] = c[name].astype(np.float32).astype(np.float64)
     s = lora_scaling(c["alpha"], c["r"])
     m = (dora_weight_norm(c["W0"], c["A"], c["B"], scaling=s) * (1.0 + 0.3 * np.tanh(c["noise"])))
     m = m.astype(np.float32).astype(np.float64)
     layer, _ = peft_dora(c, fan_in_fan_out=False, dtype=torch.float32)
     set_dora(layer, c["A"], c["B"], m, torch.float32)
-    peft_y = layer(tensor(c["x"], torch.float32)).detach().numpy()
-    f32 = {n: c[n].astype(np.float32) for n in ("x", "W0", "A", "B", "b")}
-    y32, _ = dora_forward(f32["x"], f32["W0"], f32["A"], f32["B"], m.astype(np.float32), scaling=s, bias=f32["b"])
-    y64, _ = dora_forward(c["x"], c["W0"], c["A"], c["B"], m, scaling=s, bias=c["b"])
-    bound = tol.with_reference(lambda p: dora_forward_chain(c, m, s, p), tol.Precision("float32")).reshape(y64.shape)
-    ours, theirs = tol.compare(y32, y64, bound), tol.compare(peft_y, y64, bound)
-    assert ours.passed and theirs.passed, (ours, theirs)
-    assert 0.0 < ours.ratio and 0.0 < theirs.ratio   # really computed in float32
+    tx = tensor(c["x"], torch.float32).requires_grad_(True)
+    peft_y = layer(tx)
+    (peft_y * tensor(c["dy"], torch.float32)).sum().backward()
+    f32 = {n: c[n].astype(np.float32) for n in ("x", "W0", "A", "B", "b", "dy")}
+    y32, cache32 = dora_forward(f32["x"], f32["W0"], f32["A"], f32["B"], m.astype(np.float32), scaling=s, bias=f32["b"])
+    y64, cache64 = dora_forward(c["x"], c["W0"], c["A"], c["B"], m, scaling=s, bias=c["b"])
+    args = (c["x"], c["W0"], c["A"], c["B"], m)
+    ratios = within(tol.dora_forward_bound(*args, scaling=s, bias=c["b"]), y64, y32, peft_y.detach().numpy(), named="y")
+    assert min(ratios) > 0.0   # really computed in float32
+
+    grads32, grads64 = dora_backward(f32["dy"], cache32), dora_backward(c["dy"], cache64)
+    bounds = tol.dora_backward_bound(c["dy"], *args, scaling=s, bias=c["b"])
+    peft = {"dx": tx.grad, "dA": layer.lora_A["default"].weight.grad, "dB": layer.lora_B["default"].weight.grad,
+            "dmagnitude": layer.lora_magnitude_vector["default"].weight.grad}
+    for name, theirs in peft.items():
+        within(bounds[name], getattr(grads64, name), getattr(grads32, name), theirs.numpy(), named=name)
 
     layer.merge()
     W32 = dora_merge(f32["W0"], f32["A"], f32["B"], m.astype(np.float32), scaling=s)
     W64 = dora_merge(c["W0"], c["A"], c["B"], m, scaling=s)
-
-    def merge_chain(p):
-        W = tol.exact(c["W0"])
-        V = tol.add(W, tol.matmul(tol.exact(c["B"]), tol.exact(c["A"]), p, scale=s), p)
-        g = tol.divide(tol.exact(m), tol.row_norm(V, p), p)
-        return tol.multiply(tol.Bounded(g.value[:, None], g.error[:, None]), V, p)
-
-    merge_bound = tol.with_reference(merge_chain, tol.Precision("float32"))
-    assert tol.compare(W32, W64, merge_bound).passed
-    assert tol.compare(layer.base_layer.weight.detach().numpy(), W64, merge_bound).passed
+    within(tol.dora_merge_bound(c["W0"], c["A"], c["B"], m, scaling=s), W64, W32,
+           layer.base_layer.weight.detach().numpy(), named="merged")
 
 
 # ---------------------------------------------------------------- VeRA
@@ -268,21 +257,28 @@ def test_vera_float32_agrees_with_peft_within_the_derived_bound():
         lambda_d = rng.standard_normal(r).astype(np.float32)
         lambda_b = rng.standard_normal(shape.d).astype(np.float32)
         x = rng.standard_normal((2, 3, shape.k)).astype(np.float32)
+        dy = rng.standard_normal((2, 3, shape.d)).astype(np.float32)
         with torch.no_grad():
             layer.vera_lambda_d["default"].copy_(torch.tensor(lambda_d))
             layer.vera_lambda_b["default"].copy_(torch.tensor(lambda_b))
-        peft_y = layer(torch.tensor(x)).detach().numpy()
-        y32, _ = vera_forward(x, W0, vera_A, vera_B, lambda_d, lambda_b, bias=b)
-        f64 = [a.astype(np.float64) for a in (x, W0, vera_A, vera_B, lambda_d, lambda_b, b)]
-        y64, _ = vera_forward(*f64[:6], bias=f64[6])
+        tx = torch.tensor(x, requires_grad=True)
+        peft_y = layer(tx)
+        (peft_y * torch.tensor(dy)).sum().backward()
+        y32, cache32 = vera_forward(x, W0, vera_A, vera_B, lambda_d, lambda_b, bias=b)
+        f64 = [a.astype(np.float64) for a in (x, W0, vera_A, vera_B, lambda_d, lambda_b, b, dy)]
+        y64, cache64 = vera_forward(*f64[:6], bias=f64[6])
+        sliced = (f64[2][:, :shape.k], f64[3][:shape.d])
+        args = (f64[0], f64[1], *sliced, f64[4], f64[5])
+        within(tol.vera_forward_bound(*args, bias=f64[6]), y64, y32, peft_y.detach().numpy(), named="y")
 
-        def chain(p, x=f64[0], W0=f64[1], A=f64[2][:, :shape.k], B=f64[3][:shape.d], ld=f64[4], lb=f64[5], b=f64[6]):
-            x2 = tol.rows(tol.exact(x))
-            base = tol.matmul(x2, tol.transpose(tol.exact(W0)), p, bias=tol.exact(b))
-            h = tol.multiply(tol.exact(ld), tol.matmul(x2, tol.transpose(tol.exact(A)), p), p)
-            z = tol.multiply(tol.exact(lb), tol.matmul(h, tol.transpose(tol.exact(B)), p), p)
-            return tol.add(base, z, p)
+        grads32, grads64 = vera_backward(dy, cache32), vera_backward(f64[7], cache64)
+        bounds = tol.vera_backward_bound(f64[7], *args)
+        peft = {"dx": tx.grad, "dlambda_d": layer.vera_lambda_d["default"].grad,
+                "dlambda_b": layer.vera_lambda_b["default"].grad}
+        for name, theirs in peft.items():
+            within(bounds[name], getattr(grads64, name), getattr(grads32, name), theirs.numpy(), named=name)
 
-        bound = tol.with_reference(chain, tol.Precision("float32")).reshape(y64.shape)
-        ours, theirs = tol.compare(y32, y64, bound), tol.compare(peft_y, y64, bound)
-        assert ours.passed and theirs.passed, (ours, theirs)
+        layer.merge()
+        within(tol.vera_merge_bound(f64[1], *sliced, f64[4], f64[5]), vera_merge(*f64[1:6]),
+               vera_merge(W0, vera_A, vera_B, lambda_d, lambda_b), layer.base_layer.weight.detach().numpy(),
+               named="merged")
