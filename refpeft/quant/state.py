@@ -62,16 +62,21 @@ def absmax_values(state: QuantState4bit) -> Any:
     return dequantize_absmax(state.absmax) if state.nested else state.absmax
 
 
-def dequantize_4bit(state: QuantState4bit) -> Any:
-    """The weight rebuilt from `state`, in its shape and stored dtype (bfloat16 emulated on NumPy)."""
+def dequantize_4bit(state: QuantState4bit, *, dtype: str | None = None) -> Any:
+    """The weight rebuilt from `state` in its shape: the float32 products rounded once to `dtype`
+    (default: the stored dtype; bitsandbytes' matmul asks for its compute dtype). bfloat16 is
+    emulated in float32 on namespaces without it."""
+    dtype = state.dtype if dtype is None else dtype
+    if dtype not in STORED_DTYPES:
+        raise DTypeError(f"dequantize to float32, float16 or bfloat16, not {dtype!r}")
     values = dequantize_blockwise_4bit(state.packed, absmax_values(state), shape=state.shape,
                                        quant_type=state.quant_type, blocksize=state.blocksize)
     xp = namespace(values)
-    if state.dtype == "float32":
+    if dtype == "float32":
         return values
-    if state.dtype == "bfloat16" and not hasattr(xp, "bfloat16"):
+    if dtype == "bfloat16" and not hasattr(xp, "bfloat16"):
         return round_to(values, "bfloat16", xp=xp)
-    return xp.astype(values, float_dtype(state.dtype, xp=xp))
+    return xp.astype(values, float_dtype(dtype, xp=xp))
 
 
 def stored_bytes(state: QuantState4bit) -> dict[str, int]:
