@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.backend import float_dtype, numpy_namespace, round_to, to_numpy
 from refpeft.errors import ConfigError
 from refpeft.gradcheck import gradient_errors
@@ -53,6 +54,7 @@ from refpeft.optim import AdamState, adam_step, adamw, loraplus_groups, single_g
 from refpeft.vera import init_vera, vera_backward, vera_delta_weight, vera_forward, vera_merge, vera_parameter_count, vera_projections
 
 GRADIENT_TOLERANCE = 1e-7
+DEMO_LAYER = "linear"  # the module path of the demo's one adapted layer in exported adapters
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ class Method:
     hidden_delta: Callable[[np.random.Generator, DemoConfig, dict], np.ndarray] = low_rank_delta
     # The function whose finite differences the backward must match (default: the forward itself).
     differentiated: Callable[[dict[str, Any], dict[str, Any], DemoConfig], Callable[..., Any]] | None = None
+    # The trained tensors as an adapter (for export): frozen, params -> Adapter
+    adapter: Callable[[dict[str, Any], dict[str, Any], DemoConfig], Adapter] | None = None
 
 
 def _scaling(config: DemoConfig) -> float:
@@ -150,6 +154,12 @@ def _lora_backward(dy: Any, cache: Any) -> dict[str, Any]:
 
 def _lora_merged(frozen: dict[str, Any], params: dict[str, Any], config: DemoConfig):
     return merge(frozen["W0"], params["lora_A"], params["lora_B"], scaling=_scaling(config))
+
+
+def _lora_adapter(frozen: dict[str, Any], params: dict[str, Any], config: DemoConfig) -> Adapter:
+    module = ModuleAdapter(A=params["lora_A"], B=params["lora_B"], alpha=config.alpha,
+                           magnitude=params.get("lora_magnitude_vector"))
+    return Adapter({DEMO_LAYER: module})
 
 
 def _dora_init(frozen: dict[str, np.ndarray], config: DemoConfig) -> dict[str, np.ndarray]:
@@ -207,6 +217,11 @@ def _vera_backward(dy: Any, cache: Any) -> dict[str, Any]:
     return {"vera_lambda_d": grads.dlambda_d, "vera_lambda_b": grads.dlambda_b, "x": grads.dx}
 
 
+def _vera_adapter(frozen: dict[str, Any], params: dict[str, Any], config: DemoConfig) -> Adapter:
+    module = ModuleAdapter(lambda_d=params["vera_lambda_d"], lambda_b=params["vera_lambda_b"])
+    return Adapter({DEMO_LAYER: module}, vera_A=frozen["vera_A"], vera_B=frozen["vera_B"])
+
+
 def _vera_merged(frozen: dict[str, Any], params: dict[str, Any], config: DemoConfig):
     return vera_merge(frozen["W0"], frozen["vera_A"], frozen["vera_B"], params["vera_lambda_d"],
                       params["vera_lambda_b"])
@@ -214,12 +229,13 @@ def _vera_merged(frozen: dict[str, Any], params: dict[str, Any], config: DemoCon
 
 METHODS: dict[str, Method] = {
     "lora": Method(init=_lora_init, forward=_lora_forward, backward=_lora_backward, merged=_lora_merged,
-                   trainable=lambda c: lora_parameter_count(c.d, c.k, c.rank)),
+                   trainable=lambda c: lora_parameter_count(c.d, c.k, c.rank), adapter=_lora_adapter),
     "dora": Method(init=_dora_init, forward=_dora_forward, backward=_dora_backward, merged=_dora_merged,
-                   trainable=lambda c: dora_parameter_count(c.d, c.k, c.rank), differentiated=_dora_differentiated),
+                   trainable=lambda c: dora_parameter_count(c.d, c.k, c.rank), differentiated=_dora_differentiated,
+                   adapter=_lora_adapter),
     "vera": Method(init=_vera_init, forward=_vera_forward, backward=_vera_backward, merged=_vera_merged,
                    trainable=lambda c: vera_parameter_count(c.d, c.rank), frozen_extra=_vera_frozen,
-                   hidden_delta=_vera_hidden_delta),
+                   hidden_delta=_vera_hidden_delta, adapter=_vera_adapter),
 }
 
 
@@ -234,6 +250,12 @@ class DemoReport:
     trainable_parameters: int = 0
     full_parameters: int = 0
     seconds: float = 0.0
+    frozen: dict[str, np.ndarray] = field(default_factory=dict)    # W0, bias (+ VeRA projections), float64
+    trained: dict[str, np.ndarray] = field(default_factory=dict)   # the trained tensors, float64
+
+    def adapter(self) -> Adapter:
+        """The trained adapter (for export), one module named DEMO_LAYER."""
+        return METHODS[self.config.method].adapter(self.frozen, self.trained, self.config)
 
     @property
     def loss_drop(self) -> float:
@@ -279,7 +301,8 @@ def run_demo(config: DemoConfig, *, progress: Callable[[int, float], None] | Non
             params = {name: round_to(p, "bfloat16", xp=xp) for name, p in params.items()}
         if progress is not None:
             progress(step, report.losses[-1])
-    learned = np.asarray(to_numpy(method.merged(frozen64, _to64(params), config))) - task.W0
+    report.frozen, report.trained = frozen64, _to64(params)
+    learned = np.asarray(to_numpy(method.merged(frozen64, report.trained, config))) - task.W0
     report.captured_energy = 1.0 - float(np.sum((learned - task.delta) ** 2) / np.sum(task.delta**2))
     report.seconds = time.perf_counter() - start
     return report

@@ -46,6 +46,14 @@ def test_cli_reports_and_refuses_bad_options(capsys):
         run_demo(DemoConfig(hidden_rank=0))
 
 
+def test_demo_exports_its_adapter_and_onnx_runtime_agrees(tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is in the onnx extra")
+    assert main(["demo", "--method", "dora", "--steps", "150", "--no-progress", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("of the float32 bound") == 2 and "FAILED" not in out
+    assert {p.name for p in tmp_path.iterdir()} >= {"merged.onnx", "unmerged.onnx", "unmerged.onnx_adapter"}
+
+
 def test_python_dash_m_and_help():
     done = subprocess.run([sys.executable, "-m", "refpeft", "--help"], capture_output=True, text=True, check=True)
     assert "demo" in done.stdout and "refpeft COMMAND --help" in done.stdout

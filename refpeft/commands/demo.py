@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 
 from refpeft.backend import FLOAT_NAMES
 from refpeft.demo import GRADIENT_TOLERANCE, METHODS, DemoConfig, DemoReport, run_demo
@@ -40,6 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the task and the initialisation (default: %(default)s)")
     p.add_argument("--dtype", choices=FLOAT_NAMES, default=defaults.dtype,
                    help="training precision; bfloat16 is emulated in float32 (default: %(default)s)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="keep the exported ONNX graphs and adapter file in DIR (default: a temporary directory)")
+    p.add_argument("--no-export", action="store_true", help="skip the ONNX export step")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     p.set_defaults(func=run, command="demo")
 
@@ -61,7 +65,28 @@ def run(args: argparse.Namespace) -> int:
 
         report = run_demo(config, progress=progress)
     print(format_report(report))
-    return 0 if report.gradients_ok and report.loss_drop >= 100 else 1
+    exported = True if args.no_export else export_step(report, args.out)
+    return 0 if report.gradients_ok and report.loss_drop >= 100 and exported else 1
+
+
+def export_step(report: DemoReport, out: str | None) -> bool:
+    """Export the trained adapter to ONNX and check ONNX Runtime against refpeft; False if it disagrees."""
+    try:
+        from refpeft_onnx.demo import export_and_check, skip_reason
+    except ImportError:
+        print("  ONNX export      skipped: the exporter package refpeft_onnx is not installed")
+        return True
+    reason = skip_reason()
+    if reason:
+        print(f"  {reason}")
+        return True
+    with tempfile.TemporaryDirectory(prefix="refpeft-demo-") as tmp:
+        lines = export_and_check(out or tmp, W0=report.frozen["W0"], bias=report.frozen["bias"],
+                                 adapter=report.adapter())
+    print("  ONNX export" + ("" if out else " (to a temporary directory; --out DIR keeps the files)"))
+    for line in lines:
+        print(f"    {line}")
+    return not any("FAILED" in line for line in lines)
 
 
 def format_report(report: DemoReport) -> str:
