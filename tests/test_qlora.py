@@ -1,0 +1,106 @@
+"""QLoRA: gradients by finite differences of the dequantised model (float64), bf16 emulation properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refpeft.backend import round_to
+from refpeft.errors import ConfigError, DTypeError, ShapeError
+from refpeft.lora import lora_forward
+from refpeft.qlora import base_weight, qlora_backward, qlora_forward, quantize_base
+from tests.support import vjp_check
+
+import array_api_compat.numpy as xp
+
+
+def layer(k=64, d=32, r=4, seed=0, quant_type="nf4"):
+    rng = np.random.default_rng(seed)
+    state = quantize_base(rng.standard_normal((d, k)) * 0.1, quant_type=quant_type)
+    return state, rng.standard_normal((r, k)) * 0.1, rng.standard_normal((d, r)) * 0.1, rng.standard_normal(d)
+
+
+def bf16(a):
+    return round_to(np.asarray(a, dtype=np.float32), "bfloat16", xp=xp)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_lora_gradients_match_finite_differences_of_the_dequantised_model(quant_type, dropout):
+    state, A, B, bias = layer(quant_type=quant_type)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 5, 64))
+    mask = (rng.random(x.shape) > 0.2) / 0.8 if dropout else None
+    dy = rng.standard_normal((3, 5, 32))
+
+    def f(x, A, B):
+        return qlora_forward(x, state, A, B, scaling=2.0, bias=bias, dropout_mask=mask, precision="float64")[0]
+
+    _, cache = qlora_forward(x, state, A, B, scaling=2.0, bias=bias, dropout_mask=mask, precision="float64")
+    grads = qlora_backward(dy, cache)
+    vjp_check(f, {"x": x, "A": A, "B": B}, {"x": grads.dx, "A": grads.dA, "B": grads.dB}, dy)
+
+
+@pytest.mark.parametrize("gradient", ["detached", "exact"])
+def test_dora_on_a_4bit_base_gradients(gradient):
+    state, A, B, bias = layer()
+    W0 = base_weight(state, precision="float64")
+    magnitude = np.linalg.norm(W0 + 2.0 * B @ A, axis=1) * 1.1
+    rng = np.random.default_rng(2)
+    x, dy = rng.standard_normal((6, 64)), rng.standard_normal((6, 32))
+    _, cache = qlora_forward(x, state, A, B, scaling=2.0, magnitude=magnitude, precision="float64",
+                             dora_gradient=gradient)
+    grads = qlora_backward(dy, cache)
+
+    def f(x, A, B, magnitude):
+        return qlora_forward(x, state, A, B, scaling=2.0, magnitude=magnitude, precision="float64",
+                             dora_gradient="exact")[0]
+
+    checked = {"x": grads.dx, "magnitude": grads.dmagnitude}
+    if gradient == "exact":  # the detached gradient is by design not the derivative w.r.t. A and B
+        checked |= {"A": grads.dA, "B": grads.dB}
+    vjp_check(f, {"x": x, "A": A, "B": B, "magnitude": magnitude}, checked, dy)
+
+
+def test_float64_is_lora_on_the_dequantised_base():
+    state, A, B, bias = layer()
+    x = np.random.default_rng(3).standard_normal((7, 64))
+    y, _ = qlora_forward(x, state, A, B, scaling=0.5, bias=bias, precision="float64")
+    W0 = base_weight(state, precision="float64")
+    assert np.array_equal(y, lora_forward(x, W0, A, B, scaling=0.5, bias=bias)[0])
+    assert np.array_equal(W0, bf16(W0))  # the layer multiplies by bfloat16 values
+
+
+def test_bfloat16_stays_within_its_rounding_of_the_float64_model():
+    state, A, B, bias = layer(k=128, d=48, r=8)
+    rng = np.random.default_rng(4)
+    x, dy = bf16(rng.standard_normal((16, 128))), bf16(rng.standard_normal((16, 48)))
+    A32, B32, b32 = A.astype(np.float32), B.astype(np.float32), bias.astype(np.float32)
+    y, cache = qlora_forward(x, state, A32, B32, scaling=2.0, bias=b32)
+    grads = qlora_backward(dy, cache)
+    y64, cache64 = qlora_forward(x.astype(np.float64), state, A32.astype(np.float64), B32.astype(np.float64),
+                                 scaling=2.0, bias=bf16(b32).astype(np.float64), precision="float64")
+    g64 = qlora_backward(dy.astype(np.float64), cache64)
+    assert np.array_equal(y, bf16(y)) and np.array_equal(grads.dx, bf16(grads.dx))
+    W0 = base_weight(state, precision="float64")
+    u = 2.0**-8
+    # three bf16 roundings (base, adapter output, sum) on top of float32 sums
+    y_bound = 3 * u * (np.abs(x) @ np.abs(W0).T + np.abs(b32) + 2.0 * np.abs(x) @ np.abs(A32).T @ np.abs(B32).T)
+    assert np.all(np.abs(y - y64) <= y_bound)
+    dx_bound = 3 * u * (np.abs(dy) @ np.abs(W0) + 2.0 * np.abs(dy) @ np.abs(B32) @ np.abs(A32))
+    assert np.all(np.abs(grads.dx - g64.dx) <= dx_bound)
+    assert np.allclose(grads.dA, g64.dA, rtol=1e-5, atol=1e-5) and np.allclose(grads.dB, g64.dB, rtol=1e-5, atol=1e-5)
+
+
+def test_refusals():
+    state, A, B, bias = layer()
+    x = np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)
+    with pytest.raises(DTypeError, match="bfloat16 values"):
+        qlora_forward(x, state, A.astype(np.float32), B.astype(np.float32), scaling=1.0)
+    with pytest.raises(ConfigError, match="float64"):
+        qlora_forward(bf16(x), state, A.astype(np.float32), B.astype(np.float32), scaling=1.0,
+                      magnitude=np.ones(32, dtype=np.float32))
+    with pytest.raises(ConfigError, match="precision"):
+        qlora_forward(x, state, A, B, scaling=1.0, precision="float16")
+    with pytest.raises(ShapeError):
+        qlora_forward(bf16(x[:, :10]), state, A.astype(np.float32), B.astype(np.float32), scaling=1.0)
