@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
 
 from refpeft.adapter import Adapter, ModuleAdapter
-from refpeft.backend import float_dtype, numpy_namespace, round_to, to_numpy
+from refpeft.backend import FLOAT_NAMES, float_dtype, numpy_namespace, round_to, to_numpy
 from refpeft.errors import ConfigError
 from refpeft.gradcheck import gradient_errors
 from refpeft.dora import (
@@ -50,6 +50,7 @@ from refpeft.lora import (
     lora_scaling,
     merge,
 )
+from refpeft.qlora import base_weight, qlora_backward, qlora_forward, quantize_base
 from refpeft.optim import AdamState, adam_step, adamw, loraplus_groups, single_group
 from refpeft.vera import init_vera, vera_backward, vera_delta_weight, vera_forward, vera_merge, vera_parameter_count, vera_projections
 
@@ -68,7 +69,7 @@ class DemoConfig:
     lr: float = 1e-2
     dora_gradient: str = "detached"       # DoRA's backward: "detached" (PEFT's) or "exact"
     seed: int = 0
-    dtype: str = "float64"
+    dtype: str | None = None              # None: the method's own (float64; bfloat16 for QLoRA)
     loraplus_ratio: float | None = None   # None: plain AdamW; a number: LoRA+ groups
     d: int = 256
     k: int = 384
@@ -86,21 +87,30 @@ class Task:
     bias: np.ndarray     # (d,)
     delta: np.ndarray    # (d, k)  hidden: the answer
     target: np.ndarray   # (n, d)  x (W0 + delta)^T + bias
+    extra: dict          # the method's other frozen tensors (VeRA's projections, QLoRA's 4-bit state)
 
 
-def embedded_task(config: DemoConfig, *, frozen_extra: dict[str, np.ndarray] | None = None,
-                  hidden_delta: Callable[[np.random.Generator, DemoConfig, dict], np.ndarray] | None = None) -> Task:
+def embedded_task(config: DemoConfig, *, frozen_base: Callable[[np.ndarray, DemoConfig], tuple[np.ndarray, dict]]
+                  | None = None, hidden_delta: Callable[[np.random.Generator, DemoConfig, dict], np.ndarray]
+                  | None = None) -> Task:
     """A frozen layer and targets from a hidden delta (seeded, machine-independent).
 
-    `hidden_delta(rng, config, frozen_extra)` draws Delta; the default is a rank-`hidden_rank` one.
+    `frozen_base(W0, config)` turns the drawn weight into the method's frozen base and its other
+    frozen tensors (default: unchanged, none); `hidden_delta(rng, config, extra)` draws Delta
+    (default: rank `hidden_rank`).
     """
     rng = np.random.default_rng(config.seed)
     d, k, n = config.d, config.k, config.tokens
-    W0 = rng.standard_normal((d, k)) / math.sqrt(k)
+    W0, extra = (frozen_base or plain_base)(rng.standard_normal((d, k)) / math.sqrt(k), config)
     bias = 0.1 * rng.standard_normal(d)
-    delta = (hidden_delta or low_rank_delta)(rng, config, frozen_extra or {})
+    delta = (hidden_delta or low_rank_delta)(rng, config, extra)
     x = rng.standard_normal((n, k))
-    return Task(x=x, W0=W0, bias=bias, delta=delta, target=x @ (W0 + delta).T + bias)
+    return Task(x=x, W0=W0, bias=bias, delta=delta, target=x @ (W0 + delta).T + bias, extra=extra)
+
+
+def plain_base(W0: np.ndarray, config: DemoConfig) -> tuple[np.ndarray, dict]:
+    """The drawn weight is the frozen base; no other frozen tensors."""
+    return W0, {}
 
 
 def low_rank_delta(rng: np.random.Generator, config: DemoConfig, frozen_extra: dict) -> np.ndarray:
@@ -125,12 +135,14 @@ class Method:
     backward: Callable[[Any, Any], dict[str, Any]]                  # dL/dy, cache -> grads by name ("x" too)
     merged: Callable[[dict[str, Any], dict[str, Any], DemoConfig], Any]  # frozen, params -> W0 + delta
     trainable: Callable[[DemoConfig], int]
-    frozen_extra: Callable[[DemoConfig], dict[str, np.ndarray]] = lambda config: {}
+    frozen_base: Callable[[np.ndarray, DemoConfig], tuple[np.ndarray, dict]] = plain_base
     hidden_delta: Callable[[np.random.Generator, DemoConfig, dict], np.ndarray] = low_rank_delta
     # The function whose finite differences the backward must match (default: the forward itself).
     differentiated: Callable[[dict[str, Any], dict[str, Any], DemoConfig], Callable[..., Any]] | None = None
     # The trained tensors as an adapter (for export): frozen, params -> Adapter
     adapter: Callable[[dict[str, Any], dict[str, Any], DemoConfig], Adapter] | None = None
+    dtypes: tuple[str, ...] = FLOAT_NAMES     # training precisions offered; the first is the default
+    adapter_dtype: Callable[[str], str] = lambda dtype: dtype   # training dtype -> the adapter's dtype
 
 
 def _scaling(config: DemoConfig) -> float:
@@ -192,9 +204,28 @@ def _dora_differentiated(frozen: dict[str, Any], params: dict[str, Any], config:
                                        bias=frozen["bias"], scaling=_scaling(config), weight_norm=norm)[0]
 
 
-def _vera_frozen(config: DemoConfig) -> dict[str, np.ndarray]:
+def _qlora_base(W0: np.ndarray, config: DemoConfig) -> tuple[np.ndarray, dict]:
+    """QLoRA's recipe: the weight stored in bfloat16, then NF4, block 64, double quantisation.
+
+    The frozen base the adapter trains on is the dequantised 4-bit weight (float64 values).
+    """
+    state = quantize_base(W0)
+    return np.asarray(to_numpy(base_weight(state, precision="float64"))), {"base_state": state}
+
+
+def _qlora_forward(x: Any, frozen: dict[str, Any], params: dict[str, Any], config: DemoConfig):
+    return qlora_forward(x, frozen["base_state"], params["lora_A"], params["lora_B"], bias=frozen["bias"],
+                         scaling=_scaling(config), precision=config.dtype)
+
+
+def _qlora_backward(dy: Any, cache: Any) -> dict[str, Any]:
+    grads = qlora_backward(dy, cache)
+    return {"lora_A": grads.dA, "lora_B": grads.dB, "x": grads.dx}
+
+
+def _vera_frozen(W0: np.ndarray, config: DemoConfig) -> tuple[np.ndarray, dict]:
     vera_A, vera_B = vera_projections(LinearShape(k=config.k, d=config.d), config.rank, seed=config.seed)
-    return {"vera_A": vera_A, "vera_B": vera_B}
+    return W0, {"vera_A": vera_A, "vera_B": vera_B}
 
 
 def _vera_hidden_delta(rng: np.random.Generator, config: DemoConfig, frozen_extra: dict) -> np.ndarray:
@@ -234,8 +265,13 @@ METHODS: dict[str, Method] = {
                    trainable=lambda c: dora_parameter_count(c.d, c.k, c.rank), differentiated=_dora_differentiated,
                    adapter=_lora_adapter),
     "vera": Method(init=_vera_init, forward=_vera_forward, backward=_vera_backward, merged=_vera_merged,
-                   trainable=lambda c: vera_parameter_count(c.d, c.rank), frozen_extra=_vera_frozen,
+                   trainable=lambda c: vera_parameter_count(c.d, c.rank), frozen_base=_vera_frozen,
                    hidden_delta=_vera_hidden_delta, adapter=_vera_adapter),
+    # PEFT on bitsandbytes' Linear4bit: bfloat16 compute with float32 adapters, or the float64 oracle.
+    "qlora": Method(init=_lora_init, forward=_qlora_forward, backward=_qlora_backward, merged=_lora_merged,
+                    trainable=lambda c: lora_parameter_count(c.d, c.k, c.rank), adapter=_lora_adapter,
+                    frozen_base=_qlora_base, dtypes=("bfloat16", "float64"),
+                    adapter_dtype=lambda dtype: "float32" if dtype == "bfloat16" else dtype),
 }
 
 
@@ -266,22 +302,34 @@ class DemoReport:
         return bool(self.gradient_errors) and max(self.gradient_errors.values()) < GRADIENT_TOLERANCE
 
 
-def run_demo(config: DemoConfig, *, progress: Callable[[int, float], None] | None = None) -> DemoReport:
-    """Train `config.method` on the embedded task; `progress(step, loss)` is called after each step."""
+def resolved(config: DemoConfig) -> DemoConfig:
+    """The configuration with the method's default dtype filled in, checked."""
     if config.method not in METHODS:
         raise ConfigError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
     if config.steps < 1:
         raise ConfigError(f"steps must be at least 1, got {config.steps}")
+    dtypes = METHODS[config.method].dtypes
+    if config.dtype is None:
+        return replace(config, dtype=dtypes[0])
+    if config.dtype not in dtypes:
+        raise ConfigError(f"{config.method} trains in {', '.join(dtypes)}, not {config.dtype}")
+    return config
+
+
+def run_demo(config: DemoConfig, *, progress: Callable[[int, float], None] | None = None) -> DemoReport:
+    """Train `config.method` on the embedded task; `progress(step, loss)` is called after each step."""
+    config = resolved(config)
     method = METHODS[config.method]
     xp = numpy_namespace()
     start = time.perf_counter()
-    extra = method.frozen_extra(config)
-    task = embedded_task(config, frozen_extra=extra, hidden_delta=method.hidden_delta)
-    frozen64 = {"W0": task.W0, "bias": task.bias, **extra}
+    task = embedded_task(config, frozen_base=method.frozen_base, hidden_delta=method.hidden_delta)
+    frozen64 = {"W0": task.W0, "bias": task.bias, **task.extra}
     cast = _caster(config.dtype, xp=xp)
-    frozen = {name: cast(a) for name, a in frozen64.items()}
+    frozen = {name: cast(a) if isinstance(a, np.ndarray) else a for name, a in frozen64.items()}
     x, target = cast(task.x), cast(task.target)
-    params = {name: cast(p) for name, p in method.init(frozen64, config).items()}
+    adapter_dtype = method.adapter_dtype(config.dtype)
+    cast_param = _caster(adapter_dtype, xp=xp)
+    params = {name: cast_param(p) for name, p in method.init(frozen64, config).items()}
     groups = (single_group(params, adamw(lr=config.lr, weight_decay=0.0)) if config.loraplus_ratio is None
               else loraplus_groups(params, adamw(lr=config.lr), lr_ratio=config.loraplus_ratio))
     state = AdamState()
@@ -293,11 +341,14 @@ def run_demo(config: DemoConfig, *, progress: Callable[[int, float], None] | Non
         y, cache = method.forward(x, frozen, params, config)
         residual = y - target
         report.losses.append(0.5 * float(xp.sum(residual * residual)) / n)
-        grads = method.backward(residual / n, cache)
+        dy = residual / n
+        if config.dtype == "bfloat16":  # a bfloat16 model's output gradient is bfloat16 too
+            dy = round_to(dy, "bfloat16", xp=xp)
+        grads = method.backward(dy, cache)
         if step in check_at:
             _record_gradient_check(report, method, task.x, frozen64, params, config, seed=step)
         params, state = adam_step(params, {k: v for k, v in grads.items() if k in params}, state, groups)
-        if config.dtype == "bfloat16":
+        if adapter_dtype == "bfloat16":
             params = {name: round_to(p, "bfloat16", xp=xp) for name, p in params.items()}
         if progress is not None:
             progress(step, report.losses[-1])
@@ -333,6 +384,7 @@ def _check_steps(config: DemoConfig) -> set[int]:
 def _record_gradient_check(report: DemoReport, method: Method, x: np.ndarray, frozen: dict[str, np.ndarray],
                            params: dict[str, Any], config: DemoConfig, *, seed: int) -> None:
     """Check the method's backward in float64 at the current parameters, on 16 rows of the batch."""
+    config = replace(config, dtype="float64")
     inputs = {"x": x[:16], **_to64(params)}
     dy = np.random.default_rng(seed).standard_normal((16, config.d))
     current = {k: v for k, v in inputs.items() if k != "x"}

@@ -21,10 +21,15 @@ def test_demo_learns_the_hidden_delta(method):
     assert report.trainable_parameters < report.full_parameters
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_demo_trains_in_lower_precision(dtype):
-    report = run_demo(DemoConfig(dtype=dtype, steps=200))
-    assert report.loss_drop >= 100 and report.captured_energy > 0.99
+@pytest.mark.parametrize("method,dtype", [("lora", "float32"), ("lora", "bfloat16"), ("qlora", "float64")])
+def test_demo_trains_in_other_precisions(method, dtype):
+    report = run_demo(DemoConfig(method=method, dtype=dtype, steps=200))
+    assert report.loss_drop >= 100 and report.captured_energy > 0.99 and report.gradients_ok
+
+
+def test_qlora_refuses_precisions_it_does_not_emulate():
+    with pytest.raises(ConfigError, match="qlora trains in bfloat16, float64, not float32"):
+        run_demo(DemoConfig(method="qlora", dtype="float32"))
 
 
 def test_loraplus_groups_train_too():

@@ -7,7 +7,7 @@ import sys
 import tempfile
 
 from refpeft.backend import FLOAT_NAMES
-from refpeft.demo import GRADIENT_TOLERANCE, METHODS, DemoConfig, DemoReport, run_demo
+from refpeft.demo import GRADIENT_TOLERANCE, METHODS, DemoConfig, DemoReport, resolved, run_demo
 
 HIDDEN = {"lora": "rank 4", "dora": "rank 4", "vera": "VeRA vectors on the shared projections",
           "qlora": "rank 4, NF4 base"}
@@ -39,8 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dora-gradient", choices=("detached", "exact"), default=defaults.dora_gradient,
                    help="DoRA backward: the norm detached as in PEFT, or differentiated exactly (default: %(default)s)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the task and the initialisation (default: %(default)s)")
-    p.add_argument("--dtype", choices=FLOAT_NAMES, default=defaults.dtype,
-                   help="training precision; bfloat16 is emulated in float32 (default: %(default)s)")
+    p.add_argument("--dtype", choices=FLOAT_NAMES, default=None,
+                   help="training precision; bfloat16 is emulated in float32 (default: float64; "
+                        "bfloat16 for qlora, computed as bitsandbytes + PEFT do)")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="keep the exported ONNX graphs and adapter file in DIR (default: a temporary directory)")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export step")
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     config = DemoConfig(method=args.method, rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr,
                         seed=args.seed, dtype=args.dtype, loraplus_ratio=args.loraplus_ratio,
                         dora_gradient=args.dora_gradient)
+    config = resolved(config)
     print(f"refpeft demo: {config.method} r={config.rank} on a {config.d}x{config.k} layer (hidden delta: "
           f"{HIDDEN[config.method]}), {config.tokens} tokens, {config.dtype}")
     from tqdm import tqdm
