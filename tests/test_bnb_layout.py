@@ -103,3 +103,36 @@ def test_file_holds_exactly_the_state_dict(tmp_path):
     expected = to_state_dict(state)
     assert set(tensors) == set(expected)
     assert all(tensors[k].tobytes() == expected[k].tobytes() for k in expected)
+
+
+def test_quantize_command_writes_the_layout_and_refuses_non_finite(tmp_path, capsys):
+    import argparse
+
+    import safetensors.numpy
+
+    from refpeft.commands import quantize as quantize_command
+    from refpeft.errors import NonFiniteError
+
+    parser = argparse.ArgumentParser()
+    quantize_command.add_parser(parser.add_subparsers())
+    rng = np.random.default_rng(0)
+    weights = {"layers.0.q_proj.weight": rng.standard_normal((64, 96)).astype(ml_dtypes.bfloat16),
+               "embed_tokens.weight": rng.standard_normal((10, 64)).astype(ml_dtypes.bfloat16),
+               "norm.weight": np.ones(64, dtype=np.float32)}
+    source = write_safetensors(tmp_path / "in.safetensors", weights)
+    args = parser.parse_args(["quantize", str(source), str(tmp_path / "out.safetensors"), "--double-quant",
+                              "--no-progress"])
+    assert args.func(args) == 0
+    assert "4.13" in capsys.readouterr().out  # bits per parameter: 4 + 8/64 + 32/(64*256) + a partial block
+    states, others = load_quantized(tmp_path / "out.safetensors")  # a float32/uint8-only reader sees the layout
+    assert list(states) == ["layers.0.q_proj.weight"] and set(others) == {"embed_tokens.weight", "norm.weight"}
+    decoded = dequantize_4bit(states["layers.0.q_proj.weight"])
+    original = weights["layers.0.q_proj.weight"].astype(np.float32)
+    assert np.linalg.norm(decoded - original) / np.linalg.norm(original) < 0.12
+    bad = dict(weights, **{"layers.0.q_proj.weight": np.full((4, 64), np.nan, dtype=np.float32)})
+    bad_path = tmp_path / "bad.safetensors"
+    safetensors.numpy.save_file({k: v.astype(np.float32) for k, v in bad.items()}, str(bad_path))
+    args = parser.parse_args(["quantize", str(bad_path), str(tmp_path / "never.safetensors"), "--no-progress"])
+    with pytest.raises(NonFiniteError, match="256 non-finite"):
+        args.func(args)
+    assert not (tmp_path / "never.safetensors").exists()
