@@ -572,6 +572,74 @@ def vera_merge_bound(W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, f
     return with_reference(chain, _precision(dtype, accumulation, model))
 
 
+# ---------------------------------------------------------------- QLoRA in bfloat16 (refpeft.qlora's "bfloat16")
+
+def _to_storage(P: Bounded, precision: Precision) -> Bounded:
+    """A cast of a wider result to `precision`'s storage format: one rounding."""
+    xp = namespace(P.value)
+    return Bounded(P.value, _round_result(P.value, P.error, precision, xp=xp))
+
+
+def _qlora_chain(x: Any, W0: Any, A: Any, B: Any, *, scaling: float, bias: Any, dropout_mask: Any,
+                 storage: str, model: str) -> dict[str, Bounded]:
+    """bnb Linear4bit + PEFT: base = half(x W0^T + b), out = half(f32(xa B^T) * s) with xa in float32,
+    y = half(base + out); W0 holds the dequantised half-format values (exact)."""
+    half, single = Precision(storage, model=model), Precision("float32", model=model)
+    x2 = rows(exact(x))
+    xd = x2 if dropout_mask is None else multiply(x2, rows(exact(dropout_mask)), single)
+    base = matmul(x2, transpose(exact(W0)), half, bias=_optional(bias))
+    xa = matmul(xd, transpose(exact(A)), single)
+    out = _to_storage(matmul(xa, transpose(exact(B)), single, scale=scaling), half)
+    return {"y": add(base, out, half), "xa": xa, "xd": xd}
+
+
+def qlora_forward_bound(x: Any, W0: Any, A: Any, B: Any, *, scaling: float, bias: Any = None, dropout_mask: Any = None,
+                        dtype: str = "bfloat16", model: str = "rigorous") -> Any:
+    """Bound on y of a half-precision QLoRA layer with float32 adapters (refpeft.qlora, precision="bfloat16").
+
+    Mixed precision: the base product and every sum with it in `dtype` (float32 accumulation), the
+    adapter branch in float32 and cast once. W0 is the dequantised weight (exact given the codes).
+    The float64 reference term is the same chain in float64 (`with_reference`)."""
+    def chain(p: Precision) -> Bounded:
+        if p.storage == "float64":
+            return _lora_chain(x, W0, A, B, scaling=scaling, bias=bias, dropout_mask=dropout_mask,
+                               fan_in_fan_out=False, precision=p)["y"]
+        return _qlora_chain(x, W0, A, B, scaling=scaling, bias=bias, dropout_mask=dropout_mask, storage=dtype,
+                            model=model)["y"]
+
+    bound = with_reference(chain, _precision(dtype, None, model))
+    xp = namespace(bound)
+    return xp.reshape(bound, (*x.shape[:-1], bound.shape[-1]))
+
+
+def qlora_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, *, scaling: float, dropout_mask: Any = None,
+                         dtype: str = "bfloat16", model: str = "rigorous") -> dict[str, Any]:
+    """Bounds on dx, dA, dB of the half-precision QLoRA layer (refpeft.qlora's backward, PEFT's autograd):
+    dt = f32(dy s); dB = dt^T xa, dA = (dt B)^T xd in float32; dx = half(half(dy W0) + half((dt B A) * mask))."""
+    def chain(p: Precision) -> dict[str, Bounded]:
+        if p.storage == "float64":
+            f = _lora_chain(x, W0, A, B, scaling=scaling, bias=None, dropout_mask=dropout_mask,
+                            fan_in_fan_out=False, precision=p)
+            half = single = p
+        else:
+            f = _qlora_chain(x, W0, A, B, scaling=scaling, bias=None, dropout_mask=dropout_mask, storage=dtype,
+                             model=model)
+            half, single = Precision(dtype, model=model), Precision("float32", model=model)
+        g2 = rows(exact(dy))
+        dt = scale(g2, scaling, single)
+        dxa = matmul(dt, exact(B), single)
+        adapter = matmul(dxa, exact(A), single)
+        if dropout_mask is not None:
+            adapter = multiply(adapter, rows(exact(dropout_mask)), single)
+        dx = add(matmul(g2, exact(W0), half), _to_storage(adapter, half), half)
+        return {"dx": dx, "dA": matmul(transpose(dxa), f["xd"], single), "dB": matmul(transpose(dt), f["xa"], single)}
+
+    bounds = with_reference(chain, _precision(dtype, None, model))
+    xp = namespace(bounds["dx"])
+    bounds["dx"] = xp.reshape(bounds["dx"], tuple(x.shape))
+    return bounds
+
+
 # ---------------------------------------------------------------- Adam (refpeft.optim.adam_update's chain)
 
 def adam_update_bound(p: Any, g: Any, m: Any, v: Any, *, t: int, lr: float, betas: tuple[float, float],

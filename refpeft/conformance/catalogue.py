@@ -4,7 +4,8 @@ Sizes are small on purpose (the whole set is a few MB and regenerates in seconds
 trivial: reductions of 16 to 128 terms, batches with two leading dimensions, ranks 1 to 16, and
 each option of each method in at least one case. float32 is the precision peers are checked in;
 float64 cases check the oracle's own precision (PEFT in float64 agrees to ~1e-16); float16 cases
-check half-precision paths with float32 accumulation.
+check half-precision paths with float32 accumulation; bfloat16 QLoRA cases check the mixed
+bfloat16/float32 computation of bitsandbytes' Linear4bit under PEFT.
 """
 
 from __future__ import annotations
@@ -90,6 +91,14 @@ def _export() -> list[Case]:
             for i, (label, options) in enumerate(variants)]
 
 
+def _qlora() -> list[Case]:
+    """bfloat16 QLoRA layers (4-bit base, float32 adapters), as bitsandbytes + PEFT compute them."""
+    sizes = {"batch": [2, 5], "k": 128, "d": 64, "r": 4}
+    return [Case(f"qlora-{direction}-{quant_type}-bfloat16", f"qlora_{direction}", "bfloat16", 800 + i,
+                 sizes, {"alpha": 16.0, "quant_type": quant_type})
+            for i, quant_type in enumerate(("nf4", "fp4")) for direction in ("forward", "backward")]
+
+
 def _fusion() -> list[Case]:
     sizes = {"k": 32, "d": 24, "ranks": [4, 2]}
     options = {"alphas": [8.0, 4.0], "weights": [0.7, -0.3]}
@@ -128,4 +137,4 @@ def _quant() -> list[Case]:
     return cases
 
 
-CASES: tuple[Case, ...] = tuple(_lora() + _dora_vera() + _fusion() + _export() + _adam() + _quant())
+CASES: tuple[Case, ...] = tuple(_lora() + _dora_vera() + _qlora() + _fusion() + _export() + _adam() + _quant())

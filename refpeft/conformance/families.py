@@ -242,6 +242,56 @@ def vera_merge_vectors(case: Case) -> Vectors:
     return Vectors(inputs, _plain({"W": W}), _plain({"W": bound}))
 
 
+# ---------------------------------------------------------------- QLoRA (refpeft.qlora, precision "bfloat16")
+
+def bfloat16(a: np.ndarray) -> np.ndarray:
+    """Round float values to bfloat16 (ml_dtypes, nearest even), stored as bfloat16."""
+    import ml_dtypes
+
+    return np.asarray(a, dtype=np.float32).astype(ml_dtypes.bfloat16)
+
+
+def _qlora_inputs(case: Case, *, with_dy: bool) -> tuple[dict[str, np.ndarray], Any, float]:
+    """x, bias, dy in bfloat16; A, B in float32 (PEFT's adapter dtype); the base as its 4-bit state
+    (NF4/FP4, block 64, double quantised, bnb-cuda semantics: QLoRA's recipe) of a bfloat16 weight."""
+    from refpeft.qlora import quantize_base
+
+    s, o = case.sizes, case.options
+    rng = np.random.default_rng(case.seed)
+    batch, k, d, r = tuple(s["batch"]), s["k"], s["d"], s["r"]
+    W = quant_weight(Case(case.name, case.family, "float32", case.seed, {"shape": [d, k]},
+                          {"blocksize": 64, "quant_type": o["quant_type"]}))
+    state = quantize_base(np.asarray(bfloat16(W), dtype=np.float32), quant_type=o["quant_type"], blocksize=64,
+                          double_quant=True, dtype="bfloat16")
+    inputs = {"x": bfloat16(draw(rng, (*batch, k), dtype="float32")),
+              "A": draw(rng, (r, k), dtype="float32", scale=0.25), "B": draw(rng, (d, r), dtype="float32", scale=0.5),
+              "bias": bfloat16(draw(rng, (d,), dtype="float32")),
+              "packed": np.asarray(state.packed), **_absmax_tensors(state)}
+    if with_dy:
+        inputs["dy"] = bfloat16(draw(rng, (*batch, d), dtype="float32"))
+    return inputs, state, lora_scaling(o["alpha"], r)
+
+
+def qlora_vectors(case: Case) -> Vectors:
+    """QLoRA forward (y) or backward (dx, dA, dB) on the dequantised bfloat16 base W0."""
+    from refpeft.qlora import base_weight
+
+    backward = case.family == "qlora_backward"
+    inputs, state, scaling = _qlora_inputs(case, with_dy=backward)
+    W0 = np.asarray(base_weight(state), dtype=np.float64)                   # bf16 values, exact
+    e = _exact({name: np.asarray(a, dtype=np.float64) for name, a in inputs.items()
+                if name in ("x", "A", "B", "bias", "dy")})
+    W0e = exact_array(W0)
+    y, cache = lora_forward(e["x"], W0e, e["A"], e["B"], scaling=scaling, bias=None if backward else e["bias"])
+    if not backward:
+        bound = tolerance.qlora_forward_bound(e["x"], W0e, e["A"], e["B"], scaling=scaling, bias=e["bias"])
+        return Vectors(inputs, _plain({"y": y}), _plain({"y": bound}), {"scaling": scaling})
+    inputs.pop("bias")
+    g = lora_backward(e["dy"], cache)
+    bounds = tolerance.qlora_backward_bound(e["dy"], e["x"], W0e, e["A"], e["B"], scaling=scaling)
+    return Vectors(inputs, _plain({"dx": g.dx, "dA": g.dA, "dB": g.dB}), _plain(bounds), {"scaling": scaling})
+
+
 # ---------------------------------------------------------------- fusion (refpeft.fusion, PEFT's add_weighted_adapter)
 
 def fusion_cat_vectors(case: Case) -> Vectors:
@@ -474,6 +524,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("vera_backward", "vera", "dx, dlambda_d, dlambda_b (and dbias) of sum(y * dy), y as vera_forward",
            vera_backward_vectors),
     Family("vera_merge", "vera", "W = W0 + (lambda_b vera_B)(lambda_d vera_A), in W0's layout", vera_merge_vectors),
+    Family("qlora_forward", "qlora", "y = bf16(bf16(x W0^T + b) + bf16(((x A^T) B^T) * s)), W0 = bf16(dequantised "
+           "4-bit base), adapters float32 (bitsandbytes Linear4bit + PEFT)", qlora_vectors),
+    Family("qlora_backward", "qlora", "dx (bf16), dA, dB (float32) of sum(y * dy), y as qlora_forward without bias",
+           qlora_vectors),
     Family("fusion_cat", "fusion", "the `cat` combination of LoRA adapters with weights w_i: A = rows "
            "(A_i * w_i) * s_i stacked, B = columns B_i stacked (fused alpha = total rank, scaling 1)",
            fusion_cat_vectors),

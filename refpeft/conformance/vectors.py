@@ -25,7 +25,8 @@ import safetensors.numpy
 from refpeft.backend import UNIT_ROUNDOFF
 from refpeft.conformance.families import FAMILIES, Case, Vectors
 from refpeft.errors import FormatError
-from refpeft.io import atomic_write_bytes, read_safetensors
+from refpeft.checkpoint import SafetensorsFile
+from refpeft.io import atomic_write_bytes
 from refpeft.tolerance import Precision
 
 FORMAT = "refpeft-conformance/1"
@@ -137,7 +138,8 @@ def read_case(directory: Path, name: str) -> LoadedCase:
     digest = hashlib.sha256(data_path.read_bytes()).hexdigest() if data_path.is_file() else None
     if digest != manifest["sha256"]:
         raise FormatError(f"{data_path}: sha256 {digest} does not match the manifest's {manifest['sha256']}")
-    tensors, _ = read_safetensors(data_path)
+    checkpoint = SafetensorsFile(data_path)      # reads BF16 too (as ml_dtypes.bfloat16)
+    tensors = {key: np.array(checkpoint.read(key)) for key in checkpoint.keys()}
     groups: dict[str, dict[str, np.ndarray]] = {INPUT: {}, EXPECTED: {}, BOUND: {}}
     for key, array in tensors.items():
         prefix = key[: key.index(".") + 1]

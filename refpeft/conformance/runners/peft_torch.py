@@ -190,6 +190,69 @@ def _fusion_cat(manifest: dict, inputs: dict, device: str) -> dict:
     return {"A": _numpy(proj.lora_A["fused"].weight), "B": _numpy(proj.lora_B["fused"].weight)}
 
 
+def quant_state(manifest: dict, inputs: dict):
+    """The case's 4-bit base as a refpeft QuantState4bit (shape (d, k), bfloat16, block 64, nested)."""
+    from refpeft.quant import NestedAbsmax, QuantState4bit
+
+    s = manifest["sizes"]
+    nested = NestedAbsmax(codes=inputs["absmax.codes"], nested_absmax=inputs["absmax.nested"],
+                          offset=float(inputs["absmax.offset"][0]))
+    return QuantState4bit(packed=inputs["packed"], absmax=nested, shape=(s["d"], s["k"]), dtype="bfloat16",
+                          blocksize=64, quant_type=manifest["options"]["quant_type"])
+
+
+def _qlora(manifest: dict, inputs: dict, device: str) -> dict:
+    """bitsandbytes Linear4bit (compute bfloat16) holding the case's 4-bit state, with a PEFT LoRA adapter."""
+    torch = _torch()
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise Unsupported("bitsandbytes is not installed") from None
+    import peft
+    from refpeft.quant.bnb_layout import to_state_dict
+
+    s, o = manifest["sizes"], manifest["options"]
+    backward = manifest["family"].endswith("_backward")
+    stats = {key[len("weight."):]: torch.from_numpy(np.array(v, copy=True))
+             for key, v in to_state_dict(quant_state(manifest, inputs)).items() if key != "weight"}
+    layer = bnb.nn.Linear4bit(s["k"], s["d"], bias=not backward, compute_dtype=torch.bfloat16,
+                              quant_type=o["quant_type"], compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit.from_prequantized(torch.from_numpy(np.array(inputs["packed"], copy=True)), stats,
+                                                       requires_grad=False, device=device, module=layer)
+    if not backward:
+        layer.bias = torch.nn.Parameter(_bf16(inputs["bias"], device), requires_grad=False)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = layer
+            self.is_loaded_in_4bit = True   # what transformers sets: PEFT then uses its bnb LoRA layer
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = peft.get_peft_model(Net(), peft.LoraConfig(r=s["r"], lora_alpha=o["alpha"], target_modules=["proj"],
+                                                       lora_dropout=0.0, init_lora_weights=False))
+    proj = model.base_model.model.proj
+    if type(proj).__module__ != "peft.tuners.lora.bnb":
+        raise AssertionError(f"PEFT wrapped the 4-bit layer in {type(proj).__module__}, not its bitsandbytes layer")
+    _set(proj.lora_A["default"].weight, inputs["A"])
+    _set(proj.lora_B["default"].weight, inputs["B"])
+    x = _bf16(inputs["x"], device).requires_grad_(backward)
+    y = model(x)
+    if not backward:
+        return {"y": y.detach().float().cpu().numpy()}
+    y.backward(_bf16(inputs["dy"], device))
+    return {"dx": x.grad.float().cpu().numpy(), "dA": _numpy(proj.lora_A["default"].weight.grad),
+            "dB": _numpy(proj.lora_B["default"].weight.grad)}
+
+
+def _bf16(a: np.ndarray, device: str):
+    """A bfloat16 tensor from bfloat16 values (stored as ml_dtypes.bfloat16 or float32)."""
+    torch = _torch()
+    return torch.from_numpy(np.asarray(a, dtype=np.float32)).to(device=device, dtype=torch.bfloat16)
+
+
 def _run_layer(model, proj, manifest: dict, inputs: dict, device: str, params: dict) -> dict:
     """Forward (y) or forward + autograd backward (dx, the named parameter grads, dbias)."""
     backward = manifest["family"].endswith("_backward")
@@ -252,7 +315,7 @@ def _loraplus_optimizer(manifest: dict, tensors: dict, cls, common: dict):
 
 HANDLERS = {"lora_forward": _lora, "lora_backward": _lora, "lora_merge": _lora, "adam_step": _adam,
             "dora_forward": _dora, "dora_backward": _dora, "dora_merge": _dora,
-            "fusion_cat": _fusion_cat, "vera_forward": _vera, "vera_backward": _vera, "vera_merge": _vera}
+            "fusion_cat": _fusion_cat, "qlora_forward": _qlora, "qlora_backward": _qlora, "vera_forward": _vera, "vera_backward": _vera, "vera_merge": _vera}
 
 
 def _runner(device: str):

@@ -75,6 +75,19 @@ def _fusion_cat(manifest: dict, inputs: dict) -> dict:
     return {"A": fused.A, "B": fused.B}
 
 
+def _qlora(manifest: dict, inputs: dict) -> dict:
+    from refpeft.conformance.runners.peft_torch import quant_state
+    from refpeft.qlora import qlora_backward, qlora_forward
+
+    f32 = {name: np.asarray(a, dtype=np.float32) for name, a in inputs.items() if name in ("x", "A", "B", "bias", "dy")}
+    y, cache = qlora_forward(f32["x"], quant_state(manifest, inputs), f32["A"], f32["B"],
+                             scaling=manifest["parameters"]["scaling"], bias=f32.get("bias"), precision="bfloat16")
+    if manifest["family"] == "qlora_forward":
+        return {"y": y}
+    g = qlora_backward(f32["dy"], cache)
+    return {"dx": g.dx, "dA": g.dA, "dB": g.dB}
+
+
 def _adam(manifest: dict, inputs: dict) -> dict:
     o, p = manifest["options"], manifest["parameters"]
     t = p["step"]
@@ -112,7 +125,7 @@ def _dequantize(manifest: dict, inputs: dict) -> dict:
     return {"W": dequantize_4bit(state)}
 
 
-HANDLERS = {"fusion_cat": _fusion_cat, "dora_forward": _dora, "dora_backward": _dora, "dora_merge": _dora,
+HANDLERS = {"qlora_forward": _qlora, "qlora_backward": _qlora, "fusion_cat": _fusion_cat, "dora_forward": _dora, "dora_backward": _dora, "dora_merge": _dora,
             "vera_forward": _vera, "vera_backward": _vera, "vera_merge": _vera, "quantize_4bit": _quantize, "dequantize_4bit": _dequantize, "lora_forward": _lora, "lora_backward": _lora, "lora_merge": _lora, "adam_step": _adam}
 
 
