@@ -15,6 +15,7 @@ from refpeft.quant.codebooks import (
     NF4_CODE,
     NF4_THRESHOLDS_CUDA,
     dynamic_map,
+    expected_gaussian_mse,
     f32,
     fp4_code,
     linspace_f32,
@@ -102,3 +103,18 @@ def test_linspace_f32_equals_torch():
                                                                                  (0.9677083, 0.5, 9)]:
         ours = np.asarray(linspace_f32(start, stop, num), dtype=np.float32)
         assert np.array_equal(ours, torch.linspace(start, stop, num).numpy()), (start, stop, num)
+
+
+@pytest.mark.parametrize("quant_type,blocksize", [("nf4", 64), ("fp4", 64), ("nf4", 256)])
+def test_measured_gaussian_mse_matches_the_codebook_integral(quant_type, blocksize):
+    from refpeft.quant.state import dequantize_4bit, quantize_4bit
+
+    values = sorted(fp4_code()) if quant_type == "fp4" else list(NF4_CODE)
+    values = [v for i, v in enumerate(values) if i == 0 or v != values[i - 1]]  # FP4's two zeros are one value
+    expected = expected_gaussian_mse(tuple(values), thresholds(quant_type, "bnb-cuda") if quant_type == "nf4"
+                                     else tuple(-t for t in reversed(FP4_THRESHOLDS_CUDA)) + FP4_THRESHOLDS_CUDA,
+                                     blocksize=blocksize)
+    x = np.random.default_rng(7).standard_normal(2**20).astype(np.float32)
+    squared = (dequantize_4bit(quantize_4bit(x, quant_type=quant_type, blocksize=blocksize)).astype(np.float64) - x) ** 2
+    standard_error = squared.std() / np.sqrt(squared.size)
+    assert abs(squared.mean() - expected) < 4 * standard_error
