@@ -217,3 +217,31 @@ def test_vera_bounds_hold_for_refpeft_in_float32(case):
     merged = vera_merge(*(a[n] for n in names[1:]), **ffo)
     merged64 = vera_merge(*(wide[n] for n in names[1:]), **ffo)
     assert tolerance.compare(merged, merged64, tolerance.vera_merge_bound(*(a[n] for n in names[1:]), **ffo)).passed
+
+
+@FAST
+@given(layer_cases(max_features=48, max_batch_dims=2), st.sampled_from(["nf4", "fp4"]))
+def test_qlora_bfloat16_bounds_hold_for_refpeft(case, quant_type):
+    """refpeft.qlora's bfloat16 precision (bitsandbytes + PEFT's rounding points) within the mixed bound."""
+    import ml_dtypes
+
+    from refpeft.qlora import base_weight, qlora_backward, qlora_forward, quantize_base
+
+    if case.k * case.d < 2:
+        return
+    a = layer(case, "float32")
+    bf16 = {n: None if v is None else v.astype(ml_dtypes.bfloat16).astype(np.float32)
+            for n, v in a.items() if n in ("x", "dy", "bias")}
+    state = quantize_base(a["W0"] if not case.fan_in_fan_out else a["W0"].T, quant_type=quant_type, blocksize=32)
+    W0 = base_weight(state)
+    s = options(case)["scaling"]
+    y, cache = qlora_forward(bf16["x"], state, a["A"], a["B"], scaling=s, bias=bf16["bias"])
+    wide = {n: None if v is None else v.astype(np.float64) for n, v in {**bf16, "A": a["A"], "B": a["B"], "W0": W0}.items()}
+    y64, cache64 = lora_forward(wide["x"], wide["W0"], wide["A"], wide["B"], scaling=s, bias=wide["bias"])
+    assert tolerance.compare(y, y64, tolerance.qlora_forward_bound(bf16["x"], W0, a["A"], a["B"], scaling=s,
+                                                                   bias=bf16["bias"])).passed
+    grads, grads64 = qlora_backward(bf16["dy"], cache), lora_backward(wide["dy"], cache64)
+    bounds = tolerance.qlora_backward_bound(bf16["dy"], bf16["x"], W0, a["A"], a["B"], scaling=s)
+    for name, b in bounds.items():
+        result = tolerance.compare(getattr(grads, name), getattr(grads64, name), b)
+        assert result.passed, f"{name}: {result}"

@@ -31,11 +31,12 @@ def _lora() -> list[Case]:
                 direction = family.split("_")[1]
                 cases.append(Case(f"lora-{direction}-{label}-{dtype}", family, dtype, 100 + seed, sizes, options))
     cases.append(Case("lora-forward-basic-float16", "lora_forward", "float16", 100, SMALL, {"alpha": 8.0}))
+    cases.append(Case("lora-backward-basic-float16", "lora_backward", "float16", 100, SMALL, {"alpha": 8.0}))
     for seed, (label, options) in enumerate([("merge", {"alpha": 8.0}),
                                              ("merge-fan-in-fan-out", {"alpha": 8.0, "fan_in_fan_out": True}),
                                              ("unmerge", {"alpha": 8.0, "unmerge": True}),
                                              ("merge-rslora", {"alpha": 16.0, "rslora": True})]):
-        for dtype in ("float32", "float64"):
+        for dtype in ("float32", "float64") + (("float16",) if label == "merge" else ()):
             cases.append(Case(f"lora-{label}-{dtype}", "lora_merge", dtype, 200 + seed, SMALL, options))
     return cases
 
@@ -56,13 +57,14 @@ def _dora_vera() -> list[Case]:
     seed = 500
     for method, variants in (("dora", dora), ("vera", vera)):
         for label, sizes, options in variants:
-            for dtype in ("float32", "float64"):
+            dtypes = ("float32", "float64", "float16") if label == "basic" else ("float32", "float64")
+            for dtype in dtypes:
                 families = ["backward"] if options.get("gradient") == "exact" else ["forward", "backward"]
                 for direction in families:
                     cases.append(Case(f"{method}-{direction}-{label}-{dtype}", f"{method}_{direction}", dtype, seed,
                                       sizes, options))
             seed += 1
-        for dtype in ("float32", "float64"):
+        for dtype in ("float32", "float64", "float16"):
             options = {"alpha": 8.0} if method == "dora" else {}
             sizes = SMALL if method == "dora" else {**SMALL, "r": 8}
             cases.append(Case(f"{method}-merge-{dtype}", f"{method}_merge", dtype, seed, sizes, options))
