@@ -313,9 +313,13 @@ def _loraplus_optimizer(manifest: dict, tensors: dict, cls, common: dict):
                                      loraplus_weight_decay=o.get("weight_decay", 0.0), **common)
 
 
-HANDLERS = {"lora_forward": _lora, "lora_backward": _lora, "lora_merge": _lora, "adam_step": _adam,
-            "dora_forward": _dora, "dora_backward": _dora, "dora_merge": _dora,
-            "fusion_cat": _fusion_cat, "qlora_forward": _qlora, "qlora_backward": _qlora, "vera_forward": _vera, "vera_backward": _vera, "vera_merge": _vera}
+HANDLERS = {
+    "lora_forward": _lora, "lora_backward": _lora, "lora_merge": _lora,
+    "dora_forward": _dora, "dora_backward": _dora, "dora_merge": _dora,
+    "vera_forward": _vera, "vera_backward": _vera, "vera_merge": _vera,
+    "qlora_forward": _qlora, "qlora_backward": _qlora,
+    "fusion_cat": _fusion_cat, "adam_step": _adam,
+}
 
 
 def _runner(device: str):

@@ -125,8 +125,14 @@ def _dequantize(manifest: dict, inputs: dict) -> dict:
     return {"W": dequantize_4bit(state)}
 
 
-HANDLERS = {"qlora_forward": _qlora, "qlora_backward": _qlora, "fusion_cat": _fusion_cat, "dora_forward": _dora, "dora_backward": _dora, "dora_merge": _dora,
-            "vera_forward": _vera, "vera_backward": _vera, "vera_merge": _vera, "quantize_4bit": _quantize, "dequantize_4bit": _dequantize, "lora_forward": _lora, "lora_backward": _lora, "lora_merge": _lora, "adam_step": _adam}
+HANDLERS = {
+    "lora_forward": _lora, "lora_backward": _lora, "lora_merge": _lora,
+    "dora_forward": _dora, "dora_backward": _dora, "dora_merge": _dora,
+    "vera_forward": _vera, "vera_backward": _vera, "vera_merge": _vera,
+    "qlora_forward": _qlora, "qlora_backward": _qlora,
+    "quantize_4bit": _quantize, "dequantize_4bit": _dequantize,
+    "fusion_cat": _fusion_cat, "adam_step": _adam,
+}
 
 
 def run(manifest: dict, inputs: dict[str, np.ndarray]) -> dict:
