@@ -127,6 +127,7 @@ def _quant() -> list[Case]:
         ("bs32-partial", "float32", [7, 33], {"blocksize": 32}),
         ("bs128-float16", "float16", [8, 256], {"blocksize": 128}),
         ("double-bs32", "float32", [32, 512], {"blocksize": 32, "double_quant": True}),
+        ("bs128-rows320", "float32", [4, 320], {"blocksize": 128}),   # rows do not start blocks (FINDINGS F-6)
     ]
     seed = 400
     for label, dtype, shape, options in variants:
