@@ -232,3 +232,11 @@ def test_onnxruntime_matches_the_cases_it_covers():
     assert Summary.of(reports).ok, [(r.case, r.message) for r in reports if r.status in ("fail", "error")]
     assert any(r.status == "pass" for r in reports)
     assert all(r.status == "known-deviation" for r in reports if r.case in runner.known_deviations)
+
+
+def test_report_command_prints_a_table_and_a_summary(capsys):
+    assert main(["conformance", "report", "--vectors", str(COMMITTED), "--runner", "refpeft_self",
+                 "--case", "lora-forward-basic-float32", "--case", "nf4-quantize-bs64-bnb-cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "== refpeft-numpy ==" in out and "nf4-quantize-bs64-bnb-cuda" in out and "all expected passes pass" in out
+    assert main(["conformance", "report", "--runner", "no_such_runner"]) == 2
