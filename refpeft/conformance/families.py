@@ -11,6 +11,9 @@ A family turns a `Case` (sizes, options, dtype, seed) into `Vectors`:
 - results checked bit for bit (4-bit codes, absmaxes) carry no bound;
 - parameters: derived numbers an implementation needs (the LoRA scaling as a float64), which
   the manifest records so no implementation has to re-derive them.
+Two families say where they depart from this: `fusion_cat` (its factors are elementwise, computed
+on plain NumPy) and `export_forward` (its bounds come from the exporter's own `graph_bound`, rounded
+up to 20 significant bits; see `round_up`).
 """
 
 from __future__ import annotations
