@@ -19,13 +19,15 @@ Numeric choices:
   vn > map[pivot]; the final pivot is always even, and the value goes to whichever neighbour lies
   past the float32 midpoint f32((a + b) * 0.5), a value exactly on the midpoint staying with the
   pivot (so ties go to the even index). An all-zero nested block computes 0 * inf = NaN and gets
-  code 0 (map[0] = -0.99296875, times 0: the absmax comes back as the offset).
+  code 0 (map[0] = -0.99296875, times 0: the absmax comes back as the offset); when
+  0 < nested_absmax <= 2^-128 the reciprocal overflows, v * inf saturates to code 0 or 255 and
+  zeros (NaN) get code 0.
   "bnb-cpu": bitsandbytes 0.50's C code: vn clamped to [-1, 1] goes to one of 65,536 bins,
   i = trunc(f32(f32(f32(f32(vn + 1) * 0.5) * 65535) + 0.5) (fusing the last multiply-add, as
   GCC may, changes no bin: checked over every float32 in [2^-12, 1]), and a table built once from the bin values f32(-1 + f32(2i / 65535)) gives the code:
   table[i] = #{midpoints m : m < bin value i}. This is an approximation of the nearest code (a
   handful of the 65,536 bins round one step off, see conformance/FINDINGS.md) reproduced exactly.
-  An all-zero nested block gets code 0.
+  An all-zero nested block gets code 0; overflowing reciprocals behave as under "bnb-cuda".
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 
 from refpeft.backend import check_float_array, namespace, require_shape
 from refpeft.errors import ConfigError, DTypeError, ShapeError
-from refpeft.quant.blockwise import split_blocks
+from refpeft.quant.blockwise import RECIPROCAL_OVERFLOW, split_blocks
 from refpeft.quant.codebooks import ROUNDINGS, dynamic_map, midpoints
 
 NESTED_BLOCKSIZE = 256
@@ -66,11 +68,13 @@ def quantize_absmax(absmax: Any, *, rounding: str = "bnb-cuda", offset: float | 
     n = absmax.shape[0]
     v = split_blocks(absmax - xp.asarray(offset, dtype=xp.float32), NESTED_BLOCKSIZE, xp=xp)  # (nc, 256)
     nested_absmax = xp.max(xp.abs(v), axis=1)                                               # (nc,)
-    zero = nested_absmax == 0
-    vn = v * (1.0 / xp.where(zero, xp.ones_like(nested_absmax), nested_absmax))[:, None]
+    overflow = (nested_absmax <= RECIPROCAL_OVERFLOW)[:, None]     # 1/s = inf, as in blockwise
+    vn = v * (1.0 / xp.where(overflow[:, 0], xp.ones_like(nested_absmax), nested_absmax))[:, None]
+    infinite = xp.where(v > 0, xp.asarray(2.0, dtype=xp.float32), xp.asarray(-2.0, dtype=xp.float32))
+    vn = xp.where(overflow, infinite, vn)                          # v * inf: +-2 lies beyond the map
     nearest = _nearest_cuda if rounding == "bnb-cuda" else _nearest_cpu
     codes = xp.reshape(nearest(xp.reshape(vn, (-1,)), xp=xp), vn.shape)           # take() wants 1-D
-    codes = xp.where(zero[:, None], xp.zeros_like(codes), codes)
+    codes = xp.where(overflow & (v == 0), xp.zeros_like(codes), codes)            # 0 * inf = NaN: code 0
     return NestedAbsmax(codes=xp.reshape(codes, (-1,))[:n], nested_absmax=nested_absmax, offset=offset)
 
 
