@@ -96,9 +96,9 @@ def test_peft_passes_every_expected_case_and_the_bounds_are_tight():
     reports = check_directory(runner.run, COMMITTED, implementation=runner.name,
                               known_deviations=runner.known_deviations)
     assert Summary.of(reports).ok, [(r.case, r.message) for r in reports if r.status in ("fail", "error")]
-    # tightness: the rigorous bound is within 1000x of what PEFT's float32 error actually is
-    f32 = [r.worst_ratio for r in reports if r.dtype == "float32" and r.status == "pass" and r.worst_ratio]
-    assert f32 and max(f32) > 1e-3
+    # tightness: on every float32 case PEFT uses more than 1/1000 of the rigorous bound (4e-3 measured)
+    f32 = {r.case: r.worst_ratio for r in reports if r.dtype == "float32" and r.status == "pass"}
+    assert len(f32) >= 30 and min(f32.values()) > 1e-3, sorted(f32.items(), key=lambda item: item[1])[:3]
 
 
 def perturbed(manifest: dict, inputs: dict) -> dict | None:
