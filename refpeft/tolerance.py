@@ -685,6 +685,15 @@ class Comparison:
     max_error: float    # max |actual - expected|
     bound_at_worst: float
     passed: bool
+    worst_index: tuple[int, ...] = ()   # where error / bound is largest
+    actual_at_worst: float = 0.0
+    expected_at_worst: float = 0.0
+
+    def describe(self) -> str:
+        """One line for a report: the worst element, its values and its bound."""
+        return (f"worst at {list(self.worst_index)}: {self.actual_at_worst!r} vs expected {self.expected_at_worst!r}, "
+                f"error {abs(self.actual_at_worst - self.expected_at_worst):.3e}, bound {self.bound_at_worst:.3e} "
+                f"(error/bound {self.ratio:.3g})")
 
 
 def compare(actual: Any, expected: Any, bound: Any) -> Comparison:
@@ -702,7 +711,9 @@ def compare(actual: Any, expected: Any, bound: Any) -> Comparison:
         ratios = np.where(err == 0.0, 0.0, err / b)
     worst = int(np.argmax(ratios))
     ratio = float(ratios.flat[worst])
-    return Comparison(ratio=ratio, max_error=float(err.max()), bound_at_worst=float(b.flat[worst]), passed=ratio <= 1.0)
+    return Comparison(ratio=ratio, max_error=float(err.max()), bound_at_worst=float(b.flat[worst]), passed=ratio <= 1.0,
+                      worst_index=tuple(int(i) for i in np.unravel_index(worst, e.shape)),
+                      actual_at_worst=float(a.flat[worst]), expected_at_worst=float(e.flat[worst]))
 
 
 def ratio(actual: Any, expected: Any, bound: Any) -> float:

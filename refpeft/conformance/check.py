@@ -80,13 +80,17 @@ def check_result(name: str, spec: dict[str, Any], actual: Any, loaded: LoadedCas
     if spec["check"] == "bytes":
         if actual.dtype != expected.dtype:
             return ResultCheck(name, "bytes", False, message=f"dtype {actual.dtype}, expected {expected.dtype}")
-        differing = int(np.count_nonzero(np.ascontiguousarray(actual).view(np.uint8)
-                                         != np.ascontiguousarray(expected).view(np.uint8)))
-        return ResultCheck(name, "bytes", differing == 0, differing_bytes=differing)
+        bytes_actual = np.ascontiguousarray(actual).view(np.uint8).reshape(-1)
+        bytes_expected = np.ascontiguousarray(expected).view(np.uint8).reshape(-1)
+        where = np.flatnonzero(bytes_actual != bytes_expected)
+        message = "" if where.size == 0 else (f"first differing byte at offset {int(where[0])}: "
+                                             f"{int(bytes_actual[where[0]]):#04x} vs expected {int(bytes_expected[where[0]]):#04x}")
+        return ResultCheck(name, "bytes", where.size == 0, differing_bytes=int(where.size), message=message)
     if actual.dtype.kind != "f" and not str(actual.dtype) == "bfloat16":
         return ResultCheck(name, "bound", False, message=f"dtype {actual.dtype} is not floating")
     c = compare(actual.astype(np.float64), expected, loaded.bounds[name])
-    return ResultCheck(name, "bound", c.passed, ratio=c.ratio, max_error=c.max_error)
+    return ResultCheck(name, "bound", c.passed, ratio=c.ratio, max_error=c.max_error,
+                       message="" if c.passed else c.describe())
 
 
 def check_case(impl: Implementation, loaded: LoadedCase, *, implementation: str,
