@@ -240,3 +240,21 @@ def test_report_command_prints_a_table_and_a_summary(capsys):
     out = capsys.readouterr().out
     assert "== refpeft-numpy ==" in out and "nf4-quantize-bs64-bnb-cuda" in out and "all expected passes pass" in out
     assert main(["conformance", "report", "--runner", "no_such_runner"]) == 2
+
+
+def test_check_reads_results_written_by_any_implementation(tmp_path, capsys):
+    """The files-only protocol: NAME.safetensors of results; cases without a file are unsupported."""
+    import safetensors.numpy
+
+    case = read_case(COMMITTED, "lora-forward-basic-float32")
+    results = refpeft_run(case.manifest, case.inputs)
+    (tmp_path / f"{case.name}.safetensors").write_bytes(safetensors.numpy.save({"y": np.asarray(results["y"])}))
+    assert main(["conformance", "check", "--results", str(tmp_path), "--vectors", str(COMMITTED)]) == 0
+    out = capsys.readouterr().out
+    assert case.name in out and "1 pass" in out and "unsupported" in out
+    wrong = np.asarray(results["y"]).copy()
+    wrong[0, 0, 0] += 1.0
+    (tmp_path / f"{case.name}.safetensors").write_bytes(safetensors.numpy.save({"y": wrong}))
+    assert main(["conformance", "check", "--results", str(tmp_path), "--vectors", str(COMMITTED),
+                 "--case", case.name]) == 1
+    assert "worst at [0, 0, 0]" in capsys.readouterr().out

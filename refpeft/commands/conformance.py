@@ -35,11 +35,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--out", type=Path, default=DEFAULT_VECTORS, help="vectors directory (default: %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     g.set_defaults(func=run_generate)
-    c = sub.add_parser("check", help="check one implementation (MODULE:FUNCTION) against the vectors",
-                       description="Import FUNCTION from MODULE and run it on every case; see "
-                                   "refpeft.conformance.check for the protocol: "
-                                   "impl(manifest: dict, inputs: dict[str, ndarray]) -> dict[str, ndarray] | None.")
-    c.add_argument("--impl", required=True, metavar="MODULE:FUNCTION", help="the implementation to check")
+    c = sub.add_parser("check", help="check one implementation (MODULE:FUNCTION, or a directory of results)",
+                       description="Import FUNCTION from MODULE and run it on every case (the protocol: "
+                                   "impl(manifest: dict, inputs: dict[str, ndarray]) -> dict[str, ndarray] | None), "
+                                   "or read the results an implementation in any language wrote as "
+                                   "DIRECTORY/NAME.safetensors (one tensor per result name); conformance/README.md.")
+    which = c.add_mutually_exclusive_group(required=True)
+    which.add_argument("--impl", metavar="MODULE:FUNCTION", help="the Python implementation to check")
+    which.add_argument("--results", type=Path, metavar="DIRECTORY", help="results written by any implementation")
     c.add_argument("--vectors", type=Path, default=DEFAULT_VECTORS, help="vectors directory (default: %(default)s)")
     c.add_argument("--case", action="append", metavar="NAME", help="only this case (repeatable)")
     c.set_defaults(func=run_check)
@@ -64,13 +67,14 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from refpeft.conformance.check import Summary, check_directory, load_implementation
+    from refpeft.conformance.check import Summary, check_directory, load_implementation, results_directory
     from refpeft.conformance.report import format_summary, format_table
 
-    impl = load_implementation(args.impl)
-    reports = check_directory(impl, args.vectors, implementation=args.impl, names=args.case)
-    print(format_table(reports))
-    print(format_summary(args.impl, reports))
+    impl = load_implementation(args.impl) if args.impl else results_directory(args.results)
+    name = args.impl or str(args.results)
+    reports = check_directory(impl, args.vectors, implementation=name, names=args.case)
+    print(format_table([r for r in reports if r.status != "unsupported"]))
+    print(format_summary(name, reports))
     return 0 if Summary.of(reports).ok else 1
 
 

@@ -128,6 +128,26 @@ def check_directory(impl: Implementation, directory: str | Path, *, implementati
                        known_deviations=known_deviations) for name in selected]
 
 
+def results_directory(directory: str | Path) -> Implementation:
+    """The files-only protocol: an implementation in any language writes, for each case NAME it
+    covers, `DIRECTORY/NAME.safetensors` holding one tensor per result name; cases without a file
+    are unsupported. `refpeft conformance check --results DIRECTORY` reads them."""
+    from refpeft.checkpoint import SafetensorsFile
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise ConfigError(f"--results {root}: no such directory")
+
+    def read_results(manifest: dict, inputs: dict) -> dict[str, Any]:
+        path = root / f"{manifest['case']}.safetensors"
+        if not path.is_file():
+            raise Unsupported(f"no {path.name} in {root}")
+        results = SafetensorsFile(path)
+        return {name: np.array(results.read(name)) for name in results.keys()}
+
+    return read_results
+
+
 def load_implementation(spec: str) -> Implementation:
     """Import `module:function` (the `--impl` argument)."""
     module_name, sep, attribute = spec.partition(":")
