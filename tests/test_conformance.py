@@ -258,3 +258,34 @@ def test_check_reads_results_written_by_any_implementation(tmp_path, capsys):
     assert main(["conformance", "check", "--results", str(tmp_path), "--vectors", str(COMMITTED),
                  "--case", case.name]) == 1
     assert "worst at [0, 0, 0]" in capsys.readouterr().out
+
+
+def test_the_format_is_readable_from_the_specification_alone():
+    """conformance/README.md is enough: JSON, SHA-256, the safetensors header, raw little-endian data."""
+    import hashlib
+    import struct
+
+    index = json.loads((COMMITTED / "index.json").read_text())
+    entry = next(e for e in index["cases"] if e["case"] == "lora-backward-bias-dropout-float32")
+    manifest = json.loads((COMMITTED / entry["manifest"]).read_text())
+    data = (COMMITTED / manifest["file"]).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == manifest["sha256"] == entry["sha256"]
+    (header_length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_length])
+    assert header.pop("__metadata__") == {"format": "refpeft-conformance/1"}
+    raw = {"F32": "<f4", "F64": "<f8", "F16": "<f2", "U8": "u1"}
+
+    def tensor(name: str) -> np.ndarray:
+        info = header[name]
+        begin, end = info["data_offsets"]
+        return np.frombuffer(data[8 + header_length + begin: 8 + header_length + end],
+                             dtype=raw[info["dtype"]]).reshape(info["shape"])
+
+    inputs = {n: tensor(spec["tensor"]).astype(np.float64) for n, spec in manifest["inputs"].items()}
+    s = manifest["parameters"]["scaling"]
+    xd = inputs["x"] * inputs["dropout_mask"]
+    g = s * inputs["dy"] @ inputs["B"]                         # the README's definition, by hand
+    expected_dA = g.reshape(-1, g.shape[-1]).T @ xd.reshape(-1, xd.shape[-1])   # dA = g^T xd over all rows
+    spec = manifest["results"]["dA"]
+    err = np.abs(expected_dA - tensor(spec["tensor"]))
+    assert spec["check"] == "bound" and np.all(err <= tensor(spec["bound"]))
