@@ -57,6 +57,7 @@ DTYPES = {
     "BOOL": np.dtype("?"),
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+MERGE_BLOCK_ELEMENTS = 2**20  # float64 entries per block of merged rows (8 MiB)
 MAX_HEADER_BYTES = 100_000_000
 
 
@@ -250,7 +251,8 @@ class MergeReport:
 
 
 def merge_into_checkpoint(adapter: Adapter, base: SafetensorsFile, out: str | os.PathLike, *,
-                          progress: Callable[[str, int], None] | None = None) -> MergeReport:
+                          progress: Callable[[str, int], None] | None = None,
+                          block_elements: int = MERGE_BLOCK_ELEMENTS) -> MergeReport:
     """Write `base` with `adapter` merged into it, one tensor at a time, atomically.
 
     Every tensor of the base is copied in file order, except:
@@ -259,8 +261,11 @@ def merge_into_checkpoint(adapter: Adapter, base: SafetensorsFile, out: str | os
                   dtype (bfloat16 through float32, as ml_dtypes and torch both round float64 to it);
       <p>.bias    the trained bias from Adapter.base_biases (PEFT's bias="lora_only"/"all"), plus
                   s * lora_B.bias when the module has a lora_bias (PEFT's merge does the same).
-    Memory: one adapted layer at a time (the mapped base weight, its float64 copy and the delta),
-    never the whole checkpoint. Errors name the base file and the key.
+    Memory: one tensor at a time, never the whole checkpoint. An adapted weight is merged in blocks
+    of output rows (`block_elements` float64 entries each: row i of the merged weight depends
+    only on row i of W0 and B, of m and lambda_b, and on all of A), so besides the blocks only the
+    mapped base weight and the merged one in the checkpoint's dtype are held: about twice the
+    layer. Errors name the base file and the key.
     """
     target = Path(out)
     if target.exists() and target.resolve() == base.path.resolve():
@@ -281,18 +286,11 @@ def merge_into_checkpoint(adapter: Adapter, base: SafetensorsFile, out: str | os
         if key not in weights and key not in biases:
             return stored
         try:
-            W0 = np.asarray(stored, dtype=np.float64)
             if key in weights:
-                value = merged_weight(adapter.modules[weights[key]], W0, vera_A=adapter.vera_A, vera_B=adapter.vera_B)
-            else:
-                value = merged_bias(adapter, biases[key], W0)
+                return _merged_in_blocks(adapter, weights[key], stored, block_elements=block_elements)
+            return _rounded(merged_bias(adapter, biases[key], np.asarray(stored, dtype=np.float64)), stored.dtype)
         except RefpeftError as exc:
             raise type(exc)(f"{base.path}: {key}: {exc}") from None
-        rounded = value.astype(stored.dtype)
-        if not np.all(np.isfinite(rounded)):
-            raise NonFiniteError(f"{base.path}: {key}: the merged values overflow {base.info(key).dtype} "
-                                 f"({int(np.count_nonzero(~np.isfinite(rounded)))} non-finite)")
-        return rounded
 
     written = 0
 
@@ -309,20 +307,54 @@ def merge_into_checkpoint(adapter: Adapter, base: SafetensorsFile, out: str | os
                        largest_merged_bytes=max(base.info(key).nbytes for key in weights) if weights else 0)
 
 
-def merged_weight(module: ModuleAdapter, W0: np.ndarray, *, vera_A: Any = None, vera_B: Any = None) -> np.ndarray:
-    """One module's merged weight in W0's layout, all in float64 (W0 must be float64 already)."""
+def merged_weight(module: ModuleAdapter, W0: np.ndarray, *, vera_A: Any = None, vera_B: Any = None,
+                  rows: slice = slice(None)) -> np.ndarray:
+    """Output rows `rows` of one module's merged weight, in W0's layout and float64.
+
+    W0 holds just those rows (columns with fan_in_fan_out), already float64; the per-output
+    tensors (B's rows, m, lambda_b, vera_B's rows) are sliced to match."""
     f64 = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
     fif = module.fan_in_fan_out
     if module.method == "vera":
         if vera_A is None or vera_B is None:
             raise ConfigError("VeRA projections are needed to merge (saved in the adapter, or regenerated from "
                               "projection_prng_key with the base's layer sizes)")
-        return vera_merge(W0, f64(vera_A), f64(vera_B), f64(module.lambda_d), f64(module.lambda_b),
+        # vera_merge takes B[:d] for d = len(lambda_b): slicing vera_B first selects rows `rows` instead.
+        d = module.lambda_b.shape[0]
+        return vera_merge(W0, f64(vera_A), f64(vera_B[:d][rows]), f64(module.lambda_d), f64(module.lambda_b[rows]),
                           fan_in_fan_out=fif)
     if module.method == "dora":
-        return dora_merge(W0, f64(module.A), f64(module.B), f64(module.magnitude), scaling=module.scaling,
-                          fan_in_fan_out=fif)
-    return merge(W0, f64(module.A), f64(module.B), scaling=module.scaling, fan_in_fan_out=fif)
+        return dora_merge(W0, f64(module.A), f64(module.B[rows]), f64(module.magnitude[rows]),
+                          scaling=module.scaling, fan_in_fan_out=fif)
+    return merge(W0, f64(module.A), f64(module.B[rows]), scaling=module.scaling, fan_in_fan_out=fif)
+
+
+def _merged_in_blocks(adapter: Adapter, path: str, stored: np.ndarray, *, block_elements: int) -> np.ndarray:
+    """The merged weight of module `path` in the stored dtype, computed block of output rows by block."""
+    module = adapter.modules[path]
+    fif = module.fan_in_fan_out
+    d, k = (stored.shape[1], stored.shape[0]) if fif else stored.shape
+    merged = np.empty(stored.shape, dtype=stored.dtype)
+    # At least r rows per block: refpeft.lora refuses a factor B with fewer rows than its rank.
+    step = max(module.r, block_elements // max(k, 1))
+    count = max(1, d // step)
+    bounds = [d * i // count for i in range(count + 1)]  # `count` blocks of at least `step` rows
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        rows = slice(start, stop)
+        where = (slice(None), rows) if fif else (rows, slice(None))
+        block = merged_weight(module, np.asarray(stored[where], dtype=np.float64), vera_A=adapter.vera_A,
+                              vera_B=adapter.vera_B, rows=rows)
+        merged[where] = _rounded(block, stored.dtype)
+    return merged
+
+
+def _rounded(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float64 values in the checkpoint's dtype; NonFiniteError if they overflow it."""
+    rounded = values.astype(dtype)
+    bad = int(np.count_nonzero(~np.isfinite(rounded)))
+    if bad:
+        raise NonFiniteError(f"the merged values overflow {np.dtype(dtype).name} ({bad} non-finite)")
+    return rounded
 
 
 def merged_bias(adapter: Adapter, path: str, b0: np.ndarray) -> np.ndarray:

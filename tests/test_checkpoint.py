@@ -185,3 +185,24 @@ def test_merge_refusals_leave_no_output(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors"]
     with pytest.raises(RefpeftError, match="overwrite"):
         merge_into_checkpoint(cases[0][0], base, tmp_path / "base.safetensors")
+
+
+@pytest.mark.parametrize("method", ["lora", "lora-fan_in_fan_out", "dora", "dora-fan_in_fan_out", "vera"])
+def test_merging_by_blocks_of_rows_equals_merging_whole_layers(method, tmp_path):
+    from dataclasses import replace
+
+    from tests.test_peft_format import SHAPES, lora_adapter, vera_adapter
+
+    adapter = vera_adapter() if method == "vera" else lora_adapter(dora=method.startswith("dora"))
+    fif = method.endswith("fan_in_fan_out")
+    if fif:
+        adapter = replace(adapter, modules={p: replace(m, fan_in_fan_out=True) for p, m in adapter.modules.items()})
+    rng = np.random.default_rng(4)
+    tensors = {f"{p}.weight": rng.standard_normal((s.k, s.d) if fif else (s.d, s.k)) for p, s in SHAPES.items()}
+    base = SafetensorsFile(_write(tmp_path / "base.safetensors", tensors))
+    merge_into_checkpoint(adapter, base, tmp_path / "rows.safetensors", block_elements=1)  # one row per block
+    merge_into_checkpoint(adapter, base, tmp_path / "whole.safetensors", block_elements=10**9)
+    rows, changed = SafetensorsFile(tmp_path / "rows.safetensors"), SafetensorsFile(tmp_path / "whole.safetensors")
+    for key in tensors:  # the same sums; a BLAS may order a block's dot products differently in the last bit
+        np.testing.assert_allclose(rows.read(key), changed.read(key), rtol=1e-14, atol=1e-14)
+    assert all(not np.array_equal(changed.read(k), tensors[k]) for k in tensors)
