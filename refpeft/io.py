@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, so safetensors can read and write it)
 import numpy as np
 import safetensors
 import safetensors.numpy
