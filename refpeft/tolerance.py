@@ -505,6 +505,19 @@ def dora_merge_bound(W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float,
     return with_reference(chain, _precision(dtype, accumulation, model))
 
 
+def dora_unmerge_bound(W: Any, A: Any, B: Any, magnitude: Any, weight_norm: Any, *, scaling: float,
+                       fan_in_fan_out: bool = False, dtype: str = "float32", accumulation: str | None = None,
+                       model: str = "rigorous") -> Any:
+    """Per-element bound on W0 = W / (m / n) - s B A with the cached norm n given (PEFT's unmerge)."""
+    def chain(p: Precision) -> Bounded:
+        g = divide(exact(magnitude), exact(weight_norm), p)                          # (d,)
+        W_rows = transpose(exact(W)) if fan_in_fan_out else exact(W)                 # (d, k)
+        W0 = subtract(divide(W_rows, column(g), p), matmul(exact(B), exact(A), p, scale=scaling), p)
+        return transpose(W0) if fan_in_fan_out else W0
+
+    return with_reference(chain, _precision(dtype, accumulation, model))
+
+
 # ---------------------------------------------------------------- VeRA (refpeft.vera's computation)
 
 def _vera_chain(x: Any, W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, bias: Any, dropout_mask: Any,
@@ -563,11 +576,15 @@ def vera_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, lambda_d: Any,
 
 
 def vera_merge_bound(W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, fan_in_fan_out: bool = False,
-                     dtype: str = "float32", accumulation: str | None = None, model: str = "rigorous") -> Any:
-    """Per-element bound on W0 + (lambda_b B)(lambda_d A) (PEFT's order), in W0's layout."""
+                     dtype: str = "float32", accumulation: str | None = None, model: str = "rigorous",
+                     unmerge: bool = False) -> Any:
+    """Per-element bound on W0 + (lambda_b B)(lambda_d A) (PEFT's order), in W0's layout; with
+    unmerge=True on W - (lambda_b B)(lambda_d A) (pass the merged W as W0)."""
     def chain(p: Precision) -> Bounded:
-        delta = matmul(multiply(column(exact(lambda_b)), exact(B), p), multiply(column(exact(lambda_d)), exact(A), p), p)
-        return add(exact(W0), transpose(delta) if fan_in_fan_out else delta, p)
+        lb, ld = column(exact(lambda_b)), column(exact(lambda_d))
+        delta = matmul(multiply(lb, exact(B), p), multiply(ld, exact(A), p), p)
+        delta = transpose(delta) if fan_in_fan_out else delta
+        return subtract(exact(W0), delta, p) if unmerge else add(exact(W0), delta, p)
 
     return with_reference(chain, _precision(dtype, accumulation, model))
 

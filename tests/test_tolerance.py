@@ -171,7 +171,7 @@ def test_bounds_are_the_same_on_every_backend(backend):
 @FAST
 @given(layer_cases(max_features=32), st.sampled_from(["detached", "exact"]))
 def test_dora_bounds_hold_for_refpeft_in_float32(case, gradient):
-    from refpeft.dora import dora_backward, dora_forward, dora_merge
+    from refpeft.dora import dora_backward, dora_forward, dora_merge, dora_unmerge, dora_weight_norm
 
     a = layer(case, "float32")
     a["magnitude"] = np.abs(a["bias"] if a["bias"] is not None else np.ones(case.d, np.float32)) + 0.5
@@ -191,12 +191,18 @@ def test_dora_bounds_hold_for_refpeft_in_float32(case, gradient):
     merged64 = dora_merge(*(wide[n] for n in names[1:]), **options(case))
     assert tolerance.compare(merged, merged64, tolerance.dora_merge_bound(*(a[n] for n in names[1:]),
                                                                           **options(case))).passed
+    norm = dora_weight_norm(*(a[n] for n in names[1:4]), **options(case))                 # float32, cached
+    back = dora_unmerge(merged, a["A"], a["B"], a["magnitude"], weight_norm=norm, **options(case))
+    back64 = dora_unmerge(merged.astype(np.float64), wide["A"], wide["B"], wide["magnitude"],
+                          weight_norm=norm.astype(np.float64), **options(case))
+    bound = tolerance.dora_unmerge_bound(merged, a["A"], a["B"], a["magnitude"], norm, **options(case))
+    assert tolerance.compare(back, back64, bound).passed
 
 
 @FAST
 @given(layer_cases(max_features=32))
 def test_vera_bounds_hold_for_refpeft_in_float32(case):
-    from refpeft.vera import vera_backward, vera_forward, vera_merge
+    from refpeft.vera import vera_backward, vera_forward, vera_merge, vera_unmerge
 
     a = layer(case, "float32")
     rng = np.random.default_rng(case.seed)
@@ -217,6 +223,10 @@ def test_vera_bounds_hold_for_refpeft_in_float32(case):
     merged = vera_merge(*(a[n] for n in names[1:]), **ffo)
     merged64 = vera_merge(*(wide[n] for n in names[1:]), **ffo)
     assert tolerance.compare(merged, merged64, tolerance.vera_merge_bound(*(a[n] for n in names[1:]), **ffo)).passed
+    shared = [a[n] for n in names[2:]]
+    back, back64 = vera_unmerge(merged, *shared, **ffo), vera_unmerge(merged.astype(np.float64),
+                                                                        *(wide[n] for n in names[2:]), **ffo)
+    assert tolerance.compare(back, back64, tolerance.vera_merge_bound(merged, *shared, unmerge=True, **ffo)).passed
 
 
 @FAST

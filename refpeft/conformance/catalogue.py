@@ -70,7 +70,10 @@ def _dora_vera() -> list[Case]:
             cases.append(Case(f"{method}-merge-{dtype}", f"{method}_merge", dtype, seed, sizes, options))
             cases.append(Case(f"{method}-merge-fan-in-fan-out-{dtype}", f"{method}_merge", dtype, seed + 1, sizes,
                               {**options, "fan_in_fan_out": True}))
-        seed += 2
+            if dtype != "float16":
+                cases.append(Case(f"{method}-unmerge-{dtype}", f"{method}_merge", dtype, seed + 2, sizes,
+                                  {**options, "unmerge": True}))
+        seed += 3
     return cases
 
 

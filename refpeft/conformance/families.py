@@ -179,14 +179,25 @@ def dora_backward_vectors(case: Case) -> Vectors:
 
 
 def dora_merge_vectors(case: Case) -> Vectors:
-    from refpeft.dora import dora_merge
+    """merge: W = diag(m / n) (W0 + s B A). With options unmerge=True the inputs are the merged W
+    (rounded to the dtype) and the norm n cached at merge time (PEFT keeps it), the result W0."""
+    from refpeft.dora import dora_merge, dora_unmerge, dora_weight_norm
 
     inputs, options = _dora_inputs(case, with_dy=False)
     inputs.pop("x")
     e = _exact(inputs)
     W = dora_merge(e["W0"], e["A"], e["B"], e["magnitude"], **options)
-    bound = tolerance.dora_merge_bound(e["W0"], e["A"], e["B"], e["magnitude"], dtype=case.dtype, **options)
-    return Vectors(inputs, _plain({"W": W}), _plain({"W": bound}), {"scaling": options["scaling"]})
+    if not case.options.get("unmerge", False):
+        bound = tolerance.dora_merge_bound(e["W0"], e["A"], e["B"], e["magnitude"], dtype=case.dtype, **options)
+        return Vectors(inputs, _plain({"W": W}), _plain({"W": bound}), {"scaling": options["scaling"]})
+    norm = dora_weight_norm(e["W0"], e["A"], e["B"], **options)
+    inputs["W"], inputs["weight_norm"] = plain(W).astype(case.dtype), plain(norm).astype(case.dtype)
+    inputs.pop("W0")
+    e = _exact(inputs)
+    W0 = dora_unmerge(e["W"], e["A"], e["B"], e["magnitude"], weight_norm=e["weight_norm"], **options)
+    bound = tolerance.dora_unmerge_bound(e["W"], e["A"], e["B"], e["magnitude"], e["weight_norm"], dtype=case.dtype,
+                                         **options)
+    return Vectors(inputs, _plain({"W0": W0}), _plain({"W0": bound}), {"scaling": options["scaling"]})
 
 
 # ---------------------------------------------------------------- VeRA
@@ -234,15 +245,21 @@ def vera_backward_vectors(case: Case) -> Vectors:
 
 
 def vera_merge_vectors(case: Case) -> Vectors:
-    from refpeft.vera import vera_merge
+    """merge: W = W0 + (lambda_b B)(lambda_d A); with options unmerge=True the input is W, the result W0."""
+    from refpeft.vera import vera_merge, vera_unmerge
 
     inputs = _vera_inputs(case, with_dy=False)
     inputs.pop("x")
+    undo = case.options.get("unmerge", False)
+    if undo:
+        inputs["W"] = inputs.pop("W0")
     e = _exact(inputs)
     ffo = case.options.get("fan_in_fan_out", False)
-    W = vera_merge(e["W0"], *_vera_args(e), fan_in_fan_out=ffo)
-    bound = tolerance.vera_merge_bound(e["W0"], *_vera_args(e), fan_in_fan_out=ffo, dtype=case.dtype)
-    return Vectors(inputs, _plain({"W": W}), _plain({"W": bound}))
+    weight = e["W"] if undo else e["W0"]
+    W = (vera_unmerge if undo else vera_merge)(weight, *_vera_args(e), fan_in_fan_out=ffo)
+    bound = tolerance.vera_merge_bound(weight, *_vera_args(e), fan_in_fan_out=ffo, dtype=case.dtype, unmerge=undo)
+    name = "W0" if undo else "W"
+    return Vectors(inputs, _plain({name: W}), _plain({name: bound}))
 
 
 # ---------------------------------------------------------------- QLoRA (refpeft.qlora, precision "bfloat16")

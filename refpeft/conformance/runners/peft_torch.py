@@ -131,6 +131,12 @@ def _dora(manifest: dict, inputs: dict, device: str) -> dict:
     _set(proj.lora_B["default"].weight, inputs["B"])
     magnitude = proj.lora_magnitude_vector["default"].weight
     _set(magnitude, inputs["magnitude"])
+    if family == "dora_merge" and o.get("unmerge", False):
+        # the base holds the merged W and PEFT's cache the norm it stored at merge time
+        proj._cache_store("default-weight_norm", _tensor(inputs["weight_norm"], device))
+        proj.merged_adapters.append("default")
+        proj.unmerge()
+        return {"W0": _numpy(proj.base_layer.weight)}
     if family == "dora_merge":
         return {"W": _numpy(model.merge_and_unload().proj.weight)}
     if "dropout_mask" in inputs:
@@ -146,6 +152,10 @@ def _vera(manifest: dict, inputs: dict, device: str) -> dict:
     _set(model.base_model.vera_B["default"], inputs["vera_B"])
     _set(proj.vera_lambda_d["default"], inputs["lambda_d"])
     _set(proj.vera_lambda_b["default"], inputs["lambda_b"])
+    if family == "vera_merge" and manifest["options"].get("unmerge", False):
+        proj.merged_adapters.append("default")   # the base holds the merged W
+        proj.unmerge()
+        return {"W0": _numpy(proj.base_layer.weight)}
     if family == "vera_merge":
         return {"W": _numpy(model.merge_and_unload().proj.weight)}
     if "dropout_mask" in inputs:

@@ -32,10 +32,13 @@ def _lora(manifest: dict, inputs: dict) -> dict:
 
 
 def _dora(manifest: dict, inputs: dict) -> dict:
-    from refpeft.dora import dora_backward, dora_forward, dora_merge
+    from refpeft.dora import dora_backward, dora_forward, dora_merge, dora_unmerge
 
     family, o, p = manifest["family"], manifest["options"], manifest["parameters"]
     common = dict(scaling=p["scaling"], fan_in_fan_out=o.get("fan_in_fan_out", False))
+    if family == "dora_merge" and o.get("unmerge", False):
+        return {"W0": dora_unmerge(inputs["W"], inputs["A"], inputs["B"], inputs["magnitude"],
+                                   weight_norm=inputs["weight_norm"], **common)}
     layer = (inputs["W0"], inputs["A"], inputs["B"], inputs["magnitude"])
     if family == "dora_merge":
         return {"W": dora_merge(*layer, **common)}
@@ -49,10 +52,12 @@ def _dora(manifest: dict, inputs: dict) -> dict:
 
 
 def _vera(manifest: dict, inputs: dict) -> dict:
-    from refpeft.vera import vera_backward, vera_forward, vera_merge
+    from refpeft.vera import vera_backward, vera_forward, vera_merge, vera_unmerge
 
     family, ffo = manifest["family"], manifest["options"].get("fan_in_fan_out", False)
     shared = (inputs["vera_A"], inputs["vera_B"], inputs["lambda_d"], inputs["lambda_b"])
+    if family == "vera_merge" and manifest["options"].get("unmerge", False):
+        return {"W0": vera_unmerge(inputs["W"], *shared, fan_in_fan_out=ffo)}
     if family == "vera_merge":
         return {"W": vera_merge(inputs["W0"], *shared, fan_in_fan_out=ffo)}
     trainable = "bias" in inputs
