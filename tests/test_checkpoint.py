@@ -206,3 +206,20 @@ def test_merging_by_blocks_of_rows_equals_merging_whole_layers(method, tmp_path)
     for key in tensors:  # the same sums; a BLAS may order a block's dot products differently in the last bit
         np.testing.assert_allclose(rows.read(key), changed.read(key), rtol=1e-14, atol=1e-14)
     assert all(not np.array_equal(changed.read(k), tensors[k]) for k in tensors)
+
+
+def test_bfloat16_checkpoints_merge_to_the_nearest_bfloat16(tmp_path):
+    torch = pytest.importorskip("torch", reason="torch writes the bfloat16 base checkpoint")
+    from safetensors.torch import save_file
+
+    W0 = torch.randn(16, 12).to(torch.bfloat16)
+    save_file({"l.weight": W0, "l.bias": torch.zeros(16, dtype=torch.bfloat16)}, str(tmp_path / "base.safetensors"))
+    rng = np.random.default_rng(2)
+    module = ModuleAdapter(A=rng.standard_normal((3, 12)), B=rng.standard_normal((16, 3)), alpha=3.0)
+    merge_into_checkpoint(Adapter(modules={"l": module}), SafetensorsFile(tmp_path / "base.safetensors"),
+                          tmp_path / "out.safetensors")
+    merged = SafetensorsFile(tmp_path / "out.safetensors").read("l.weight")
+    assert merged.dtype == ml_dtypes.bfloat16
+    exact = merge(W0.double().numpy(), module.A, module.B, scaling=1.0)
+    # within half a bfloat16 ulp (2^-8 relative), plus float32's rounding on the way (see docs/peft_files.md)
+    assert np.all(np.abs(merged.astype(np.float64) - exact) <= np.abs(exact) * (2.0**-8 + 2.0**-23))
