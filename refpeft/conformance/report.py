@@ -36,11 +36,12 @@ def format_table(reports: list[CaseReport]) -> str:
 
 
 def format_summary(name: str, reports: list[CaseReport]) -> str:
-    """Counts per status and the worst error / bound over passing float32 cases (the tightness figure)."""
+    """Counts per status, and over passing float32 cases the largest and smallest worst error / bound:
+    the largest says how close to failing a peer came, the smallest how loose the bound is at worst."""
     s = Summary.of(reports)
     counts = ", ".join(f"{n} {k}" for k, n in sorted(s.counts.items()))
     f32 = [r.worst_ratio for r in reports if r.dtype == "float32" and r.status == "pass" and r.worst_ratio is not None]
-    tight = f"; worst error/bound on passing float32 cases {max(f32):.2e}" if f32 else ""
+    tight = (f"; float32 error/bound per case: max {max(f32):.2e}, min {min(f32):.2e}" if f32 else "")
     return f"{name}: {counts}{tight}"
 
 
