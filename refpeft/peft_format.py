@@ -460,7 +460,7 @@ def _split_keys(tensors: dict[str, np.ndarray], *, fields: tuple[str, ...], sour
         else:
             if bias != "none" and rest.endswith("." + ADAPTED_BIAS_SUFFIX):
                 biases[rest[: -len(ADAPTED_BIAS_SUFFIX) - 1]] = (key, array)
-            elif bias == "all" and rest.endswith(".bias"):
+            elif bias == "all" and rest.endswith(".bias") and not rest.endswith(".lora_B.bias"):
                 biases[rest[: -len(".bias")]] = (key, array)
             else:
                 raise FormatError(f"{source}: unexpected key {key!r}" + _bias_hint(rest, bias))
@@ -474,6 +474,8 @@ def _split_keys(tensors: dict[str, np.ndarray], *, fields: tuple[str, ...], sour
 
 
 def _bias_hint(rest: str, bias: str) -> str:
+    if rest.endswith("." + MODULE_SUFFIXES["bias"]):
+        return f" (lora_B has a bias but {CONFIG_NAME} has lora_bias false, or the method is not LoRA)"
     if rest.endswith(".bias") and bias == "none":
         return f" (a bias, but {CONFIG_NAME} has bias = 'none')"
     for suffix in MODULE_SUFFIXES.values():

@@ -171,6 +171,8 @@ TENSOR_DEFECTS = {
                        ConfigError, "embedding"),
     "bias without bias option": (lambda t: t.update({f"{Q}.base_layer.bias": np.zeros(8, np.float32)}), FormatError,
                                  "bias = 'none'"),
+    "lora_B bias without lora_bias": (lambda t: t.update({f"{Q}.lora_B.bias": np.zeros(8, np.float32)}),
+                                      FormatError, "lora_bias false"),
     "magnitude without dora": (lambda t: t.update({f"{Q}.lora_magnitude_vector": np.ones(8, np.float32)}),
                                FormatError, "lora_magnitude_vector does not belong"),
 }
