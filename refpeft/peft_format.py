@@ -387,7 +387,7 @@ def _check_config_values(config: dict[str, Any], path: Path) -> None:
             if not isinstance(patterns, dict):
                 raise ConfigError(f"{path}: {name} must be an object, got {patterns!r}")
             for key, value in patterns.items():
-                _compile(key, f"{path}: {name} key {key!r}")
+                _compile(rf"(.*\.)?({key})$", f"{path}: {name} key {key!r}")  # as pattern_value uses it
                 check(f"{name}[{key!r}]", value)
         bias = config.get("bias", "none")
         if bias not in ("none", "lora_only", "all"):

@@ -196,6 +196,7 @@ CONFIG_DEFECTS = {
     "bad rank": (lambda c: c.update(r=0), "r must be a positive integer"),
     "bad alpha": (lambda c: c.update(lora_alpha="8"), "lora_alpha must be a finite number"),
     "bad regex": (lambda c: c.update(rank_pattern={"(": 2}), "not a valid regular expression"),
+    "regex valid only alone": (lambda c: c.update(alpha_pattern={"(?i)q": 2}), "not a valid regular expression"),
     "bad bias": (lambda c: c.update(bias="sometimes"), "bias must be"),
     "untargeted module": (lambda c: c.update(target_modules=["k_proj"]), "does not select it"),
     "dora without magnitudes": (lambda c: c.update(use_dora=True), "missing key.*lora_magnitude_vector"),
