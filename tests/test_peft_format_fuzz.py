@@ -26,7 +26,7 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-3, 300) | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=6) | st.sampled_from(["q", "(", ".*", "all-linear", "LORA", "VERA", "lora_only", "pissa"]),
+    | st.text(max_size=6) | st.sampled_from(["q", "(", "(?i)q", ".*", "all-linear", "LORA", "VERA", "lora_only", "pissa"]),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3),
     max_leaves=6)
 config_keys = st.sampled_from(["peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "bias",
