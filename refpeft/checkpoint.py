@@ -10,9 +10,9 @@ A safetensors file is
 `SafetensorsFile` parses and checks the header once (every defect is a FormatError naming the file
 and, where there is one, the tensor) and then maps one tensor at a time with `np.memmap`, so
 a checkpoint far larger than memory can be read tensor by tensor: only the pages of the tensor in
-use are resident, and they are unmapped when the array is released. The header is read with
-plain file reads, never with the `safetensors` package, because its NumPy loader cannot represent
-bfloat16 (refpeft maps it to `ml_dtypes.bfloat16`).
+use are resident, and they are unmapped when the array is released. The header is parsed here
+rather than by the `safetensors` package so that each tensor's byte range is known (to map just
+it) and each defect is named with its tensor; bfloat16 and the float8s map to ml_dtypes types.
 
 `write_safetensors_streaming` writes the header first (every name, dtype and shape is known in
 advance) and then each tensor as it is produced, through `refpeft.io.atomic_open`: at most one
