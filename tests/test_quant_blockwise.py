@@ -76,7 +76,12 @@ def test_round_trip_error_is_within_half_the_widest_gap(case, quant_type, roundi
     half_gap = np.max(np.diff(values)) / 2
     per_element = np.repeat(absmax.astype(np.float64), case.blocksize)[: x.size].reshape(x.shape)
     bound = per_element * (half_gap + 1e-6) + 1e-45
-    assert np.all(np.abs(x_hat.astype(np.float64) - x) <= bound)
+    # Under bnb-cuda, a block whose absmax is at most 2^-128 has 1/absmax = inf (float32): every
+    # nonzero value becomes +-inf and decodes to +-absmax, whatever its size (docs/quantization.md).
+    saturated = (per_element <= 2.0**-128) & (rounding == "bnb-cuda") & (x != 0)
+    error = np.abs(x_hat.astype(np.float64) - x)
+    assert np.all(error[~saturated] <= bound[~saturated])
+    assert np.array_equal(x_hat[saturated], (np.sign(x) * per_element)[saturated].astype(np.float32))
 
 
 def test_packing_puts_the_first_element_in_the_high_nibble():
