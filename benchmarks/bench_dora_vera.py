@@ -29,7 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from bench_lora import interleaved_medians  # noqa: E402
+from measure import interleaved_medians, status_kib  # noqa: E402,F401  (status_kib: used by the child process)
 from refpeft.dora import dora_backward, dora_forward, dora_weight_norm, init_dora_magnitude  # noqa: E402
 from refpeft.linear import LinearShape  # noqa: E402
 from refpeft.lora import lora_scaling  # noqa: E402
@@ -128,15 +128,6 @@ def peak_of_one_step(name: str, sizes: tuple[int, int, int, int]) -> float:
     out = subprocess.run([sys.executable, "-c", code.format(path=[here, *sys.path], sizes=sizes, name=name)],
                          env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1]) / 1024.0
-
-
-def status_kib(field: str) -> int:
-    """A memory figure of this process from /proc/self/status, in KiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def norm_accuracy(d: int, k: int, r: int) -> list[tuple[str, float, float]]:

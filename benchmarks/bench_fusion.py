@@ -29,21 +29,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measure import reset_peak, status_kib  # noqa: E402
 
 WEIGHTS = [0.5, 0.25, -0.375, 1.0]   # exactly representable in float32, PEFT's weight dtype
-
-
-def status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")   # resets VmHWM to the current RSS
 
 
 def make_adapters(path: Path, *, d: int, k: int, rank: int, count: int, dtype: str) -> None:

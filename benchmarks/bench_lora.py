@@ -8,25 +8,15 @@ x W0^T (forward) and dy W0 (backward, for dx). Run: python benchmarks/bench_lora
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
 
-from refpeft.lora import lora_backward, lora_forward, lora_scaling
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def interleaved_medians(candidates: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each candidate, run in rotation so load drift hits all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for fn in candidates.values():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+from measure import interleaved_medians  # noqa: E402
+from refpeft.lora import lora_backward, lora_forward, lora_scaling  # noqa: E402
 
 
 def main() -> None:
