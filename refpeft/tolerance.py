@@ -309,6 +309,15 @@ def _precision(dtype: str, accumulation: str | None, model: str) -> Precision:
     return Precision(storage=dtype, accumulation=accumulation, model=model)
 
 
+def _gradient_bounds(chain: Callable[[Precision], dict[str, Bounded]], precision: Precision, *,
+                     x_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The bounds of a backward chain's gradients, dx reshaped back to x's (..., k) shape."""
+    bounds = with_reference(chain, precision)
+    xp = namespace(bounds["dx"])
+    bounds["dx"] = xp.reshape(bounds["dx"], x_shape)
+    return bounds
+
+
 # ---------------------------------------------------------------- LoRA (refpeft.lora's computation)
 
 def _optional(a: Any) -> Bounded | None:
@@ -366,10 +375,7 @@ def lora_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, *, scaling: fl
             grads["dbias"] = row_sum(g2, p)
         return grads
 
-    bounds = with_reference(chain, _precision(dtype, accumulation, model))
-    xp = namespace(bounds["dx"])
-    bounds["dx"] = xp.reshape(bounds["dx"], tuple(x.shape))
-    return bounds
+    return _gradient_bounds(chain, _precision(dtype, accumulation, model), x_shape=tuple(x.shape))
 
 
 def merge_bound(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False, dtype: str = "float32",
@@ -488,10 +494,7 @@ def dora_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, magnitude: Any
             grads["dbias"] = row_sum(g2, p)
         return grads
 
-    bounds = with_reference(chain, _precision(dtype, accumulation, model))
-    xp = namespace(bounds["dx"])
-    bounds["dx"] = xp.reshape(bounds["dx"], tuple(x.shape))
-    return bounds
+    return _gradient_bounds(chain, _precision(dtype, accumulation, model), x_shape=tuple(x.shape))
 
 
 def dora_merge_bound(W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, fan_in_fan_out: bool = False,
@@ -569,10 +572,7 @@ def vera_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, lambda_d: Any,
             grads["dbias"] = row_sum(g2, p)
         return grads
 
-    bounds = with_reference(chain, _precision(dtype, accumulation, model))
-    xp = namespace(bounds["dx"])
-    bounds["dx"] = xp.reshape(bounds["dx"], tuple(x.shape))
-    return bounds
+    return _gradient_bounds(chain, _precision(dtype, accumulation, model), x_shape=tuple(x.shape))
 
 
 def vera_merge_bound(W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, fan_in_fan_out: bool = False,
@@ -651,10 +651,7 @@ def qlora_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, *, scaling: f
         dx = add(matmul(g2, exact(W0), half), _to_storage(adapter, half), half)
         return {"dx": dx, "dA": matmul(transpose(dxa), f["xd"], single), "dB": matmul(transpose(dt), f["xa"], single)}
 
-    bounds = with_reference(chain, _precision(dtype, None, model))
-    xp = namespace(bounds["dx"])
-    bounds["dx"] = xp.reshape(bounds["dx"], tuple(x.shape))
-    return bounds
+    return _gradient_bounds(chain, _precision(dtype, None, model), x_shape=tuple(x.shape))
 
 
 # ---------------------------------------------------------------- Adam (refpeft.optim.adam_update's chain)
