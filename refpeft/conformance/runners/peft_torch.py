@@ -72,14 +72,6 @@ def _model(manifest: dict, inputs: dict, device: str, *, method: str = "lora"):
             layer.bias.copy_(torch.from_numpy(np.array(inputs["bias"], copy=True)) if "bias" in inputs
                              else torch.zeros(d))
 
-    class Net(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.proj = layer
-
-        def forward(self, x):
-            return self.proj(x)
-
     if method == "vera":
         config = peft.VeraConfig(r=s["r"], target_modules=["proj"], vera_dropout=0.0, fan_in_fan_out=fan_in_fan_out,
                                  save_projection=True)
@@ -87,7 +79,7 @@ def _model(manifest: dict, inputs: dict, device: str, *, method: str = "lora"):
         config = peft.LoraConfig(r=s["r"], lora_alpha=o["alpha"], target_modules=["proj"], lora_dropout=0.0,
                                  use_rslora=o.get("rslora", False), use_dora=method == "dora",
                                  fan_in_fan_out=fan_in_fan_out, init_lora_weights=False)
-    model = peft.get_peft_model(Net(), config).to(device=device, dtype=dtype)
+    model = peft.get_peft_model(_one_layer_model(layer), config).to(device=device, dtype=dtype)
     return model, model.base_model.model.proj
 
 
@@ -164,6 +156,21 @@ def _vera(manifest: dict, inputs: dict, device: str) -> dict:
                       {"dlambda_d": proj.vera_lambda_d["default"], "dlambda_b": proj.vera_lambda_b["default"]})
 
 
+def _one_layer_model(layer: Any) -> Any:
+    """A torch model whose one submodule, `proj`, is `layer` (PEFT targets it by that name)."""
+    torch = _torch()
+
+    class OneLayer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = layer
+
+        def forward(self, x):
+            return self.proj(x)
+
+    return OneLayer()
+
+
 def _fusion_cat(manifest: dict, inputs: dict, device: str) -> dict:
     """Two adapters on one layer, PEFT's add_weighted_adapter(combination_type="cat")."""
     torch = _torch()
@@ -173,21 +180,13 @@ def _fusion_cat(manifest: dict, inputs: dict, device: str) -> dict:
     dtype = getattr(torch, manifest["dtype"])
     layer = torch.nn.Linear(s["k"], s["d"], bias=False)
 
-    class Net(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.proj = layer
-
-        def forward(self, x):
-            return self.proj(x)
-
     names = []
     model = None
     for i, (r, alpha) in enumerate(zip(s["ranks"], o["alphas"]), start=1):
         config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], init_lora_weights=False)
         name = f"adapter{i}"
         if model is None:
-            model = peft.get_peft_model(Net(), config, adapter_name=name)
+            model = peft.get_peft_model(_one_layer_model(layer), config, adapter_name=name)
         else:
             model.add_adapter(name, config)
         names.append(name)
@@ -232,16 +231,9 @@ def _qlora(manifest: dict, inputs: dict, device: str) -> dict:
     if not backward:
         layer.bias = torch.nn.Parameter(_bf16(inputs["bias"], device), requires_grad=False)
 
-    class Net(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.proj = layer
-            self.is_loaded_in_4bit = True   # what transformers sets: PEFT then uses its bnb LoRA layer
-
-        def forward(self, x):
-            return self.proj(x)
-
-    model = peft.get_peft_model(Net(), peft.LoraConfig(r=s["r"], lora_alpha=o["alpha"], target_modules=["proj"],
+    net = _one_layer_model(layer)
+    net.is_loaded_in_4bit = True   # what transformers sets: PEFT then uses its bnb LoRA layer
+    model = peft.get_peft_model(net, peft.LoraConfig(r=s["r"], lora_alpha=o["alpha"], target_modules=["proj"],
                                                        lora_dropout=0.0, init_lora_weights=False))
     proj = model.base_model.model.proj
     if type(proj).__module__ != "peft.tuners.lora.bnb":
