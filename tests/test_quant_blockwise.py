@@ -77,11 +77,28 @@ def test_round_trip_error_is_within_half_the_widest_gap(case, quant_type, roundi
     per_element = np.repeat(absmax.astype(np.float64), case.blocksize)[: x.size].reshape(x.shape)
     bound = per_element * (half_gap + 1e-6) + 1e-45
     # Under bnb-cuda, a block whose absmax is at most 2^-128 has 1/absmax = inf (float32): every
-    # nonzero value becomes +-inf and decodes to +-absmax, whatever its size (docs/quantization.md).
-    saturated = (per_element <= 2.0**-128) & (rounding == "bnb-cuda") & (x != 0)
+    # nonzero value becomes +-inf and decodes to +-absmax, and a zero becomes 0 * inf = NaN, which
+    # passes no threshold: code 0 (docs/quantization.md).
+    saturated = (per_element <= 2.0**-128) & (rounding == "bnb-cuda")
+    # Under bnb-cpu, a block whose absmax is below f32(1e-38) is scaled by 1/1e-38 instead (the
+    # clamp; a true division in a last partial block) but decoded with its own absmax.
+    floor = np.float32(1e-38)
+    floored = (per_element < floor) & (rounding == "bnb-cpu")
     error = np.abs(x_hat.astype(np.float64) - x)
-    assert np.all(error[~saturated] <= bound[~saturated])
-    assert np.array_equal(x_hat[saturated], (np.sign(x) * per_element)[saturated].astype(np.float32))
+    special = saturated | floored
+    assert np.all(error[~special] <= bound[~special])
+    code0 = float(code_values(quant_type)[0])
+    expected = np.where(x != 0, np.sign(x), code0) * per_element
+    assert np.array_equal(x_hat[saturated], expected[saturated].astype(np.float32))
+    flat = x.ravel().astype(np.float32)
+    with np.errstate(over="ignore"):  # large values overflow here, but only floored blocks are compared
+        xn = flat * (np.float32(1) / floor)
+        if x.size % case.blocksize:
+            last = slice(x.size - x.size % case.blocksize, None)
+            xn[last] = flat[last] / floor
+    table = np.asarray(code_values(quant_type), dtype=np.float32)
+    decoded = table[codes_by_definition(xn, quant_type, rounding)] * per_element.ravel().astype(np.float32)
+    assert np.array_equal(x_hat.ravel()[floored.ravel()], decoded[floored.ravel()])
 
 
 def test_packing_puts_the_first_element_in_the_high_nibble():
