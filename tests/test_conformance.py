@@ -18,8 +18,8 @@ from refpeft.conformance.exact import exact_array, exact_matmul, exact_sum, exac
 from refpeft.conformance.families import FAMILIES, missing_requirements
 from refpeft.conformance.generate import generate
 from refpeft.conformance.report import run_report
-from refpeft.conformance.runners import Runner
-from refpeft.conformance.runners.refpeft_self import run as refpeft_run
+from refpeft_peers import Runner
+from refpeft_peers.refpeft_self import run as refpeft_run
 from refpeft.conformance.vectors import read_case, read_index
 from refpeft.errors import ConfigError, FormatError
 
@@ -90,7 +90,7 @@ def test_refpeft_in_low_precision_passes_every_case():
 
 def test_peft_passes_every_expected_case_and_the_bounds_are_tight():
     pytest.importorskip("peft", reason="HF PEFT is the peer checked here")
-    from refpeft.conformance.runners.peft_torch import implementations
+    from refpeft_peers.peft_torch import implementations
 
     runner = implementations()[0]
     reports = check_directory(runner.run, COMMITTED, implementation=runner.name,
@@ -132,7 +132,7 @@ def test_a_perturbed_implementation_fails_with_a_clear_report():
 
 def test_check_command_runs_an_implementation_given_as_module_function(capsys):
     case = "lora-forward-basic-float32"
-    assert main(["conformance", "check", "--impl", "refpeft.conformance.runners.refpeft_self:run",
+    assert main(["conformance", "check", "--impl", "refpeft_peers.refpeft_self:run",
                  "--vectors", str(COMMITTED), "--case", case]) == 0
     assert "pass" in capsys.readouterr().out
     assert main(["conformance", "check", "--impl", "test_conformance:perturbed",
@@ -211,7 +211,7 @@ def test_exact_array_refuses_machine_dependent_numpy_calls():
 
 def test_bitsandbytes_matches_every_bit_exact_case_of_its_semantics():
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is the peer checked here")
-    from refpeft.conformance.runners.bitsandbytes_cpu import implementations
+    from refpeft_peers.bitsandbytes_cpu import implementations
 
     runner = implementations()[0]
     reports = check_directory(runner.run, COMMITTED, implementation=runner.name,
@@ -224,7 +224,7 @@ def test_bitsandbytes_matches_every_bit_exact_case_of_its_semantics():
 
 def test_onnxruntime_matches_the_cases_it_covers():
     pytest.importorskip("onnxruntime", reason="ONNX Runtime is the peer checked here")
-    from refpeft.conformance.runners.onnxruntime import implementations
+    from refpeft_peers.onnxruntime import implementations
 
     runner = implementations()[0]
     reports = check_directory(runner.run, COMMITTED, implementation=runner.name,

@@ -80,7 +80,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     from refpeft.conformance.report import run_report as report
-    from refpeft.conformance.runners import RUNNER_MODULES, load_runners
+    from refpeft_peers import RUNNER_MODULES, load_runners
 
     runners = None
     if args.runner:

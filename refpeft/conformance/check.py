@@ -1,6 +1,6 @@
 """Checking one implementation against the golden vectors.
 
-The Python protocol for any implementation (the runners in refpeft.conformance.runners follow it):
+The Python protocol for any implementation (the runners in refpeft_peers follow it):
 
     def impl(manifest: dict, inputs: dict[str, numpy.ndarray]) -> dict[str, numpy.ndarray] | None
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterable, TextIO
 
 from refpeft.conformance.check import CaseReport, Summary, check_directory
-from refpeft.conformance.runners import Runner, load_runners
+from refpeft_peers import Runner, load_runners
 
 HEADER = ("case", "dtype", "result", "error/bound", "bytes", "note")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from refpeft.conformance.check import Unsupported
-from refpeft.conformance.runners import Runner
+from refpeft_peers import Runner
 from refpeft.lora import lora_backward, lora_forward, merge, unmerge
 from refpeft.optim import AdamConfig, AdamState, ParamGroup, adam_step
 from refpeft.quant import NestedAbsmax, QuantState4bit, dequantize_4bit, quantize_4bit
@@ -81,7 +81,7 @@ def _fusion_cat(manifest: dict, inputs: dict) -> dict:
 
 
 def _qlora(manifest: dict, inputs: dict) -> dict:
-    from refpeft.conformance.runners.peft_torch import quant_state
+    from refpeft_peers.peft_torch import quant_state
     from refpeft.qlora import qlora_backward, qlora_forward
 
     f32 = {name: np.asarray(a, dtype=np.float32) for name, a in inputs.items() if name in ("x", "A", "B", "bias", "dy")}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from refpeft.conformance.check import Unsupported
-from refpeft.conformance.runners import Runner, require
+from refpeft_peers import Runner, require
 
 # case name -> the FINDINGS.md entry explaining the expected difference
 KNOWN_DEVIATIONS = {

@@ -1,4 +1,7 @@
-"""Runners: real implementations wrapped in the check protocol (see refpeft.conformance.check).
+"""refpeft_peers: the conformance runners, real implementations wrapped in the check protocol.
+
+This import package lives in conformance/ beside the vectors it checks, installed with refpeft
+(see refpeft.conformance.check for the protocol); it is the only place the peers are imported.
 
 Each runner module exposes `implementations() -> list[Runner]`: one per device it can use (CPU,
 and CUDA when present), or raises `NotInstalled` when its peer is missing. The peers are imported
@@ -32,7 +35,7 @@ def load_runners(modules: tuple[str, ...] = RUNNER_MODULES) -> tuple[list[Runner
     runners, missing = [], {}
     for module in modules:
         try:
-            runners.extend(importlib.import_module(f"refpeft.conformance.runners.{module}").implementations())
+            runners.extend(importlib.import_module(f"refpeft_peers.{module}").implementations())
         except NotInstalled as exc:
             missing[module] = str(exc)
     return runners, missing

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from refpeft.conformance.check import Unsupported
-from refpeft.conformance.runners import Runner, require
+from refpeft_peers import Runner, require
 
 
 def _torch():
