@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from refpeft.backend import check_float_array, namespace
+from refpeft.backend import check_float_array, namespace, same_dtype
 from refpeft.errors import ConfigError, ShapeError
 from refpeft.init import GENERATORS, as_parameter, kaiming_uniform_bound, normal, torch_cpu_generator, torch_cpu_uniform, uniform
 from refpeft.linear import (
@@ -169,14 +169,14 @@ def delta_weight(A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False
 def merge(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
     """W0 + s B A in W0's layout: the merged layer computes x W^T + b with no adapter branch."""
     delta = delta_weight(A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
-    _checked_weight("W0", W0, delta)
+    _check_weight("W0", W0, delta)
     return W0 + delta
 
 
 def unmerge(W: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
     """W - s B A: the frozen weight back from a merged one (exact up to one rounding per entry)."""
     delta = delta_weight(A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
-    _checked_weight("W", W, delta)
+    _check_weight("W", W, delta)
     return W - delta
 
 
@@ -208,8 +208,8 @@ def check_dropout_mask(mask: Any, x: Any) -> None:
         raise ShapeError(f"dropout_mask has shape {tuple(mask.shape)}, expected x's shape {tuple(x.shape)}")
 
 
-def _checked_weight(name: str, W: Any, delta: Any) -> Any:
-    """The namespace of W after checking it is a finite float array of delta's shape."""
+def _check_weight(name: str, W: Any, delta: Any) -> None:
+    """W must be a finite float array of delta's shape and dtype (no silent promotion)."""
     xp = namespace(W, delta)
     check_float_array(name, W, xp=xp, shape=tuple(delta.shape))
-    return xp
+    same_dtype({name: W, "s B A": delta})
