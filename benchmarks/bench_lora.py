@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from measure import interleaved_medians  # noqa: E402
 from refpeft.lora import lora_backward, lora_forward, lora_scaling  # noqa: E402
