@@ -24,14 +24,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
 
 from refpeft.adapter import Adapter, ModuleAdapter
-from refpeft.backend import FLOAT_NAMES, float_dtype, numpy_namespace, round_to, to_numpy
-from refpeft.errors import ConfigError
-from refpeft.gradcheck import gradient_errors
+from refpeft.backend import FLOAT_NAMES, numpy_namespace, round_to, to_numpy
 from refpeft.dora import (
     dora_backward,
     dora_forward,
@@ -40,6 +39,9 @@ from refpeft.dora import (
     dora_weight_norm,
     init_dora_magnitude,
 )
+from refpeft.errors import ConfigError
+from refpeft.gradcheck import gradient_errors
+from refpeft.init import as_parameter
 from refpeft.linear import LinearShape
 from refpeft.lora import (
     full_parameter_count,
@@ -50,8 +52,8 @@ from refpeft.lora import (
     lora_scaling,
     merge,
 )
-from refpeft.qlora import base_weight, qlora_backward, qlora_forward, quantize_base
 from refpeft.optim import AdamState, adam_step, adamw, loraplus_groups, single_group
+from refpeft.qlora import base_weight, qlora_backward, qlora_forward, quantize_base
 from refpeft.vera import init_vera, vera_backward, vera_delta_weight, vera_forward, vera_merge, vera_parameter_count, vera_projections
 
 GRADIENT_TOLERANCE = 1e-7
@@ -324,11 +326,11 @@ def run_demo(config: DemoConfig, *, progress: Callable[[int, float], None] | Non
     start = time.perf_counter()
     task = embedded_task(config, frozen_base=method.frozen_base, hidden_delta=method.hidden_delta)
     frozen64 = {"W0": task.W0, "bias": task.bias, **task.extra}
-    cast = _caster(config.dtype, xp=xp)
+    cast = partial(as_parameter, dtype=config.dtype, xp=xp)   # bfloat16: float32 storage of bf16 values
     frozen = {name: cast(a) if isinstance(a, np.ndarray) else a for name, a in frozen64.items()}
     x, target = cast(task.x), cast(task.target)
     adapter_dtype = method.adapter_dtype(config.dtype)
-    cast_param = _caster(adapter_dtype, xp=xp)
+    cast_param = partial(as_parameter, dtype=adapter_dtype, xp=xp)
     params = {name: cast_param(p) for name, p in method.init(frozen64, config).items()}
     groups = (single_group(params, adamw(lr=config.lr, weight_decay=0.0)) if config.loraplus_ratio is None
               else loraplus_groups(params, adamw(lr=config.lr), lr_ratio=config.loraplus_ratio))
@@ -361,17 +363,6 @@ def run_demo(config: DemoConfig, *, progress: Callable[[int, float], None] | Non
 
 def _to64(params: dict[str, Any]) -> dict[str, np.ndarray]:
     return {name: np.asarray(to_numpy(p), dtype=np.float64) for name, p in params.items()}
-
-
-def _caster(dtype: str, *, xp: Any) -> Callable[[np.ndarray], Any]:
-    """float64 host arrays -> the training dtype (bfloat16: float32 storage of bfloat16 values)."""
-    target = float_dtype(dtype, xp=xp)
-
-    def cast(a: np.ndarray) -> Any:
-        array = xp.astype(xp.asarray(a), target)
-        return round_to(array, "bfloat16", xp=xp) if dtype == "bfloat16" else array
-
-    return cast
 
 
 def _check_steps(config: DemoConfig) -> set[int]:
