@@ -82,9 +82,10 @@ def export_model(path: str | os.PathLike, stack: LinearStack, adapter: Adapter |
 
 
 def export_adapter_file(path: str | os.PathLike, stack: LinearStack, adapter: Adapter, *, dtype: str = "float32",
-                        model: onnx.ModelProto | None = None) -> Path:
-    """Write `adapter` as an .onnx_adapter file, checked against `model`'s inputs when given."""
+                        model: onnx.ModelProto | str | os.PathLike | None = None) -> Path:
+    """Write `adapter` as an .onnx_adapter file, checked against `model`'s inputs when given
+    (a loaded graph or the path of one)."""
     parameters = adapter_parameters(stack, adapter, dtype=dtype)
     if model is not None:
-        check_against_model(parameters, model)
+        check_against_model(parameters, model if isinstance(model, onnx.ModelProto) else onnx.load(model))
     return write_onnx_adapter(path, parameters)

@@ -33,13 +33,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_onnx()
-    import onnx
-
     from refpeft_onnx.exporter import export_adapter_file
 
     stack, adapter = load(args)
-    model = onnx.load(args.model) if args.model else None
-    path = export_adapter_file(args.output, stack, adapter, dtype=args.dtype, model=model)
+    path = export_adapter_file(args.output, stack, adapter, dtype=args.dtype, model=args.model)
     checked = f", checked against {args.model}" if args.model else ""
     print(f"refpeft export-adapter: {adapter.method} adapter, {len(adapter.modules)} modules, {args.dtype}{checked}: "
           f"wrote {path}")
