@@ -8,7 +8,7 @@ Layer d = k = 4096, r = 16, 512 tokens, float32 (the issue's size); VeRA uses th
   MALLOC_MMAP_THRESHOLD_ fixed so large arrays go back to the OS when freed (the figure is then
   the step's own peak of live memory, for NumPy and torch alike).
 - DoRA's weight norm ||W0 + s B A|| alone: PEFT forms B A (d x k, via an identity of k x k) and
-  W0 + s B A in full; refpeft forms V blockwise (refpeft.dora.NORM_BLOCK_ELEMENTS at a time).
+  W0 + s B A in full; refpeft forms V blockwise (refpeft.methods.dora.NORM_BLOCK_ELEMENTS at a time).
 - The expanded norm ||W0_i||^2 + 2 s (W0 A^T)_i . B_i + s^2 B_i (A A^T) B_i^T, which forms no
   row of B A, is measured here for accuracy only (the reason refpeft does not use it).
 
@@ -30,10 +30,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 from measure import interleaved_medians, status_kib  # noqa: E402,F401  (status_kib: used by the child process)
-from refpeft.dora import dora_backward, dora_forward, dora_weight_norm, init_dora_magnitude  # noqa: E402
-from refpeft.linear import LinearShape  # noqa: E402
-from refpeft.lora import lora_scaling  # noqa: E402
-from refpeft.vera import vera_backward, vera_forward, vera_projections  # noqa: E402
+from refpeft.methods.dora import dora_backward, dora_forward, dora_weight_norm, dora_init  # noqa: E402
+from refpeft.methods.linear import LinearShape  # noqa: E402
+from refpeft.methods.lora import lora_scaling  # noqa: E402
+from refpeft.methods.vera import vera_backward, vera_forward, vera_projections  # noqa: E402
 
 ALPHA = 32
 
@@ -46,7 +46,7 @@ def setup(d: int, k: int, r: int, n: int) -> dict:
     A = (rng.standard_normal((r, k)) / np.sqrt(k)).astype(f32)
     B = (0.01 * rng.standard_normal((d, r))).astype(f32)
     s = lora_scaling(ALPHA, r)
-    m = (init_dora_magnitude(W0, A, B, scaling=s) * (1 + 0.1 * rng.standard_normal(d))).astype(f32)
+    m = (dora_init(W0, A, B, scaling=s) * (1 + 0.1 * rng.standard_normal(d))).astype(f32)
     vera_A, vera_B = vera_projections(LinearShape(k=k, d=d), r, seed=0, dtype="float32")
     return dict(x=rng.standard_normal((n, k)).astype(f32), dy=rng.standard_normal((n, d)).astype(f32), W0=W0, A=A,
                 B=B, m=m, s=s, vera_A=vera_A, vera_B=vera_B, lambda_d=rng.standard_normal(r).astype(f32),

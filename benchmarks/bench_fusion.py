@@ -51,7 +51,7 @@ def worker_refpeft(data: Path, out: Path, *, rank: int, alpha: float) -> dict:
 
     loaded = np.load(data)
     count = len(loaded.files) // 2
-    modules = [ModuleAdapter(A=loaded[f"A{i}"], B=loaded[f"B{i}"], alpha=alpha) for i in range(count)]
+    modules = [ModuleAdapter("lora", {"A": loaded[f"A{i}"], "B": loaded[f"B{i}"]}, alpha=alpha) for i in range(count)]
     combine_modules(modules, WEIGHTS[:count], combination="svd", rank=rank)   # warm-up: BLAS buffers, imports
     rss = status_kib("VmRSS")
     reset_peak()
@@ -113,8 +113,7 @@ def score(data: Path, result: Path, *, alpha: float) -> tuple[float, float, floa
     loaded, fused = np.load(data), np.load(result)
     count = len(loaded.files) // 2
     rank = fused["A"].shape[0]
-    modules = [ModuleAdapter(A=loaded[f"A{i}"].astype(np.float64), B=loaded[f"B{i}"].astype(np.float64),
-                             alpha=alpha) for i in range(count)]
+    modules = [ModuleAdapter("lora", {"A": loaded[f"A{i}"].astype(np.float64), "B": loaded[f"B{i}"].astype(np.float64)}, alpha=alpha) for i in range(count)]
     exact, _ = combine_modules(modules, WEIGHTS[:count], combination="cat")    # Delta = B_cat A_cat, scaling 1
     S = singular_values(exact.A, exact.B)
     A, B = fused["A"].astype(np.float64), fused["B"].astype(np.float64)

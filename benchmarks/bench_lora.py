@@ -16,7 +16,7 @@ import numpy as np
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from measure import interleaved_medians  # noqa: E402
-from refpeft.lora import lora_backward, lora_forward, lora_scaling  # noqa: E402
+from refpeft.methods.lora import lora_backward, lora_forward, lora_scaling  # noqa: E402
 
 
 def main() -> None:

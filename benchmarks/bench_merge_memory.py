@@ -86,9 +86,7 @@ def build(folder: Path, layers: int) -> tuple[Path, Path, int]:
     for i in range(layers):
         for name in ADAPTED:
             d, k = LAYER_TENSORS[name]
-            modules[f"model.layers.{i}.{name}"] = ModuleAdapter(
-                A=rng.standard_normal((RANK, k)).astype(np.float32) * np.float32(0.01),
-                B=rng.standard_normal((d, RANK)).astype(np.float32) * np.float32(0.01), alpha=32.0)
+            modules[f"model.layers.{i}.{name}"] = ModuleAdapter("lora", {"A": rng.standard_normal((RANK, k)).astype(np.float32) * np.float32(0.01), "B": rng.standard_normal((d, RANK)).astype(np.float32) * np.float32(0.01)}, alpha=32.0)
     write_peft_adapter(folder / "adapter", Adapter(modules=modules))
     largest = max(d * k * 4 for d, k in (LAYER_TENSORS[n] for n in ADAPTED))
     return base, folder / "adapter", largest

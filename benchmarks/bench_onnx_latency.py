@@ -66,8 +66,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     d, k, r = args.d, args.k, args.r
     stack = single_layer(rng.standard_normal((d, k)) / np.sqrt(k), 0.1 * rng.standard_normal(d), name="proj")
-    adapter = Adapter({"proj": ModuleAdapter(A=rng.standard_normal((r, k)) / np.sqrt(k),
-                                             B=0.1 * rng.standard_normal((d, r)), alpha=2.0 * r)})
+    adapter = Adapter({"proj": ModuleAdapter("lora", {"A": rng.standard_normal((r, k)) / np.sqrt(k), "B": 0.1 * rng.standard_normal((d, r))}, alpha=2.0 * r)})
     t0 = time.perf_counter()
     quantized = quantize_stack(stack, blocksize=64, double_quant=True)
     quantize_s = time.perf_counter() - t0

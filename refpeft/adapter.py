@@ -1,49 +1,85 @@
 """Adapters as data: one module's trained tensors, and a named set of modules (a whole adapter).
 
-A `ModuleAdapter` holds what one adapted linear layer learned, in PyTorch's layout, for any
-method: LoRA (A, B), DoRA (A, B, magnitude) or VeRA (lambda_d, lambda_b; the shared projections
-live once on the `Adapter`). An `Adapter` maps module paths ("model.layers.0.q_proj") to them,
-so file formats (refpeft.peft_format), fusion (refpeft.fusion) and export all speak one type.
+A `ModuleAdapter` holds what one adapted linear layer learned, in PyTorch's layout, and says which
+method it belongs to: `method` is a key of the method table (refpeft.methods.METHODS) and
+`tensors` holds that method's per-module tensors by the names its table row gives (LoRA: A, B and
+an optional bias; DoRA: A, B, magnitude; VeRA: lambda_d, lambda_b). `module.A` reads
+`module.tensors["A"]`; an optional tensor the module lacks reads as None. An `Adapter` maps module
+paths ("model.layers.0.q_proj") to them, so file formats (refpeft.peft_format), fusion
+(refpeft.fusion), checkpoint merging and export all speak one type. Modules of one adapter may
+mix methods (PEFT's LoRA files with DoRA on some modules only); each module says its own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
-from refpeft.lora import lora_scaling
-
-METHODS = ("lora", "dora", "vera")
+from refpeft.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class ModuleAdapter:
-    """One adapted linear layer's trained tensors and hyper-parameters."""
+    """One adapted linear layer: its method, its tensors by name, and its hyper-parameters."""
 
-    A: Any = None             # (r, k)  LoRA/DoRA
-    B: Any = None             # (d, r)  LoRA/DoRA
-    alpha: float = 8.0        # LoRA/DoRA: scaling alpha / r (or alpha / sqrt(r) with rslora)
+    method: str                       # a key of refpeft.methods.METHODS
+    tensors: Mapping[str, Any]        # the method's tensors by name: A (r, k), B (d, r), magnitude (d,), ...
+    alpha: float = 8.0                # scaled methods: s = alpha / r (alpha / sqrt(r) with rslora)
     rslora: bool = False
-    magnitude: Any = None     # (d,)    DoRA's m
-    lambda_d: Any = None      # (r,)    VeRA
-    lambda_b: Any = None      # (d,)    VeRA
-    bias: Any = None          # (d,)    the adapter's own bias, added as s * bias (PEFT's lora_bias=True: lora_B.bias)
     fan_in_fan_out: bool = False
 
+    def __post_init__(self) -> None:
+        spec = self.spec
+        missing = [name for name in spec.tensors if self.tensors.get(name) is None]
+        unknown = [name for name, value in self.tensors.items() if value is not None and name not in spec.suffixes()]
+        if missing or unknown:
+            raise ConfigError(f"a {self.method} module has tensors {', '.join(spec.tensors)}"
+                              + (f" (optional: {', '.join(spec.optional)})" if spec.optional else "")
+                              + (f"; missing {missing}" if missing else "") + (f"; unknown {unknown}" if unknown else ""))
+        object.__setattr__(self, "tensors", {k: v for k, v in self.tensors.items() if v is not None})
+
+    def __getattr__(self, name: str) -> Any:
+        tensors = self.__dict__.get("tensors", {})
+        if name in tensors:
+            return tensors[name]
+        from refpeft.methods import METHODS
+
+        if any(name in m.suffixes() for m in METHODS.values()):
+            return None                                  # a method's tensor this module does not have
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
     @property
-    def method(self) -> str:
-        if self.lambda_d is not None:
-            return "vera"
-        return "dora" if self.magnitude is not None else "lora"
+    def spec(self) -> Any:
+        """The method's row of the method table (refpeft.methods.spec.Method)."""
+        from refpeft.methods import method_spec
+
+        return method_spec(self.method)
 
     @property
     def r(self) -> int:
-        return int((self.A if self.A is not None else self.lambda_d).shape[0])
+        return self.spec.rank(self)
+
+    @property
+    def out_features(self) -> int:
+        """d, the adapted layer's outputs."""
+        return self.spec.out_features(self)
+
+    @property
+    def in_features(self) -> int | None:
+        """k, the adapted layer's inputs; None where the module's tensors do not tell (VeRA's)."""
+        return self.spec.in_features(self)
 
     @property
     def scaling(self) -> float:
-        """s = alpha / r (alpha / sqrt(r) with rsLoRA); VeRA has no scaling (1.0)."""
-        return 1.0 if self.method == "vera" else lora_scaling(self.alpha, self.r, rslora=self.rslora)
+        """s = alpha / r (alpha / sqrt(r) with rsLoRA) for scaled methods; 1.0 for the others (VeRA)."""
+        from refpeft.methods.lora import lora_scaling
+
+        return lora_scaling(self.alpha, self.r, rslora=self.rslora) if self.spec.scaled else 1.0
+
+    def replace(self, **tensors: Any) -> "ModuleAdapter":
+        """The same module with some tensors replaced (a trained step, a cast)."""
+        return ModuleAdapter(self.method, {**self.tensors, **tensors}, alpha=self.alpha, rslora=self.rslora,
+                             fan_in_fan_out=self.fan_in_fan_out)
 
 
 @dataclass(frozen=True)
@@ -59,6 +95,16 @@ class Adapter:
     base_biases: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def shared(self) -> dict[str, Any]:
+        """The adapter-wide frozen tensors by name, as the methods' `shared` argument takes them."""
+        return {name: value for name, value in (("vera_A", self.vera_A), ("vera_B", self.vera_B)) if value is not None}
+
+    @property
+    def methods(self) -> set[str]:
+        """The methods its modules use (one for a PEFT file, possibly several for a mixed batch)."""
+        return {m.method for m in self.modules.values()}
+
+    @property
     def method(self) -> str:
-        methods = {m.method for m in self.modules.values()}
+        methods = self.methods
         return methods.pop() if len(methods) == 1 else "mixed"

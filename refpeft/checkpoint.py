@@ -34,18 +34,15 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
 
 from refpeft.adapter import Adapter, ModuleAdapter
-from refpeft.dora import dora_merge
 from refpeft.errors import ConfigError, DTypeError, FormatError, NonFiniteError, RefpeftError, ShapeError
 from refpeft.io import atomic_open
-from refpeft.linear import LinearShape, linear_shape
-from refpeft.lora import merge
-from refpeft.vera import vera_merge
+from refpeft.methods.linear import LinearShape, linear_shape
 
 # safetensors dtype names -> NumPy dtypes (little-endian); bfloat16 and the float8s via ml-dtypes.
 DTYPES = {
@@ -256,8 +253,8 @@ def merge_into_checkpoint(adapter: Adapter, base: SafetensorsFile, out: str | os
     """Write `base` with `adapter` merged into it, one tensor at a time, atomically.
 
     Every tensor of the base is copied in file order, except:
-      <p>.weight  of an adapted module p: the merged weight (refpeft.lora.merge, refpeft.dora.dora_merge
-                  or refpeft.vera.vera_merge), computed in float64 and rounded once to the base's
+      <p>.weight  of an adapted module p: the merged weight (its method's merge: lora_merge, dora_merge,
+                  vera_merge, through the method table), computed in float64 and rounded once to the base's
                   dtype (bfloat16 through float32, as ml_dtypes and torch both round float64 to it);
       <p>.bias    the trained bias from Adapter.base_biases (PEFT's bias="lora_only"/"all"), plus
                   s * lora_B.bias when the module has a lora_bias (PEFT's merge does the same).
@@ -307,26 +304,23 @@ def merge_into_checkpoint(adapter: Adapter, base: SafetensorsFile, out: str | os
                        largest_merged_bytes=max(base.info(key).nbytes for key in weights) if weights else 0)
 
 
-def merged_weight(module: ModuleAdapter, W0: np.ndarray, *, vera_A: Any = None, vera_B: Any = None,
+def merged_weight(module: ModuleAdapter, W0: np.ndarray, *, shared: Mapping[str, Any] | None = None,
                   rows: slice = slice(None)) -> np.ndarray:
-    """Output rows `rows` of one module's merged weight, in W0's layout and float64.
+    """Output rows `rows` of one module's merged weight, in W0's layout and float64 (its method's merge).
 
-    W0 holds just those rows (columns with fan_in_fan_out), already float64; the per-output
-    tensors (B's rows, m, lambda_b, vera_B's rows) are sliced to match."""
-    f64 = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
-    fif = module.fan_in_fan_out
-    if module.method == "vera":
-        if vera_A is None or vera_B is None:
-            raise ConfigError("VeRA projections are needed to merge (saved in the adapter, or regenerated from "
-                              "projection_prng_key with the base's layer sizes)")
-        # vera_merge takes B[:d] for d = len(lambda_b): slicing vera_B first selects rows `rows` instead.
-        d = module.lambda_b.shape[0]
-        return vera_merge(W0, f64(vera_A), f64(vera_B[:d][rows]), f64(module.lambda_d), f64(module.lambda_b[rows]),
-                          fan_in_fan_out=fif)
-    if module.method == "dora":
-        return dora_merge(W0, f64(module.A), f64(module.B[rows]), f64(module.magnitude[rows]),
-                          scaling=module.scaling, fan_in_fan_out=fif)
-    return merge(W0, f64(module.A), f64(module.B[rows]), scaling=module.scaling, fan_in_fan_out=fif)
+    W0 holds just those rows (columns with fan_in_fan_out), already float64; the tensors whose
+    first axis is the outputs (the method table's `per_output`: B's rows, m, lambda_b, vera_B's
+    rows) are sliced to match."""
+    spec = module.spec
+    if not spec.mergeable:
+        raise ConfigError(f"{spec.name} adapters do not fold into the weight; they cannot be merged")
+
+    def part(name: str, a: Any) -> np.ndarray:
+        a = np.asarray(a, dtype=np.float64)
+        return a[rows] if name in spec.per_output else a
+
+    tensors = {name: part(name, a) for name, a in module.tensors.items()}
+    return spec.merge(W0, module.replace(**tensors), shared={n: part(n, a) for n, a in (shared or {}).items()})
 
 
 def _merged_in_blocks(adapter: Adapter, path: str, stored: np.ndarray, *, block_elements: int) -> np.ndarray:
@@ -335,15 +329,14 @@ def _merged_in_blocks(adapter: Adapter, path: str, stored: np.ndarray, *, block_
     fif = module.fan_in_fan_out
     d, k = (stored.shape[1], stored.shape[0]) if fif else stored.shape
     merged = np.empty(stored.shape, dtype=stored.dtype)
-    # At least r rows per block: refpeft.lora refuses a factor B with fewer rows than its rank.
+    # At least r rows per block: refpeft.methods.lora refuses a factor B with fewer rows than its rank.
     step = max(module.r, block_elements // max(k, 1))
     count = max(1, d // step)
     bounds = [d * i // count for i in range(count + 1)]  # `count` blocks of at least `step` rows
     for start, stop in zip(bounds[:-1], bounds[1:]):
         rows = slice(start, stop)
         where = (slice(None), rows) if fif else (rows, slice(None))
-        block = merged_weight(module, np.asarray(stored[where], dtype=np.float64), vera_A=adapter.vera_A,
-                              vera_B=adapter.vera_B, rows=rows)
+        block = merged_weight(module, np.asarray(stored[where], dtype=np.float64), shared=adapter.shared, rows=rows)
         merged[where] = _rounded(block, stored.dtype)
     return merged
 

@@ -31,30 +31,30 @@ import numpy as np
 
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.backend import FLOAT_NAMES, numpy_namespace, round_to, to_numpy
-from refpeft.dora import (
+from refpeft.methods.dora import (
     dora_backward,
     dora_forward,
     dora_merge,
     dora_parameter_count,
     dora_weight_norm,
-    init_dora_magnitude,
+    dora_init,
 )
 from refpeft.errors import ConfigError
 from refpeft.gradcheck import gradient_errors
 from refpeft.init import as_parameter
-from refpeft.linear import LinearShape
-from refpeft.lora import (
+from refpeft.methods.linear import LinearShape
+from refpeft.methods.lora import (
     full_parameter_count,
-    init_lora,
+    lora_init,
     lora_backward,
     lora_forward,
     lora_parameter_count,
     lora_scaling,
-    merge,
+    lora_merge,
 )
 from refpeft.optim import AdamState, adam_step, adamw, loraplus_groups, single_group
-from refpeft.qlora import base_weight, qlora_backward, qlora_forward, quantize_base
-from refpeft.vera import init_vera, vera_backward, vera_delta_weight, vera_forward, vera_merge, vera_parameter_count, vera_projections
+from refpeft.methods.qlora import base_weight, qlora_backward, qlora_forward, quantize_base
+from refpeft.methods.vera import vera_init, vera_backward, vera_delta_weight, vera_forward, vera_merge, vera_parameter_count, vera_projections
 
 GRADIENT_TOLERANCE = 1e-7
 DEMO_LAYER = "linear"  # the module path of the demo's one adapted layer in exported adapters
@@ -145,6 +145,7 @@ class Method:
     adapter: Callable[[dict[str, Any], dict[str, Any], DemoConfig], Adapter] | None = None
     dtypes: tuple[str, ...] = FLOAT_NAMES     # training precisions offered; the first is the default
     adapter_dtype: Callable[[str], str] = lambda dtype: dtype   # training dtype -> the adapter's dtype
+    table_method: str = "lora"                # the refpeft.methods row its trained adapter belongs to
 
 
 def _scaling(config: DemoConfig) -> float:
@@ -152,7 +153,7 @@ def _scaling(config: DemoConfig) -> float:
 
 
 def _lora_init(frozen: dict[str, np.ndarray], config: DemoConfig) -> dict[str, np.ndarray]:
-    A, B = init_lora(config.k, config.d, config.rank, seed=config.seed)
+    A, B = lora_init(config.k, config.d, config.rank, seed=config.seed)
     return {"lora_A": A, "lora_B": B}
 
 
@@ -167,18 +168,19 @@ def _lora_backward(dy: Any, cache: Any) -> dict[str, Any]:
 
 
 def _lora_merged(frozen: dict[str, Any], params: dict[str, Any], config: DemoConfig):
-    return merge(frozen["W0"], params["lora_A"], params["lora_B"], scaling=_scaling(config))
+    return lora_merge(frozen["W0"], params["lora_A"], params["lora_B"], scaling=_scaling(config))
 
 
 def _lora_adapter(frozen: dict[str, Any], params: dict[str, Any], config: DemoConfig) -> Adapter:
-    module = ModuleAdapter(A=params["lora_A"], B=params["lora_B"], alpha=config.alpha,
-                           magnitude=params.get("lora_magnitude_vector"))
+    module = ModuleAdapter(METHODS[config.method].table_method,
+                           {"A": params["lora_A"], "B": params["lora_B"], "magnitude": params.get("lora_magnitude_vector")},
+                           alpha=config.alpha)
     return Adapter({DEMO_LAYER: module})
 
 
 def _dora_init(frozen: dict[str, np.ndarray], config: DemoConfig) -> dict[str, np.ndarray]:
     params = _lora_init(frozen, config)
-    magnitude = init_dora_magnitude(frozen["W0"], params["lora_A"], params["lora_B"], scaling=_scaling(config))
+    magnitude = dora_init(frozen["W0"], params["lora_A"], params["lora_B"], scaling=_scaling(config))
     return {**params, "lora_magnitude_vector": magnitude}
 
 
@@ -236,7 +238,7 @@ def _vera_hidden_delta(rng: np.random.Generator, config: DemoConfig, frozen_extr
 
 
 def _vera_init(frozen: dict[str, np.ndarray], config: DemoConfig) -> dict[str, np.ndarray]:
-    lambda_d, lambda_b = init_vera(config.d, config.rank)
+    lambda_d, lambda_b = vera_init(config.d, config.rank)
     return {"vera_lambda_d": lambda_d, "vera_lambda_b": lambda_b}
 
 
@@ -251,7 +253,7 @@ def _vera_backward(dy: Any, cache: Any) -> dict[str, Any]:
 
 
 def _vera_adapter(frozen: dict[str, Any], params: dict[str, Any], config: DemoConfig) -> Adapter:
-    module = ModuleAdapter(lambda_d=params["vera_lambda_d"], lambda_b=params["vera_lambda_b"])
+    module = ModuleAdapter("vera", {"lambda_d": params["vera_lambda_d"], "lambda_b": params["vera_lambda_b"]})
     return Adapter({DEMO_LAYER: module}, vera_A=frozen["vera_A"], vera_B=frozen["vera_B"])
 
 
@@ -262,16 +264,16 @@ def _vera_merged(frozen: dict[str, Any], params: dict[str, Any], config: DemoCon
 
 METHODS: dict[str, Method] = {
     "lora": Method(init=_lora_init, forward=_lora_forward, backward=_lora_backward, merged=_lora_merged,
-                   trainable=lambda c: lora_parameter_count(c.d, c.k, c.rank), adapter=_lora_adapter),
+                   trainable=lambda c: lora_parameter_count(c.k, c.d, c.rank), adapter=_lora_adapter),
     "dora": Method(init=_dora_init, forward=_dora_forward, backward=_dora_backward, merged=_dora_merged,
-                   trainable=lambda c: dora_parameter_count(c.d, c.k, c.rank), differentiated=_dora_differentiated,
-                   adapter=_lora_adapter),
+                   trainable=lambda c: dora_parameter_count(c.k, c.d, c.rank), differentiated=_dora_differentiated,
+                   adapter=_lora_adapter, table_method="dora"),
     "vera": Method(init=_vera_init, forward=_vera_forward, backward=_vera_backward, merged=_vera_merged,
                    trainable=lambda c: vera_parameter_count(c.d, c.rank), frozen_base=_vera_frozen,
-                   hidden_delta=_vera_hidden_delta, adapter=_vera_adapter),
+                   hidden_delta=_vera_hidden_delta, adapter=_vera_adapter, table_method="vera"),
     # PEFT on bitsandbytes' Linear4bit: bfloat16 compute with float32 adapters, or the float64 oracle.
     "qlora": Method(init=_lora_init, forward=_qlora_forward, backward=_qlora_backward, merged=_lora_merged,
-                    trainable=lambda c: lora_parameter_count(c.d, c.k, c.rank), adapter=_lora_adapter,
+                    trainable=lambda c: lora_parameter_count(c.k, c.d, c.rank), adapter=_lora_adapter,
                     frozen_base=_qlora_base, dtypes=("bfloat16", "float64"),
                     adapter_dtype=lambda dtype: "float32" if dtype == "bfloat16" else dtype),
 }
@@ -336,7 +338,7 @@ def run_demo(config: DemoConfig, *, progress: Callable[[int, float], None] | Non
               else loraplus_groups(params, adamw(lr=config.lr), lr_ratio=config.loraplus_ratio))
     state = AdamState()
     report = DemoReport(config=config, trainable_parameters=method.trainable(config),
-                        full_parameters=full_parameter_count(config.d, config.k))
+                        full_parameters=full_parameter_count(config.k, config.d))
     check_at = _check_steps(config)
     n = task.x.shape[0]
     for step in range(config.steps):

@@ -1,6 +1,6 @@
 """Extracting a LoRA from a fully fine-tuned weight: the truncated SVD of W - W0, exact or randomized.
 
-The fine-tuned change of a layer is the dense matrix (letters as in refpeft.linear)
+The fine-tuned change of a layer is the dense matrix (letters as in refpeft.methods.linear)
 
     Delta = W - W0                                        (d, k)
 
@@ -40,7 +40,7 @@ import numpy as np
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.backend import check_float_array, from_numpy, namespace, same_dtype
 from refpeft.errors import ConfigError, ShapeError
-from refpeft.linear import weight_rows
+from refpeft.methods.linear import weight_rows
 from refpeft.spectrum import CompressionReport, ThinSVD, choose_rank, compression_report, thin_svd
 
 EXTRACTION_METHODS = ("svd", "randomized")
@@ -80,7 +80,7 @@ def extract_lora(W: Any, W0: Any, *, rank: int | None = None, energy: float | No
         A, B = svd.truncate(r)
         norm = float(xp.linalg.matrix_norm(delta, ord="fro"))
         report = compression_report(svd.S, r, error=_residual_norm(delta, A, B, xp=xp), norm=norm)
-    return ModuleAdapter(A=A, B=B, alpha=float(r), fan_in_fan_out=fan_in_fan_out), report
+    return ModuleAdapter("lora", {"A": A, "B": B}, alpha=float(r), fan_in_fan_out=fan_in_fan_out), report
 
 
 def randomized_svd(M: Any, *, rank: int, power_iterations: int = 2, seed: int = 0) -> ThinSVD:

@@ -1,7 +1,7 @@
 """Combining LoRA adapters with weights: HF PEFT's `add_weighted_adapter`, exact and compressed.
 
 For adapters i = 1..n on one layer, Delta_i = s_i B_i A_i, and weights w_i, the weighted sum is a
-product of stacked factors (letters as in refpeft.linear; R = sum_i r_i):
+product of stacked factors (letters as in refpeft.methods.linear; R = sum_i r_i):
 
     Delta = sum_i w_i s_i B_i A_i = B_cat A_cat
     B_cat = [B_1 | B_2 | ... | B_n]                      (d, R)
@@ -78,7 +78,7 @@ import numpy as np
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.backend import from_numpy, namespace, same_dtype
 from refpeft.errors import ConfigError, RankError
-from refpeft.lora import delta_weight
+from refpeft.methods.lora import LORA, lora_delta_weight
 from refpeft.spectrum import (
     CompressionReport,
     ThinSVD,
@@ -163,7 +163,7 @@ def combine_modules(modules: Sequence[ModuleAdapter], weights: Sequence[float], 
         A, B = _merge_factors(modules, weights, method=FACTOR_MERGES[combination], density=density,
                               majority_sign_method=majority_sign_method, rng=rng, weight_dtype=weight_dtype)
     else:
-        deltas = [delta_weight(m.A, m.B, scaling=m.scaling) for m in modules]   # n x (d, k), by necessity
+        deltas = [lora_delta_weight(m.A, m.B, scaling=m.scaling) for m in modules]   # n x (d, k), by necessity
         merged = merge_task_tensors(deltas, [_rounded(w, weight_dtype) for w in weights],
                                     method=DENSE_MERGES[combination], density=density,
                                     majority_sign_method=majority_sign_method, rng=rng)
@@ -173,7 +173,7 @@ def combine_modules(modules: Sequence[ModuleAdapter], weights: Sequence[float], 
         A, B = _clamp_factors(A, B, clamp, xp=xp)
     error = product_norm(xp.concat([B_cat, -B], axis=1), xp.concat([A_cat, A], axis=0))
     r = int(A.shape[0])
-    fused = ModuleAdapter(A=A, B=B, alpha=float(r), fan_in_fan_out=modules[0].fan_in_fan_out)
+    fused = ModuleAdapter("lora", {"A": A, "B": B}, alpha=float(r), fan_in_fan_out=modules[0].fan_in_fan_out)
     return fused, compression_report(target.S, r, error=error)
 
 
@@ -292,7 +292,7 @@ def _check_options(modules: Sequence[ModuleAdapter], weights: Sequence[float], *
     if not modules or len(modules) != len(weights):
         raise ConfigError(f"{path}: got {len(modules)} adapters and {len(weights)} weights")
     for i, (m, w) in enumerate(zip(modules, weights)):
-        if m.method != "lora" or m.bias is not None:
+        if m.spec is not LORA or m.bias is not None:
             raise ConfigError(f"{path}: adapter {i} is {m.method}{' with a bias' if m.bias is not None else ''}; "
                               "weighted combination is defined for plain LoRA factors (as in PEFT)")
         if not math.isfinite(w):

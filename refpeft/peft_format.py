@@ -19,7 +19,7 @@ use_rslora); a module's r and alpha come from `rank_pattern` / `alpha_pattern` w
 it, PEFT's `get_pattern_key` rule: the first key K (in file order) for which the regular
 expression `(.*\\.)?(K)$` matches the whole module path, so "q_proj" matches every q_proj and
 "layers\\.0\\.q_proj" one of them. VeRA: one r for all modules, `projection_prng_key` seeds the
-projections when they are not saved (regenerated bit for bit with refpeft.vera.vera_projections,
+projections when they are not saved (regenerated bit for bit with refpeft.methods.vera.vera_projections,
 which needs the base's layer sizes: k_max is not recorded in the adapter file).
 
 Reading checks everything at the boundary and names the file and key of each problem: a missing
@@ -55,20 +55,20 @@ from refpeft.checkpoint import FLOAT_DTYPES, SafetensorsFile
 from refpeft.errors import ConfigError, DTypeError, FormatError, NonFiniteError, RankError, ShapeError
 from refpeft.init import as_parameter
 from refpeft.io import atomic_write_bytes, write_safetensors
-from refpeft.linear import LinearShape
-from refpeft.vera import largest_layer, vera_projections
+from refpeft.methods import METHODS, method_spec, peft_methods
+from refpeft.methods.linear import LinearShape
+from refpeft.methods.vera import largest_layer, vera_projections
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
-PROJECTION_KEYS = {"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"}
-
-# Per-module tensors: ModuleAdapter field -> key suffix after "base_model.model.<p>.".
-MODULE_SUFFIXES = {
-    "A": "lora_A.weight", "B": "lora_B.weight", "bias": "lora_B.bias", "magnitude": "lora_magnitude_vector",
-    "lambda_d": "vera_lambda_d", "lambda_b": "vera_lambda_b",
-}
+# Per-module tensors: tensor name -> key suffix after "base_model.model.<p>.", and the adapter-wide
+# tensors' keys, as the method table gives them.
+MODULE_SUFFIXES = {name: suffix for m in METHODS.values() for name, suffix in m.suffixes().items()}
+SHARED_KEYS = {name: key for m in METHODS.values() for name, key in m.shared.items()}
+# Optional per-module tensors and the adapter_config.json flag that says they are saved.
+OPTIONAL_FLAGS = {"bias": "lora_bias"}
 ADAPTED_BIAS_SUFFIX = "base_layer.bias"
 
 CONVERT_PICKLE = (
@@ -158,10 +158,7 @@ def read_peft_adapter(directory: str | os.PathLike, *, base_shapes: Mapping[str,
     config = _read_config(config_path)
     checkpoint = SafetensorsFile(weights_path)
     tensors = {name: _read_checked(checkpoint, name, dtype=dtype) for name in checkpoint.keys()}
-    if config["peft_type"] == "LORA":
-        adapter = _lora_adapter(config, tensors, source=weights_path)
-    else:
-        adapter = _vera_adapter(config, tensors, source=weights_path)
+    adapter = _adapter_from_tensors(config, tensors, source=weights_path)
     if base_shapes is not None:
         adapter = fit_to_base(adapter, base_shapes, source=weights_path, dtype=dtype)
     return adapter
@@ -200,10 +197,9 @@ def peft_config(adapter: Adapter, *, save_projection: bool = True) -> dict[str, 
     """The adapter_config.json PEFT needs to rebuild exactly `adapter`'s modules (see module docstring)."""
     if not adapter.modules:
         raise ConfigError("the adapter has no modules")
-    method = adapter.method
-    if method == "mixed":
-        raise ConfigError("PEFT stores one method per adapter: these modules mix "
-                          f"{sorted({m.method for m in adapter.modules.values()})}")
+    if len(adapter.methods) != 1:
+        raise ConfigError(f"PEFT stores one method per adapter: these modules mix {sorted(adapter.methods)}")
+    spec = method_spec(adapter.method)
     modules = adapter.modules
     fan_in_fan_out = _one_value({p: m.fan_in_fan_out for p, m in modules.items()}, "fan_in_fan_out")
     config: dict[str, Any] = {k: adapter.config[k] for k in PASSTHROUGH if k in adapter.config}
@@ -211,9 +207,10 @@ def peft_config(adapter: Adapter, *, save_projection: bool = True) -> dict[str, 
         inference_mode=True,
         target_modules="(?:" + "|".join(re.escape(p) for p in sorted(modules)) + ")",
         fan_in_fan_out=fan_in_fan_out,
-        bias=_bias_option(adapter, method),
+        bias=_bias_option(adapter, spec.peft_type),
     )
-    if method == "vera":
+    config.update(spec.peft_flags)
+    if spec.peft_type == "VERA":
         if not save_projection and "projection_prng_key" not in adapter.config:
             raise ConfigError("save_projection=False needs Adapter.config['projection_prng_key'], the seed the "
                               "projections were drawn from")
@@ -227,12 +224,12 @@ def peft_config(adapter: Adapter, *, save_projection: bool = True) -> dict[str, 
     alphas = {p: _plain_number(m.alpha) for p, m in modules.items()}
     r, alpha = _most_common(ranks), _most_common(alphas)
     has_bias = any(m.bias is not None for m in modules.values())
-    if has_bias and method == "dora":
+    if has_bias and config.get("use_dora"):
         raise ConfigError("PEFT does not support lora_bias with DoRA")
     config.update(peft_type="LORA", r=r, lora_alpha=alpha, rank_pattern=_patterns(ranks, r),
                   alpha_pattern=_patterns(alphas, alpha),
                   use_rslora=_one_value({p: m.rslora for p, m in modules.items()}, "rslora"),
-                  use_dora=method == "dora", lora_bias=has_bias, init_lora_weights=True,
+                  lora_bias=has_bias, init_lora_weights=True,
                   lora_dropout=adapter.config.get("lora_dropout", 0.0))
     return config
 
@@ -245,21 +242,22 @@ def peft_tensors(adapter: Adapter, *, save_projection: bool = True) -> dict[str,
     has_bias = any(m.bias is not None for m in adapter.modules.values())
     tensors: dict[str, np.ndarray] = {}
     for path, module in adapter.modules.items():
-        for field, suffix in MODULE_SUFFIXES.items():
+        for field, suffix in module.spec.suffixes().items():
             value = getattr(module, field)
             if field == "bias" and value is None and has_bias:
-                value = np.zeros(module.B.shape[0], dtype=to_numpy(module.B).dtype)
+                value = np.zeros(module.out_features, dtype=to_numpy(module.B).dtype)
             if value is not None:
                 tensors[f"{PREFIX}{path}.{suffix}"] = to_numpy(value)
     for path, bias in adapter.base_biases.items():
         suffix = ADAPTED_BIAS_SUFFIX if path in adapter.modules else "bias"
         tensors[f"{PREFIX}{path}.{suffix}"] = to_numpy(bias)
-    if adapter.method == "vera" and save_projection:
-        if adapter.vera_A is None or adapter.vera_B is None:
-            raise ConfigError("save_projection=True needs the adapter's vera_A and vera_B (read the adapter "
+    shared = method_spec(adapter.method).shared if len(adapter.methods) == 1 else {}
+    if shared and save_projection:
+        if set(adapter.shared) != set(shared):
+            raise ConfigError(f"save_projection=True needs the adapter's {' and '.join(shared)} (read the adapter "
                               "with base_shapes to regenerate them)")
-        for field, key in PROJECTION_KEYS.items():
-            tensors[key] = to_numpy(getattr(adapter, field))
+        for field, key in shared.items():
+            tensors[key] = to_numpy(adapter.shared[field])
     return tensors
 
 
@@ -436,18 +434,18 @@ def _check_values(array: np.ndarray, *, key: str, source: str | os.PathLike) -> 
         raise NonFiniteError(f"{source}: {key} holds {bad} non-finite value(s) (NaN or inf)")
 
 
-def _split_keys(tensors: dict[str, np.ndarray], *, fields: tuple[str, ...], source: Path,
+def _split_keys(tensors: dict[str, np.ndarray], *, fields: tuple[str, ...], shared: Mapping[str, str], source: Path,
                 bias: str) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Keys -> ({path: {field: array}}, {path: trained base bias}, {projection field: array})."""
+    """Keys -> ({path: {field: array}}, {path: trained base bias}, {shared tensor name: array})."""
     suffixes = {MODULE_SUFFIXES[f]: f for f in fields}
     modules: dict[str, dict[str, np.ndarray]] = {}
     biases: dict[str, tuple[str, np.ndarray]] = {}
     projections: dict[str, np.ndarray] = {}
-    projection_fields = {key: field for field, key in PROJECTION_KEYS.items()}
+    projection_fields = {key: field for field, key in shared.items()}
     for key, array in tensors.items():
         if "lora_embedding_A" in key or "lora_embedding_B" in key:
             raise ConfigError(f"{source}: {key}: LoRA on embedding layers is not supported (linear layers only)")
-        if key in projection_fields and "lambda_d" in fields:
+        if key in projection_fields:
             projections[projection_fields[key]] = array
             continue
         if not key.startswith(PREFIX):
@@ -501,46 +499,43 @@ def _check_targets(config: dict[str, Any], paths: list[str], *, source: Path) ->
                               f"{config.get('target_modules')!r} does not select it, so PEFT would not load them")
 
 
-def _lora_adapter(config: dict[str, Any], tensors: dict[str, np.ndarray], *, source: Path) -> Adapter:
-    dora, lora_bias = bool(config.get("use_dora")), bool(config.get("lora_bias"))
-    fields = ("A", "B") + (("magnitude",) if dora else ()) + (("bias",) if lora_bias else ())
-    modules, base_biases, _ = _split_keys(tensors, fields=fields, source=source, bias=config.get("bias", "none"))
-    _require_fields(modules, fields, source=source,
-                    why={"magnitude": "use_dora is true", "bias": "lora_bias is true"})
-    if not modules:
-        raise FormatError(f"{source}: no LoRA tensors (lora_A/lora_B) found")
-    _check_targets(config, list(modules), source=source)
-    adapter = Adapter(
-        modules={path: ModuleAdapter(
-            A=found["A"], B=found["B"], magnitude=found.get("magnitude"), bias=found.get("bias"),
-            alpha=float(pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])[0]),
-            rslora=bool(config.get("use_rslora")), fan_in_fan_out=bool(config.get("fan_in_fan_out")))
-            for path, found in sorted(modules.items())},
-        config=config, base_biases=base_biases)
-    check_adapter(adapter, config=config, source=source)
-    return adapter
+def _config_method(config: dict[str, Any], *, source: Path) -> Any:
+    """The method table's row a config selects: its peft_type, then the flags (use_dora) that pick one."""
+    for spec in peft_methods(config["peft_type"]):
+        if all(bool(config.get(flag)) == value for flag, value in spec.peft_flags.items()):
+            return spec
+    raise ConfigError(f"{source}: no refpeft method matches peft_type {config['peft_type']!r} with these options")
 
 
-def _vera_adapter(config: dict[str, Any], tensors: dict[str, np.ndarray], *, source: Path) -> Adapter:
-    fields = ("lambda_d", "lambda_b")
-    modules, base_biases, projections = _split_keys(tensors, fields=fields, source=source,
-                                                    bias=config.get("bias", "none"))
-    _require_fields(modules, fields, source=source, why={})
+def _adapter_from_tensors(config: dict[str, Any], tensors: dict[str, np.ndarray], *, source: Path) -> Adapter:
+    """The Adapter a config and its file's tensors describe, every module of the config's method."""
+    spec = _config_method(config, source=source)
+    fields = tuple(spec.tensors) + tuple(f for f in spec.optional if config.get(OPTIONAL_FLAGS[f]))
+    modules, base_biases, shared = _split_keys(tensors, fields=fields, shared=spec.shared, source=source,
+                                               bias=config.get("bias", "none"))
+    flags = " and ".join(f"{flag} is true" for flag, value in spec.peft_flags.items() if value)
+    plain = {name for m in peft_methods(spec.peft_type) if not any(m.peft_flags.values()) for name in m.tensors}
+    why = {**{f: flags for f in spec.tensors if flags and f not in plain},
+           **{f: f"{OPTIONAL_FLAGS[f]} is true" for f in spec.optional}}
+    _require_fields(modules, fields, source=source, why=why)
     if not modules:
-        raise FormatError(f"{source}: no VeRA tensors (vera_lambda_d/vera_lambda_b) found")
-    if config["save_projection"]:
-        for field, key in PROJECTION_KEYS.items():
-            if field not in projections:
+        raise FormatError(f"{source}: no {spec.name} tensors ({'/'.join(spec.tensors.values())}) found")
+    if spec.shared and config["save_projection"]:
+        for field, key in spec.shared.items():
+            if field not in shared:
                 raise FormatError(f"{source}: missing key {key!r} (save_projection is true)")
-    elif projections:
-        raise FormatError(f"{source}: unexpected key {PROJECTION_KEYS[next(iter(projections))]!r} "
-                          "(save_projection is false)")
+    elif shared:
+        raise FormatError(f"{source}: unexpected key {spec.shared[next(iter(shared))]!r} (save_projection is false)")
     _check_targets(config, list(modules), source=source)
+
+    def alpha(path: str) -> float:
+        return float(pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])[0]) if spec.scaled else 8.0
+
     adapter = Adapter(
-        modules={path: ModuleAdapter(lambda_d=found["lambda_d"], lambda_b=found["lambda_b"],
+        modules={path: ModuleAdapter(spec.name, found, alpha=alpha(path), rslora=bool(config.get("use_rslora")),
                                      fan_in_fan_out=bool(config.get("fan_in_fan_out")))
                  for path, found in sorted(modules.items())},
-        vera_A=projections.get("vera_A"), vera_B=projections.get("vera_B"), config=config, base_biases=base_biases)
+        vera_A=shared.get("vera_A"), vera_B=shared.get("vera_B"), config=config, base_biases=base_biases)
     check_adapter(adapter, config=config, source=source)
     return adapter
 
@@ -548,7 +543,7 @@ def _vera_adapter(config: dict[str, Any], tensors: dict[str, np.ndarray], *, sou
 def _check_projections(adapter: Adapter, r: int, *, source: str | os.PathLike,
                        shapes: Mapping[str, LinearShape] | None = None) -> None:
     A, B = adapter.vera_A, adapter.vera_B
-    names = {f: f"{source}: {key}" for f, key in PROJECTION_KEYS.items()}
+    names = {f: f"{source}: {key}" for f, key in SHARED_KEYS.items()}
     _require_ndim(A, 2, names["vera_A"])
     _require_ndim(B, 2, names["vera_B"])
     if A.shape[0] != r or B.shape[1] != r:
@@ -574,17 +569,18 @@ def fit_to_base(adapter: Adapter, shapes: Mapping[str, LinearShape], *, source: 
             raise ShapeError(f"{source}: module {path!r} is adapted but the base model has no linear layer "
                              f"{path + '.weight'!r}")
         base = shapes[path]
-        if m.method == "vera":
-            if m.lambda_b.shape[0] != base.d:
-                raise ShapeError(f"{source}: {tensor_key(path, 'lambda_b')} has {m.lambda_b.shape[0]} entries but the base layer has "
-                                 f"d = {base.d} outputs")
+        if m.spec.in_features(m) is None:                   # the file does not record k (VeRA)
+            out = next(n for n in m.spec.per_output if n in m.spec.tensors)
+            if m.out_features != base.d:
+                raise ShapeError(f"{source}: {tensor_key(path, out)} has {m.out_features} entries but the base layer "
+                                 f"has d = {base.d} outputs")
             continue
         if module_shape(m) != base:
             ours = module_shape(m)
             raise ShapeError(f"{source}: {tensor_key(path, 'A')} {tuple(m.A.shape)} and {tensor_key(path, 'B')} "
                              f"{tuple(m.B.shape)} adapt a layer of k = {ours.k} inputs and d = {ours.d} outputs; "
                              f"the base layer {path + '.weight'!r} has k = {base.k}, d = {base.d}")
-    if adapter.method != "vera":
+    if not method_spec(adapter.method).shared:
         return adapter
     r = adapter.config["r"]
     if adapter.vera_A is None:
@@ -600,11 +596,11 @@ def fit_to_base(adapter: Adapter, shapes: Mapping[str, LinearShape], *, source: 
 # --- writing ------------------------------------------------------------------------------------
 
 
-def _bias_option(adapter: Adapter, method: str) -> str:
+def _bias_option(adapter: Adapter, peft_type: str) -> str:
     if not adapter.base_biases:
         return "none"
     if set(adapter.base_biases) <= set(adapter.modules):
-        return "vera_only" if method == "vera" else "lora_only"
+        return f"{peft_type.lower()}_only"                # PEFT's "lora_only", "vera_only"
     return "all"
 
 

@@ -3,7 +3,7 @@
 A served model keeps one copy of its frozen weights and any number of adapters. For a layer with
 frozen W0, b and an adapter named a (LoRA shown; DoRA and VeRA alike, through their own modules):
 
-    active adapter a     y = x W0^T + b + s_a (x A_a^T) B_a^T             refpeft.lora.lora_forward
+    active adapter a     y = x W0^T + b + s_a (x A_a^T) B_a^T             refpeft.methods.lora.lora_forward
     no adapter           y = x W0^T + b                                    the name "__base__", as in PEFT
     mixed batch          row j of the batch uses adapter names[j]:
                          y_j = x_j W0^T + b + s_{n_j} (x_j A_{n_j}^T) B_{n_j}^T
@@ -41,15 +41,12 @@ import numpy as np
 
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.backend import from_numpy, namespace
-from refpeft.dora import dora_backward, dora_forward
 from refpeft.errors import ConfigError, ShapeError
-from refpeft.linear import base_forward, base_input_grad, check_linear_inputs, flatten_rows
-from refpeft.lora import lora_backward, lora_forward
-from refpeft.vera import vera_backward, vera_forward
+from refpeft.methods import method_spec
+from refpeft.methods.linear import base_forward, base_input_grad, check_linear_inputs, flatten_rows
 
 BASE = "__base__"
 LAYER = "layer"   # the module path of a registry built for a single layer (`for_layer`)
-BACKWARDS = {"lora": lora_backward, "dora": dora_backward, "vera": vera_backward}
 
 
 @dataclass(frozen=True)
@@ -97,7 +94,7 @@ class AdapterRegistry:
         if name in self.adapters:
             raise ConfigError(f"an adapter named {name!r} is already registered; remove it first")
         for path, module in adapter.modules.items():
-            if module.method == "lora" and module.bias is not None:
+            if module.bias is not None:
                 raise ConfigError(f"adapter {name!r}, layer {path}: a LoRA bias (lora_bias=True) is not supported")
         return replace(self, adapters={**self.adapters, name: adapter})
 
@@ -165,7 +162,7 @@ class AdapterRegistry:
                                      xp=xp)
                 dxs.append(xp.reshape(dx, (len(rows), *cache.x_shape[1:])))
             else:
-                grads[name] = BACKWARDS[cache.method[name]](dy_rows, method_cache)
+                grads[name] = method_spec(cache.method[name]).backward(dy_rows, method_cache)
                 dxs.append(grads[name].dx)
         return MixedGrads(dx=_restore_order(dxs, [g[1] for g in cache.groups], xp=xp), adapters=grads)
 
@@ -182,13 +179,7 @@ class AdapterRegistry:
             raise ConfigError(f"adapter {name!r}, layer {path}: fan_in_fan_out={m.fan_in_fan_out} but the base "
                               f"weight is given with fan_in_fan_out={fan_in_fan_out}")
         b = adapter.base_biases.get(path, bias)
-        if m.method == "lora":
-            return lora_forward(x, W0, m.A, m.B, scaling=m.scaling, bias=b, fan_in_fan_out=fan_in_fan_out)
-        if m.method == "dora":
-            return dora_forward(x, W0, m.A, m.B, m.magnitude, scaling=m.scaling, bias=b,
-                                fan_in_fan_out=fan_in_fan_out)
-        return vera_forward(x, W0, adapter.vera_A, adapter.vera_B, m.lambda_d, m.lambda_b, bias=b,
-                            fan_in_fan_out=fan_in_fan_out)
+        return m.spec.forward(x, W0, m, shared=adapter.shared, bias=b)
 
     def _require(self, name: str) -> Adapter:
         if name not in self.adapters:

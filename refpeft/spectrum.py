@@ -199,4 +199,4 @@ def adapter_spectra(adapter: Any) -> dict[str, Any]:
     rows on top of it). VeRA modules are left out: their layer's input size k is not recorded.
     """
     return {path: singular_values(m.A, m.B, scaling=m.scaling)
-            for path, m in adapter.modules.items() if m.method in ("lora", "dora")}
+            for path, m in adapter.modules.items() if {"A", "B"} <= set(m.spec.tensors)}

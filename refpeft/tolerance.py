@@ -272,7 +272,7 @@ def transpose(P: Bounded) -> Bounded:
 
 
 def rows(P: Bounded) -> Bounded:
-    """(..., n) -> (rows, n), as refpeft.linear.flatten_rows (no rounding)."""
+    """(..., n) -> (rows, n), as refpeft.methods.linear.flatten_rows (no rounding)."""
     xp = namespace(P.value)
     return Bounded(xp.reshape(P.value, (-1, P.value.shape[-1])), xp.reshape(P.error, (-1, P.error.shape[-1])))
 
@@ -318,7 +318,7 @@ def _gradient_bounds(chain: Callable[[Precision], dict[str, Bounded]], precision
     return bounds
 
 
-# ---------------------------------------------------------------- LoRA (refpeft.lora's computation)
+# ---------------------------------------------------------------- LoRA (refpeft.methods.lora's computation)
 
 def _optional(a: Any) -> Bounded | None:
     return None if a is None else exact(a)
@@ -354,7 +354,7 @@ def lora_forward_bound(x: Any, W0: Any, A: Any, B: Any, *, scaling: float, bias:
 def lora_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, *, scaling: float, dropout_mask: Any = None,
                         fan_in_fan_out: bool = False, bias_trainable: bool = False, dtype: str = "float32",
                         accumulation: str | None = None, model: str = "rigorous") -> dict[str, Any]:
-    """Per-element bounds on dx, dA, dB (and dbias when trainable) of `refpeft.lora.lora_backward`.
+    """Per-element bounds on dx, dA, dB (and dbias when trainable) of `refpeft.methods.lora.lora_backward`.
 
     The chain follows the forward's cached xa (with its forward error) into dB, and g = s dy B
     into dA and dx; scaling is allowed before or after each product, so autograd's order is covered.
@@ -405,7 +405,7 @@ def quantized_linear_bound(x: Any, W_dequantized: Any, *, bias: Any = None, dtyp
     return xp.reshape(bound, (*x.shape[:-1], bound.shape[-1]))
 
 
-# ---------------------------------------------------------------- DoRA (refpeft.dora's computation, and PEFT's)
+# ---------------------------------------------------------------- DoRA (refpeft.methods.dora's computation, and PEFT's)
 
 def _dora_norm(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool, p: Precision) -> tuple[Bounded, Bounded]:
     """V = W0 + s B A (d, k) and its row norms n (d,), each with its error."""
@@ -440,7 +440,7 @@ def _dora_chain(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: flo
 def dora_forward_bound(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, bias: Any = None,
                        dropout_mask: Any = None, fan_in_fan_out: bool = False, dtype: str = "float32",
                        accumulation: str | None = None, model: str = "rigorous") -> Any:
-    """Per-element bound on DoRA's y (refpeft.dora.dora_forward, PEFT's order), (..., d)."""
+    """Per-element bound on DoRA's y (refpeft.methods.dora.dora_forward, PEFT's order), (..., d)."""
     chain = lambda p: _dora_chain(x, W0, A, B, magnitude, scaling=scaling, bias=bias, dropout_mask=dropout_mask,  # noqa: E731
                                   fan_in_fan_out=fan_in_fan_out, p=p)["y"]
     bound = with_reference(chain, _precision(dtype, accumulation, model))
@@ -452,7 +452,7 @@ def dora_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, magnitude: Any
                         bias: Any = None, dropout_mask: Any = None, fan_in_fan_out: bool = False,
                         gradient: str = "detached", bias_trainable: bool = False, dtype: str = "float32",
                         accumulation: str | None = None, model: str = "rigorous") -> dict[str, Any]:
-    """Per-element bounds on dx, dA, dB, dmagnitude (dbias) of refpeft.dora.dora_backward.
+    """Per-element bounds on dx, dA, dB, dmagnitude (dbias) of refpeft.methods.dora.dora_backward.
 
     Covers PEFT's autograd order where it differs: dg as one sum of dy * (u + s v) or as two sums,
     g * dy * s in either association, and the base path as (g dy) W0 or (dy + (g - 1) dy) W0.
@@ -521,7 +521,7 @@ def dora_unmerge_bound(W: Any, A: Any, B: Any, magnitude: Any, weight_norm: Any,
     return with_reference(chain, _precision(dtype, accumulation, model))
 
 
-# ---------------------------------------------------------------- VeRA (refpeft.vera's computation)
+# ---------------------------------------------------------------- VeRA (refpeft.methods.vera's computation)
 
 def _vera_chain(x: Any, W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, bias: Any, dropout_mask: Any,
                 fan_in_fan_out: bool, p: Precision) -> dict[str, Bounded]:
@@ -550,7 +550,7 @@ def vera_forward_bound(x: Any, W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b:
 def vera_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *,
                         dropout_mask: Any = None, fan_in_fan_out: bool = False, bias_trainable: bool = False,
                         dtype: str = "float32", accumulation: str | None = None, model: str = "rigorous") -> dict[str, Any]:
-    """Per-element bounds on dx, dlambda_d, dlambda_b (dbias) of refpeft.vera.vera_backward.
+    """Per-element bounds on dx, dlambda_d, dlambda_b (dbias) of refpeft.methods.vera.vera_backward.
 
     dlambda_b is bounded both as refpeft forms it (row sums of B * (dy^T h)) and as autograd does
     (column sums of dy * (h B^T)), keeping the larger error."""
@@ -589,7 +589,7 @@ def vera_merge_bound(W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, f
     return with_reference(chain, _precision(dtype, accumulation, model))
 
 
-# ---------------------------------------------------------------- QLoRA in bfloat16 (refpeft.qlora's "bfloat16")
+# ---------------------------------------------------------------- QLoRA in bfloat16 (refpeft.methods.qlora's "bfloat16")
 
 def _to_storage(P: Bounded, precision: Precision) -> Bounded:
     """A cast of a wider result to `precision`'s storage format: one rounding."""
@@ -612,7 +612,7 @@ def _qlora_chain(x: Any, W0: Any, A: Any, B: Any, *, scaling: float, bias: Any, 
 
 def qlora_forward_bound(x: Any, W0: Any, A: Any, B: Any, *, scaling: float, bias: Any = None, dropout_mask: Any = None,
                         dtype: str = "bfloat16", model: str = "rigorous") -> Any:
-    """Bound on y of a half-precision QLoRA layer with float32 adapters (refpeft.qlora, precision="bfloat16").
+    """Bound on y of a half-precision QLoRA layer with float32 adapters (refpeft.methods.qlora, precision="bfloat16").
 
     Mixed precision: the base product and every sum with it in `dtype` (float32 accumulation), the
     adapter branch in float32 and cast once. W0 is the dequantised weight (exact given the codes).
@@ -631,7 +631,7 @@ def qlora_forward_bound(x: Any, W0: Any, A: Any, B: Any, *, scaling: float, bias
 
 def qlora_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, *, scaling: float, dropout_mask: Any = None,
                          dtype: str = "bfloat16", model: str = "rigorous") -> dict[str, Any]:
-    """Bounds on dx, dA, dB of the half-precision QLoRA layer (refpeft.qlora's backward, PEFT's autograd):
+    """Bounds on dx, dA, dB of the half-precision QLoRA layer (refpeft.methods.qlora's backward, PEFT's autograd):
     dt = f32(dy s); dB = dt^T xa, dA = (dt B)^T xd in float32; dx = half(half(dy W0) + half((dt B A) * mask))."""
     def chain(p: Precision) -> dict[str, Bounded]:
         if p.storage == "float64":

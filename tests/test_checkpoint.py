@@ -19,7 +19,7 @@ import safetensors.numpy
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.checkpoint import SafetensorsFile, merge_into_checkpoint, write_safetensors_streaming
 from refpeft.errors import DTypeError, FormatError, NonFiniteError, RefpeftError
-from refpeft.lora import merge
+from refpeft.methods.lora import lora_merge
 
 TENSORS = {
     "a.weight": np.arange(12, dtype=np.float32).reshape(3, 4),
@@ -154,13 +154,12 @@ def _lora_base(tmp_path, dtype=np.float32):
 def test_merge_changes_exactly_the_adapted_weights(tmp_path):
     base, tensors = _lora_base(tmp_path)
     rng = np.random.default_rng(1)
-    module = ModuleAdapter(A=rng.standard_normal((2, 5)), B=rng.standard_normal((6, 2)), alpha=4.0,
-                           bias=rng.standard_normal(6))
+    module = ModuleAdapter("lora", {"A": rng.standard_normal((2, 5)), "B": rng.standard_normal((6, 2)), "bias": rng.standard_normal(6)}, alpha=4.0)
     report = merge_into_checkpoint(Adapter(modules={"l1": module}), base, tmp_path / "out.safetensors")
     out = SafetensorsFile(tmp_path / "out.safetensors")
     assert out.keys() == base.keys() and out.metadata == {"format": "pt"}
     assert (report.merged_weights, report.changed_biases, report.tensors) == (1, 1, 5)
-    expected = merge(tensors["l1.weight"].astype(np.float64), module.A, module.B, scaling=2.0).astype(np.float32)
+    expected = lora_merge(tensors["l1.weight"].astype(np.float64), module.A, module.B, scaling=2.0).astype(np.float32)
     np.testing.assert_array_equal(out.read("l1.weight"), expected)
     np.testing.assert_array_equal(out.read("l1.bias"),
                                   (tensors["l1.bias"].astype(np.float64) + 2.0 * module.bias).astype(np.float32))
@@ -172,11 +171,10 @@ def test_merge_refusals_leave_no_output(tmp_path):
     base, tensors = _lora_base(tmp_path)
     rng = np.random.default_rng(1)
     cases = [
-        (Adapter(modules={"l9": ModuleAdapter(A=rng.standard_normal((2, 5)), B=rng.standard_normal((6, 2)))}),
+        (Adapter(modules={"l9": ModuleAdapter("lora", {"A": rng.standard_normal((2, 5)), "B": rng.standard_normal((6, 2))})}),
          FormatError, "'l9.weight' is missing"),
-        (Adapter(modules={"l2": ModuleAdapter(A=rng.standard_normal((2, 6)), B=rng.standard_normal((4, 2)),
-                                              bias=np.zeros(4))}), FormatError, "'l2.bias' is missing"),
-        (Adapter(modules={"l1": ModuleAdapter(A=np.full((1, 5), 1e30), B=np.full((6, 1), 1e30))}),
+        (Adapter(modules={"l2": ModuleAdapter("lora", {"A": rng.standard_normal((2, 6)), "B": rng.standard_normal((4, 2)), "bias": np.zeros(4)})}), FormatError, "'l2.bias' is missing"),
+        (Adapter(modules={"l1": ModuleAdapter("lora", {"A": np.full((1, 5), 1e30), "B": np.full((6, 1), 1e30)})}),
          NonFiniteError, "l1.weight.*overflow"),
     ]
     for adapter, error, message in cases:
@@ -215,11 +213,11 @@ def test_bfloat16_checkpoints_merge_to_the_nearest_bfloat16(tmp_path):
     W0 = torch.randn(16, 12).to(torch.bfloat16)
     save_file({"l.weight": W0, "l.bias": torch.zeros(16, dtype=torch.bfloat16)}, str(tmp_path / "base.safetensors"))
     rng = np.random.default_rng(2)
-    module = ModuleAdapter(A=rng.standard_normal((3, 12)), B=rng.standard_normal((16, 3)), alpha=3.0)
+    module = ModuleAdapter("lora", {"A": rng.standard_normal((3, 12)), "B": rng.standard_normal((16, 3))}, alpha=3.0)
     merge_into_checkpoint(Adapter(modules={"l": module}), SafetensorsFile(tmp_path / "base.safetensors"),
                           tmp_path / "out.safetensors")
     merged = SafetensorsFile(tmp_path / "out.safetensors").read("l.weight")
     assert merged.dtype == ml_dtypes.bfloat16
-    exact = merge(W0.double().numpy(), module.A, module.B, scaling=1.0)
+    exact = lora_merge(W0.double().numpy(), module.A, module.B, scaling=1.0)
     # within half a bfloat16 ulp (2^-8 relative), plus float32's rounding on the way (see docs/peft_files.md)
     assert np.all(np.abs(merged.astype(np.float64) - exact) <= np.abs(exact) * (2.0**-8 + 2.0**-23))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from refpeft import dora
-from refpeft.dora import (
+from refpeft.methods import dora
+from refpeft.methods.dora import (
     dora_backward,
     dora_delta_weight,
     dora_forward,
@@ -17,11 +17,11 @@ from refpeft.dora import (
     dora_parameter_count,
     dora_unmerge,
     dora_weight_norm,
-    init_dora_magnitude,
+    dora_init,
 )
 from refpeft.errors import ConfigError, NonFiniteError, ShapeError
-from refpeft.linear import dropout_mask
-from refpeft.lora import init_lora, lora_parameter_count, lora_scaling
+from refpeft.methods.linear import dropout_mask
+from refpeft.methods.lora import lora_init, lora_parameter_count, lora_scaling
 from strategies import LayerCase, layer_cases, normal_arrays
 from support import BACKENDS, BACKEND_IDS, assert_close, vjp_check
 
@@ -164,8 +164,8 @@ def test_unmerge_restores_the_frozen_weight(case):
 def test_initial_adapter_gives_exactly_the_base_output(case):
     a = layer(case)
     opts = options(case)
-    A, B = init_lora(case.k, case.d, case.r, seed=case.seed)
-    m = init_dora_magnitude(a["W0"], A, B, **opts)
+    A, B = lora_init(case.k, case.d, case.r, seed=case.seed)
+    m = dora_init(a["W0"], A, B, **opts)
     y, _ = dora_forward(a["x"], a["W0"], A, B, m, bias=a["bias"], dropout_mask=a["dropout_mask"], **opts)
     W_rows = _rows_to_layout(a["W0"], case)
     base = a["x"].reshape(-1, case.k) @ W_rows.T + (0 if a["bias"] is None else a["bias"])
@@ -233,7 +233,7 @@ class TestZeroNormRow:
 
     def test_init(self):
         with pytest.raises(NonFiniteError, match=r"zero in 1 row\(s\), first \[3\]"):
-            init_dora_magnitude(self.W0, self.A, self.B, scaling=2.0)
+            dora_init(self.W0, self.A, self.B, scaling=2.0)
 
     def test_forward_and_merge(self):
         with pytest.raises(NonFiniteError, match=r"first \[3\]"):
@@ -288,7 +288,7 @@ class TestBadInput:
 
 def test_parameter_counts():
     assert dora_parameter_count(4096, 4096, 16) == lora_parameter_count(4096, 4096, 16) + 4096
-    assert dora_parameter_count(10, 20, 2, bias=True) == 2 * 30 + 10 + 10
+    assert dora_parameter_count(20, 10, 2, bias=True) == 2 * 30 + 10 + 10   # (k, d, r)
 
 
 def _rows_to_layout(M: np.ndarray, case: LayerCase) -> np.ndarray:

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from refpeft import tolerance as tol
-from refpeft.dora import dora_backward, dora_forward, dora_merge, dora_unmerge, dora_weight_norm, init_dora_magnitude
+from refpeft.methods.dora import dora_backward, dora_forward, dora_merge, dora_unmerge, dora_weight_norm, dora_init
 from refpeft.errors import NonFiniteError
-from refpeft.linear import LinearShape, dropout_mask
-from refpeft.lora import lora_scaling
-from refpeft.vera import largest_layer, vera_backward, vera_forward, vera_merge, vera_projections, vera_unmerge
+from refpeft.methods.linear import LinearShape, dropout_mask
+from refpeft.methods.lora import lora_scaling
+from refpeft.methods.vera import largest_layer, vera_backward, vera_forward, vera_merge, vera_projections, vera_unmerge
 from support import assert_close
 
 torch = pytest.importorskip("torch", reason="torch is in the conformance extra")
@@ -100,7 +100,7 @@ def test_dora_equals_peft_in_float64(fan_in_fan_out, rslora, dropout):
     s = lora_scaling(c["alpha"], c["r"], rslora=rslora)
     layer, (A0, B0, m0) = peft_dora(c, fan_in_fan_out=fan_in_fan_out, dtype=torch.float64, rslora=rslora)
     # The magnitude PEFT initialised from its own (non-zero) A and B.
-    assert_close(init_dora_magnitude(c["W0"], A0, B0, scaling=s, fan_in_fan_out=fan_in_fan_out), m0, rtol=1e-13)
+    assert_close(dora_init(c["W0"], A0, B0, scaling=s, fan_in_fan_out=fan_in_fan_out), m0, rtol=1e-13)
 
     n = dora_weight_norm(c["W0"], c["A"], c["B"], scaling=s, fan_in_fan_out=fan_in_fan_out)
     m = n * (1.0 + 0.3 * np.tanh(c["noise"]))                 # g != 1 so every term matters

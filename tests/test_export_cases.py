@@ -57,7 +57,7 @@ def build_adapter(stack: LinearStack, method: str, rank: int, *, seed: int, laye
     chosen = [layer for layer in stack.layers if layers is None or layer.name in layers]
     if method == "vera":
         k_max, d_max = max(l.k for l in chosen), max(l.d for l in chosen)
-        modules = {l.name: ModuleAdapter(lambda_d=rng.uniform(0.5, 1.5, rank), lambda_b=rng.standard_normal(l.d))
+        modules = {l.name: ModuleAdapter("vera", {"lambda_d": rng.uniform(0.5, 1.5, rank), "lambda_b": rng.standard_normal(l.d)})
                    for l in chosen}
         return Adapter(modules, vera_A=rng.standard_normal((rank, k_max)) / np.sqrt(k_max),
                        vera_B=rng.standard_normal((d_max, rank)) / np.sqrt(rank))
@@ -70,7 +70,7 @@ def build_adapter(stack: LinearStack, method: str, rank: int, *, seed: int, laye
         magnitude = None
         if method == "dora":
             magnitude = np.linalg.norm(l.weight_rows, axis=1) * rng.uniform(0.7, 1.3, l.d)
-        modules[l.name] = ModuleAdapter(A=A, B=B, alpha=alpha, magnitude=magnitude)
+        modules[l.name] = ModuleAdapter(method, {"A": A, "B": B, "magnitude": magnitude}, alpha=alpha)
     return Adapter(modules)
 
 

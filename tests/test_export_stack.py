@@ -61,11 +61,11 @@ def test_layers_must_chain() -> None:
 def test_adapters_that_do_not_fit_are_refused() -> None:
     stack = build_stack(StackCase((6, 4), 1, "lora", False, "relu", 0))
     with pytest.raises(ConfigError, match="not layers of the base"):
-        build_model(stack, Adapter({"elsewhere": ModuleAdapter(A=np.ones((1, 6)), B=np.ones((4, 1)))}))
+        build_model(stack, Adapter({"elsewhere": ModuleAdapter("lora", {"A": np.ones((1, 6)), "B": np.ones((4, 1))})}))
     with pytest.raises(ShapeError, match="do not fit"):
-        build_model(stack, Adapter({"layers.0": ModuleAdapter(A=np.ones((1, 5)), B=np.ones((4, 1)))}))
+        build_model(stack, Adapter({"layers.0": ModuleAdapter("lora", {"A": np.ones((1, 5)), "B": np.ones((4, 1))})}))
     with pytest.raises(ConfigError, match="lora_bias"):
-        build_model(stack, Adapter({"layers.0": ModuleAdapter(A=np.ones((1, 6)), B=np.ones((4, 1)), bias=np.ones(4))}))
+        build_model(stack, Adapter({"layers.0": ModuleAdapter("lora", {"A": np.ones((1, 6)), "B": np.ones((4, 1)), "bias": np.ones(4)})}))
 
 
 def test_trained_base_biases_replace_the_frozen_ones(tmp_path) -> None:

@@ -8,7 +8,7 @@ import pytest
 from refpeft.backend import to_numpy
 from refpeft.errors import ConfigError, ShapeError
 from refpeft.extraction import extract_adapter, extract_lora, randomized_svd
-from refpeft.lora import lora_forward
+from refpeft.methods.lora import lora_forward
 from refpeft.spectrum import rank_for_energy
 from tests.support import BACKEND_IDS, BACKENDS, assert_close
 

@@ -13,7 +13,7 @@ from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.backend import to_numpy
 from refpeft.errors import ConfigError, RankError
 from refpeft.fusion import combine_adapters, combine_modules, dare_generator, merge_task_tensors
-from refpeft.lora import lora_forward
+from refpeft.methods.lora import lora_forward
 from refpeft.spectrum import energy_curve, factored_svd, product_norm, rank_for_energy, singular_values
 from tests.support import BACKEND_IDS, BACKENDS, assert_close
 
@@ -21,8 +21,7 @@ from tests.support import BACKEND_IDS, BACKENDS, assert_close
 def layer_adapters(d: int, k: int, ranks, *, seed: int = 0, alphas=None, xp_array=np.asarray):
     rng = np.random.default_rng(seed)
     alphas = alphas or [2.0 * r for r in ranks]
-    return [ModuleAdapter(A=xp_array(rng.standard_normal((r, k))), B=xp_array(rng.standard_normal((d, r))),
-                          alpha=a) for r, a in zip(ranks, alphas)]
+    return [ModuleAdapter("lora", {"A": xp_array(rng.standard_normal((r, k))), "B": xp_array(rng.standard_normal((d, r)))}, alpha=a) for r, a in zip(ranks, alphas)]
 
 
 def weighted_delta(modules, weights) -> np.ndarray:
@@ -183,7 +182,7 @@ def test_bad_requests_are_refused():
         combine_modules(modules, [1.0, 1.0], combination="dare_linear_svd", density=0.5)
     with pytest.raises(ConfigError, match="2 adapters and 1 weights"):
         combine_modules(modules, [1.0], combination="cat")
-    dora = ModuleAdapter(A=modules[0].A, B=modules[0].B, magnitude=np.ones(8))
+    dora = ModuleAdapter("dora", {"A": modules[0].A, "B": modules[0].B, "magnitude": np.ones(8)})
     with pytest.raises(ConfigError, match="dora"):
         combine_modules([dora, modules[0]], [1.0, 1.0], combination="cat")
 

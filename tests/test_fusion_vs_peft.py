@@ -39,8 +39,7 @@ class TwoLayers(torch.nn.Module):
 
 def adapters(*, rslora: bool = False) -> dict[str, Adapter]:
     rng = np.random.default_rng(3)
-    return {name: Adapter(modules={path: ModuleAdapter(A=rng.standard_normal((RANK, k)) / np.sqrt(k),
-                                                       B=rng.standard_normal((d, RANK)), alpha=alpha, rslora=rslora)
+    return {name: Adapter(modules={path: ModuleAdapter("lora", {"A": rng.standard_normal((RANK, k)) / np.sqrt(k), "B": rng.standard_normal((d, RANK))}, alpha=alpha, rslora=rslora)
                                    for path, (d, k) in LAYERS.items()})
             for name, alpha in ALPHAS.items()}
 

@@ -10,17 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refpeft.errors import DTypeError, NamespaceError, NonFiniteError, RankError, ShapeError
-from refpeft.linear import dropout_mask
-from refpeft.lora import (
-    delta_weight,
+from refpeft.methods.linear import dropout_mask
+from refpeft.methods.lora import (
+    lora_delta_weight,
     full_parameter_count,
-    init_lora,
+    lora_init,
     lora_backward,
     lora_forward,
     lora_parameter_count,
     lora_scaling,
-    merge,
-    unmerge,
+    lora_merge,
+    lora_unmerge,
 )
 from strategies import LayerCase, layer_cases, normal_arrays
 from support import BACKENDS, BACKEND_IDS, assert_close, vjp_check
@@ -74,7 +74,7 @@ def test_merged_forward_equals_unmerged_forward(backend, case):
     b = {n: backend(v) for n, v in a.items()}
     opts = options(case)
     y, _ = lora_forward(b["x"], b["W0"], b["A"], b["B"], bias=b["bias"], **opts)
-    W = merge(b["W0"], b["A"], b["B"], **opts)
+    W = lora_merge(b["W0"], b["A"], b["B"], **opts)
     zero_B = backend(np.zeros_like(a["B"]))
     y_merged, _ = lora_forward(b["x"], W, b["A"], zero_B, bias=b["bias"], **opts)
     assert_close(y_merged, y, rtol=1e-12, atol=1e-12 * _scale(a, opts["scaling"]), like=b["x"])
@@ -92,10 +92,10 @@ def _scale(a, s):
 def test_unmerge_restores_the_frozen_weight(case):
     a = layer(case)
     opts = options(case)
-    W = merge(a["W0"], a["A"], a["B"], **opts)
-    restored = unmerge(W, a["A"], a["B"], **opts)
+    W = lora_merge(a["W0"], a["A"], a["B"], **opts)
+    restored = lora_unmerge(W, a["A"], a["B"], **opts)
     # One rounding of W0 + delta and one of the difference: |error| <= 2u (|W0| + |delta|) per entry.
-    delta = delta_weight(a["A"], a["B"], **opts)
+    delta = lora_delta_weight(a["A"], a["B"], **opts)
     bound = 2 * 2.0**-53 * (np.abs(a["W0"]) + np.abs(delta)) * (1 + 1e-12)
     assert np.all(np.abs(restored - a["W0"]) <= bound)
 
@@ -104,7 +104,7 @@ def test_unmerge_restores_the_frozen_weight(case):
 @given(layer_cases(), st.sampled_from(["default", "gaussian"]))
 def test_initial_adapter_gives_exactly_the_base_output(case, init):
     a = layer(case)
-    A, B = init_lora(case.k, case.d, case.r, init=init, seed=case.seed)
+    A, B = lora_init(case.k, case.d, case.r, init=init, seed=case.seed)
     y, _ = lora_forward(a["x"], a["W0"], A, B, bias=a["bias"], dropout_mask=a["dropout_mask"], **options(case))
     W_rows = a["W0"].T if case.fan_in_fan_out else a["W0"]
     rows = a["x"].reshape(-1, case.k) @ W_rows.T + (0 if a["bias"] is None else a["bias"])
@@ -141,21 +141,21 @@ def test_every_backend_gives_the_numpy_result(backend):
     assert_close(y, ref_y, rtol=1e-13, like=b["x"])
     for name in ("dx", "dA", "dB", "dbias"):
         assert_close(getattr(grads, name), getattr(ref, name), rtol=1e-13, like=b["x"])
-    W = merge(b["W0"], b["A"], b["B"], **opts)
-    assert_close(W, merge(a["W0"], a["A"], a["B"], **opts), rtol=1e-15, like=b["W0"])
+    W = lora_merge(b["W0"], b["A"], b["B"], **opts)
+    assert_close(W, lora_merge(a["W0"], a["A"], a["B"], **opts), rtol=1e-15, like=b["W0"])
 
 
 def test_same_seed_gives_the_same_arrays_and_documented_bounds():
-    A1, B1 = init_lora(300, 20, 8, seed=42)
-    A2, _ = init_lora(300, 20, 8, seed=42)
+    A1, B1 = lora_init(300, 20, 8, seed=42)
+    A2, _ = lora_init(300, 20, 8, seed=42)
     np.testing.assert_array_equal(A1, A2)
     assert np.all(B1 == 0) and np.max(np.abs(A1)) <= 1 / math.sqrt(300)
     assert np.max(np.abs(A1)) > 0.9 / math.sqrt(300)  # the whole range is used
-    G, _ = init_lora(4000, 20, 8, init="gaussian", seed=1)
+    G, _ = lora_init(4000, 20, 8, init="gaussian", seed=1)
     assert abs(np.std(G) - 1 / 8) < 0.01 * (1 / 8) * 5
-    Z, _ = init_lora(5, 4, 2, init="zeros")
+    Z, _ = lora_init(5, 4, 2, init="zeros")
     assert not np.any(Z)
-    A32, _ = init_lora(300, 20, 8, seed=42, dtype="float32")
+    A32, _ = lora_init(300, 20, 8, seed=42, dtype="float32")
     assert A32.dtype == np.float32
 
 
@@ -169,13 +169,13 @@ def test_torch_cpu_generator_reproduces_peft_initialisation():
     torch.manual_seed(1234)
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["0"]))
     peft_A = model.base_model.model[0].lora_A["default"].weight.detach().numpy()
-    A, B = init_lora(37, 11, 4, generator="torch-cpu", seed=1234, dtype="float32")
+    A, B = lora_init(37, 11, 4, generator="torch-cpu", seed=1234, dtype="float32")
     np.testing.assert_array_equal(A, peft_A)
 
 
 def test_parameter_counts():
     assert lora_parameter_count(4096, 4096, 16) == 16 * 8192
-    assert lora_parameter_count(10, 20, 2, bias=True) == 2 * 30 + 10
+    assert lora_parameter_count(20, 10, 2, bias=True) == 2 * 30 + 10   # (k, d, r): the bias adds d
     assert full_parameter_count(4096, 4096, bias=True) == 4096 * 4096 + 4096
 
 
@@ -204,7 +204,7 @@ class TestBadInput:
         with pytest.raises(RankError, match="at least 1"):
             self.forward(A=np.ones((0, 6)), B=np.ones((5, 0)))
         with pytest.raises(RankError, match="exceeds min"):
-            init_lora(6, 5, 6)
+            lora_init(6, 5, 6)
         with pytest.raises(RankError, match="exceeds min"):
             self.forward(A=np.ones((6, 6)), B=np.ones((5, 6)))
 
@@ -270,5 +270,5 @@ def test_equals_peft_lora_layer_in_float64(rslora, fan_in_fan_out):
     assert_close(grads.dA, layer_.lora_A["default"].weight.grad.numpy(), rtol=1e-12)
     assert_close(grads.dB, layer_.lora_B["default"].weight.grad.numpy(), rtol=1e-12)
     layer_.merge()
-    merged = merge(W0_stored, A, B, scaling=lora_scaling(alpha, r, rslora=rslora), fan_in_fan_out=fan_in_fan_out)
+    merged = lora_merge(W0_stored, A, B, scaling=lora_scaling(alpha, r, rslora=rslora), fan_in_fan_out=fan_in_fan_out)
     assert_close(merged, layer_.base_layer.weight.detach().numpy(), rtol=1e-13)

@@ -9,7 +9,7 @@ import pytest
 
 from refpeft.commands import memory as memory_command
 from refpeft.errors import ConfigError
-from refpeft.lora import lora_parameter_count
+from refpeft.methods.lora import lora_parameter_count
 from refpeft.memory import LINEARS, PRESETS, ModelShape, memory_table, quantized_bytes
 from refpeft.quant.bnb_layout import to_state_dict
 from refpeft.quant.state import quantize_4bit
@@ -42,7 +42,7 @@ def test_adapter_is_the_sum_of_lora_parameter_counts():
     model = ModelShape(hidden=96, intermediate=256, layers=3, vocab=1000, kv=32)
     rows = {r.method: r for r in memory_table(model, rank=4, targets=("q_proj", "down_proj"))}
     shapes = model.linear_shapes()
-    expected = 3 * sum(lora_parameter_count(*shapes[t], 4) for t in ("q_proj", "down_proj"))
+    expected = 3 * sum(lora_parameter_count(shapes[t][1], shapes[t][0], 4) for t in ("q_proj", "down_proj"))
     assert rows["lora"].trainable == rows["qlora"].trainable == expected
     assert rows["lora"].adapter == rows["lora"].gradients == 4 * expected
     assert rows["lora"].optimizer == 8 * expected

@@ -19,7 +19,7 @@ from refpeft import cli
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.checkpoint import SafetensorsFile
 from refpeft.errors import ConfigError, DTypeError, FormatError, NonFiniteError, RankError, ShapeError
-from refpeft.linear import LinearShape
+from refpeft.methods.linear import LinearShape
 from refpeft.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -29,7 +29,7 @@ from refpeft.peft_format import (
     read_peft_adapter_with_base,
     write_peft_adapter,
 )
-from refpeft.vera import largest_layer, vera_projections
+from refpeft.methods.vera import largest_layer, vera_projections
 
 SHAPES = {"model.layers.0.attn.q": LinearShape(k=8, d=8), "model.layers.0.attn.v": LinearShape(k=8, d=4),
           "model.layers.1.attn.q": LinearShape(k=8, d=8), "model.layers.0.mlp.down": LinearShape(k=12, d=8)}
@@ -43,11 +43,12 @@ def lora_adapter(*, dora: bool = False, rslora: bool = False, seed: int = 0, lor
     modules = {}
     for path, shape in SHAPES.items():
         r = RANKS[path]
-        modules[path] = ModuleAdapter(
-            A=rng.standard_normal((r, shape.k)).astype(np.float32), B=rng.standard_normal((shape.d, r)).astype(np.float32),
-            alpha=16.0 if "mlp" in path else 8.0, rslora=rslora,
-            magnitude=rng.uniform(0.5, 2.0, shape.d).astype(np.float32) if dora else None,
-            bias=rng.standard_normal(shape.d).astype(np.float32) if lora_bias and "v" not in path else None)
+        tensors = {"A": rng.standard_normal((r, shape.k)).astype(np.float32),
+                   "B": rng.standard_normal((shape.d, r)).astype(np.float32),
+                   "magnitude": rng.uniform(0.5, 2.0, shape.d).astype(np.float32) if dora else None,
+                   "bias": rng.standard_normal(shape.d).astype(np.float32) if lora_bias and "v" not in path else None}
+        modules[path] = ModuleAdapter("dora" if dora else "lora", tensors, alpha=16.0 if "mlp" in path else 8.0,
+                                      rslora=rslora)
     biases = {"model.layers.0.attn.q": rng.standard_normal(8).astype(np.float32),
               "model.norm": rng.standard_normal(8).astype(np.float32)} if base_biases else {}
     return Adapter(modules=modules, base_biases=biases)
@@ -56,8 +57,7 @@ def lora_adapter(*, dora: bool = False, rslora: bool = False, seed: int = 0, lor
 def vera_adapter(seed: int = 0) -> Adapter:
     rng = np.random.default_rng(seed)
     vera_A, vera_B = vera_projections(largest_layer(SHAPES.values()), 4, seed=21, dtype="float32")
-    modules = {p: ModuleAdapter(lambda_d=rng.standard_normal(4).astype(np.float32),
-                                lambda_b=rng.standard_normal(s.d).astype(np.float32)) for p, s in SHAPES.items()}
+    modules = {p: ModuleAdapter("vera", {"lambda_d": rng.standard_normal(4).astype(np.float32), "lambda_b": rng.standard_normal(s.d).astype(np.float32)}) for p, s in SHAPES.items()}
     return Adapter(modules=modules, vera_A=vera_A, vera_B=vera_B, config={"projection_prng_key": 21})
 
 
@@ -272,14 +272,13 @@ def test_pickles_are_refused_unopened(tmp_path, monkeypatch):
 
 
 def test_write_refusals():
-    mixed = Adapter(modules={**lora_adapter().modules, "x": ModuleAdapter(lambda_d=np.ones(2), lambda_b=np.ones(3))})
+    mixed = Adapter(modules={**lora_adapter().modules, "x": ModuleAdapter("vera", {"lambda_d": np.ones(2), "lambda_b": np.ones(3)})})
     with pytest.raises(ConfigError, match="mix"):
         peft_config(mixed)
     modules = lora_adapter().modules
     first = next(iter(modules))
     with pytest.raises(ConfigError, match="rslora"):
-        peft_config(Adapter(modules={**modules, first: ModuleAdapter(A=modules[first].A, B=modules[first].B,
-                                                                       rslora=True)}))
+        peft_config(Adapter(modules={**modules, first: ModuleAdapter("lora", {"A": modules[first].A, "B": modules[first].B}, rslora=True)}))
     vera = vera_adapter()
     with pytest.raises(ConfigError, match="projection_prng_key"):
         peft_config(Adapter(modules=vera.modules), save_projection=False)

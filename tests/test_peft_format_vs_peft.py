@@ -22,11 +22,11 @@ from safetensors.torch import save_file  # noqa: E402
 
 from refpeft.adapter import Adapter, ModuleAdapter  # noqa: E402
 from refpeft.checkpoint import SafetensorsFile, merge_into_checkpoint  # noqa: E402
-from refpeft.dora import dora_forward  # noqa: E402
-from refpeft.linear import LinearShape  # noqa: E402
-from refpeft.lora import lora_forward  # noqa: E402
+from refpeft.methods.dora import dora_forward  # noqa: E402
+from refpeft.methods.linear import LinearShape  # noqa: E402
+from refpeft.methods.lora import lora_forward  # noqa: E402
 from refpeft.peft_format import read_peft_adapter, read_peft_adapter_with_base, write_peft_adapter  # noqa: E402
-from refpeft.vera import largest_layer, vera_forward, vera_projections  # noqa: E402
+from refpeft.methods.vera import largest_layer, vera_forward, vera_projections  # noqa: E402
 from tests.support import assert_close  # noqa: E402
 
 TOL = 1e-12
@@ -164,11 +164,9 @@ def _refpeft_adapter(method: str, base: SafetensorsFile, *, rslora: bool = False
     for path in paths:
         r, (k, d) = TARGETS[path.split(".", 3)[3]], (shapes[path].k, shapes[path].d)
         if method == "vera":
-            modules[path] = ModuleAdapter(lambda_d=_f32(rng, (4,)), lambda_b=_f32(rng, (d,)))
+            modules[path] = ModuleAdapter("vera", {"lambda_d": _f32(rng, (4,)), "lambda_b": _f32(rng, (d,))})
         else:
-            modules[path] = ModuleAdapter(A=_f32(rng, (r, k)), B=_f32(rng, (d, r)), alpha=2.0 * r if "v_proj" in path else 6.0,
-                                          rslora=rslora,
-                                          magnitude=_f32(rng, (d,), 0.1, 1.0) if method == "dora" else None)
+            modules[path] = ModuleAdapter("dora" if method == "dora" else "lora", {"A": _f32(rng, (r, k)), "B": _f32(rng, (d, r)), "magnitude": _f32(rng, (d,), 0.1, 1.0) if method == "dora" else None}, alpha=2.0 * r if "v_proj" in path else 6.0, rslora=rslora)
     if method != "vera":
         return Adapter(modules=modules)
     vera_A, vera_B = vera_projections(largest_layer(shapes.values()), 4, seed=9, dtype="float64")

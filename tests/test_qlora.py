@@ -7,8 +7,8 @@ import pytest
 
 from refpeft.backend import round_to
 from refpeft.errors import ConfigError, DTypeError, ShapeError
-from refpeft.lora import lora_forward
-from refpeft.qlora import base_weight, qlora_backward, qlora_forward, quantize_base
+from refpeft.methods.lora import lora_forward
+from refpeft.methods.qlora import base_weight, qlora_backward, qlora_forward, quantize_base
 from tests.support import vjp_check
 
 import array_api_compat.numpy as xp

@@ -18,7 +18,7 @@ peft = pytest.importorskip("peft", reason="HF PEFT is the peer under test")
 
 from refpeft.backend import to_numpy  # noqa: E402
 from refpeft.quant.bnb_layout import from_state_dict  # noqa: E402
-from refpeft.qlora import base_weight, qlora_backward, qlora_forward  # noqa: E402
+from refpeft.methods.qlora import base_weight, qlora_backward, qlora_forward  # noqa: E402
 
 U32 = 2.0**-24
 BF16_ULP = 2.0**-7  # one bfloat16 ulp, relative to the value

@@ -18,15 +18,15 @@ def layer_modules(backend=np.asarray, *, seed: int = 0) -> dict[str, ModuleAdapt
     rng = np.random.default_rng(seed)
     normal = lambda *shape: backend(rng.standard_normal(shape))  # noqa: E731
     return {
-        "math": ModuleAdapter(A=normal(R, K), B=normal(D, R), alpha=4.0),
-        "code": ModuleAdapter(A=normal(3, K), B=normal(D, 3), alpha=3.0, rslora=True),
-        "dora": ModuleAdapter(A=normal(R, K), B=normal(D, R), alpha=2.0, magnitude=backend(rng.uniform(1, 2, D))),
+        "math": ModuleAdapter("lora", {"A": normal(R, K), "B": normal(D, R)}, alpha=4.0),
+        "code": ModuleAdapter("lora", {"A": normal(3, K), "B": normal(D, 3)}, alpha=3.0, rslora=True),
+        "dora": ModuleAdapter("dora", {"A": normal(R, K), "B": normal(D, R), "magnitude": backend(rng.uniform(1, 2, D))}, alpha=2.0),
     }
 
 
 def vera_adapter(backend=np.asarray) -> Adapter:
     rng = np.random.default_rng(5)
-    module = ModuleAdapter(lambda_d=backend(rng.standard_normal(4)), lambda_b=backend(rng.standard_normal(D)))
+    module = ModuleAdapter("vera", {"lambda_d": backend(rng.standard_normal(4)), "lambda_b": backend(rng.standard_normal(D))})
     return Adapter(modules={LAYER: module}, vera_A=backend(rng.standard_normal((4, K + 3))),
                    vera_B=backend(rng.standard_normal((D + 2, 4))))
 
@@ -61,7 +61,7 @@ def test_active_adapter_switching():
 
 def test_adapters_over_a_model_by_path():
     rng = np.random.default_rng(3)
-    q = ModuleAdapter(A=rng.standard_normal((R, K)), B=rng.standard_normal((D, R)))
+    q = ModuleAdapter("lora", {"A": rng.standard_normal((R, K)), "B": rng.standard_normal((D, R))})
     trained_bias = rng.standard_normal(D)
     registry = AdapterRegistry().add("only_q", Adapter(modules={"q": q}, base_biases={"q": trained_bias}))
     x, W0, bias = rng.standard_normal((2, K)), rng.standard_normal((D, K)), rng.standard_normal(D)
@@ -130,9 +130,9 @@ def test_mixed_batch_backward_matches_finite_differences():
     names = ["math", "vera", BASE, "dora", "math", "code"]
 
     def registry_with(A_math, B_math, magnitude, lambda_b):
-        modules = dict(base, math=ModuleAdapter(A=A_math, B=B_math, alpha=4.0),
-                       dora=ModuleAdapter(A=base["dora"].A, B=base["dora"].B, alpha=2.0, magnitude=magnitude))
-        v = ModuleAdapter(lambda_d=vera.modules[LAYER].lambda_d, lambda_b=lambda_b)
+        modules = dict(base, math=ModuleAdapter("lora", {"A": A_math, "B": B_math}, alpha=4.0),
+                       dora=ModuleAdapter("dora", {"A": base["dora"].A, "B": base["dora"].B, "magnitude": magnitude}, alpha=2.0))
+        v = ModuleAdapter("vera", {"lambda_d": vera.modules[LAYER].lambda_d, "lambda_b": lambda_b})
         return AdapterRegistry.for_layer(modules).add("vera", Adapter(modules={LAYER: v}, vera_A=vera.vera_A,
                                                                       vera_B=vera.vera_B))
 

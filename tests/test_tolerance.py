@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from refpeft import tolerance
 from refpeft.errors import ConfigError, ShapeError
-from refpeft.linear import dropout_mask
-from refpeft.lora import lora_backward, lora_forward, merge, unmerge
+from refpeft.methods.linear import dropout_mask
+from refpeft.methods.lora import lora_backward, lora_forward, lora_merge, lora_unmerge
 from refpeft.optim import AdamConfig, adam_update
 from strategies import LayerCase, layer_cases, normal_arrays
 from support import BACKENDS, BACKEND_IDS, assert_close
@@ -67,11 +67,11 @@ def test_merge_and_unmerge_within_bound(case):
     a = layer(case, "float32")
     wide = in_float64(a)
     opts = options(case)
-    merged = merge(a["W0"], a["A"], a["B"], **opts)
-    assert tolerance.compare(merged, merge(wide["W0"], wide["A"], wide["B"], **opts),
+    merged = lora_merge(a["W0"], a["A"], a["B"], **opts)
+    assert tolerance.compare(merged, lora_merge(wide["W0"], wide["A"], wide["B"], **opts),
                              tolerance.merge_bound(a["W0"], a["A"], a["B"], **opts)).passed
-    back = unmerge(a["W0"], a["A"], a["B"], **opts)
-    assert tolerance.compare(back, unmerge(wide["W0"], wide["A"], wide["B"], **opts),
+    back = lora_unmerge(a["W0"], a["A"], a["B"], **opts)
+    assert tolerance.compare(back, lora_unmerge(wide["W0"], wide["A"], wide["B"], **opts),
                              tolerance.merge_bound(a["W0"], a["A"], a["B"], unmerge=True, **opts)).passed
 
 
@@ -171,7 +171,7 @@ def test_bounds_are_the_same_on_every_backend(backend):
 @FAST
 @given(layer_cases(max_features=32), st.sampled_from(["detached", "exact"]))
 def test_dora_bounds_hold_for_refpeft_in_float32(case, gradient):
-    from refpeft.dora import dora_backward, dora_forward, dora_merge, dora_unmerge, dora_weight_norm
+    from refpeft.methods.dora import dora_backward, dora_forward, dora_merge, dora_unmerge, dora_weight_norm
 
     a = layer(case, "float32")
     a["magnitude"] = np.abs(a["bias"] if a["bias"] is not None else np.ones(case.d, np.float32)) + 0.5
@@ -202,7 +202,7 @@ def test_dora_bounds_hold_for_refpeft_in_float32(case, gradient):
 @FAST
 @given(layer_cases(max_features=32))
 def test_vera_bounds_hold_for_refpeft_in_float32(case):
-    from refpeft.vera import vera_backward, vera_forward, vera_merge, vera_unmerge
+    from refpeft.methods.vera import vera_backward, vera_forward, vera_merge, vera_unmerge
 
     a = layer(case, "float32")
     rng = np.random.default_rng(case.seed)
@@ -232,10 +232,10 @@ def test_vera_bounds_hold_for_refpeft_in_float32(case):
 @FAST
 @given(layer_cases(max_features=48, max_batch_dims=2), st.sampled_from(["nf4", "fp4"]))
 def test_qlora_bfloat16_bounds_hold_for_refpeft(case, quant_type):
-    """refpeft.qlora's bfloat16 precision (bitsandbytes + PEFT's rounding points) within the mixed bound."""
+    """refpeft.methods.qlora's bfloat16 precision (bitsandbytes + PEFT's rounding points) within the mixed bound."""
     import ml_dtypes
 
-    from refpeft.qlora import base_weight, qlora_backward, qlora_forward, quantize_base
+    from refpeft.methods.qlora import base_weight, qlora_backward, qlora_forward, quantize_base
 
     if case.k * case.d < 2:
         return

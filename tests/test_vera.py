@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from refpeft.errors import ConfigError, RankError, ShapeError
 from refpeft.init import kaiming_uniform_bound
-from refpeft.linear import LinearShape, dropout_mask
-from refpeft.vera import (
-    init_vera,
+from refpeft.methods.linear import LinearShape, dropout_mask
+from refpeft.methods.vera import (
+    vera_init,
     largest_layer,
     vera_backward,
     vera_delta_weight,
@@ -112,7 +112,7 @@ def test_unmerge_restores_the_frozen_weight(params):
 def test_initial_adapter_gives_exactly_the_base_output(params):
     case, *sizes = params
     a = layer(case, *sizes)
-    lambda_d, lambda_b = init_vera(case.d, sizes[-1])
+    lambda_d, lambda_b = vera_init(case.d, sizes[-1])
     y, _ = forward(a, case, lambda_d=lambda_d, lambda_b=lambda_b)
     W_rows = a["W0"].T if case.fan_in_fan_out else a["W0"]
     base = a["x"].reshape(-1, case.k) @ W_rows.T + (0 if a["bias"] is None else a["bias"])
@@ -168,10 +168,10 @@ def test_refpeft_bound_gives_peft_float32_draw_parameters():
 
 
 def test_init_values_and_parameter_counts():
-    lambda_d, lambda_b = init_vera(7, 3)
+    lambda_d, lambda_b = vera_init(7, 3)
     np.testing.assert_array_equal(lambda_d, [0.1, 0.1, 0.1])
     np.testing.assert_array_equal(lambda_b, np.zeros(7))
-    np.testing.assert_array_equal(init_vera(2, 2, d_initial=1.0)[0], [1.0, 1.0])
+    np.testing.assert_array_equal(vera_init(2, 2, d_initial=1.0)[0], [1.0, 1.0])
     assert vera_parameter_count(4096, 256) == 4096 + 256
     assert vera_parameter_count(10, 4, bias=True) == 24
     assert vera_projection_size(LinearShape(k=4096, d=11008), 256) == 256 * (4096 + 11008)
@@ -228,7 +228,7 @@ class TestBadInput:
         with pytest.raises(RankError, match="at least 1"):
             vera_projections(LinearShape(k=6, d=5), 0)
         with pytest.raises(RankError, match="at least 1"):
-            init_vera(5, 0)
+            vera_init(5, 0)
         with pytest.raises(ConfigError, match="at least one layer"):
             largest_layer([])
         with pytest.raises(ConfigError, match="unknown generator"):

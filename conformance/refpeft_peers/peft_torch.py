@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from refpeft.conformance.check import Unsupported
+from refpeft.methods import method_spec
 from refpeft_peers import Runner, require
 
 
@@ -72,12 +73,13 @@ def _model(manifest: dict, inputs: dict, device: str, *, method: str = "lora"):
             layer.bias.copy_(torch.from_numpy(np.array(inputs["bias"], copy=True)) if "bias" in inputs
                              else torch.zeros(d))
 
-    if method == "vera":
+    spec = method_spec(method)
+    if spec.peft_type == "VERA":
         config = peft.VeraConfig(r=s["r"], target_modules=["proj"], vera_dropout=0.0, fan_in_fan_out=fan_in_fan_out,
                                  save_projection=True)
     else:
         config = peft.LoraConfig(r=s["r"], lora_alpha=o["alpha"], target_modules=["proj"], lora_dropout=0.0,
-                                 use_rslora=o.get("rslora", False), use_dora=method == "dora",
+                                 use_rslora=o.get("rslora", False), **spec.peft_flags,
                                  fan_in_fan_out=fan_in_fan_out, init_lora_weights=False)
     model = peft.get_peft_model(_one_layer_model(layer), config).to(device=device, dtype=dtype)
     return model, model.base_model.model.proj

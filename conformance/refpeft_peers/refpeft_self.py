@@ -10,7 +10,7 @@ import numpy as np
 
 from refpeft.conformance.check import Unsupported
 from refpeft_peers import Runner
-from refpeft.lora import lora_backward, lora_forward, merge, unmerge
+from refpeft.methods.lora import lora_backward, lora_forward, lora_merge, lora_unmerge
 from refpeft.optim import AdamConfig, AdamState, ParamGroup, adam_step
 from refpeft.quant import NestedAbsmax, QuantState4bit, dequantize_4bit, quantize_4bit
 
@@ -20,8 +20,8 @@ def _lora(manifest: dict, inputs: dict) -> dict:
     common = dict(scaling=p["scaling"], fan_in_fan_out=o.get("fan_in_fan_out", False))
     if family == "lora_merge":
         if o.get("unmerge", False):
-            return {"W0": unmerge(inputs["W"], inputs["A"], inputs["B"], **common)}
-        return {"W": merge(inputs["W0"], inputs["A"], inputs["B"], **common)}
+            return {"W0": lora_unmerge(inputs["W"], inputs["A"], inputs["B"], **common)}
+        return {"W": lora_merge(inputs["W0"], inputs["A"], inputs["B"], **common)}
     trainable = "bias" in inputs
     y, cache = lora_forward(inputs["x"], inputs["W0"], inputs["A"], inputs["B"], bias=inputs.get("bias"),
                             dropout_mask=inputs.get("dropout_mask"), bias_trainable=trainable, **common)
@@ -32,7 +32,7 @@ def _lora(manifest: dict, inputs: dict) -> dict:
 
 
 def _dora(manifest: dict, inputs: dict) -> dict:
-    from refpeft.dora import dora_backward, dora_forward, dora_merge, dora_unmerge
+    from refpeft.methods.dora import dora_backward, dora_forward, dora_merge, dora_unmerge
 
     family, o, p = manifest["family"], manifest["options"], manifest["parameters"]
     common = dict(scaling=p["scaling"], fan_in_fan_out=o.get("fan_in_fan_out", False))
@@ -52,7 +52,7 @@ def _dora(manifest: dict, inputs: dict) -> dict:
 
 
 def _vera(manifest: dict, inputs: dict) -> dict:
-    from refpeft.vera import vera_backward, vera_forward, vera_merge, vera_unmerge
+    from refpeft.methods.vera import vera_backward, vera_forward, vera_merge, vera_unmerge
 
     family, ffo = manifest["family"], manifest["options"].get("fan_in_fan_out", False)
     shared = (inputs["vera_A"], inputs["vera_B"], inputs["lambda_d"], inputs["lambda_b"])
@@ -74,7 +74,7 @@ def _fusion_cat(manifest: dict, inputs: dict) -> dict:
     from refpeft.fusion import combine_modules
 
     o = manifest["options"]
-    modules = [ModuleAdapter(A=inputs[f"A{i}"], B=inputs[f"B{i}"], alpha=alpha)
+    modules = [ModuleAdapter("lora", {"A": inputs[f"A{i}"], "B": inputs[f"B{i}"]}, alpha=alpha)
                for i, alpha in enumerate(o["alphas"], start=1)]
     fused, _ = combine_modules(modules, o["weights"], combination="cat")
     return {"A": fused.A, "B": fused.B}
@@ -82,7 +82,7 @@ def _fusion_cat(manifest: dict, inputs: dict) -> dict:
 
 def _qlora(manifest: dict, inputs: dict) -> dict:
     from refpeft_peers.peft_torch import quant_state
-    from refpeft.qlora import qlora_backward, qlora_forward
+    from refpeft.methods.qlora import qlora_backward, qlora_forward
 
     f32 = {name: np.asarray(a, dtype=np.float32) for name, a in inputs.items() if name in ("x", "A", "B", "bias", "dy")}
     y, cache = qlora_forward(f32["x"], quant_state(manifest, inputs), f32["A"], f32["B"],

@@ -42,7 +42,7 @@ def load_inputs(base: str | os.PathLike, adapter_dir: str | os.PathLike | None =
                 layers: list[str] | None = None, activation: str | None = None) -> tuple[LinearStack, Adapter | None]:
     """The base stack (refpeft_onnx.stack.load_stack) and a PEFT adapter directory read against it
     (refpeft.peft_format; refpeft writes adapters in that format too), in float64."""
-    from refpeft.linear import LinearShape
+    from refpeft.methods.linear import LinearShape
     from refpeft.peft_format import read_peft_adapter
 
     stack = load_stack(base, layers=layers, activation=activation)

@@ -13,7 +13,7 @@ with an initializer default of the same name, so ONNX Runtime can swap it per ru
           (s scales the rank-r activations, r multiplies per row instead of d; PEFT scales after
           B^T, which is the same product up to rounding and inside the same bound)
     DoRA  v as LoRA                                   y = g * (base + v) + b
-          g = m / ||W0 + s B A|| per output row (refpeft.dora.dora_weight_norm), fixed per adapter:
+          g = m / ||W0 + s B A|| per output row (refpeft.methods.dora.dora_weight_norm), fixed per adapter:
           the eval-time DoRA output g (x W0^T + s (x A^T) B^T) + b, with no norm in the graph
     VeRA  v = lambda_b * MatMul(lambda_d * MatMul(h, A^T), B^T)                 y = base + v + b
           A^T, B^T are slices of the shared projections (initializers); only lambda_d, lambda_b swap
@@ -37,23 +37,29 @@ import onnx
 from refpeft import __version__
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.checkpoint import merged_weight as checkpoint_merged_weight
-from refpeft.dora import dora_weight_norm
+from refpeft.methods import method_spec
 from refpeft.errors import ConfigError
 
 from refpeft_onnx.builder import DEFAULT_OPSET, GraphBuilder
 from refpeft_onnx.nf4 import NF4_OPS, nf4_matmul
-from refpeft_onnx.stack import BaseLinear, LinearStack, as_float64, check_adapter, with_trained_biases
+from refpeft_onnx.stack import BaseLinear, LinearStack, as_float64, as_float64_module, check_adapter, with_trained_biases
 
 FORMS = ("merged", "unmerged")
 ONNX_ACTIVATIONS = {"relu": "Relu", "gelu": "Gelu", "tanh": "Tanh"}
 
 
+# The swappable inputs of each branch kind (a method's `onnx_branch`), in the order the unmerged
+# graph declares them and the method's `branch_values` gives their values.
+BRANCH_INPUTS = {
+    "low-rank": ("lora_A_t", "lora_B_t", "lora_scaling"),
+    "low-rank-rescaled": ("lora_A_t", "lora_B_t", "lora_scaling", "dora_scale"),
+    "shared-projections": ("vera_lambda_d", "vera_lambda_b"),
+}
+
+
 def adapter_input_names(layer: str, method: str) -> tuple[str, ...]:
     """The swappable inputs of one layer's branch, in the order the unmerged graph declares them."""
-    if method == "vera":
-        return (f"{layer}.vera_lambda_d", f"{layer}.vera_lambda_b")
-    names = (f"{layer}.lora_A_t", f"{layer}.lora_B_t", f"{layer}.lora_scaling")
-    return (*names, f"{layer}.dora_scale") if method == "dora" else names
+    return tuple(f"{layer}.{name}" for name in BRANCH_INPUTS[method_spec(method).onnx_branch])
 
 
 def bias_input_name(layer: str) -> str:
@@ -63,20 +69,13 @@ def bias_input_name(layer: str) -> str:
 
 def branch_values(layer: BaseLinear, module: ModuleAdapter) -> dict[str, np.ndarray]:
     """One module's values for the unmerged graph's inputs (float64; cast when fed or written)."""
-    names = adapter_input_names(layer.name, module.method)
-    if module.method == "vera":
-        return dict(zip(names, (as_float64(module.lambda_d), as_float64(module.lambda_b))))
-    A, B = as_float64(module.A), as_float64(module.B)
-    values = [A.T, B.T, np.asarray([module.scaling])]
-    if module.method == "dora":
-        n = dora_weight_norm(as_float64(layer.weight), A, B, scaling=module.scaling, fan_in_fan_out=layer.fan_in_fan_out)
-        values.append(as_float64(module.magnitude) / n)                     # g = m / ||W0 + s B A||
-    return dict(zip(names, values))
+    values = module.spec.branch_values(as_float64(layer.weight), as_float64_module(module))
+    return dict(zip(adapter_input_names(layer.name, module.method), (as_float64(v) for v in values)))
 
 
 def merged_weight(layer: BaseLinear, module: ModuleAdapter, adapter: Adapter) -> np.ndarray:
     """W0 + delta in W0's layout, float64: refpeft.checkpoint's merge of one module (each method's own merge)."""
-    return checkpoint_merged_weight(module, as_float64(layer.weight), vera_A=adapter.vera_A, vera_B=adapter.vera_B)
+    return checkpoint_merged_weight(module, as_float64(layer.weight), shared=adapter.shared)
 
 
 def build_model(stack: LinearStack, adapter: Adapter | None = None, *, form: str = "merged",
@@ -103,7 +102,8 @@ def build_model(stack: LinearStack, adapter: Adapter | None = None, *, form: str
     targets = _branch_methods(stack, adapter, form=form, method=method)
     g = GraphBuilder(dtype)
     h = g.input("x", ["batch", "sequence", stack.in_features])
-    vera_t = _vera_projections(g, adapter) if "vera" in targets.values() else None
+    vera_t = _vera_projections(g, adapter) if any(method_spec(m).onnx_branch == "shared-projections"
+                                                  for m in targets.values()) else None
     for i, layer in enumerate(stack.layers):
         module = None if adapter is None else adapter.modules.get(layer.name)
         if form == "merged":
@@ -131,13 +131,14 @@ def _branch_methods(stack: LinearStack, adapter: Adapter | None, *, form: str, m
                                   "every block's absmax (PEFT's QLoRA merge does this); export it --unmerged")
         return {}
     if adapter is not None:
-        if method is not None and any(m.method != method for m in adapter.modules.values()):
+        if method is not None and adapter.methods != {method}:
             raise ConfigError(f"method={method!r} disagrees with the adapter's {adapter.method!r}")
         return {name: module.method for name, module in adapter.modules.items()}
-    method = method or "lora"
-    if method == "vera":
-        raise ConfigError("an unmerged VeRA graph needs an adapter: its shared projections are part of the graph")
-    return {layer.name: method for layer in stack.layers}
+    spec = method_spec(method or "lora")
+    if spec.shared:
+        raise ConfigError(f"an unmerged {spec.name} graph needs an adapter: its shared "
+                          f"{' and '.join(spec.shared)} are part of the graph")
+    return {layer.name: spec.name for layer in stack.layers}
 
 
 def _vera_projections(g: GraphBuilder, adapter: Adapter) -> tuple[str, str, int]:
@@ -180,7 +181,8 @@ def _unmerged_layer(g: GraphBuilder, h: str, layer: BaseLinear, method: str | No
         return _add_bias(g, base, layer, swappable=swappable_bias)
     name, k, d = layer.name, layer.k, layer.d
     names = adapter_input_names(name, method)
-    if method == "vera":
+    kind = method_spec(method).onnx_branch
+    if kind == "shared-projections":
         lambda_d = g.swappable(names[0], np.zeros(vera_t[2]), [vera_t[2]])
         lambda_b = g.swappable(names[1], np.zeros(d), [d])
         starts, k_end, d_end, axis0, axis1 = (g.const(f"{name}.slice.{s}", np.asarray(v, dtype=np.int64))
@@ -200,7 +202,7 @@ def _unmerged_layer(g: GraphBuilder, h: str, layer: BaseLinear, method: str | No
     scaled = g.op("Mul", [xa, s], f"{name}.scaled_xa")                                       # s xa: r columns, not d
     v = g.op("MatMul", [scaled, b_t], f"{name}.branch")                                      # (..., d)
     total = g.op("Add", [base, v], f"{name}.sum")
-    if method == "dora":
+    if kind == "low-rank-rescaled":
         total = g.op("Mul", [g.swappable(names[3], np.ones(d), [d]), total], f"{name}.dora")
     return _add_bias(g, total, layer, swappable=swappable_bias)
 

@@ -6,7 +6,7 @@
 
     layer_l(h) = h W_l^T + b_l + (the adapter's branch, when the adapter names layer l)
 
-The branch is refpeft's own forward (refpeft.lora / refpeft.dora / refpeft.vera), evaluated in
+The branch is refpeft's own forward (refpeft.methods.lora / refpeft.methods.dora / refpeft.methods.vera), evaluated in
 float64: that is the reference every exported graph is checked against. A layer may hold its frozen
 weight as NF4 (a refpeft.quant QuantState4bit): its `weight` is then refpeft's dequantised weight
 (float32 values f32(code * absmax)), exactly what the 4-bit graph computes with, so the reference
@@ -24,21 +24,18 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.backend import to_numpy
-from refpeft.dora import dora_forward
 from refpeft.errors import ConfigError, FormatError, ShapeError
 from refpeft.io import read_safetensors, write_safetensors
-from refpeft.linear import base_forward, linear_shape
-from refpeft.lora import lora_forward
+from refpeft.methods.linear import base_forward, linear_shape
 from refpeft.quant import QuantState4bit, dequantize_blockwise_4bit, from_state_dict
 from refpeft.quant.bnb_layout import quantized_prefixes
 from refpeft.quant.state import absmax_values
-from refpeft.vera import vera_forward
 
 # Activations between layers (ONNX Relu, Gelu with approximate="none", Tanh; identity adds no node).
 ACTIVATIONS = ("relu", "gelu", "tanh", "identity")
@@ -121,12 +118,13 @@ def check_adapter(stack: LinearStack, adapter: Adapter | None) -> None:
         if module.fan_in_fan_out != layer.fan_in_fan_out:
             raise ConfigError(f"{name}: the adapter says fan_in_fan_out={module.fan_in_fan_out}, "
                               f"the base layer {layer.fan_in_fan_out}")
-        if module.method in ("lora", "dora"):
-            if tuple(module.A.shape) != (module.r, layer.k) or tuple(module.B.shape) != (layer.d, module.r):
-                raise ShapeError(f"{name}: A {tuple(module.A.shape)} and B {tuple(module.B.shape)} do not fit "
-                                 f"a layer with k = {layer.k} inputs and d = {layer.d} outputs")
-        if module.method == "vera" and (adapter.vera_A is None or adapter.vera_B is None):
-            raise ConfigError(f"{name}: a VeRA adapter needs its shared projections vera_A and vera_B")
+        k, d = module.in_features, module.out_features
+        if (k is not None and k != layer.k) or d != layer.d:
+            shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in module.tensors.items())
+            raise ShapeError(f"{name}: {shapes} do not fit a layer with k = {layer.k} inputs and d = {layer.d} outputs")
+        missing = [n for n in module.spec.shared if n not in adapter.shared]
+        if missing:
+            raise ConfigError(f"{name}: a {module.method} adapter needs its shared tensors {' and '.join(missing)}")
         if module.bias is not None:
             raise ConfigError(f"{name}: a LoRA bias (lora_bias=True) is not exported (refpeft's lora_forward has none)")
 
@@ -150,20 +148,24 @@ def as_float64(a: Any) -> np.ndarray:
 
 
 def layer_forward(h: np.ndarray, layer: BaseLinear, module: ModuleAdapter | None, *,
-                  vera_A: Any = None, vera_B: Any = None) -> np.ndarray:
+                  shared: Mapping[str, Any] | None = None) -> np.ndarray:
     """One layer in float64 by refpeft's own forward of the module's method (the base alone if None)."""
     W, ffo = as_float64(layer.weight), layer.fan_in_fan_out
     b = None if layer.bias is None else as_float64(layer.bias)
     if module is None:
         y = base_forward(np.reshape(h, (-1, layer.k)), W, b, fan_in_fan_out=ffo, xp=np)
         return np.reshape(y, (*h.shape[:-1], layer.d))
-    if module.method == "lora":
-        return lora_forward(h, W, as_float64(module.A), as_float64(module.B), scaling=module.scaling, bias=b, fan_in_fan_out=ffo)[0]
-    if module.method == "dora":
-        return dora_forward(h, W, as_float64(module.A), as_float64(module.B), as_float64(module.magnitude), scaling=module.scaling,
-                            bias=b, fan_in_fan_out=ffo)[0]
-    return vera_forward(h, W, as_float64(vera_A), as_float64(vera_B), as_float64(module.lambda_d), as_float64(module.lambda_b), bias=b,
-                        fan_in_fan_out=ffo)[0]
+    return module.spec.forward(h, W, as_float64_module(module), shared=as_float64_shared(shared), bias=b)[0]
+
+
+def as_float64_module(module: ModuleAdapter) -> ModuleAdapter:
+    """The module with every tensor as a float64 NumPy array."""
+    return module.replace(**{name: as_float64(a) for name, a in module.tensors.items()})
+
+
+def as_float64_shared(shared: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+    """An adapter's shared tensors as float64 NumPy arrays."""
+    return {name: as_float64(a) for name, a in (shared or {}).items()}
 
 
 def activation(h: np.ndarray, name: str) -> np.ndarray:
@@ -185,9 +187,9 @@ def reference_forward(stack: LinearStack, adapter: Adapter | None, x: Any) -> np
     stack = with_trained_biases(stack, adapter)
     h = as_float64(x)
     modules = {} if adapter is None else adapter.modules
-    vera = {} if adapter is None else {"vera_A": adapter.vera_A, "vera_B": adapter.vera_B}
+    shared = {} if adapter is None else adapter.shared
     for i, layer in enumerate(stack.layers):
-        h = layer_forward(h, layer, modules.get(layer.name), **vera)
+        h = layer_forward(h, layer, modules.get(layer.name), shared=shared)
         if i < len(stack.layers) - 1:
             h = activation(h, stack.activation)
     return h

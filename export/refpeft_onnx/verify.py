@@ -105,7 +105,8 @@ def _layer_bound(h: Bounded, layer: BaseLinear, module: ModuleAdapter | None, ad
         return matmul(h, stored(Wt, p), p, bias=_optional_stored(layer.bias, p))
     base = _base_bound(h, layer, p, nf4_ops=nf4_ops, bias=False)
     values = list(branch_values(layer, module).values())
-    if module.method == "vera":
+    kind = module.spec.onnx_branch
+    if kind == "shared-projections":
         A_t, B_t = as_float64(adapter.vera_A)[:, : layer.k].T, as_float64(adapter.vera_B)[: layer.d, :].T
         xa = matmul(h, stored(A_t, p), p)                                                  # (n, r)
         scaled = multiply(xa, stored(values[0], p), p)                                     # lambda_d * xa
@@ -114,7 +115,7 @@ def _layer_bound(h: Bounded, layer: BaseLinear, module: ModuleAdapter | None, ad
         xa = matmul(h, stored(values[0], p), p)                                            # (n, r)
         scaled = multiply(xa, stored(values[2], p), p)                                     # s xa
         total = add(base, matmul(scaled, stored(values[1], p), p), p)                      # + (s xa) B^T
-        if module.method == "dora":
+        if kind == "low-rank-rescaled":
             total = multiply(stored(values[3], p), total, p)                               # g * (...)
     b = _optional_stored(layer.bias, p)
     return total if b is None else add(total, b, p)

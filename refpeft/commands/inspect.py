@@ -62,7 +62,7 @@ def describe(adapter: Any, *, source: str, columns: list[tuple[str, str]] = COLU
              + (", rsLoRA" if config.get("use_rslora") else "")
              + (", fan_in_fan_out" if config.get("fan_in_fan_out") else "")
              + (f", bias={config['bias']!r}" if config.get("bias", "none") != "none" else "")]
-    if adapter.method == "vera":
+    if any(m.spec.shared for m in adapter.modules.values()):             # VeRA's projections
         seed = config.get("projection_prng_key")
         lines.append("shared projections: " + (f"vera_A {tuple(adapter.vera_A.shape)}, vera_B "
                                                f"{tuple(adapter.vera_B.shape)}" if adapter.vera_A is not None else
@@ -77,23 +77,14 @@ def describe(adapter: Any, *, source: str, columns: list[tuple[str, str]] = COLU
 
 def module_rows(adapter: Any) -> list[dict[str, str]]:
     """One dict per module with a string for each key of COLUMNS."""
-    from refpeft.dora import dora_parameter_count
-    from refpeft.lora import lora_parameter_count
-    from refpeft.vera import vera_parameter_count
-
     rows = []
     k_max = adapter.vera_A.shape[1] if adapter.vera_A is not None else None
     for path, m in adapter.modules.items():
-        if m.method == "vera":
-            d, k = m.lambda_b.shape[0], (f"<={k_max}" if k_max is not None else "?")
-            params = vera_parameter_count(d, m.r)
-            alpha = scaling = "-"
-        else:
-            d, k = m.B.shape[0], m.A.shape[1]
-            count = dora_parameter_count if m.method == "dora" else lora_parameter_count
-            params = count(d, k, m.r, bias=m.bias is not None)
-            alpha, scaling = f"{m.alpha:g}", f"{m.scaling:.6g}"
-        rows.append({"module": path, "method": m.method, "size": f"{d} x {k}", "r": str(m.r), "alpha": alpha,
+        d, k = m.out_features, m.in_features
+        size = f"{d} x {k}" if k is not None else f"{d} x " + (f"<={k_max}" if k_max is not None else "?")
+        params = m.spec.parameter_count(k, d, m)
+        alpha, scaling = (f"{m.alpha:g}", f"{m.scaling:.6g}") if m.spec.scaled else ("-", "-")
+        rows.append({"module": path, "method": m.method, "size": size, "r": str(m.r), "alpha": alpha,
                      "scaling": scaling, "params": str(params)})
     return rows
 

@@ -26,8 +26,9 @@ import numpy as np
 from refpeft import tolerance
 from refpeft.conformance.exact import exact_array, plain
 from refpeft.errors import ConfigError
-from refpeft.linear import dropout_mask
-from refpeft.lora import lora_backward, lora_forward, lora_scaling, merge, unmerge
+from refpeft.methods import method_spec
+from refpeft.methods.linear import dropout_mask
+from refpeft.methods.lora import lora_backward, lora_forward, lora_scaling, lora_merge, lora_unmerge
 from refpeft.optim import AdamConfig, adam_step, AdamState, loraplus_groups, single_group
 
 
@@ -78,7 +79,7 @@ def _plain(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------- LoRA
 
 def _lora_inputs(case: Case, *, with_dy: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """x, W0, A, B (and bias, dropout_mask, dy per options) and the keyword options of refpeft.lora."""
+    """x, W0, A, B (and bias, dropout_mask, dy per options) and the keyword options of refpeft.methods.lora."""
     s, o = case.sizes, case.options
     rng = np.random.default_rng(case.seed)
     batch, k, d, r = tuple(s["batch"]), s["k"], s["d"], s["r"]
@@ -131,9 +132,9 @@ def lora_merge_vectors(case: Case) -> Vectors:
     undo = case.options.get("unmerge", False)
     if undo:
         inputs["W"] = inputs.pop("W0")
-        W = unmerge(e["W0"], e["A"], e["B"], **options)
+        W = lora_unmerge(e["W0"], e["A"], e["B"], **options)
     else:
-        W = merge(e["W0"], e["A"], e["B"], **options)
+        W = lora_merge(e["W0"], e["A"], e["B"], **options)
     bound = tolerance.merge_bound(e["W0"], e["A"], e["B"], dtype=case.dtype, unmerge=undo, **options)
     name = "W0" if undo else "W"
     return Vectors(inputs, _plain({name: W}), _plain({name: bound}), {"scaling": options["scaling"]})
@@ -150,7 +151,7 @@ def _dora_inputs(case: Case, *, with_dy: bool) -> tuple[dict[str, np.ndarray], d
 
 
 def dora_forward_vectors(case: Case) -> Vectors:
-    from refpeft.dora import dora_forward
+    from refpeft.methods.dora import dora_forward
 
     inputs, options = _dora_inputs(case, with_dy=False)
     e = _exact(inputs)
@@ -162,7 +163,7 @@ def dora_forward_vectors(case: Case) -> Vectors:
 
 def dora_backward_vectors(case: Case) -> Vectors:
     """Gradients with the norm detached (PEFT's) or differentiated (option gradient = "exact")."""
-    from refpeft.dora import dora_backward, dora_forward
+    from refpeft.methods.dora import dora_backward, dora_forward
 
     inputs, options = _dora_inputs(case, with_dy=True)
     e = _exact(inputs)
@@ -181,7 +182,7 @@ def dora_backward_vectors(case: Case) -> Vectors:
 def dora_merge_vectors(case: Case) -> Vectors:
     """merge: W = diag(m / n) (W0 + s B A). With options unmerge=True the inputs are the merged W
     (rounded to the dtype) and the norm n cached at merge time (PEFT keeps it), the result W0."""
-    from refpeft.dora import dora_merge, dora_unmerge, dora_weight_norm
+    from refpeft.methods.dora import dora_merge, dora_unmerge, dora_weight_norm
 
     inputs, options = _dora_inputs(case, with_dy=False)
     inputs.pop("x")
@@ -217,7 +218,7 @@ def _vera_args(e: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def vera_forward_vectors(case: Case) -> Vectors:
-    from refpeft.vera import vera_forward
+    from refpeft.methods.vera import vera_forward
 
     inputs = _vera_inputs(case, with_dy=False)
     e = _exact(inputs)
@@ -229,7 +230,7 @@ def vera_forward_vectors(case: Case) -> Vectors:
 
 
 def vera_backward_vectors(case: Case) -> Vectors:
-    from refpeft.vera import vera_backward, vera_forward
+    from refpeft.methods.vera import vera_backward, vera_forward
 
     inputs = _vera_inputs(case, with_dy=True)
     e = _exact(inputs)
@@ -246,7 +247,7 @@ def vera_backward_vectors(case: Case) -> Vectors:
 
 def vera_merge_vectors(case: Case) -> Vectors:
     """merge: W = W0 + (lambda_b B)(lambda_d A); with options unmerge=True the input is W, the result W0."""
-    from refpeft.vera import vera_merge, vera_unmerge
+    from refpeft.methods.vera import vera_merge, vera_unmerge
 
     inputs = _vera_inputs(case, with_dy=False)
     inputs.pop("x")
@@ -262,7 +263,7 @@ def vera_merge_vectors(case: Case) -> Vectors:
     return Vectors(inputs, _plain({name: W}), _plain({name: bound}))
 
 
-# ---------------------------------------------------------------- QLoRA (refpeft.qlora, precision "bfloat16")
+# ---------------------------------------------------------------- QLoRA (refpeft.methods.qlora, precision "bfloat16")
 
 def bfloat16(a: np.ndarray) -> np.ndarray:
     """Round float values to bfloat16 (ml_dtypes, nearest even), stored as bfloat16."""
@@ -274,7 +275,7 @@ def bfloat16(a: np.ndarray) -> np.ndarray:
 def _qlora_inputs(case: Case, *, with_dy: bool) -> tuple[dict[str, np.ndarray], Any, float]:
     """x, bias, dy in bfloat16; A, B in float32 (PEFT's adapter dtype); the base as its 4-bit state
     (NF4/FP4, block 64, double quantised, bnb-cuda semantics: QLoRA's recipe) of a bfloat16 weight."""
-    from refpeft.qlora import quantize_base
+    from refpeft.methods.qlora import quantize_base
 
     s, o = case.sizes, case.options
     rng = np.random.default_rng(case.seed)
@@ -294,7 +295,7 @@ def _qlora_inputs(case: Case, *, with_dy: bool) -> tuple[dict[str, np.ndarray], 
 
 def qlora_vectors(case: Case) -> Vectors:
     """QLoRA forward (y) or backward (dx, dA, dB) on the dequantised bfloat16 base W0."""
-    from refpeft.qlora import base_weight
+    from refpeft.methods.qlora import base_weight
 
     backward = case.family == "qlora_backward"
     inputs, state, scaling = _qlora_inputs(case, with_dy=backward)
@@ -328,8 +329,7 @@ def fusion_cat_vectors(case: Case) -> Vectors:
     for i, (r, alpha) in enumerate(zip(s["ranks"], o["alphas"]), start=1):
         inputs[f"A{i}"] = draw(rng, (r, s["k"]), dtype=case.dtype, scale=0.25)
         inputs[f"B{i}"] = draw(rng, (s["d"], r), dtype=case.dtype, scale=0.5)
-        modules.append(ModuleAdapter(A=inputs[f"A{i}"].astype(np.float64), B=inputs[f"B{i}"].astype(np.float64),
-                                     alpha=alpha))
+        modules.append(ModuleAdapter("lora", {"A": inputs[f"A{i}"].astype(np.float64), "B": inputs[f"B{i}"].astype(np.float64)}, alpha=alpha))
     fused, _ = combine_modules(modules, o["weights"], combination="cat")
     p = tolerance.Precision(case.dtype)
     A_bounds = [tolerance.with_reference(
@@ -362,15 +362,10 @@ def export_adapter(inputs: dict[str, np.ndarray], options: dict[str, Any]):
     stack = single_layer(inputs["W0"], inputs.get("bias"))
     if options.get("nf4_blocksize"):   # stored as bitsandbytes would (CUDA semantics, double quantised)
         stack = quantize_stack(stack, blocksize=options["nf4_blocksize"], double_quant=True)
-    method = options["method"]
-    if method == "vera":
-        module = ModuleAdapter(lambda_d=inputs["lambda_d"], lambda_b=inputs["lambda_b"])
-        adapter = Adapter({"linear": module}, vera_A=inputs["vera_A"], vera_B=inputs["vera_B"])
-    else:
-        module = ModuleAdapter(A=inputs["A"], B=inputs["B"], alpha=options["alpha"], rslora=options.get("rslora", False),
-                               magnitude=inputs.get("magnitude"))
-        adapter = Adapter({"linear": module})
-    return stack, adapter
+    spec = method_spec(options["method"])
+    module = ModuleAdapter(spec.name, {name: inputs[name] for name in spec.tensors},
+                           alpha=options.get("alpha", 8.0), rslora=options.get("rslora", False))
+    return stack, Adapter({"linear": module}, **{name: inputs[name] for name in spec.shared})
 
 
 def export_forward_vectors(case: Case) -> Vectors:
@@ -380,18 +375,11 @@ def export_forward_vectors(case: Case) -> Vectors:
     weight, exactly what the graph multiplies by), computed exactly; the bound is the graph's own
     (refpeft_onnx.verify.graph_bound: merged weights and initializers rounded to float32 once).
     """
-    from refpeft.dora import dora_forward
-    from refpeft.vera import vera_forward
     from refpeft_onnx.verify import graph_bound
 
     o = case.options
     method = o["method"]
-    if method == "vera":
-        inputs = _vera_inputs(case, with_dy=False)
-    elif method == "dora":
-        inputs, _ = _dora_inputs(case, with_dy=False)
-    else:
-        inputs, _ = _lora_inputs(case, with_dy=False)
+    inputs = EXPORT_INPUTS[method](case)
     if o.get("nf4_blocksize"):
         inputs["W0"] = quant_weight(Case(case.name, case.family, "float32", case.seed,
                                          {"shape": [case.sizes["d"], case.sizes["k"]]},
@@ -399,15 +387,20 @@ def export_forward_vectors(case: Case) -> Vectors:
     stack, adapter = export_adapter(inputs, o)
     layer, module = stack.layers[0], adapter.modules["linear"]
     e = _exact({**inputs, "W": layer.weight})       # W: the float weight the graph multiplies by
-    if method == "vera":
-        y, _ = vera_forward(e["x"], e["W"], e["vera_A"], e["vera_B"], e["lambda_d"], e["lambda_b"], bias=e.get("bias"))
-    elif method == "dora":
-        y, _ = dora_forward(e["x"], e["W"], e["A"], e["B"], e["magnitude"], scaling=module.scaling, bias=e.get("bias"))
-    else:
-        y, _ = lora_forward(e["x"], e["W"], e["A"], e["B"], scaling=module.scaling, bias=e.get("bias"))
+    exact_module = module.replace(**{name: e[name] for name in module.tensors})
+    y, _ = module.spec.forward(e["x"], e["W"], exact_module, shared={n: e[n] for n in module.spec.shared},
+                               bias=e.get("bias"))
     bound = graph_bound(stack, adapter, inputs["x"], form=o["form"], dtype=case.dtype, nf4_ops=o.get("nf4_ops", "bnb4"))
-    parameters = {"scaling": module.scaling} if method != "vera" else {}
+    parameters = {"scaling": module.scaling} if module.spec.scaled else {}
     return Vectors(inputs, _plain({"y": y}), {"y": round_up(np.asarray(bound, dtype=np.float64))}, parameters)
+
+
+# The inputs each method's export case draws (the same draws as its forward cases).
+EXPORT_INPUTS = {
+    "lora": lambda case: _lora_inputs(case, with_dy=False)[0],
+    "dora": lambda case: _dora_inputs(case, with_dy=False)[0],
+    "vera": lambda case: _vera_inputs(case, with_dy=False),
+}
 
 
 # ---------------------------------------------------------------- Adam, AdamW, LoRA+

@@ -5,7 +5,7 @@ trainable per-row magnitude m and a direction V = W0 + s B A whose rows are norm
 
     W' = diag(m / nu) V,       nu_i = ||V_i|| = ||W0_i + s (B A)_i||      (norm over the input axis)
 
-Layout as in refpeft.lora (A is (r, k), B is (d, r), W0 is (d, k) or (k, d) with fan_in_fan_out;
+Layout as in refpeft.methods.lora (A is (r, k), B is (d, r), W0 is (d, k) or (k, d) with fan_in_fan_out;
 shapes at line ends, n rows after flattening the batch). Forward, in HF PEFT's form (base output
 plus a correction; `tuners/lora/dora.py`):
 
@@ -68,8 +68,9 @@ from typing import Any
 
 from refpeft.backend import check_float_array, namespace
 from refpeft.errors import ConfigError, NonFiniteError
-from refpeft.linear import base_forward, base_input_grad, check_linear_inputs, flatten_rows, linear_shape, weight_rows
-from refpeft.lora import check_dropout_mask, check_factors, delta_weight, lora_parameter_count
+from refpeft.methods.linear import base_forward, base_input_grad, check_linear_inputs, flatten_rows, linear_shape, weight_rows
+from refpeft.methods.lora import LORA, check_dropout_mask, check_factors, lora_delta_weight, lora_parameter_count
+from refpeft.methods.spec import Method
 
 GRADIENTS = ("detached", "exact")
 
@@ -92,10 +93,10 @@ def dora_weight_norm(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out:
     return _weight_norm(W0, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out, xp=xp)
 
 
-def init_dora_magnitude(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
+def dora_init(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
     """m0 = ||W0 + s B A|| row-wise (d,), so that g = m / nu = 1 and DoRA starts as the LoRA it wraps.
 
-    Call it after A and B are initialised (refpeft.lora.init_lora); with B = 0, m0 = ||W0_i||.
+    Call it after A and B are initialised (refpeft.methods.lora.lora_init); with B = 0, m0 = ||W0_i||.
     """
     return dora_weight_norm(W0, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
 
@@ -218,7 +219,7 @@ def dora_delta_weight(W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float
 def dora_merge(W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
     """W' = diag(m / nu) (W0 + s B A) in W0's layout: the merged layer computes x W'^T + b."""
     xp, g = _merge_scale(W0, A, B, magnitude, scaling=scaling, fan_in_fan_out=fan_in_fan_out, weight_norm=None)
-    V = W0 + delta_weight(A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
+    V = W0 + lora_delta_weight(A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
     return _per_row(g, fan_in_fan_out=fan_in_fan_out) * V
 
 
@@ -235,12 +236,12 @@ def dora_unmerge(W: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, weig
         rows = [int(i) for i in xp.nonzero(zero)[0][:8]]
         raise NonFiniteError(f"magnitude is zero in row(s) {rows}: the merge erased them, W0 cannot be recovered")
     V = W / _per_row(g, fan_in_fan_out=fan_in_fan_out)               # PEFT: W / dora_factor
-    return V - delta_weight(A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
+    return V - lora_delta_weight(A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
 
 
-def dora_parameter_count(d: int, k: int, r: int, *, bias: bool = False) -> int:
+def dora_parameter_count(k: int, d: int, r: int, *, bias: bool = False) -> int:
     """Trainable parameters of one DoRA layer: LoRA's r (d + k) plus the d magnitudes (plus d for a bias)."""
-    return lora_parameter_count(d, k, r, bias=bias) + d
+    return lora_parameter_count(k, d, r, bias=bias) + d
 
 
 def _weight_norm(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool, xp: Any) -> Any:
@@ -290,3 +291,46 @@ def _merge_scale(W: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, fan_
 def _per_row(g: Any, *, fan_in_fan_out: bool) -> Any:
     """g (d,) shaped to broadcast over the rows of the (d, k) view: (d, 1), or (d,) when W is stored (k, d)."""
     return g if fan_in_fan_out else g[:, None]
+
+
+# --- the method table's row (refpeft.methods.spec) ---------------------------------------------
+
+
+def _module_forward(x: Any, W0: Any, module: Any, *, shared: Any = None, bias: Any = None, dropout_mask: Any = None,
+                    bias_trainable: bool = False, gradient: str = "detached",
+                    weight_norm: Any = None) -> tuple[Any, DoraCache]:
+    return dora_forward(x, W0, module.A, module.B, module.magnitude, scaling=module.scaling, bias=bias,
+                        dropout_mask=dropout_mask, fan_in_fan_out=module.fan_in_fan_out, gradient=gradient,
+                        weight_norm=weight_norm, bias_trainable=bias_trainable)
+
+
+def _module_merge(W0: Any, module: Any, *, shared: Any = None) -> Any:
+    return dora_merge(W0, module.A, module.B, module.magnitude, scaling=module.scaling,
+                      fan_in_fan_out=module.fan_in_fan_out)
+
+
+def _module_unmerge(W: Any, module: Any, *, shared: Any = None, weight_norm: Any) -> Any:
+    return dora_unmerge(W, module.A, module.B, module.magnitude, scaling=module.scaling, weight_norm=weight_norm,
+                        fan_in_fan_out=module.fan_in_fan_out)
+
+
+def _module_branch(W0: Any, module: Any, *, shared: Any = None) -> tuple[Any, ...]:
+    """LoRA's branch inputs, plus the fixed per-row scale g = m / ||W0 + s B A||: y = g (x W0^T + s (x A^T) B^T)."""
+    nu = dora_weight_norm(W0, module.A, module.B, scaling=module.scaling, fan_in_fan_out=module.fan_in_fan_out)
+    return (*LORA.branch_values(W0, module), module.magnitude / nu)
+
+
+DORA = Method(
+    name="dora", summary="magnitude m times the normalised direction W0 + s B A (Liu et al. 2024)",
+    peft_type="LORA", peft_flags={"use_dora": True},
+    tensors={"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"},
+    trainable=("A", "B", "magnitude"), per_output=("B", "magnitude"), scaled=True, mergeable=True,
+    onnx_branch="low-rank-rescaled",
+    rank=LORA.rank, out_features=LORA.out_features, in_features=LORA.in_features,
+    forward=_module_forward, backward=dora_backward,
+    delta_weight=lambda W0, m, *, shared=None: dora_delta_weight(W0, m.A, m.B, m.magnitude, scaling=m.scaling,
+                                                                 fan_in_fan_out=m.fan_in_fan_out),
+    merge=_module_merge, unmerge=_module_unmerge,
+    parameter_count=lambda k, d, m: dora_parameter_count(k, d, m.r),
+    branch_values=_module_branch,
+)

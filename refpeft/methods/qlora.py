@@ -5,14 +5,14 @@ rebuilds it the way bitsandbytes' Linear4bit does, then multiplies:
 
     W0 = bf16(f32(LUT[code] * absmax))               # (d, k) dequantised straight to bfloat16
 
-Shapes as in refpeft.lora: x (..., k), A (r, k), B (d, r), W0 (d, k), n rows after flattening.
+Shapes as in refpeft.methods.lora: x (..., k), A (r, k), B (d, r), W0 (d, k), n rows after flattening.
 Gradients flow to the adapter and to x only; the base has none (it is frozen and not even stored
 in a differentiable form).
 
 Two named precisions:
 
-- "float64", the oracle: W0's values in float64 and the LoRA/DoRA math of refpeft.lora and
-  refpeft.dora unchanged (their forward, their backward, DoRA's detached or exact norm gradient).
+- "float64", the oracle: W0's values in float64 and the LoRA/DoRA math of refpeft.methods.lora and
+  refpeft.methods.dora unchanged (their forward, their backward, DoRA's detached or exact norm gradient).
 
 - "bfloat16": what bitsandbytes' Linear4bit (compute_dtype=bfloat16) under HF PEFT computes on a
   bfloat16 model with float32 adapters (PEFT's default), rounding where they round:
@@ -30,7 +30,7 @@ Two named precisions:
       dA   = dxa^T (x * mask)                  # (r, k)  float32
       dx   = bf16(bf16(dy W0) + bf16((dxa A) * mask))    # base path + adapter path, summed in bf16
 
-  The LoRA algebra is refpeft.lora's; only the rounding points are PEFT's. DoRA is offered at
+  The LoRA algebra is refpeft.methods.lora's; only the rounding points are PEFT's. DoRA is offered at
   "float64" only. x and dy must hold bfloat16 values (float32 arrays on NumPy, see backend).
 """
 
@@ -40,10 +40,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from refpeft.backend import check_float_array, namespace, round_to, same_dtype
-from refpeft.dora import DoraGrads, dora_backward, dora_forward
+from refpeft.methods.dora import DoraGrads, dora_backward, dora_forward
 from refpeft.errors import ConfigError, DTypeError, ShapeError
-from refpeft.linear import flatten_rows
-from refpeft.lora import LoraGrads, check_dropout_mask, check_factors, lora_backward, lora_forward
+from refpeft.methods.linear import flatten_rows
+from refpeft.methods.lora import LoraGrads, check_dropout_mask, check_factors, lora_backward, lora_forward
 from refpeft.quant.state import QuantState4bit, dequantize_4bit, quantize_4bit
 
 PRECISIONS = ("bfloat16", "float64")

@@ -7,7 +7,7 @@ projections shared by every adapted layer and trains only two scaling vectors pe
     A = vera_A[:, :k],  B = vera_B[:d, :]    the slices a layer with k inputs and d outputs uses
     lambda_d (r,)  init d_initial (0.1),   lambda_b (d,)  init 0      the trainable vectors
 
-Forward (HF PEFT `tuners/vera/layer.py`; layout and letters as in refpeft.linear, n rows):
+Forward (HF PEFT `tuners/vera/layer.py`; layout and letters as in refpeft.methods.linear, n rows):
 
     xd = dropout(x) = x * mask                   # (n, k)
     xa = xd A^T                                   # (n, r)   the only adapter activation cached
@@ -44,8 +44,9 @@ import numpy as np
 from refpeft.backend import check_float_array, namespace
 from refpeft.errors import ConfigError, RankError, ShapeError
 from refpeft.init import GENERATORS, as_parameter, kaiming_uniform_bound, torch_cpu_generator, torch_cpu_uniform, uniform
-from refpeft.linear import LinearShape, base_forward, base_input_grad, check_linear_inputs, flatten_rows, linear_shape
-from refpeft.lora import check_dropout_mask
+from refpeft.methods.linear import LinearShape, base_forward, base_input_grad, check_linear_inputs, flatten_rows, linear_shape
+from refpeft.methods.lora import check_dropout_mask
+from refpeft.methods.spec import Method
 
 
 def largest_layer(shapes: Iterable[LinearShape]) -> LinearShape:
@@ -86,7 +87,7 @@ def vera_projections(shape: LinearShape, r: int, *, seed: int = 0, generator: st
     return as_parameter(vera_A, dtype=dtype, xp=xp), as_parameter(vera_B, dtype=dtype, xp=xp)
 
 
-def init_vera(d: int, r: int, *, d_initial: float = 0.1, dtype: str = "float64", xp: Any = None) -> tuple[Any, Any]:
+def vera_init(d: int, r: int, *, d_initial: float = 0.1, dtype: str = "float64", xp: Any = None) -> tuple[Any, Any]:
     """Initial (lambda_d, lambda_b) of shapes (r,), (d,): lambda_d = d_initial, lambda_b = 0 (PEFT's)."""
     if r < 1:
         raise RankError(f"VeRA rank r must be at least 1, got {r}")
@@ -238,3 +239,54 @@ def _checked_delta(W: Any, vera_A: Any, vera_B: Any, lambda_d: Any, lambda_b: An
     delta = vera_delta_weight(vera_A, vera_B, lambda_d, lambda_b, k=k, fan_in_fan_out=fan_in_fan_out)
     check_float_array("W", W, xp=xp, shape=tuple(delta.shape))
     return delta
+
+
+# --- the method table's row (refpeft.methods.spec) ---------------------------------------------
+
+
+def _projections(shared: Any) -> tuple[Any, Any]:
+    """VeRA's shared (vera_A, vera_B) from the adapter's shared tensors; refused when absent."""
+    if not shared or shared.get("vera_A") is None or shared.get("vera_B") is None:
+        raise ConfigError("VeRA needs its shared projections vera_A and vera_B (saved in the adapter, or "
+                          "regenerated from projection_prng_key with the base's layer sizes)")
+    return shared["vera_A"], shared["vera_B"]
+
+
+def _module_forward(x: Any, W0: Any, module: Any, *, shared: Any = None, bias: Any = None, dropout_mask: Any = None,
+                    bias_trainable: bool = False) -> tuple[Any, VeraCache]:
+    vera_A, vera_B = _projections(shared)
+    return vera_forward(x, W0, vera_A, vera_B, module.lambda_d, module.lambda_b, bias=bias, dropout_mask=dropout_mask,
+                        fan_in_fan_out=module.fan_in_fan_out, bias_trainable=bias_trainable)
+
+
+def _module_delta(W0: Any, module: Any, *, shared: Any = None) -> Any:
+    vera_A, vera_B = _projections(shared)
+    k = linear_shape(W0, fan_in_fan_out=module.fan_in_fan_out).k
+    return vera_delta_weight(vera_A, vera_B, module.lambda_d, module.lambda_b, k=k,
+                             fan_in_fan_out=module.fan_in_fan_out)
+
+
+def _module_merge(W0: Any, module: Any, *, shared: Any = None) -> Any:
+    vera_A, vera_B = _projections(shared)
+    return vera_merge(W0, vera_A, vera_B, module.lambda_d, module.lambda_b, fan_in_fan_out=module.fan_in_fan_out)
+
+
+def _module_unmerge(W: Any, module: Any, *, shared: Any = None) -> Any:
+    vera_A, vera_B = _projections(shared)
+    return vera_unmerge(W, vera_A, vera_B, module.lambda_d, module.lambda_b, fan_in_fan_out=module.fan_in_fan_out)
+
+
+VERA = Method(
+    name="vera", summary="two trained scaling vectors on shared frozen random projections (Kopiczko et al. 2024)",
+    peft_type="VERA", peft_flags={},
+    tensors={"lambda_d": "vera_lambda_d", "lambda_b": "vera_lambda_b"},
+    shared={"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"},
+    trainable=("lambda_d", "lambda_b"), per_output=("lambda_b", "vera_B"), scaled=False, mergeable=True,
+    onnx_branch="shared-projections",
+    rank=lambda m: int(m.lambda_d.shape[0]), out_features=lambda m: int(m.lambda_b.shape[0]),
+    in_features=lambda m: None,
+    forward=_module_forward, backward=vera_backward, delta_weight=_module_delta,
+    merge=_module_merge, unmerge=_module_unmerge,
+    parameter_count=lambda k, d, m: vera_parameter_count(d, m.r),
+    branch_values=lambda W0, m, *, shared=None: (m.lambda_d, m.lambda_b),
+)

@@ -1,6 +1,6 @@
 """LoRA for a linear layer: forward, hand-written backward, merge and unmerge (Hu et al. 2021).
 
-Forward (PyTorch layout: A is (r, k), B is (d, r); shapes at line ends, see refpeft.linear):
+Forward (PyTorch layout: A is (r, k), B is (d, r); shapes at line ends, see refpeft.methods.linear):
 
     xd = dropout(x) = x * mask                 # (..., k)  mask holds 0 or 1/(1-p), or is absent
     xa = xd A^T                                 # (..., r)  the only adapter activation cached
@@ -33,7 +33,7 @@ import numpy as np
 from refpeft.backend import check_float_array, namespace
 from refpeft.errors import ConfigError, ShapeError
 from refpeft.init import GENERATORS, as_parameter, kaiming_uniform_bound, normal, torch_cpu_generator, torch_cpu_uniform, uniform
-from refpeft.linear import (
+from refpeft.methods.linear import (
     LinearShape,
     base_forward,
     base_input_grad,
@@ -42,6 +42,7 @@ from refpeft.linear import (
     flatten_rows,
     weight_rows,
 )
+from refpeft.methods.spec import Method
 
 LORA_INITS = ("default", "gaussian", "zeros")
 
@@ -55,7 +56,7 @@ def lora_scaling(alpha: float, r: int, *, rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
-def init_lora(k: int, d: int, r: int, *, init: str = "default", seed: int = 0, generator: str = "numpy",
+def lora_init(k: int, d: int, r: int, *, init: str = "default", seed: int = 0, generator: str = "numpy",
               dtype: str = "float64", xp: Any = None) -> tuple[Any, Any]:
     """Initial (A, B) of shapes (r, k), (d, r).
 
@@ -156,7 +157,7 @@ def lora_backward(dy: Any, cache: LoraCache) -> LoraGrads:
     return LoraGrads(dx=xp.reshape(dx, cache.x.shape), dA=dA, dB=dB, dbias=dbias)
 
 
-def delta_weight(A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
+def lora_delta_weight(A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
     """The weight change s B A, (d, k), or (k, d) with fan_in_fan_out. Forms the d x k product."""
     xp = namespace(A, B)
     check_float_array("A", A, xp=xp)
@@ -166,26 +167,26 @@ def delta_weight(A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False
     return xp.matrix_transpose(delta) if fan_in_fan_out else delta
 
 
-def merge(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
+def lora_merge(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
     """W0 + s B A in W0's layout: the merged layer computes x W^T + b with no adapter branch."""
-    delta = delta_weight(A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
+    delta = lora_delta_weight(A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
     _check_weight("W0", W0, delta)
     return W0 + delta
 
 
-def unmerge(W: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
+def lora_unmerge(W: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
     """W - s B A: the frozen weight back from a merged one (exact up to one rounding per entry)."""
-    delta = delta_weight(A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
+    delta = lora_delta_weight(A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
     _check_weight("W", W, delta)
     return W - delta
 
 
-def lora_parameter_count(d: int, k: int, r: int, *, bias: bool = False) -> int:
+def lora_parameter_count(k: int, d: int, r: int, *, bias: bool = False) -> int:
     """Trainable parameters of one LoRA layer: r (d + k), plus d with a trainable bias."""
     return r * (d + k) + (d if bias else 0)
 
 
-def full_parameter_count(d: int, k: int, *, bias: bool = False) -> int:
+def full_parameter_count(k: int, d: int, *, bias: bool = False) -> int:
     """Trainable parameters of the same layer fine-tuned in full: d k, plus d with a bias."""
     return d * k + (d if bias else 0)
 
@@ -211,3 +212,46 @@ def check_dropout_mask(mask: Any, x: Any) -> None:
 def _check_weight(name: str, W: Any, delta: Any) -> None:
     """W must be a finite float array of delta's shape."""
     check_float_array(name, W, xp=namespace(W, delta), shape=tuple(delta.shape))
+
+
+# --- the method table's row (refpeft.methods.spec) ---------------------------------------------
+
+
+def _module_forward(x: Any, W0: Any, module: Any, *, shared: Any = None, bias: Any = None, dropout_mask: Any = None,
+                    bias_trainable: bool = False) -> tuple[Any, LoraCache]:
+    if module.bias is not None:
+        raise ConfigError("a LoRA module with its own bias (PEFT's lora_bias=True) has no forward here; merge it "
+                          "(refpeft merge) or train without lora_bias")
+    return lora_forward(x, W0, module.A, module.B, scaling=module.scaling, bias=bias, dropout_mask=dropout_mask,
+                        fan_in_fan_out=module.fan_in_fan_out, bias_trainable=bias_trainable)
+
+
+def _module_merge(W0: Any, module: Any, *, shared: Any = None) -> Any:
+    return lora_merge(W0, module.A, module.B, scaling=module.scaling, fan_in_fan_out=module.fan_in_fan_out)
+
+
+def _module_unmerge(W: Any, module: Any, *, shared: Any = None) -> Any:
+    return lora_unmerge(W, module.A, module.B, scaling=module.scaling, fan_in_fan_out=module.fan_in_fan_out)
+
+
+def _module_branch(W0: Any, module: Any, *, shared: Any = None) -> tuple[Any, ...]:
+    """The unmerged graph's inputs: A^T (k, r), B^T (r, d) and s (1,), so the branch is ((x A^T) s) B^T."""
+    xp = namespace(module.A)
+    return (xp.matrix_transpose(module.A), xp.matrix_transpose(module.B),
+            xp.asarray([module.scaling], dtype=module.A.dtype))
+
+
+LORA = Method(
+    name="lora", summary="low-rank update s B A (Hu et al. 2021); rsLoRA with rslora=True",
+    peft_type="LORA", peft_flags={"use_dora": False},
+    tensors={"A": "lora_A.weight", "B": "lora_B.weight"}, optional={"bias": "lora_B.bias"},
+    trainable=("A", "B"), per_output=("B", "bias"), scaled=True, mergeable=True, onnx_branch="low-rank",
+    rank=lambda m: int(m.A.shape[0]), out_features=lambda m: int(m.B.shape[0]),
+    in_features=lambda m: int(m.A.shape[1]),
+    forward=_module_forward, backward=lora_backward,
+    delta_weight=lambda W0, m, *, shared=None: lora_delta_weight(m.A, m.B, scaling=m.scaling,
+                                                                 fan_in_fan_out=m.fan_in_fan_out),
+    merge=_module_merge, unmerge=_module_unmerge,
+    parameter_count=lambda k, d, m: lora_parameter_count(k, d, m.r, bias=m.bias is not None),
+    branch_values=_module_branch,
+)
