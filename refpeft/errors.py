@@ -35,3 +35,8 @@ class ConfigError(RefpeftError, ValueError):
 
 class FormatError(RefpeftError, ValueError):
     """A file is missing, truncated, corrupt, or disagrees with its own metadata."""
+
+
+class InputError(RefpeftError, ValueError):
+    """An input's values are outside their domain: a token id outside the vocabulary, a label that is
+    neither a class index nor the ignore index, an attention mask holding values other than 0 and 1."""

@@ -1,0 +1,261 @@
+"""A Llama-family decoder: the ops of refpeft.model wired into transformers' LlamaForCausalLM.
+
+Letters: b batch, s sequence, H hidden, h query heads, g = h / kv heads, D head_dim, I the MLP's
+intermediate size, V vocabulary. Forward (transformers' names for every weight; "linear" is
+x W^T + b, or a method's adapted layer when the adapter names that module):
+
+    e   = embed_tokens[ids]                                       # (b, s, H)
+    per layer i (p = "model.layers.{i}"):
+        n   = rmsnorm(e, p.input_layernorm)                       # (b, s, H)
+        q   = linear(n, p.self_attn.q_proj)  -> (b, h, s, D)      k, v likewise with h / g heads
+        q,k = rmsnorm(q, p.self_attn.q_norm), rmsnorm(k, ...)     # Qwen3 only, per head
+        q,k = rope(q), rope(k)                                    # cos/sin of the positions
+        a   = attention(q, k, v, mask) -> (b, s, h D)             # causal, GQA, padding mask
+        e   = e + linear(a, p.self_attn.o_proj)
+        m   = rmsnorm(e, p.post_attention_layernorm)
+        e   = e + linear(swiglu(linear(m, gate_proj), linear(m, up_proj)), p.mlp.down_proj)
+    logits = linear(rmsnorm(e, model.norm), lm_head)              # lm_head = embed_tokens when tied
+
+Backward runs the same list in reverse: each op's own backward (refpeft.model.*), each linear
+layer's backward (the base's dx = dy W, and dW = dy^T x when the weight is trained; an adapted
+layer's is its method's backward from the method table), and the residual stream adds the
+gradients of both branches (de = de + d(branch input)). Gradients are returned by name: the
+adapter's as "<module path>.<tensor>" ("model.layers.0.self_attn.q_proj.A"), the base weights'
+(full fine-tuning) by their checkpoint names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from refpeft.adapter import Adapter
+from refpeft.backend import namespace
+from refpeft.errors import ConfigError, InputError
+from refpeft.methods.linear import flatten_rows
+from refpeft.model.attention import attention_backward, attention_forward
+from refpeft.model.config import ModelConfig
+from refpeft.model.embedding import embedding_backward, embedding_forward
+from refpeft.model.loss import causal_lm_loss_backward, causal_lm_loss_forward
+from refpeft.model.mlp import swiglu_backward, swiglu_forward
+from refpeft.model.rmsnorm import rms_norm_backward, rms_norm_forward
+from refpeft.model.rope import rope_backward, rope_forward, rope_inverse_frequencies, rope_tables
+
+LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+@dataclass(frozen=True)
+class Model:
+    """A decoder's config and weights (transformers' names), with an optional adapter on its linear layers."""
+
+    config: ModelConfig
+    weights: Mapping[str, Any]
+    adapter: Adapter | None = None
+    # Per-method forward options, by method name: {"dora": {"gradient": "exact"}} (default: PEFT's detached).
+    method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def linear_paths(self) -> list[str]:
+        """Every linear layer's module path, in model order (the targets an adapter may name)."""
+        return [name[: -len(".weight")] for name in self.weights if name.endswith("_proj.weight")] + \
+            ([] if self.config.tie_word_embeddings else ["lm_head"])
+
+    def head_weight(self) -> Any:
+        return self.weights["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
+
+
+@dataclass
+class Tape:
+    """What backward needs, recorded by forward in order: (op, cache) pairs and the settings."""
+
+    entries: list[tuple[str, Any]] = field(default_factory=list)
+    train_base: bool = False
+
+
+def check_adapter_targets(model: Model) -> None:
+    """Every adapted module must be a linear layer of the model, of its size."""
+    if model.adapter is None:
+        return
+    paths = set(model.linear_paths())
+    for path, module in model.adapter.modules.items():
+        if path not in paths:
+            near = sorted(p for p in paths if p.split(".")[-1] == path.split(".")[-1])[:3]
+            raise ConfigError(f"the adapter targets {path!r}, which is not a linear layer of this "
+                              f"{model.config.model_type} model" + (f" (for example {near})" if near else ""))
+        W = model.head_weight() if path == "lm_head" else model.weights[path + ".weight"]
+        k = module.in_features
+        if module.out_features != W.shape[0] or (k is not None and k != W.shape[1]):
+            raise ConfigError(f"the adapter's {path!r} adapts a {module.out_features} x {k} layer; the model's is "
+                              f"{W.shape[0]} x {W.shape[1]}")
+
+
+def forward(model: Model, ids: Any, *, attention_mask: Any = None, position_ids: Any = None,
+            past: list[tuple[Any, Any]] | None = None, train_base: bool = False) -> tuple[Any, Tape, list]:
+    """logits (b, s, V) of token ids (b, s); the tape for `backward`; each layer's (keys, values).
+
+    attention_mask (b, past + s) of 0/1 as transformers takes it; position_ids default to
+    past + 0 .. s - 1 (transformers' default, also with left padding). past: the keys and values
+    of earlier positions (generation); backward is not offered through a past.
+    """
+    c = model.config
+    xp = namespace(model.weights["model.embed_tokens.weight"])
+    if len(ids.shape) != 2:
+        raise InputError(f"token ids have shape {tuple(ids.shape)}, expected (batch, sequence)")
+    b, s = ids.shape
+    offset = 0 if past is None else past[0][0].shape[2]
+    if offset + s > c.max_position_embeddings:
+        raise InputError(f"{offset + s} positions exceed the model's max_position_embeddings "
+                         f"({c.max_position_embeddings})")
+    tape = Tape(train_base=train_base)
+    dtype = model.weights["model.embed_tokens.weight"].dtype
+    if position_ids is None:
+        position_ids = xp.broadcast_to(xp.arange(offset, offset + s, dtype=xp.int64)[None, :], (b, s))
+    inv = rope_inverse_frequencies(c.head_dim, **c.rope_parameters(), dtype="float64", xp=xp)
+    cos, sin = (xp.astype(t, dtype) for t in rope_tables(position_ids, inv))
+    e, cache = embedding_forward(ids, model.weights["model.embed_tokens.weight"])
+    tape.entries.append(("embedding", cache))
+    presents = []
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}"
+        e, present = _layer_forward(model, p, e, cos, sin, attention_mask, None if past is None else past[i], tape)
+        presents.append(present)
+    n, cache = rms_norm_forward(e, model.weights["model.norm.weight"], eps=c.rms_norm_eps)
+    tape.entries.append(("norm:model.norm", cache))
+    logits = _linear(model, "lm_head", n, tape)
+    return logits, tape, presents
+
+
+def loss_and_gradients(model: Model, ids: Any, labels: Any, *, attention_mask: Any = None,
+                       train_base: bool = False, num_items_in_batch: float | None = None) -> tuple[Any, Any, dict]:
+    """The causal-LM loss (transformers' semantics), the logits and the gradient of every trained tensor."""
+    logits, tape, _ = forward(model, ids, attention_mask=attention_mask, train_base=train_base)
+    loss, cache = causal_lm_loss_forward(logits, labels, num_items_in_batch=num_items_in_batch)
+    xp = namespace(logits)
+    dlogits = causal_lm_loss_backward(xp.asarray(1.0, dtype=logits.dtype), cache)
+    return loss, logits, backward(model, dlogits, tape)
+
+
+def backward(model: Model, dlogits: Any, tape: Tape) -> dict[str, Any]:
+    """Gradients of sum(logits * dlogits) for every trained tensor, by name (module docstring)."""
+    c = model.config
+    grads: dict[str, Any] = {}
+    entries = list(tape.entries)
+    d = _linear_backward(model, dlogits, entries.pop(), grads, tape)
+    d = _norm_backward(d, entries.pop(), grads, tape)
+    for i in reversed(range(c.num_hidden_layers)):
+        d = _layer_backward(model, f"model.layers.{i}", d, entries, grads, tape)
+    name, cache = entries.pop()
+    if tape.train_base:
+        _accumulate(grads, "model.embed_tokens.weight", embedding_backward(d, cache))
+    return grads
+
+
+# --- one decoder layer ----------------------------------------------------------------------------
+
+
+def _layer_forward(model: Model, p: str, e: Any, cos: Any, sin: Any, mask: Any, past: Any,
+                   tape: Tape) -> tuple[Any, tuple[Any, Any]]:
+    c, xp = model.config, namespace(e)
+    b, s, _ = e.shape
+    n, cache = rms_norm_forward(e, model.weights[f"{p}.input_layernorm.weight"], eps=c.rms_norm_eps)
+    tape.entries.append((f"norm:{p}.input_layernorm", cache))
+    heads = {}
+    for name, count in (("q", c.num_attention_heads), ("k", c.num_key_value_heads), ("v", c.num_key_value_heads)):
+        y = _linear(model, f"{p}.self_attn.{name}_proj", n, tape)
+        heads[name] = xp.permute_dims(xp.reshape(y, (b, s, count, c.head_dim)), (0, 2, 1, 3))   # (b, heads, s, D)
+    for name in ("q", "k"):
+        if c.qk_norm:
+            heads[name], cache = rms_norm_forward(heads[name], model.weights[f"{p}.self_attn.{name}_norm.weight"],
+                                                  eps=c.rms_norm_eps)
+            tape.entries.append((f"norm:{p}.self_attn.{name}_norm", cache))
+        heads[name], cache = rope_forward(heads[name], cos, sin)
+        tape.entries.append(("rope", cache))
+    k, v = heads["k"], heads["v"]
+    if past is not None:
+        k, v = xp.concat([past[0], k], axis=2), xp.concat([past[1], v], axis=2)
+    a, cache = attention_forward(heads["q"], k, v, attention_mask=mask)
+    tape.entries.append(("attention", cache))
+    a = xp.reshape(xp.permute_dims(a, (0, 2, 1, 3)), (b, s, c.num_attention_heads * c.head_dim))
+    e = e + _linear(model, f"{p}.self_attn.o_proj", a, tape)
+    m, cache = rms_norm_forward(e, model.weights[f"{p}.post_attention_layernorm.weight"], eps=c.rms_norm_eps)
+    tape.entries.append((f"norm:{p}.post_attention_layernorm", cache))
+    gate = _linear(model, f"{p}.mlp.gate_proj", m, tape)
+    up = _linear(model, f"{p}.mlp.up_proj", m, tape)
+    h, cache = swiglu_forward(gate, up)
+    tape.entries.append(("swiglu", cache))
+    return e + _linear(model, f"{p}.mlp.down_proj", h, tape), (k, v)
+
+
+def _layer_backward(model: Model, p: str, de: Any, entries: list, grads: dict, tape: Tape) -> Any:
+    c, xp = model.config, namespace(de)
+    b, s, _ = de.shape
+    dh = _linear_backward(model, de, entries.pop(), grads, tape)                      # down_proj
+    sw = swiglu_backward(dh, entries.pop()[1])
+    dm = _linear_backward(model, sw.dup, entries.pop(), grads, tape)                   # up_proj
+    dm = dm + _linear_backward(model, sw.dgate, entries.pop(), grads, tape)            # gate_proj
+    de = de + _norm_backward(dm, entries.pop(), grads, tape)                           # residual
+    da = _linear_backward(model, de, entries.pop(), grads, tape)                       # o_proj
+    da = xp.permute_dims(xp.reshape(da, (b, s, c.num_attention_heads, c.head_dim)), (0, 2, 1, 3))
+    att = attention_backward(da, entries.pop()[1])
+    d = {"q": att.dq, "k": att.dk, "v": att.dv}
+    for name in ("k", "q"):                                                            # reverse of q, k
+        d[name] = rope_backward(d[name], entries.pop()[1])
+        if c.qk_norm:
+            d[name] = _norm_backward(d[name], entries.pop(), grads, tape)
+    dn = None
+    for name in ("v", "k", "q"):
+        flat = xp.reshape(xp.permute_dims(d[name], (0, 2, 1, 3)), (b, s, -1))
+        dx = _linear_backward(model, flat, entries.pop(), grads, tape)
+        dn = dx if dn is None else dn + dx
+    return de + _norm_backward(dn, entries.pop(), grads, tape)
+
+
+# --- linear layers and norms ----------------------------------------------------------------------
+
+
+def _linear(model: Model, path: str, x: Any, tape: Tape) -> Any:
+    """x W^T + b, or the adapted layer of the adapter's module `path` (its method's forward)."""
+    W = model.head_weight() if path == "lm_head" else model.weights[f"{path}.weight"]
+    bias = model.weights.get(f"{path}.bias")
+    module = None if model.adapter is None else model.adapter.modules.get(path)
+    if module is not None:
+        y, cache = module.spec.forward(x, W, module, shared=model.adapter.shared, bias=bias,
+                                       **model.method_options.get(module.method, {}))
+        tape.entries.append((f"adapted:{path}", cache))
+        return y
+    xp = namespace(x)
+    y = xp.matmul(x, xp.matrix_transpose(W))
+    tape.entries.append((f"linear:{path}", (x, W, bias is not None)))
+    return y if bias is None else y + bias
+
+
+def _linear_backward(model: Model, dy: Any, entry: tuple[str, Any], grads: dict, tape: Tape) -> Any:
+    kind, cache = entry
+    op, path = kind.split(":", 1)
+    if op == "adapted":
+        module = model.adapter.modules[path]
+        g = module.spec.backward(dy, cache)
+        for name in module.spec.trainable:
+            _accumulate(grads, f"{path}.{name}", getattr(g, f"d{name}"))
+        return g.dx
+    x, W, has_bias = cache
+    xp = namespace(dy)
+    if tape.train_base:
+        dy2, x2 = flatten_rows(dy, xp=xp), flatten_rows(x, xp=xp)
+        name = "model.embed_tokens.weight" if path == "lm_head" and model.config.tie_word_embeddings \
+            else f"{path}.weight"
+        _accumulate(grads, name, xp.matmul(xp.matrix_transpose(dy2), x2))             # dW = dy^T x
+        if has_bias:
+            _accumulate(grads, f"{path}.bias", xp.sum(dy2, axis=0))
+    return xp.matmul(dy, W)                                                            # dx = dy W
+
+
+def _norm_backward(dy: Any, entry: tuple[str, Any], grads: dict, tape: Tape) -> Any:
+    kind, cache = entry
+    g = rms_norm_backward(dy, cache)
+    if tape.train_base:
+        _accumulate(grads, f"{kind.split(':', 1)[1]}.weight", g.dweight)
+    return g.dx
+
+
+def _accumulate(grads: dict, name: str, g: Any) -> None:
+    grads[name] = g if name not in grads else grads[name] + g
