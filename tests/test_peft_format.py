@@ -95,8 +95,8 @@ def test_lora_family_round_trip(kind, tmp_path):
 def test_written_config_uses_patterns_for_the_exceptions(tmp_path):
     config = peft_config(lora_adapter())
     assert (config["r"], config["lora_alpha"]) == (4, 8)
-    assert config["rank_pattern"] == {r"model\.layers\.0\.attn\.v": 2, r"model\.layers\.0\.mlp\.down": 3}
-    assert config["alpha_pattern"] == {r"model\.layers\.0\.mlp\.down": 16}
+    assert config["rank_pattern"] == {r"^model\.layers\.0\.attn\.v": 2, r"^model\.layers\.0\.mlp\.down": 3}
+    assert config["alpha_pattern"] == {r"^model\.layers\.0\.mlp\.down": 16}
     for path in SHAPES:
         assert pattern_value(config["rank_pattern"], path, config["r"])[0] == RANKS[path]
 
@@ -331,3 +331,16 @@ def test_merge_command_and_its_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert WEIGHTS_NAME in err and "model.layers.0.mlp.down.weight" in err
     assert not (tmp_path / "never.safetensors").exists()
+
+
+def test_rank_pattern_keys_select_exactly_their_module(tmp_path):
+    """"a.q" differs from the common rank, "b.a.q" does not: the key written for "a.q" must not
+    also give "b.a.q" its rank (PEFT's rule matches a key at any dotted suffix)."""
+    rng = np.random.default_rng(0)
+    ranks = {"a.q": 2, "b.a.q": 4, "c.q": 4}
+    modules = {p: ModuleAdapter("lora", {"A": rng.standard_normal((r, 6)).astype(np.float32),
+                                         "B": rng.standard_normal((5, r)).astype(np.float32)})
+               for p, r in ranks.items()}
+    write_peft_adapter(tmp_path, Adapter(modules=modules))
+    back = read_peft_adapter(tmp_path)
+    assert {p: m.r for p, m in back.modules.items()} == ranks
