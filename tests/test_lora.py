@@ -204,20 +204,6 @@ class TestBadInput:
         with pytest.raises(RankError, match="at least 1"):
             self.forward(A=np.ones((0, 6)), B=np.ones((5, 0)))
 
-
-def test_rank_larger_than_the_layer_is_accepted_as_peft_accepts_it():
-    """PEFT builds an r = 8 adapter on a 4-wide layer; refpeft trains, merges and unmerges it too."""
-    rng = np.random.default_rng(0)
-    k, d, r = 6, 4, 8
-    A, B = lora_init(k, d, r, seed=1)
-    B = rng.standard_normal((d, r))
-    x, W0 = rng.standard_normal((3, k)), rng.standard_normal((d, k))
-    y, cache = lora_forward(x, W0, A, B, scaling=2.0)
-    assert np.allclose(y, x @ lora_merge(W0, A, B, scaling=2.0).T, rtol=1e-13, atol=1e-13)
-    grads = lora_backward(np.ones_like(y), cache)
-    assert grads.dA.shape == (r, k) and grads.dB.shape == (d, r)
-    assert np.allclose(lora_unmerge(lora_merge(W0, A, B, scaling=2.0), A, B, scaling=2.0), W0, rtol=1e-13, atol=1e-13)
-
     def test_non_finite_values(self):
         x = self.x.copy()
         x[1, 2] = np.nan
@@ -282,3 +268,17 @@ def test_equals_peft_lora_layer_in_float64(rslora, fan_in_fan_out):
     layer_.merge()
     merged = lora_merge(W0_stored, A, B, scaling=lora_scaling(alpha, r, rslora=rslora), fan_in_fan_out=fan_in_fan_out)
     assert_close(merged, layer_.base_layer.weight.detach().numpy(), rtol=1e-13)
+
+
+def test_rank_larger_than_the_layer_is_accepted_as_peft_accepts_it():
+    """PEFT builds an r = 8 adapter on a 4-wide layer; refpeft trains, merges and unmerges it too."""
+    rng = np.random.default_rng(0)
+    k, d, r = 6, 4, 8
+    A, B = lora_init(k, d, r, seed=1)
+    B = rng.standard_normal((d, r))
+    x, W0 = rng.standard_normal((3, k)), rng.standard_normal((d, k))
+    y, cache = lora_forward(x, W0, A, B, scaling=2.0)
+    assert np.allclose(y, x @ lora_merge(W0, A, B, scaling=2.0).T, rtol=1e-13, atol=1e-13)
+    grads = lora_backward(np.ones_like(y), cache)
+    assert grads.dA.shape == (r, k) and grads.dB.shape == (d, r)
+    assert np.allclose(lora_unmerge(lora_merge(W0, A, B, scaling=2.0), A, B, scaling=2.0), W0, rtol=1e-13, atol=1e-13)
