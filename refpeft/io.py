@@ -73,6 +73,18 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     return tensors, metadata
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file holding one object (a config); FormatError naming the file if it is not one."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise FormatError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def metadata_json(metadata: dict[str, str], key: str, *, source: str | os.PathLike) -> Any:
     """A JSON value stored under `key` in safetensors metadata; FormatError if absent or invalid."""
     if key not in metadata:

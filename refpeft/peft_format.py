@@ -54,7 +54,7 @@ from refpeft.backend import FLOAT_NAMES, to_numpy
 from refpeft.checkpoint import FLOAT_DTYPES, SafetensorsFile
 from refpeft.errors import ConfigError, DTypeError, FormatError, NonFiniteError, RankError, ShapeError
 from refpeft.init import as_parameter
-from refpeft.io import atomic_write_bytes, write_safetensors
+from refpeft.io import atomic_write_bytes, read_json_object, write_safetensors
 from refpeft.methods import METHODS, method_spec, peft_methods
 from refpeft.methods.linear import LinearShape
 from refpeft.methods.vera import largest_layer, vera_projections
@@ -331,12 +331,7 @@ def _adapter_folder(directory: str | os.PathLike) -> Path:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise FormatError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    config = read_json_object(path)
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str) or peft_type not in PEFT_TYPES:
         raise ConfigError(f"{path}: peft_type {peft_type!r} is not supported; refpeft reads "

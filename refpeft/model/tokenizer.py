@@ -42,6 +42,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import processors
 
 from refpeft.errors import ConfigError, FormatError
+from refpeft.io import read_json_object
 
 CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
                    "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
@@ -202,15 +203,8 @@ class _GenerationTag(jinja2.ext.Extension):
 
 
 def _json_object(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise FormatError(f"{path}: expected a JSON object")
-    return value
+    """The file's JSON object, or {} when the (optional) file is absent."""
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _token_text(value: Any) -> str | None:
