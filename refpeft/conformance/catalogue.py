@@ -64,9 +64,8 @@ def _dora_vera() -> list[Case]:
                     cases.append(Case(f"{method}-{direction}-{label}-{dtype}", f"{method}_{direction}", dtype, seed,
                                       sizes, options))
             seed += 1
+        _, sizes, options = variants[0]                  # merges use the basic variant's sizes and options
         for dtype in ("float32", "float64", "float16"):
-            options = {"alpha": 8.0} if method == "dora" else {}
-            sizes = SMALL if method == "dora" else {**SMALL, "r": 8}
             cases.append(Case(f"{method}-merge-{dtype}", f"{method}_merge", dtype, seed, sizes, options))
             cases.append(Case(f"{method}-merge-fan-in-fan-out-{dtype}", f"{method}_merge", dtype, seed + 1, sizes,
                               {**options, "fan_in_fan_out": True}))
