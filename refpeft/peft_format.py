@@ -14,13 +14,10 @@ as "model.layers.0.self_attn.q_proj", the name of the adapted linear layer in th
                                                          trained bias of an adapted layer
     base_model.model.<q>.bias                   any      bias="all": the bias of any other module q
 
-adapter_config.json gives the rest. LoRA: s = lora_alpha / r (lora_alpha / sqrt(r) with
-use_rslora); a module's r and alpha come from `rank_pattern` / `alpha_pattern` when a key matches
-it, PEFT's `get_pattern_key` rule: the first key K (in file order) for which the regular
-expression `(.*\\.)?(K)$` matches the whole module path, so "q_proj" matches every q_proj and
-"layers\\.0\\.q_proj" one of them. VeRA: one r for all modules, `projection_prng_key` seeds the
-projections when they are not saved (regenerated bit for bit with refpeft.methods.vera.vera_projections,
-which needs the base's layer sizes: k_max is not recorded in the adapter file).
+Which tensors a module has, and their key suffixes, come from its method's row of the method
+table. adapter_config.json gives the rest (refpeft.peft_config: options, patterns, the method).
+VeRA projections that were not saved are regenerated bit for bit from `projection_prng_key` with
+refpeft.methods.vera.vera_projections, which needs the base's layer sizes (k_max is not recorded).
 
 Reading checks everything at the boundary and names the file and key of each problem: a missing
 or unreadable file (adapter_model.bin is refused: it is a pickle, and refpeft never unpickles),
@@ -28,11 +25,7 @@ corrupt or truncated safetensors (refpeft.checkpoint), invalid JSON, unsupported
 (named), missing and unexpected keys, non-float dtypes, shapes that disagree with each other or
 with the base model, ranks that disagree with the config, and non-finite values.
 
-Writing produces files PEFT loads with `PeftModel.from_pretrained`. The config it writes is
-exact rather than pretty: `target_modules` is a regular expression matching exactly the adapted
-paths (PEFT full-matches a string against each module name), r and lora_alpha are the most common
-values and `rank_pattern` / `alpha_pattern` name every other module by its escaped full path,
-most specific first. Each file is written atomically (refpeft.io); the weights go first, so an
+Writing produces files PEFT loads with `PeftModel.from_pretrained`. Each file is written atomically (refpeft.io); the weights go first, so an
 interrupted save leaves either the old pair, or new weights with the old config, which reading
 then refuses (their ranks or keys disagree) instead of loading a mix.
 """
@@ -40,10 +33,7 @@ then refuses (their ranks or keys disagree) instead of loading a mix.
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
-from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -54,13 +44,13 @@ from refpeft.backend import FLOAT_NAMES, to_numpy
 from refpeft.checkpoint import FLOAT_DTYPES, SafetensorsFile
 from refpeft.errors import ConfigError, DTypeError, FormatError, NonFiniteError, RankError, ShapeError
 from refpeft.init import as_parameter
-from refpeft.io import atomic_write_bytes, read_json_object, write_safetensors
+from refpeft.io import atomic_write_bytes, write_safetensors
 from refpeft.methods import METHODS, method_spec, peft_methods
+from refpeft.peft_config import CONFIG_NAME, config_method, pattern_value, peft_config, read_config, targets
 from refpeft.methods.linear import LinearShape
 from refpeft.methods.vera import largest_layer, vera_projections
 
 WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 # Per-module tensors: tensor name -> key suffix after "base_model.model.<p>.", and the adapter-wide
@@ -70,6 +60,7 @@ SHARED_KEYS = {name: key for m in METHODS.values() for name, key in m.shared.ite
 # Optional per-module tensors and the adapter_config.json flag that says they are saved.
 OPTIONAL_FLAGS = {"bias": "lora_bias"}
 ADAPTED_BIAS_SUFFIX = "base_layer.bias"
+FACTORS = ("A", "B")   # a low-rank factor pair, (r, k) and (d, r); every other per-module tensor is 1-D
 
 CONVERT_PICKLE = (
     "refpeft never unpickles files. Convert it where torch and peft are installed, e.g.\n"
@@ -79,65 +70,6 @@ CONVERT_PICKLE = (
     "or load it with PeftModel.from_pretrained and save it again with save_pretrained "
     "(safetensors is PEFT's default)."
 )
-
-# Config options refpeft reads, and those it refuses when set (value other than None/False/empty).
-LORA_OPTIONS = {"peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "bias", "lora_bias",
-                "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules", "init_lora_weights"}
-VERA_OPTIONS = {"peft_type", "r", "projection_prng_key", "save_projection", "d_initial", "fan_in_fan_out", "bias",
-                "target_modules", "init_weights"}
-# Options that only shape training or which modules are targeted (the file's keys say which), or
-# are bookkeeping: accepted and kept in Adapter.config.
-IGNORED_OPTIONS = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-                   "inference_mode", "lora_dropout", "vera_dropout", "layers_to_transform", "layers_pattern",
-                   "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
-                   "lora_ga_config", "runtime_config", "ensure_weight_tying"}
-UNSUPPORTED_OPTIONS = {
-    "modules_to_save": "whole modules trained and saved in full",
-    "trainable_token_indices": "trainable token embeddings",
-    "layer_replication": "layers duplicated in the base model",
-    "use_qalora": "QA-LoRA's pooled inputs", "use_bdlora": "block-diagonal LoRA",
-    "alora_invocation_tokens": "activated LoRA", "arrow_config": "Arrow routing",
-    "target_parameters": "LoRA on bare parameters (MoE experts)", "megatron_config": "Megatron parallel layers",
-    "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA", "kasa_config": "KaSA",
-}
-# init_lora_weights values that rewrite the base weights (PEFT's olora/pissa/corda/loftq/lora_ga/mica
-# inits): the saved A, B only make sense on top of that rewritten base.
-BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
-PEFT_TYPES = {"LORA": LORA_OPTIONS, "VERA": VERA_OPTIONS}
-PASSTHROUGH = ("base_model_name_or_path", "revision", "task_type")
-
-
-def pattern_value(patterns: Mapping[str, Any], path: str, default: Any) -> tuple[Any, str | None]:
-    """A module's value from a rank_pattern/alpha_pattern, PEFT's `get_pattern_key` rule.
-
-    Returns (value, the matching key) or (default, None): the first key K in order for which
-    `(.*\\.)?(K)$` matches the whole path (K is a regular expression).
-    """
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", path):
-            return patterns[key], key
-    return default, None
-
-
-def targets(config: Mapping[str, Any], path: str) -> bool:
-    """Whether PEFT's `target_modules` (minus `exclude_modules`) selects the module `path`.
-
-    A string is a regular expression full-matched against the path; a list selects a path equal
-    to an entry or ending in "." + entry. "all-linear" selects every linear layer and so cannot be
-    judged from the adapter alone (True).
-    """
-    excluded = config.get("exclude_modules")
-    if isinstance(excluded, str) and re.fullmatch(excluded, path):
-        return False
-    if isinstance(excluded, list) and any(path == e or path.endswith("." + e) for e in excluded):
-        return False
-    target = config.get("target_modules")
-    if target == "all-linear" or target is None:
-        return True
-    if isinstance(target, str):
-        return re.fullmatch(target, path) is not None
-    return any(path == t or path.endswith("." + t) for t in target)
-
 
 def read_peft_adapter(directory: str | os.PathLike, *, base_shapes: Mapping[str, LinearShape] | None = None,
                       dtype: str | None = None) -> Adapter:
@@ -155,7 +87,7 @@ def read_peft_adapter(directory: str | os.PathLike, *, base_shapes: Mapping[str,
         raise DTypeError(f"unknown float format {dtype!r}; choose one of {', '.join(FLOAT_NAMES)}")
     folder = _adapter_folder(directory)
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    config = _read_config(config_path)
+    config = read_config(config_path)
     checkpoint = SafetensorsFile(weights_path)
     tensors = {name: _read_checked(checkpoint, name, dtype=dtype) for name in checkpoint.keys()}
     adapter = _adapter_from_tensors(config, tensors, source=weights_path)
@@ -191,47 +123,6 @@ def write_peft_adapter(directory: str | os.PathLike, adapter: Adapter, *, save_p
     write_safetensors(source, tensors, metadata={"format": "pt"})
     atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return folder
-
-
-def peft_config(adapter: Adapter, *, save_projection: bool = True) -> dict[str, Any]:
-    """The adapter_config.json PEFT needs to rebuild exactly `adapter`'s modules (see module docstring)."""
-    if not adapter.modules:
-        raise ConfigError("the adapter has no modules")
-    if len(adapter.methods) != 1:
-        raise ConfigError(f"PEFT stores one method per adapter: these modules mix {sorted(adapter.methods)}")
-    spec = method_spec(adapter.method)
-    modules = adapter.modules
-    fan_in_fan_out = _one_value({p: m.fan_in_fan_out for p, m in modules.items()}, "fan_in_fan_out")
-    config: dict[str, Any] = {k: adapter.config[k] for k in PASSTHROUGH if k in adapter.config}
-    config.update(
-        inference_mode=True,
-        target_modules="(?:" + "|".join(re.escape(p) for p in sorted(modules)) + ")",
-        fan_in_fan_out=fan_in_fan_out,
-        bias=_bias_option(adapter, spec.peft_type),
-    )
-    config.update(spec.peft_flags)
-    if spec.peft_type == "VERA":
-        if not save_projection and "projection_prng_key" not in adapter.config:
-            raise ConfigError("save_projection=False needs Adapter.config['projection_prng_key'], the seed the "
-                              "projections were drawn from")
-        config.update(peft_type="VERA", r=_one_value({p: m.r for p, m in modules.items()}, "VeRA rank r"),
-                      save_projection=save_projection,
-                      projection_prng_key=int(adapter.config.get("projection_prng_key", 0)),
-                      d_initial=adapter.config.get("d_initial", 0.1),
-                      vera_dropout=adapter.config.get("vera_dropout", 0.0))
-        return config
-    ranks = {p: m.r for p, m in modules.items()}
-    alphas = {p: _plain_number(m.alpha) for p, m in modules.items()}
-    r, alpha = _most_common(ranks), _most_common(alphas)
-    has_bias = any(m.bias is not None for m in modules.values())
-    if has_bias and config.get("use_dora"):
-        raise ConfigError("PEFT does not support lora_bias with DoRA")
-    config.update(peft_type="LORA", r=r, lora_alpha=alpha, rank_pattern=_patterns(ranks, r),
-                  alpha_pattern=_patterns(alphas, alpha),
-                  use_rslora=_one_value({p: m.rslora for p, m in modules.items()}, "rslora"),
-                  lora_bias=has_bias, init_lora_weights=True,
-                  lora_dropout=adapter.config.get("lora_dropout", 0.0))
-    return config
 
 
 def peft_tensors(adapter: Adapter, *, save_projection: bool = True) -> dict[str, np.ndarray]:
@@ -271,34 +162,28 @@ def check_adapter(adapter: Adapter, *, config: Mapping[str, Any], source: str | 
 
     Errors name `source` and the PEFT key of the offending tensor.
     """
-    lora = config["peft_type"] == "LORA"
     for path, m in adapter.modules.items():
         key = lambda field: f"{source}: {tensor_key(path, field)}"  # noqa: E731
-        if lora:
-            expected_r, r_key = pattern_value(config.get("rank_pattern") or {}, path, config["r"])
-            _require_ndim(m.A, 2, key("A"))
-            _require_ndim(m.B, 2, key("B"))
-            if m.A.shape[0] != expected_r:
-                origin = f"rank_pattern[{r_key!r}]" if r_key is not None else "r"
-                raise RankError(f"{key('A')} has rank {m.A.shape[0]} (shape {tuple(m.A.shape)}) but "
-                                f"{CONFIG_NAME} gives {origin} = {expected_r} for module {path!r}")
-            if m.B.shape[1] != m.A.shape[0]:
-                raise RankError(f"{key('B')} has shape {tuple(m.B.shape)}: its rank {m.B.shape[1]} disagrees "
-                                f"with lora_A's {m.A.shape[0]}")
-            d = m.B.shape[0]
-            for field in ("magnitude", "bias"):
-                _require_shape(getattr(m, field), (d,), key(field), f"one value per output of lora_B (d = {d})")
-        else:
-            _require_ndim(m.lambda_d, 1, key("lambda_d"))
-            _require_ndim(m.lambda_b, 1, key("lambda_b"))
-            if m.lambda_d.shape[0] != config["r"]:
-                raise RankError(f"{key('lambda_d')} has rank {m.lambda_d.shape[0]} but {CONFIG_NAME} gives "
-                                f"r = {config['r']}")
-            d = m.lambda_b.shape[0]
+        spec = m.spec
+        for name, tensor in m.tensors.items():           # the factor pair is 2-D, every other tensor a vector
+            _require_ndim(tensor, 2 if name in FACTORS else 1, key(name))
+        if set(FACTORS) <= set(m.tensors) and m.B.shape[1] != m.A.shape[0]:
+            raise RankError(f"{key('B')} has shape {tuple(m.B.shape)}: its rank {m.B.shape[1]} disagrees "
+                            f"with lora_A's {m.A.shape[0]}")
+        expected_r, r_key = pattern_value(config.get("rank_pattern") or {}, path, config["r"])
+        if m.r != expected_r:
+            named = next((n for n in spec.tensors if n not in spec.per_output), next(iter(spec.tensors)))
+            origin = f"rank_pattern[{r_key!r}]" if r_key is not None else "r"
+            raise RankError(f"{key(named)} has rank {m.r} but {CONFIG_NAME} gives {origin} = {expected_r} for "
+                            f"module {path!r} (shape {tuple(m.tensors[named].shape)})")
+        d = m.out_features
+        for name in spec.per_output:
+            if name in m.tensors and name not in FACTORS:
+                _require_shape(m.tensors[name], (d,), key(name), f"one value per output of the layer (d = {d})")
         if path in adapter.base_biases:
             _require_shape(adapter.base_biases[path], (d,), f"{source}: {PREFIX}{path}.{ADAPTED_BIAS_SUFFIX}",
                            f"one value per output of the layer (d = {d})")
-    if not lora and adapter.vera_A is not None:
+    if adapter.shared:
         _check_projections(adapter, config["r"], source=source)
 
 
@@ -328,86 +213,6 @@ def _adapter_folder(directory: str | os.PathLike) -> Path:
     if not (path / CONFIG_NAME).is_file():
         raise FormatError(f"{path / CONFIG_NAME}: no such file")
     return path
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    config = read_json_object(path)
-    peft_type = config.get("peft_type")
-    if not isinstance(peft_type, str) or peft_type not in PEFT_TYPES:
-        raise ConfigError(f"{path}: peft_type {peft_type!r} is not supported; refpeft reads "
-                          f"{', '.join(sorted(PEFT_TYPES))} adapters")
-    known = PEFT_TYPES[peft_type] | IGNORED_OPTIONS
-    for option, value in config.items():
-        if option in known or value in (None, False, [], {}):
-            continue
-        what = UNSUPPORTED_OPTIONS.get(option)
-        raise ConfigError(f"{path}: option {option!r} = {value!r} is not supported"
-                          + (f" ({what})" if what else " (not a PEFT 0.21 option refpeft knows)"))
-    _check_config_values(config, path)
-    return config
-
-
-def _check_config_values(config: dict[str, Any], path: Path) -> None:
-    def positive_int(name: str, value: Any) -> None:
-        if type(value) is not int or value < 1:
-            raise ConfigError(f"{path}: {name} must be a positive integer, got {value!r}")
-
-    def number(name: str, value: Any) -> None:
-        if type(value) not in (int, float) or not math.isfinite(value):
-            raise ConfigError(f"{path}: {name} must be a finite number, got {value!r}")
-
-    def flag(name: str) -> None:
-        if type(config.get(name, False)) is not bool:
-            raise ConfigError(f"{path}: {name} must be true or false, got {config[name]!r}")
-
-    positive_int("r", config.get("r", 8 if config["peft_type"] == "LORA" else 256))
-    for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "save_projection"):
-        flag(name)
-    for name in ("target_modules", "exclude_modules"):
-        value = config.get(name)
-        if value is None:
-            continue
-        if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
-            raise ConfigError(f"{path}: {name} must be a string or a list of strings, got {value!r}")
-        if isinstance(value, str):
-            _compile(value, f"{path}: {name}")
-    if config["peft_type"] == "LORA":
-        config.setdefault("r", 8)
-        config.setdefault("lora_alpha", 8)
-        number("lora_alpha", config["lora_alpha"])
-        for name, check in (("rank_pattern", positive_int), ("alpha_pattern", number)):
-            patterns = config.get(name) or {}
-            if not isinstance(patterns, dict):
-                raise ConfigError(f"{path}: {name} must be an object, got {patterns!r}")
-            for key, value in patterns.items():
-                _compile(rf"(.*\.)?({key})$", f"{path}: {name} key {key!r}")  # as pattern_value uses it
-                check(f"{name}[{key!r}]", value)
-        bias = config.get("bias", "none")
-        if bias not in ("none", "lora_only", "all"):
-            raise ConfigError(f"{path}: bias must be 'none', 'lora_only' or 'all', got {bias!r}")
-        init = config.get("init_lora_weights", True)
-        if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
-            raise ConfigError(
-                f"{path}: init_lora_weights = {init!r} rewrites the base weights, so these A and B only apply "
-                "to that rewritten base. Convert the adapter to a plain LoRA first with PEFT's "
-                "save_pretrained(..., path_initial_model_for_weight_conversion=...)")
-        if config.get("lora_bias") and config.get("use_dora"):
-            raise ConfigError(f"{path}: lora_bias with use_dora is not a combination PEFT supports")
-    else:
-        config.setdefault("r", 256)
-        config.setdefault("save_projection", True)
-        config.setdefault("projection_prng_key", 0)
-        if type(config["projection_prng_key"]) is not int:
-            raise ConfigError(f"{path}: projection_prng_key must be an integer, got {config['projection_prng_key']!r}")
-        if config.get("bias", "none") not in ("none", "vera_only", "all"):
-            raise ConfigError(f"{path}: bias must be 'none', 'vera_only' or 'all', got {config['bias']!r}")
-
-
-def _compile(pattern: str, where: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ConfigError(f"{where}: not a valid regular expression ({exc})") from None
 
 
 def _read_checked(checkpoint: SafetensorsFile, name: str, *, dtype: str | None) -> np.ndarray:
@@ -494,17 +299,9 @@ def _check_targets(config: dict[str, Any], paths: list[str], *, source: Path) ->
                               f"{config.get('target_modules')!r} does not select it, so PEFT would not load them")
 
 
-def _config_method(config: dict[str, Any], *, source: Path) -> Any:
-    """The method table's row a config selects: its peft_type, then the flags (use_dora) that pick one."""
-    for spec in peft_methods(config["peft_type"]):
-        if all(bool(config.get(flag)) == value for flag, value in spec.peft_flags.items()):
-            return spec
-    raise ConfigError(f"{source}: no refpeft method matches peft_type {config['peft_type']!r} with these options")
-
-
 def _adapter_from_tensors(config: dict[str, Any], tensors: dict[str, np.ndarray], *, source: Path) -> Adapter:
     """The Adapter a config and its file's tensors describe, every module of the config's method."""
-    spec = _config_method(config, source=source)
+    spec = config_method(config, source=source)
     fields = tuple(spec.tensors) + tuple(f for f in spec.optional if config.get(OPTIONAL_FLAGS[f]))
     modules, base_biases, shared = _split_keys(tensors, fields=fields, shared=spec.shared, source=source,
                                                bias=config.get("bias", "none"))
@@ -591,39 +388,6 @@ def fit_to_base(adapter: Adapter, shapes: Mapping[str, LinearShape], *, source: 
 # --- writing ------------------------------------------------------------------------------------
 
 
-def _bias_option(adapter: Adapter, peft_type: str) -> str:
-    if not adapter.base_biases:
-        return "none"
-    if set(adapter.base_biases) <= set(adapter.modules):
-        return f"{peft_type.lower()}_only"                # PEFT's "lora_only", "vera_only"
-    return "all"
-
-
-def _one_value(values: dict[str, Any], name: str) -> Any:
-    distinct = set(values.values())
-    if len(distinct) != 1:
-        raise ConfigError(f"PEFT stores one {name} per adapter, but the modules have {sorted(distinct)}")
-    return distinct.pop()
-
-
-def _most_common(values: dict[str, Any]) -> Any:
-    return Counter(values.values()).most_common(1)[0][0]
-
-
-def _plain_number(value: float) -> int | float:
-    value = float(value)
-    return int(value) if value.is_integer() else value
-
-
-def _patterns(values: dict[str, Any], default: Any) -> dict[str, Any]:
-    """{"^" + escaped full path: value} for the modules that differ from `default`.
-
-    PEFT matches a key K as `re.match(r"(.*\.)?(K)$", path)`, so a bare "a\.q" also matches module
-    "b.a.q"; the "^" inside the group only matches at the start of the path, so each key selects
-    exactly its own module."""
-    return {"^" + re.escape(p): values[p] for p in sorted(p for p, v in values.items() if v != default)}
-
-
 def _require_ndim(array: Any, ndim: int, where: str) -> None:
     if len(array.shape) != ndim:
         hint = " (only linear layers are supported; conv layers have 4-D factors)" if len(array.shape) == 4 else ""
@@ -635,5 +399,5 @@ def _require_shape(array: Any, shape: tuple[int, ...], where: str, what: str) ->
         raise ShapeError(f"{where} has shape {tuple(array.shape)}, expected {shape}: {what}")
 
 
-__all__ = ["read_peft_adapter", "read_peft_adapter_with_base", "write_peft_adapter", "peft_config", "peft_tensors", "pattern_value", "targets",
-           "check_adapter", "fit_to_base", "tensor_key", "module_shape"]
+__all__ = ["read_peft_adapter", "read_peft_adapter_with_base", "write_peft_adapter", "peft_tensors", "check_adapter",
+           "fit_to_base", "tensor_key", "module_shape"]

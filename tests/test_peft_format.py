@@ -20,11 +20,10 @@ from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.checkpoint import SafetensorsFile
 from refpeft.errors import ConfigError, DTypeError, FormatError, NonFiniteError, RankError, ShapeError
 from refpeft.methods.linear import LinearShape
+from refpeft.peft_config import pattern_value, peft_config
 from refpeft.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    pattern_value,
-    peft_config,
     read_peft_adapter,
     read_peft_adapter_with_base,
     write_peft_adapter,

@@ -1,0 +1,275 @@
+"""HF PEFT's adapter_config.json: the options refpeft reads, checks and writes, and PEFT's matching rules.
+
+A config names its peft_type ("LORA", "VERA") and the flags that pick a method of it (use_dora);
+the method table (refpeft.methods) says which. LoRA: s = lora_alpha / r (lora_alpha / sqrt(r) with
+use_rslora); a module's r and alpha come from `rank_pattern` / `alpha_pattern` when a key matches
+it, PEFT's `get_pattern_key` rule: the first key K (in file order) for which the regular
+expression `(.*\\.)?(K)$` matches the module path from its start (`re.match`), so "q_proj" matches
+every q_proj and "layers\\.0\\.q_proj" one of them. VeRA: one r for all modules,
+`projection_prng_key` seeds the projections when they are not saved.
+
+Reading refuses invalid JSON and unsupported options (named, with what they would mean) and checks
+every value's type and range. Writing is exact rather than pretty: `target_modules` is a regular
+expression matching exactly the adapted paths (PEFT full-matches a string against each module
+name), r and lora_alpha are the most common values and `rank_pattern` / `alpha_pattern` name each
+other module by "^" and its escaped full path, so a key selects exactly its own module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping
+
+from refpeft.adapter import Adapter
+from refpeft.errors import ConfigError
+from refpeft.io import read_json_object
+from refpeft.methods import method_spec, peft_methods
+from refpeft.methods.spec import Method
+
+CONFIG_NAME = "adapter_config.json"
+
+# Config options refpeft reads, and those it refuses when set (value other than None/False/empty).
+LORA_OPTIONS = {"peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "bias", "lora_bias",
+                "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules", "init_lora_weights"}
+
+
+VERA_OPTIONS = {"peft_type", "r", "projection_prng_key", "save_projection", "d_initial", "fan_in_fan_out", "bias",
+                "target_modules", "init_weights"}
+# Options that only shape training or which modules are targeted (the file's keys say which), or
+# are bookkeeping: accepted and kept in Adapter.config.
+
+
+# Options that only shape training or which modules are targeted (the file's keys say which), or
+# are bookkeeping: accepted and kept in Adapter.config.
+IGNORED_OPTIONS = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                   "inference_mode", "lora_dropout", "vera_dropout", "layers_to_transform", "layers_pattern",
+                   "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
+                   "lora_ga_config", "runtime_config", "ensure_weight_tying"}
+
+
+UNSUPPORTED_OPTIONS = {
+    "modules_to_save": "whole modules trained and saved in full",
+    "trainable_token_indices": "trainable token embeddings",
+    "layer_replication": "layers duplicated in the base model",
+    "use_qalora": "QA-LoRA's pooled inputs", "use_bdlora": "block-diagonal LoRA",
+    "alora_invocation_tokens": "activated LoRA", "arrow_config": "Arrow routing",
+    "target_parameters": "LoRA on bare parameters (MoE experts)", "megatron_config": "Megatron parallel layers",
+    "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA", "kasa_config": "KaSA",
+}
+# init_lora_weights values that rewrite the base weights (PEFT's olora/pissa/corda/loftq/lora_ga/mica
+# inits): the saved A, B only make sense on top of that rewritten base.
+
+
+# init_lora_weights values that rewrite the base weights (PEFT's olora/pissa/corda/loftq/lora_ga/mica
+# inits): the saved A, B only make sense on top of that rewritten base.
+BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
+
+
+# Each method's own config flags (use_dora, ...) are options of its peft_type too.
+PEFT_TYPES = {peft_type: options | {flag for m in peft_methods(peft_type) for flag in m.peft_flags}
+              for peft_type, options in (("LORA", LORA_OPTIONS), ("VERA", VERA_OPTIONS))}
+
+
+PASSTHROUGH = ("base_model_name_or_path", "revision", "task_type")
+
+
+def pattern_value(patterns: Mapping[str, Any], path: str, default: Any) -> tuple[Any, str | None]:
+    """A module's value from a rank_pattern/alpha_pattern, PEFT's `get_pattern_key` rule.
+
+    Returns (value, the matching key) or (default, None): the first key K in order for which
+    `(.*\\.)?(K)$` matches the whole path (K is a regular expression).
+    """
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return patterns[key], key
+    return default, None
+
+
+def targets(config: Mapping[str, Any], path: str) -> bool:
+    """Whether PEFT's `target_modules` (minus `exclude_modules`) selects the module `path`.
+
+    A string is a regular expression full-matched against the path; a list selects a path equal
+    to an entry or ending in "." + entry. "all-linear" selects every linear layer and so cannot be
+    judged from the adapter alone (True).
+    """
+    excluded = config.get("exclude_modules")
+    if isinstance(excluded, str) and re.fullmatch(excluded, path):
+        return False
+    if isinstance(excluded, list) and any(path == e or path.endswith("." + e) for e in excluded):
+        return False
+    target = config.get("target_modules")
+    if target == "all-linear" or target is None:
+        return True
+    if isinstance(target, str):
+        return re.fullmatch(target, path) is not None
+    return any(path == t or path.endswith("." + t) for t in target)
+
+
+def peft_config(adapter: Adapter, *, save_projection: bool = True) -> dict[str, Any]:
+    """The adapter_config.json PEFT needs to rebuild exactly `adapter`'s modules (see module docstring)."""
+    if not adapter.modules:
+        raise ConfigError("the adapter has no modules")
+    if len(adapter.methods) != 1:
+        raise ConfigError(f"PEFT stores one method per adapter: these modules mix {sorted(adapter.methods)}")
+    spec = method_spec(adapter.method)
+    modules = adapter.modules
+    fan_in_fan_out = _one_value({p: m.fan_in_fan_out for p, m in modules.items()}, "fan_in_fan_out")
+    config: dict[str, Any] = {k: adapter.config[k] for k in PASSTHROUGH if k in adapter.config}
+    config.update(
+        inference_mode=True,
+        target_modules="(?:" + "|".join(re.escape(p) for p in sorted(modules)) + ")",
+        fan_in_fan_out=fan_in_fan_out,
+        bias=_bias_option(adapter, spec.peft_type),
+    )
+    config.update(spec.peft_flags)
+    if spec.peft_type == "VERA":
+        if not save_projection and "projection_prng_key" not in adapter.config:
+            raise ConfigError("save_projection=False needs Adapter.config['projection_prng_key'], the seed the "
+                              "projections were drawn from")
+        config.update(peft_type="VERA", r=_one_value({p: m.r for p, m in modules.items()}, "VeRA rank r"),
+                      save_projection=save_projection,
+                      projection_prng_key=int(adapter.config.get("projection_prng_key", 0)),
+                      d_initial=adapter.config.get("d_initial", 0.1),
+                      vera_dropout=adapter.config.get("vera_dropout", 0.0))
+        return config
+    ranks = {p: m.r for p, m in modules.items()}
+    alphas = {p: _plain_number(m.alpha) for p, m in modules.items()}
+    r, alpha = _most_common(ranks), _most_common(alphas)
+    has_bias = any(m.bias is not None for m in modules.values())
+    if has_bias and config.get("use_dora"):
+        raise ConfigError("PEFT does not support lora_bias with DoRA")
+    config.update(peft_type="LORA", r=r, lora_alpha=alpha, rank_pattern=_patterns(ranks, r),
+                  alpha_pattern=_patterns(alphas, alpha),
+                  use_rslora=_one_value({p: m.rslora for p, m in modules.items()}, "rslora"),
+                  lora_bias=has_bias, init_lora_weights=True,
+                  lora_dropout=adapter.config.get("lora_dropout", 0.0))
+    return config
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    config = read_json_object(path)
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type not in PEFT_TYPES:
+        raise ConfigError(f"{path}: peft_type {peft_type!r} is not supported; refpeft reads "
+                          f"{', '.join(sorted(PEFT_TYPES))} adapters")
+    known = PEFT_TYPES[peft_type] | IGNORED_OPTIONS
+    for option, value in config.items():
+        if option in known or value in (None, False, [], {}):
+            continue
+        what = UNSUPPORTED_OPTIONS.get(option)
+        raise ConfigError(f"{path}: option {option!r} = {value!r} is not supported"
+                          + (f" ({what})" if what else " (not a PEFT 0.21 option refpeft knows)"))
+    _check_config_values(config, path)
+    return config
+
+
+def _check_config_values(config: dict[str, Any], path: Path) -> None:
+    def positive_int(name: str, value: Any) -> None:
+        if type(value) is not int or value < 1:
+            raise ConfigError(f"{path}: {name} must be a positive integer, got {value!r}")
+
+    def number(name: str, value: Any) -> None:
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise ConfigError(f"{path}: {name} must be a finite number, got {value!r}")
+
+    def flag(name: str) -> None:
+        if type(config.get(name, False)) is not bool:
+            raise ConfigError(f"{path}: {name} must be true or false, got {config[name]!r}")
+
+    positive_int("r", config.get("r", 8 if config["peft_type"] == "LORA" else 256))
+    for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "save_projection"):
+        flag(name)
+    for name in ("target_modules", "exclude_modules"):
+        value = config.get(name)
+        if value is None:
+            continue
+        if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            raise ConfigError(f"{path}: {name} must be a string or a list of strings, got {value!r}")
+        if isinstance(value, str):
+            _compile(value, f"{path}: {name}")
+    if config["peft_type"] == "LORA":
+        config.setdefault("r", 8)
+        config.setdefault("lora_alpha", 8)
+        number("lora_alpha", config["lora_alpha"])
+        for name, check in (("rank_pattern", positive_int), ("alpha_pattern", number)):
+            patterns = config.get(name) or {}
+            if not isinstance(patterns, dict):
+                raise ConfigError(f"{path}: {name} must be an object, got {patterns!r}")
+            for key, value in patterns.items():
+                _compile(rf"(.*\.)?({key})$", f"{path}: {name} key {key!r}")  # as pattern_value uses it
+                check(f"{name}[{key!r}]", value)
+        bias = config.get("bias", "none")
+        if bias not in ("none", "lora_only", "all"):
+            raise ConfigError(f"{path}: bias must be 'none', 'lora_only' or 'all', got {bias!r}")
+        init = config.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+            raise ConfigError(
+                f"{path}: init_lora_weights = {init!r} rewrites the base weights, so these A and B only apply "
+                "to that rewritten base. Convert the adapter to a plain LoRA first with PEFT's "
+                "save_pretrained(..., path_initial_model_for_weight_conversion=...)")
+        if config.get("lora_bias") and config.get("use_dora"):
+            raise ConfigError(f"{path}: lora_bias with use_dora is not a combination PEFT supports")
+    else:
+        config.setdefault("r", 256)
+        config.setdefault("save_projection", True)
+        config.setdefault("projection_prng_key", 0)
+        if type(config["projection_prng_key"]) is not int:
+            raise ConfigError(f"{path}: projection_prng_key must be an integer, got {config['projection_prng_key']!r}")
+        if config.get("bias", "none") not in ("none", "vera_only", "all"):
+            raise ConfigError(f"{path}: bias must be 'none', 'vera_only' or 'all', got {config['bias']!r}")
+
+
+def _compile(pattern: str, where: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{where}: not a valid regular expression ({exc})") from None
+
+
+def config_method(config: Mapping[str, Any], *, source: str | os.PathLike) -> Method:
+    """The method table's row a config selects: a method of its peft_type whose flags the config
+    sets as the method says, and no flag of another method of that type is set (use_dora)."""
+    methods = peft_methods(config["peft_type"])
+    flags = {flag for m in methods for flag in m.peft_flags}
+    for spec in methods:
+        if all(bool(config.get(flag)) == value for flag, value in spec.peft_flags.items()) and \
+                all(not config.get(flag) or spec.peft_flags.get(flag) for flag in flags):
+            return spec
+    raise ConfigError(f"{source}: no refpeft method matches peft_type {config['peft_type']!r} with these options")
+
+
+def _bias_option(adapter: Adapter, peft_type: str) -> str:
+    if not adapter.base_biases:
+        return "none"
+    if set(adapter.base_biases) <= set(adapter.modules):
+        return f"{peft_type.lower()}_only"                # PEFT's "lora_only", "vera_only"
+    return "all"
+
+
+def _one_value(values: dict[str, Any], name: str) -> Any:
+    distinct = set(values.values())
+    if len(distinct) != 1:
+        raise ConfigError(f"PEFT stores one {name} per adapter, but the modules have {sorted(distinct)}")
+    return distinct.pop()
+
+
+def _most_common(values: dict[str, Any]) -> Any:
+    return Counter(values.values()).most_common(1)[0][0]
+
+
+def _plain_number(value: float) -> int | float:
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
+
+def _patterns(values: dict[str, Any], default: Any) -> dict[str, Any]:
+    """{"^" + escaped full path: value} for the modules that differ from `default`.
+
+    PEFT matches a key K as `re.match(r"(.*\.)?(K)$", path)`, so a bare "a\.q" also matches module
+    "b.a.q"; the "^" inside the group only matches at the start of the path, so each key selects
+    exactly its own module."""
+    return {"^" + re.escape(p): values[p] for p in sorted(p for p, v in values.items() if v != default)}
