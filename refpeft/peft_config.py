@@ -69,9 +69,7 @@ UNSUPPORTED_OPTIONS = {
 BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
 
 
-# Each method's own config flags (use_dora, ...) are options of its peft_type too.
-PEFT_TYPES = {peft_type: options | {flag for m in peft_methods(peft_type) for flag in m.peft_flags}
-              for peft_type, options in (("LORA", LORA_OPTIONS), ("VERA", VERA_OPTIONS))}
+PEFT_TYPES = {"LORA": LORA_OPTIONS, "VERA": VERA_OPTIONS}
 
 
 PASSTHROUGH = ("base_model_name_or_path", "revision", "task_type")
@@ -156,7 +154,8 @@ def read_config(path: Path) -> dict[str, Any]:
     if not isinstance(peft_type, str) or peft_type not in PEFT_TYPES:
         raise ConfigError(f"{path}: peft_type {peft_type!r} is not supported; refpeft reads "
                           f"{', '.join(sorted(PEFT_TYPES))} adapters")
-    known = PEFT_TYPES[peft_type] | IGNORED_OPTIONS
+    # Each method's own flags (use_dora, ...) are options of its peft_type too.
+    known = PEFT_TYPES[peft_type] | IGNORED_OPTIONS | {flag for m in peft_methods(peft_type) for flag in m.peft_flags}
     for option, value in config.items():
         if option in known or value in (None, False, [], {}):
             continue

@@ -48,15 +48,13 @@ from refpeft.io import atomic_write_bytes, write_safetensors
 from refpeft.methods import METHODS, method_spec, peft_methods
 from refpeft.peft_config import CONFIG_NAME, config_method, pattern_value, peft_config, read_config, targets
 from refpeft.methods.linear import LinearShape
-from refpeft.methods.vera import largest_layer, vera_projections
+from refpeft.methods.vera import VERA, largest_layer, vera_projections
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 # Per-module tensors: tensor name -> key suffix after "base_model.model.<p>.", and the adapter-wide
 # tensors' keys, as the method table gives them.
-MODULE_SUFFIXES = {name: suffix for m in METHODS.values() for name, suffix in m.suffixes().items()}
-SHARED_KEYS = {name: key for m in METHODS.values() for name, key in m.shared.items()}
 # Optional per-module tensors and the adapter_config.json flag that says they are saved.
 OPTIONAL_FLAGS = {"bias": "lora_bias"}
 ADAPTED_BIAS_SUFFIX = "base_layer.bias"
@@ -154,7 +152,12 @@ def peft_tensors(adapter: Adapter, *, save_projection: bool = True) -> dict[str,
 
 def tensor_key(path: str, field: str) -> str:
     """The PEFT file key of ModuleAdapter field `field` of module `path`."""
-    return f"{PREFIX}{path}.{MODULE_SUFFIXES[field]}"
+    return f"{PREFIX}{path}.{module_suffixes()[field]}"
+
+
+def module_suffixes() -> dict[str, str]:
+    """Every method's per-module tensor name -> key suffix, as the method table holds them now."""
+    return {name: suffix for m in METHODS.values() for name, suffix in m.suffixes().items()}
 
 
 def check_adapter(adapter: Adapter, *, config: Mapping[str, Any], source: str | os.PathLike) -> None:
@@ -237,7 +240,7 @@ def _check_values(array: np.ndarray, *, key: str, source: str | os.PathLike) -> 
 def _split_keys(tensors: dict[str, np.ndarray], *, fields: tuple[str, ...], shared: Mapping[str, str], source: Path,
                 bias: str) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Keys -> ({path: {field: array}}, {path: trained base bias}, {shared tensor name: array})."""
-    suffixes = {MODULE_SUFFIXES[f]: f for f in fields}
+    suffixes = {module_suffixes()[f]: f for f in fields}
     modules: dict[str, dict[str, np.ndarray]] = {}
     biases: dict[str, tuple[str, np.ndarray]] = {}
     projections: dict[str, np.ndarray] = {}
@@ -272,11 +275,11 @@ def _split_keys(tensors: dict[str, np.ndarray], *, fields: tuple[str, ...], shar
 
 
 def _bias_hint(rest: str, bias: str) -> str:
-    if rest.endswith("." + MODULE_SUFFIXES["bias"]):
+    if rest.endswith("." + module_suffixes()["bias"]):
         return f" (lora_B has a bias but {CONFIG_NAME} has lora_bias false, or the method is not LoRA)"
     if rest.endswith(".bias") and bias == "none":
         return f" (a bias, but {CONFIG_NAME} has bias = 'none')"
-    for suffix in MODULE_SUFFIXES.values():
+    for suffix in module_suffixes().values():
         if rest.endswith("." + suffix):
             return f" ({suffix} does not belong to this config's method)"
     return ""
@@ -335,7 +338,7 @@ def _adapter_from_tensors(config: dict[str, Any], tensors: dict[str, np.ndarray]
 def _check_projections(adapter: Adapter, r: int, *, source: str | os.PathLike,
                        shapes: Mapping[str, LinearShape] | None = None) -> None:
     A, B = adapter.vera_A, adapter.vera_B
-    names = {f: f"{source}: {key}" for f, key in SHARED_KEYS.items()}
+    names = {f: f"{source}: {key}" for f, key in VERA.shared.items()}
     _require_ndim(A, 2, names["vera_A"])
     _require_ndim(B, 2, names["vera_B"])
     if A.shape[0] != r or B.shape[1] != r:
