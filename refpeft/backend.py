@@ -9,10 +9,14 @@ Dtype policy
 - float64 is the oracle's precision: references, golden vectors and gradient checks use it.
 - float32 and float16 are computed natively in the input's dtype, as a peer computing in that
   dtype would (one rounding per array-API operation).
-- bfloat16 has no array-API dtype on NumPy or CuPy. It is *emulated*: values live in float32
-  arrays and `round_to(x, "bfloat16")` rounds them to the nearest bfloat16 (ties to even, the
-  rounding torch and ml-dtypes use) after each operation a bfloat16 peer would round. On torch,
-  the native torch.bfloat16 is used for the rounding.
+- bfloat16 is one named policy on every backend: values live in float32 arrays and
+  `round_to(x, "bfloat16")` rounds them to the nearest bfloat16 (ties to even, the rounding torch
+  and ml-dtypes use) exactly where the computation being reproduced rounds (refpeft.methods.qlora
+  says where). NumPy and CuPy have no bfloat16 dtype; torch has one, but its native bfloat16
+  arithmetic rounds after every operation, differently from the float32-accumulating kernels a
+  peer runs, so torch emulates too (it only uses torch.bfloat16 to round). The same call gives the
+  same bits on NumPy, array-api-strict and torch. A torch.bfloat16 input is accepted as a float
+  array; computing with it is the caller's choice.
 """
 
 from __future__ import annotations
@@ -61,13 +65,11 @@ def numpy_namespace() -> Any:
 def float_dtype(name: str, *, xp: Any) -> Any:
     """The dtype object `xp` uses for the float format `name` ("float64", "float32", ...).
 
-    bfloat16 maps to torch.bfloat16 on torch; elsewhere it is emulated in float32 (see module doc).
+    bfloat16 is emulated in float32 on every namespace (see the module docstring).
     """
     if name not in FLOAT_NAMES:
         raise DTypeError(f"unknown float format {name!r}; choose one of {', '.join(FLOAT_NAMES)}")
-    if name == "bfloat16":
-        return getattr(xp, "bfloat16", xp.float32)
-    return getattr(xp, name)
+    return xp.float32 if name == "bfloat16" else getattr(xp, name)
 
 
 def dtype_name(dtype: Any, *, xp: Any) -> str:
@@ -154,8 +156,8 @@ def round_to(x: Any, name: str, *, xp: Any) -> Any:
     """
     if name not in FLOAT_NAMES:
         raise DTypeError(f"unknown float format {name!r}; choose one of {', '.join(FLOAT_NAMES)}")
-    target = float_dtype(name, xp=xp)
-    if name != "bfloat16" or hasattr(xp, "bfloat16"):
+    if name != "bfloat16" or hasattr(xp, "bfloat16"):            # a cast round trip; torch has bfloat16
+        target = xp.bfloat16 if name == "bfloat16" else float_dtype(name, xp=xp)
         return xp.astype(xp.astype(x, target), x.dtype)
     import ml_dtypes  # bfloat16 rounding on NumPy; other namespaces go through NumPy
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refpeft.backend import round_to
+from refpeft.backend import round_to, to_numpy
 from refpeft.errors import ConfigError, DTypeError, ShapeError
 from refpeft.methods.lora import lora_forward
 from refpeft.methods.qlora import base_weight, qlora_backward, qlora_forward, quantize_base
-from tests.support import vjp_check
+from tests.support import BACKEND_IDS, BACKENDS, vjp_check
 
 import array_api_compat.numpy as xp
 
@@ -71,25 +71,33 @@ def test_float64_is_lora_on_the_dequantised_base():
     assert np.array_equal(W0, bf16(W0))  # the layer multiplies by bfloat16 values
 
 
-def test_bfloat16_stays_within_its_rounding_of_the_float64_model():
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
+def test_bfloat16_stays_within_its_rounding_of_the_float64_model(backend):
+    """One bfloat16 policy on every backend (refpeft.backend): the same rounding points, float32
+    arrays holding bfloat16 values, within the bound of the float64 model; backends differ only
+    where their float32 matmuls sum in another order, by at most one bfloat16 rounding."""
     state, A, B, bias = layer(k=128, d=48, r=8)
     rng = np.random.default_rng(4)
     x, dy = bf16(rng.standard_normal((16, 128))), bf16(rng.standard_normal((16, 48)))
     A32, B32, b32 = A.astype(np.float32), B.astype(np.float32), bias.astype(np.float32)
-    y, cache = qlora_forward(x, state, A32, B32, scaling=2.0, bias=b32)
-    grads = qlora_backward(dy, cache)
+    W0 = base_weight(state, precision="float64")
+    state_b = quantize_base(backend(W0.astype(np.float32)))
+    y, cache = qlora_forward(backend(x), state_b, backend(A32), backend(B32), scaling=2.0, bias=backend(b32))
+    grads = qlora_backward(backend(dy), cache)
+    assert str(y.dtype).endswith("float32") and str(grads.dx.dtype).endswith("float32")
+    y, dx = to_numpy(y), to_numpy(grads.dx)
     y64, cache64 = qlora_forward(x.astype(np.float64), state, A32.astype(np.float64), B32.astype(np.float64),
                                  scaling=2.0, bias=bf16(b32).astype(np.float64), precision="float64")
     g64 = qlora_backward(dy.astype(np.float64), cache64)
-    assert np.array_equal(y, bf16(y)) and np.array_equal(grads.dx, bf16(grads.dx))
-    W0 = base_weight(state, precision="float64")
+    assert np.array_equal(y, bf16(y)) and np.array_equal(dx, bf16(dx))
     u = 2.0**-8
     # three bf16 roundings (base, adapter output, sum) on top of float32 sums
     y_bound = 3 * u * (np.abs(x) @ np.abs(W0).T + np.abs(b32) + 2.0 * np.abs(x) @ np.abs(A32).T @ np.abs(B32).T)
     assert np.all(np.abs(y - y64) <= y_bound)
     dx_bound = 3 * u * (np.abs(dy) @ np.abs(W0) + 2.0 * np.abs(dy) @ np.abs(B32) @ np.abs(A32))
-    assert np.all(np.abs(grads.dx - g64.dx) <= dx_bound)
-    assert np.allclose(grads.dA, g64.dA, rtol=1e-5, atol=1e-5) and np.allclose(grads.dB, g64.dB, rtol=1e-5, atol=1e-5)
+    assert np.all(np.abs(dx - g64.dx) <= dx_bound)
+    assert np.allclose(to_numpy(grads.dA), g64.dA, rtol=1e-5, atol=1e-5)
+    assert np.allclose(to_numpy(grads.dB), g64.dB, rtol=1e-5, atol=1e-5)
 
 
 def test_refusals():

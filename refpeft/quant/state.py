@@ -64,8 +64,8 @@ def absmax_values(state: QuantState4bit) -> Any:
 
 def dequantize_4bit(state: QuantState4bit, *, dtype: str | None = None) -> Any:
     """The weight rebuilt from `state` in its shape: the float32 products rounded once to `dtype`
-    (default: the stored dtype; bitsandbytes' matmul asks for its compute dtype). bfloat16 is
-    emulated in float32 on namespaces without it."""
+    (default: the stored dtype; bitsandbytes' matmul asks for its compute dtype). bfloat16 values
+    come in float32 arrays on every namespace (refpeft.backend's policy)."""
     dtype = state.dtype if dtype is None else dtype
     if dtype not in STORED_DTYPES:
         raise DTypeError(f"dequantize to float32, float16 or bfloat16, not {dtype!r}")
@@ -74,7 +74,7 @@ def dequantize_4bit(state: QuantState4bit, *, dtype: str | None = None) -> Any:
     xp = namespace(values)
     if dtype == "float32":
         return values
-    if dtype == "bfloat16" and not hasattr(xp, "bfloat16"):
+    if dtype == "bfloat16":
         return round_to(values, "bfloat16", xp=xp)
     return xp.astype(values, float_dtype(dtype, xp=xp))
 
