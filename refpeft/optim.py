@@ -34,6 +34,7 @@ from typing import Any, Iterable
 from refpeft.backend import check_float_array, from_numpy, namespace, numpy_namespace, to_numpy
 from refpeft.errors import ConfigError, FormatError, ShapeError
 from refpeft.io import metadata_json, read_safetensors, write_safetensors
+from refpeft.tolerance import Bounded, Precision, add, divide, exact, multiply, scale, sqrt, subtract, with_reference
 
 STATE_FORMAT = "refpeft-adam-state/1"
 
@@ -205,3 +206,39 @@ def load_adam_state(path: str, *, xp: Any = None) -> tuple[AdamState, list[Param
             raise FormatError(f"{path}: unexpected tensor {key!r}")
         kinds[kind][name] = from_numpy(array, xp=xp)
     return AdamState(step={k: int(v) for k, v in step.items()}, **kinds), groups
+
+
+# --- error bounds (composed from refpeft.tolerance's algebra; docs/tolerance.md) ---------------
+
+
+def adam_update_bound(p: Any, g: Any, m: Any, v: Any, *, t: int, lr: float, betas: tuple[float, float],
+                      eps: float, weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
+                      dtype: str = "float32", model: str = "rigorous") -> dict[str, Any]:
+    """Per-element bounds on the updated p, m, v of one Adam/AdamW step (amsgrad off).
+
+    Every scalar (1 - lr wd, 1 - beta1, beta2, 1 - beta2, sqrt(1 - beta2^t), lr / (1 - beta1^t),
+    eps) is a float64 number the peer rounds to its format; each elementwise op rounds once. A fused
+    multiply-add or lerp rounds less, which the bound covers.
+    """
+    beta1, beta2 = betas
+
+    def chain(prec: Precision) -> dict[str, Bounded]:
+        P, G, M, V = exact(p), exact(g), exact(m), exact(v)
+        if weight_decay != 0.0:
+            if decoupled_weight_decay:
+                P = scale(P, 1.0 - lr * weight_decay, prec)
+            else:
+                G = add(G, scale(P, weight_decay, prec), prec)
+        weight = 1.0 - beta1
+        if weight < 0.5:
+            M = add(M, scale(subtract(G, M, prec), weight, prec), prec)
+        else:
+            M = subtract(G, scale(subtract(G, M, prec), 1.0 - weight, prec), prec)
+        V = add(scale(V, beta2, prec), scale(multiply(G, G, prec), 1.0 - beta2, prec), prec)
+        root = scale(sqrt(V, prec), (1.0 - beta2**t) ** 0.5, prec, divide=True)
+        xp = namespace(root.value)
+        denom = add(root, exact(xp.full(root.value.shape, eps, dtype=xp.float64)), prec)
+        step = scale(divide(M, denom, prec), -lr / (1.0 - beta1**t), prec)
+        return {"p": add(P, step, prec), "m": M, "v": V}
+
+    return with_reference(chain, Precision(dtype, None, model))

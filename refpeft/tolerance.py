@@ -44,7 +44,16 @@ is ~1e-9 of the float32 one; it matters only when a float64 peer is checked.
 Quantisation adds no rounding model of its own: 4-bit codes and absmaxes are compared bit for bit,
 and the dequantised weight `f32(code_value * absmax)` is an exact function of them. A matmul on a
 dequantised weight is a matmul whose weight is exact in float32 and rounded once more when the
-compute dtype is narrower (`weight_rounded=True` in `quantized_linear_bound`).
+compute dtype is narrower (`weight_rounded=True` in refpeft.methods.qlora.quantized_linear_bound).
+
+Where the bounds live
+---------------------
+This module is the algebra only. Each computation composes its bound from these rules next to
+the code it bounds, in the "error bounds" section of its module, so a reordering of the math is
+visible in one file: `lora_forward_bound`, `lora_backward_bound`, `lora_merge_bound` in
+refpeft.methods.lora; the `dora_*`, `vera_*` and `qlora_*` bounds in their method modules;
+`adam_update_bound` in refpeft.optim. `output_bound` and `gradient_bounds` turn a chain into
+the comparison bound (`with_reference`) in the caller's shapes.
 
 Precision models
 ----------------
@@ -305,388 +314,31 @@ def with_reference(chain: Callable[[Precision], Bounded | dict[str, Bounded]], p
     return peer.error + reference.error
 
 
-def _precision(dtype: str, accumulation: str | None, model: str) -> Precision:
-    return Precision(storage=dtype, accumulation=accumulation, model=model)
-
-
-def _gradient_bounds(chain: Callable[[Precision], dict[str, Bounded]], precision: Precision, *,
-                     x_shape: tuple[int, ...]) -> dict[str, Any]:
-    """The bounds of a backward chain's gradients, dx reshaped back to x's (..., k) shape."""
-    bounds = with_reference(chain, precision)
-    xp = namespace(bounds["dx"])
-    bounds["dx"] = xp.reshape(bounds["dx"], x_shape)
-    return bounds
-
-
-# ---------------------------------------------------------------- LoRA (refpeft.methods.lora's computation)
-
-def _optional(a: Any) -> Bounded | None:
+def exact_or_none(a: Any) -> Bounded | None:
+    """An optional exact input (a bias that may be absent)."""
     return None if a is None else exact(a)
 
 
-def _lora_chain(x: Any, W0: Any, A: Any, B: Any, *, scaling: float, bias: Any, dropout_mask: Any,
-                fan_in_fan_out: bool, precision: Precision) -> dict[str, Bounded]:
-    """Forward intermediates with their errors: xd, xa, y (all 2-D)."""
-    x2 = rows(exact(x))                                                         # (n, k)
-    xd = x2 if dropout_mask is None else multiply(x2, rows(exact(dropout_mask)), precision)
-    W0_t = exact(W0) if fan_in_fan_out else transpose(exact(W0))                # (k, d)
-    base = matmul(x2, W0_t, precision, bias=_optional(bias))                    # x W0^T + b
-    xa = matmul(xd, transpose(exact(A)), precision)                              # (n, r)
-    adapter = matmul(xa, transpose(exact(B)), precision, scale=scaling)         # s (xa B^T)
-    return {"xd": xd, "xa": xa, "y": add(base, adapter, precision)}
-
-
-def lora_forward_bound(x: Any, W0: Any, A: Any, B: Any, *, scaling: float, bias: Any = None,
-                       dropout_mask: Any = None, fan_in_fan_out: bool = False, dtype: str = "float32",
-                       accumulation: str | None = None, model: str = "rigorous") -> Any:
-    """Per-element bound on |y_peer - y_refpeft| for LoRA's y = x W0^T + b + s (dropout(x) A^T) B^T.
-
-    Arguments are the exact inputs (any float dtype; read as float64) and the format the peer
-    computes in. Returns an array of y's shape, (..., d), in float64.
-    """
-    chain = lambda p: _lora_chain(x, W0, A, B, scaling=scaling, bias=bias, dropout_mask=dropout_mask,  # noqa: E731
-                                  fan_in_fan_out=fan_in_fan_out, precision=p)["y"]
-    bound = with_reference(chain, _precision(dtype, accumulation, model))
-    xp = namespace(bound)
-    return xp.reshape(bound, (*x.shape[:-1], bound.shape[-1]))
-
-
-def lora_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, *, scaling: float, dropout_mask: Any = None,
-                        fan_in_fan_out: bool = False, bias_trainable: bool = False, dtype: str = "float32",
-                        accumulation: str | None = None, model: str = "rigorous") -> dict[str, Any]:
-    """Per-element bounds on dx, dA, dB (and dbias when trainable) of `refpeft.methods.lora.lora_backward`.
-
-    The chain follows the forward's cached xa (with its forward error) into dB, and g = s dy B
-    into dA and dx; scaling is allowed before or after each product, so autograd's order is covered.
-    """
-    def chain(p: Precision) -> dict[str, Bounded]:
-        forward = _lora_chain(x, W0, A, B, scaling=scaling, bias=None, dropout_mask=dropout_mask,
-                              fan_in_fan_out=fan_in_fan_out, precision=p)
-        g2 = rows(exact(dy))                                                    # (n, d)
-        dB = matmul(transpose(g2), forward["xa"], p, scale=scaling)             # s dy^T xa
-        g = matmul(g2, exact(B), p, scale=scaling)                              # s dy B
-        dA = matmul(transpose(g), forward["xd"], p)                             # g^T xd
-        dx_adapter = matmul(g, exact(A), p)                                     # g A
-        if dropout_mask is not None:
-            dx_adapter = multiply(dx_adapter, rows(exact(dropout_mask)), p)
-        W0_rows = transpose(exact(W0)) if fan_in_fan_out else exact(W0)         # (d, k)
-        grads = {"dx": add(matmul(g2, W0_rows, p), dx_adapter, p), "dA": dA, "dB": dB}
-        if bias_trainable:
-            grads["dbias"] = row_sum(g2, p)
-        return grads
-
-    return _gradient_bounds(chain, _precision(dtype, accumulation, model), x_shape=tuple(x.shape))
-
-
-def merge_bound(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False, dtype: str = "float32",
-                accumulation: str | None = None, model: str = "rigorous", unmerge: bool = False) -> Any:
-    """Per-element bound on the merged W0 + s B A (or, with unmerge=True, on W - s B A), W0's layout."""
-    def chain(p: Precision) -> Bounded:
-        delta = matmul(exact(B), exact(A), p, scale=-scaling if unmerge else scaling)   # (d, k)
-        return add(exact(W0), transpose(delta) if fan_in_fan_out else delta, p)
-
-    return with_reference(chain, _precision(dtype, accumulation, model))
-
-
-def quantized_linear_bound(x: Any, W_dequantized: Any, *, bias: Any = None, dtype: str = "float32",
-                           weight_rounded: bool = False, accumulation: str | None = None,
-                           model: str = "rigorous") -> Any:
-    """Bound on x W^T + b for a dequantised 4-bit weight W (exact in float32 given codes and absmax).
-
-    `weight_rounded=True` when the peer casts the float32 dequantised weight to a narrower compute
-    dtype (bitsandbytes dequantises to the input's dtype) before the matmul: one rounding each.
-    """
-    def chain(p: Precision) -> Bounded:
-        W = stored(W_dequantized, p) if weight_rounded else exact(W_dequantized)
-        return matmul(rows(exact(x)), transpose(W), p, bias=_optional(bias))
-
-    bound = with_reference(chain, _precision(dtype, accumulation, model))
-    xp = namespace(bound)
-    return xp.reshape(bound, (*x.shape[:-1], bound.shape[-1]))
-
-
-# ---------------------------------------------------------------- DoRA (refpeft.methods.dora's computation, and PEFT's)
-
-def _dora_norm(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool, p: Precision) -> tuple[Bounded, Bounded]:
-    """V = W0 + s B A (d, k) and its row norms n (d,), each with its error."""
-    W_rows = transpose(exact(W0)) if fan_in_fan_out else exact(W0)
-    V = add(W_rows, matmul(exact(B), exact(A), p, scale=scaling), p)
-    return V, row_norm(V, p)
-
-
-def _dora_chain(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, bias: Any, dropout_mask: Any,
-                fan_in_fan_out: bool, p: Precision) -> dict[str, Bounded]:
-    """y = x W0^T + b + (g - 1) * u + (g * v) * s with g = m / n, u = xd W0^T, v = (xd A^T) B^T.
-
-    PEFT without dropout takes u as (x W0^T + b) - b (its base output minus the bias): both ways of
-    forming u are bounded and the larger error kept."""
-    _, n = _dora_norm(W0, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out, p=p)
-    g = divide(exact(magnitude), n, p)                                          # (d,)
-    x2 = rows(exact(x))
-    xd = x2 if dropout_mask is None else multiply(x2, rows(exact(dropout_mask)), p)
-    W0_t = exact(W0) if fan_in_fan_out else transpose(exact(W0))               # (k, d)
-    xw = matmul(x2, W0_t, p)
-    base = xw if bias is None else add(xw, exact(bias), p)
-    u = matmul(xd, W0_t, p)
-    if dropout_mask is None and bias is not None:
-        u = either(u, subtract(base, exact(bias), p))
-    xa = matmul(xd, transpose(exact(A)), p)
-    v = matmul(xa, transpose(exact(B)), p)
-    g_minus_1 = subtract(g, exact(g.value * 0 + 1), p)
-    correction = add(multiply(g_minus_1, u, p), scale(multiply(g, v, p), scaling, p), p)
-    return {"y": add(base, correction, p), "g": g, "n": n, "u": u, "v": v, "xa": xa, "xd": xd}
-
-
-def dora_forward_bound(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, bias: Any = None,
-                       dropout_mask: Any = None, fan_in_fan_out: bool = False, dtype: str = "float32",
-                       accumulation: str | None = None, model: str = "rigorous") -> Any:
-    """Per-element bound on DoRA's y (refpeft.methods.dora.dora_forward, PEFT's order), (..., d)."""
-    chain = lambda p: _dora_chain(x, W0, A, B, magnitude, scaling=scaling, bias=bias, dropout_mask=dropout_mask,  # noqa: E731
-                                  fan_in_fan_out=fan_in_fan_out, p=p)["y"]
-    bound = with_reference(chain, _precision(dtype, accumulation, model))
-    xp = namespace(bound)
-    return xp.reshape(bound, (*x.shape[:-1], bound.shape[-1]))
-
-
-def dora_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float,
-                        bias: Any = None, dropout_mask: Any = None, fan_in_fan_out: bool = False,
-                        gradient: str = "detached", bias_trainable: bool = False, dtype: str = "float32",
-                        accumulation: str | None = None, model: str = "rigorous") -> dict[str, Any]:
-    """Per-element bounds on dx, dA, dB, dmagnitude (dbias) of refpeft.methods.dora.dora_backward.
-
-    Covers PEFT's autograd order where it differs: dg as one sum of dy * (u + s v) or as two sums,
-    g * dy * s in either association, and the base path as (g dy) W0 or (dy + (g - 1) dy) W0.
-    """
-    def chain(p: Precision) -> dict[str, Bounded]:
-        f = _dora_chain(x, W0, A, B, magnitude, scaling=scaling, bias=bias, dropout_mask=dropout_mask,
-                        fan_in_fan_out=fan_in_fan_out, p=p)
-        g, n, u, v, xa, xd = f["g"], f["n"], f["u"], f["v"], f["xa"], f["xd"]
-        g2 = rows(exact(dy))
-        sv = scale(v, scaling, p)
-        dg = either(row_sum(multiply(g2, add(u, sv, p), p), p),
-                    add(row_sum(multiply(g2, u, p), p), row_sum(multiply(g2, sv, p), p), p))
-        gy = either(scale(multiply(g2, g, p), scaling, p), multiply(scale(g2, scaling, p), g, p))
-        dB = matmul(transpose(gy), xa, p)
-        gb = matmul(gy, exact(B), p)
-        dA = matmul(transpose(gb), xd, p)
-        W0_rows = transpose(exact(W0)) if fan_in_fan_out else exact(W0)            # (d, k)
-        g_minus_1 = subtract(g, exact(g.value * 0 + 1), p)
-        if dropout_mask is None:
-            base = either(matmul(multiply(g2, g, p), W0_rows, p),
-                          matmul(add(g2, multiply(g2, g_minus_1, p), p), W0_rows, p))
-            dx = add(base, matmul(gb, exact(A), p), p)
-        else:
-            dxd = add(matmul(multiply(g2, g_minus_1, p), W0_rows, p), matmul(gb, exact(A), p), p)
-            dx = add(matmul(g2, W0_rows, p), multiply(dxd, rows(exact(dropout_mask)), p), p)
-        grads = {"dx": dx, "dmagnitude": divide(dg, n, p)}
-        if gradient == "exact":
-            w = scale(divide(multiply(dg, g, p), multiply(n, n, p), p), -1.0, p)   # -(dg g) / n^2
-            wB = multiply(column(w), exact(B), p)                                    # (d, r)
-            WAt = matmul(W0_rows, transpose(exact(A)), p)                            # (d, r)
-            AAt = matmul(exact(A), transpose(exact(A)), p)                           # (r, r)
-            extra_B = scale(add(multiply(column(w), WAt, p), scale(matmul(wB, AAt, p), scaling, p), p), scaling, p)
-            dB = add(dB, extra_B, p)
-            wBt = transpose(wB)
-            extra_A = add(matmul(wBt, W0_rows, p), scale(matmul(matmul(wBt, exact(B), p), exact(A), p), scaling, p), p)
-            dA = add(dA, scale(extra_A, scaling, p), p)
-        grads.update(dA=dA, dB=dB)
-        if bias_trainable:
-            grads["dbias"] = row_sum(g2, p)
-        return grads
-
-    return _gradient_bounds(chain, _precision(dtype, accumulation, model), x_shape=tuple(x.shape))
-
-
-def dora_merge_bound(W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, fan_in_fan_out: bool = False,
-                     dtype: str = "float32", accumulation: str | None = None, model: str = "rigorous") -> Any:
-    """Per-element bound on W' = diag(m / n) (W0 + s B A), in W0's layout."""
-    def chain(p: Precision) -> Bounded:
-        V, n = _dora_norm(W0, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out, p=p)
-        merged = multiply(column(divide(exact(magnitude), n, p)), V, p)
-        return transpose(merged) if fan_in_fan_out else merged
-
-    return with_reference(chain, _precision(dtype, accumulation, model))
-
-
-def dora_unmerge_bound(W: Any, A: Any, B: Any, magnitude: Any, weight_norm: Any, *, scaling: float,
-                       fan_in_fan_out: bool = False, dtype: str = "float32", accumulation: str | None = None,
-                       model: str = "rigorous") -> Any:
-    """Per-element bound on W0 = W / (m / n) - s B A with the cached norm n given (PEFT's unmerge)."""
-    def chain(p: Precision) -> Bounded:
-        g = divide(exact(magnitude), exact(weight_norm), p)                          # (d,)
-        W_rows = transpose(exact(W)) if fan_in_fan_out else exact(W)                 # (d, k)
-        W0 = subtract(divide(W_rows, column(g), p), matmul(exact(B), exact(A), p, scale=scaling), p)
-        return transpose(W0) if fan_in_fan_out else W0
-
-    return with_reference(chain, _precision(dtype, accumulation, model))
-
-
-# ---------------------------------------------------------------- VeRA (refpeft.methods.vera's computation)
-
-def _vera_chain(x: Any, W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, bias: Any, dropout_mask: Any,
-                fan_in_fan_out: bool, p: Precision) -> dict[str, Bounded]:
-    """y = x W0^T + b + lambda_b * ((lambda_d * xa) B^T), A and B the layer's slices."""
-    x2 = rows(exact(x))
-    xd = x2 if dropout_mask is None else multiply(x2, rows(exact(dropout_mask)), p)
-    W0_t = exact(W0) if fan_in_fan_out else transpose(exact(W0))
-    base = matmul(x2, W0_t, p, bias=_optional(bias))
-    xa = matmul(xd, transpose(exact(A)), p)
-    h = multiply(xa, exact(lambda_d), p)
-    y = add(base, multiply(exact(lambda_b), matmul(h, transpose(exact(B)), p), p), p)
-    return {"y": y, "xa": xa, "xd": xd, "h": h}
-
-
-def vera_forward_bound(x: Any, W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, bias: Any = None,
-                       dropout_mask: Any = None, fan_in_fan_out: bool = False, dtype: str = "float32",
-                       accumulation: str | None = None, model: str = "rigorous") -> Any:
-    """Per-element bound on VeRA's y; A (r, k) and B (d, r) are the layer's slices of the shared pair."""
-    chain = lambda p: _vera_chain(x, W0, A, B, lambda_d, lambda_b, bias=bias, dropout_mask=dropout_mask,  # noqa: E731
-                                  fan_in_fan_out=fan_in_fan_out, p=p)["y"]
-    bound = with_reference(chain, _precision(dtype, accumulation, model))
-    xp = namespace(bound)
-    return xp.reshape(bound, (*x.shape[:-1], bound.shape[-1]))
-
-
-def vera_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *,
-                        dropout_mask: Any = None, fan_in_fan_out: bool = False, bias_trainable: bool = False,
-                        dtype: str = "float32", accumulation: str | None = None, model: str = "rigorous") -> dict[str, Any]:
-    """Per-element bounds on dx, dlambda_d, dlambda_b (dbias) of refpeft.methods.vera.vera_backward.
-
-    dlambda_b is bounded both as refpeft forms it (row sums of B * (dy^T h)) and as autograd does
-    (column sums of dy * (h B^T)), keeping the larger error."""
-    def chain(p: Precision) -> dict[str, Bounded]:
-        f = _vera_chain(x, W0, A, B, lambda_d, lambda_b, bias=None, dropout_mask=dropout_mask,
-                        fan_in_fan_out=fan_in_fan_out, p=p)
-        g2 = rows(exact(dy))
-        h, xa, xd = f["h"], f["xa"], f["xd"]
-        by_refpeft = row_sum(transpose(multiply(exact(B), matmul(transpose(g2), h, p), p)), p)
-        by_autograd = row_sum(multiply(g2, matmul(h, transpose(exact(B)), p), p), p)
-        gh = matmul(multiply(g2, exact(lambda_b), p), exact(B), p)
-        dx_adapter = matmul(multiply(gh, exact(lambda_d), p), exact(A), p)
-        if dropout_mask is not None:
-            dx_adapter = multiply(dx_adapter, rows(exact(dropout_mask)), p)
-        W0_rows = transpose(exact(W0)) if fan_in_fan_out else exact(W0)
-        grads = {"dx": add(matmul(g2, W0_rows, p), dx_adapter, p), "dlambda_d": row_sum(multiply(gh, xa, p), p),
-                 "dlambda_b": either(by_refpeft, by_autograd)}
-        if bias_trainable:
-            grads["dbias"] = row_sum(g2, p)
-        return grads
-
-    return _gradient_bounds(chain, _precision(dtype, accumulation, model), x_shape=tuple(x.shape))
-
-
-def vera_merge_bound(W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, fan_in_fan_out: bool = False,
-                     dtype: str = "float32", accumulation: str | None = None, model: str = "rigorous",
-                     unmerge: bool = False) -> Any:
-    """Per-element bound on W0 + (lambda_b B)(lambda_d A) (PEFT's order), in W0's layout; with
-    unmerge=True on W - (lambda_b B)(lambda_d A) (pass the merged W as W0)."""
-    def chain(p: Precision) -> Bounded:
-        lb, ld = column(exact(lambda_b)), column(exact(lambda_d))
-        delta = matmul(multiply(lb, exact(B), p), multiply(ld, exact(A), p), p)
-        delta = transpose(delta) if fan_in_fan_out else delta
-        return subtract(exact(W0), delta, p) if unmerge else add(exact(W0), delta, p)
-
-    return with_reference(chain, _precision(dtype, accumulation, model))
-
-
-# ---------------------------------------------------------------- QLoRA in bfloat16 (refpeft.methods.qlora's "bfloat16")
-
-def _to_storage(P: Bounded, precision: Precision) -> Bounded:
+def to_storage(P: Bounded, precision: Precision) -> Bounded:
     """A cast of a wider result to `precision`'s storage format: one rounding."""
     xp = namespace(P.value)
     return Bounded(P.value, _round_result(P.value, P.error, precision, xp=xp))
 
 
-def _qlora_chain(x: Any, W0: Any, A: Any, B: Any, *, scaling: float, bias: Any, dropout_mask: Any,
-                 storage: str, model: str) -> dict[str, Bounded]:
-    """bnb Linear4bit + PEFT: base = half(x W0^T + b), out = half(f32(xa B^T) * s) with xa in float32,
-    y = half(base + out); W0 holds the dequantised half-format values (exact)."""
-    half, single = Precision(storage, model=model), Precision("float32", model=model)
-    x2 = rows(exact(x))
-    xd = x2 if dropout_mask is None else multiply(x2, rows(exact(dropout_mask)), single)
-    base = matmul(x2, transpose(exact(W0)), half, bias=_optional(bias))
-    xa = matmul(xd, transpose(exact(A)), single)
-    out = _to_storage(matmul(xa, transpose(exact(B)), single, scale=scaling), half)
-    return {"y": add(base, out, half), "xa": xa, "xd": xd}
-
-
-def qlora_forward_bound(x: Any, W0: Any, A: Any, B: Any, *, scaling: float, bias: Any = None, dropout_mask: Any = None,
-                        dtype: str = "bfloat16", model: str = "rigorous") -> Any:
-    """Bound on y of a half-precision QLoRA layer with float32 adapters (refpeft.methods.qlora, precision="bfloat16").
-
-    Mixed precision: the base product and every sum with it in `dtype` (float32 accumulation), the
-    adapter branch in float32 and cast once. W0 is the dequantised weight (exact given the codes).
-    The float64 reference term is the same chain in float64 (`with_reference`)."""
-    def chain(p: Precision) -> Bounded:
-        if p.storage == "float64":
-            return _lora_chain(x, W0, A, B, scaling=scaling, bias=bias, dropout_mask=dropout_mask,
-                               fan_in_fan_out=False, precision=p)["y"]
-        return _qlora_chain(x, W0, A, B, scaling=scaling, bias=bias, dropout_mask=dropout_mask, storage=dtype,
-                            model=model)["y"]
-
-    bound = with_reference(chain, _precision(dtype, None, model))
+def output_bound(chain: Callable[[Precision], Bounded], precision: Precision, *, x_shape: tuple[int, ...]) -> Any:
+    """The comparison bound of a forward chain's 2-D output (rows, d), reshaped to x's (..., d)."""
+    bound = with_reference(chain, precision)
     xp = namespace(bound)
-    return xp.reshape(bound, (*x.shape[:-1], bound.shape[-1]))
+    return xp.reshape(bound, (*x_shape[:-1], bound.shape[-1]))
 
 
-def qlora_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, *, scaling: float, dropout_mask: Any = None,
-                         dtype: str = "bfloat16", model: str = "rigorous") -> dict[str, Any]:
-    """Bounds on dx, dA, dB of the half-precision QLoRA layer (refpeft.methods.qlora's backward, PEFT's autograd):
-    dt = f32(dy s); dB = dt^T xa, dA = (dt B)^T xd in float32; dx = half(half(dy W0) + half((dt B A) * mask))."""
-    def chain(p: Precision) -> dict[str, Bounded]:
-        if p.storage == "float64":
-            f = _lora_chain(x, W0, A, B, scaling=scaling, bias=None, dropout_mask=dropout_mask,
-                            fan_in_fan_out=False, precision=p)
-            half = single = p
-        else:
-            f = _qlora_chain(x, W0, A, B, scaling=scaling, bias=None, dropout_mask=dropout_mask, storage=dtype,
-                             model=model)
-            half, single = Precision(dtype, model=model), Precision("float32", model=model)
-        g2 = rows(exact(dy))
-        dt = scale(g2, scaling, single)
-        dxa = matmul(dt, exact(B), single)
-        adapter = matmul(dxa, exact(A), single)
-        if dropout_mask is not None:
-            adapter = multiply(adapter, rows(exact(dropout_mask)), single)
-        dx = add(matmul(g2, exact(W0), half), _to_storage(adapter, half), half)
-        return {"dx": dx, "dA": matmul(transpose(dxa), f["xd"], single), "dB": matmul(transpose(dt), f["xa"], single)}
-
-    return _gradient_bounds(chain, _precision(dtype, None, model), x_shape=tuple(x.shape))
-
-
-# ---------------------------------------------------------------- Adam (refpeft.optim.adam_update's chain)
-
-def adam_update_bound(p: Any, g: Any, m: Any, v: Any, *, t: int, lr: float, betas: tuple[float, float],
-                      eps: float, weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
-                      dtype: str = "float32", model: str = "rigorous") -> dict[str, Any]:
-    """Per-element bounds on the updated p, m, v of one Adam/AdamW step (amsgrad off).
-
-    Every scalar (1 - lr wd, 1 - beta1, beta2, 1 - beta2, sqrt(1 - beta2^t), lr / (1 - beta1^t),
-    eps) is a float64 number the peer rounds to its format; each elementwise op rounds once. A fused
-    multiply-add or lerp rounds less, which the bound covers.
-    """
-    beta1, beta2 = betas
-
-    def chain(prec: Precision) -> dict[str, Bounded]:
-        P, G, M, V = exact(p), exact(g), exact(m), exact(v)
-        if weight_decay != 0.0:
-            if decoupled_weight_decay:
-                P = scale(P, 1.0 - lr * weight_decay, prec)
-            else:
-                G = add(G, scale(P, weight_decay, prec), prec)
-        weight = 1.0 - beta1
-        if weight < 0.5:
-            M = add(M, scale(subtract(G, M, prec), weight, prec), prec)
-        else:
-            M = subtract(G, scale(subtract(G, M, prec), 1.0 - weight, prec), prec)
-        V = add(scale(V, beta2, prec), scale(multiply(G, G, prec), 1.0 - beta2, prec), prec)
-        root = scale(sqrt(V, prec), (1.0 - beta2**t) ** 0.5, prec, divide=True)
-        xp = namespace(root.value)
-        denom = add(root, exact(xp.full(root.value.shape, eps, dtype=xp.float64)), prec)
-        step = scale(divide(M, denom, prec), -lr / (1.0 - beta1**t), prec)
-        return {"p": add(P, step, prec), "m": M, "v": V}
-
-    return with_reference(chain, _precision(dtype, None, model))
+def gradient_bounds(chain: Callable[[Precision], dict[str, Bounded]], precision: Precision, *,
+                    x_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The comparison bounds of a backward chain's gradients, dx reshaped back to x's (..., k) shape."""
+    bounds = with_reference(chain, precision)
+    xp = namespace(bounds["dx"])
+    bounds["dx"] = xp.reshape(bounds["dx"], x_shape)
+    return bounds
 
 
 # ---------------------------------------------------------------- comparing

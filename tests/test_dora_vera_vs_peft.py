@@ -1,6 +1,6 @@
 """DoRA and VeRA against HF PEFT on torch CPU: same weights, float64 to 1e-12, float32 within a derived bound.
 
-The float32 bounds are refpeft.tolerance's (dora_/vera_ forward, backward and merge bounds, which
+The float32 bounds are the methods' own (dora_/vera_ forward, backward and merge bounds, which
 cover both refpeft's and PEFT's operation orders): both implementations must stay within them.
 """
 
@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from refpeft import tolerance as tol
-from refpeft.methods.dora import dora_backward, dora_forward, dora_merge, dora_unmerge, dora_weight_norm, dora_init
+from refpeft.methods.dora import dora_backward, dora_backward_bound, dora_forward, dora_forward_bound, dora_merge, \
+    dora_merge_bound, dora_unmerge, dora_weight_norm, dora_init
 from refpeft.errors import NonFiniteError
 from refpeft.methods.linear import LinearShape, dropout_mask
 from refpeft.methods.lora import lora_scaling
-from refpeft.methods.vera import largest_layer, vera_backward, vera_forward, vera_merge, vera_projections, vera_unmerge
+from refpeft.methods.vera import largest_layer, vera_backward, vera_backward_bound, vera_forward, vera_forward_bound, \
+    vera_merge, vera_merge_bound, vera_projections, vera_unmerge
 from support import assert_close
 
 torch = pytest.importorskip("torch", reason="torch is in the conformance extra")
@@ -164,11 +166,11 @@ def test_dora_float32_agrees_with_peft_within_the_derived_bound():
     y32, cache32 = dora_forward(f32["x"], f32["W0"], f32["A"], f32["B"], m.astype(np.float32), scaling=s, bias=f32["b"])
     y64, cache64 = dora_forward(c["x"], c["W0"], c["A"], c["B"], m, scaling=s, bias=c["b"])
     args = (c["x"], c["W0"], c["A"], c["B"], m)
-    ratios = within(tol.dora_forward_bound(*args, scaling=s, bias=c["b"]), y64, y32, peft_y.detach().numpy(), named="y")
+    ratios = within(dora_forward_bound(*args, scaling=s, bias=c["b"]), y64, y32, peft_y.detach().numpy(), named="y")
     assert min(ratios) > 0.0   # really computed in float32
 
     grads32, grads64 = dora_backward(f32["dy"], cache32), dora_backward(c["dy"], cache64)
-    bounds = tol.dora_backward_bound(c["dy"], *args, scaling=s, bias=c["b"])
+    bounds = dora_backward_bound(c["dy"], *args, scaling=s, bias=c["b"])
     peft = {"dx": tx.grad, "dA": layer.lora_A["default"].weight.grad, "dB": layer.lora_B["default"].weight.grad,
             "dmagnitude": layer.lora_magnitude_vector["default"].weight.grad}
     for name, theirs in peft.items():
@@ -177,7 +179,7 @@ def test_dora_float32_agrees_with_peft_within_the_derived_bound():
     layer.merge()
     W32 = dora_merge(f32["W0"], f32["A"], f32["B"], m.astype(np.float32), scaling=s)
     W64 = dora_merge(c["W0"], c["A"], c["B"], m, scaling=s)
-    within(tol.dora_merge_bound(c["W0"], c["A"], c["B"], m, scaling=s), W64, W32,
+    within(dora_merge_bound(c["W0"], c["A"], c["B"], m, scaling=s), W64, W32,
            layer.base_layer.weight.detach().numpy(), named="merged")
 
 
@@ -269,16 +271,16 @@ def test_vera_float32_agrees_with_peft_within_the_derived_bound():
         y64, cache64 = vera_forward(*f64[:6], bias=f64[6])
         sliced = (f64[2][:, :shape.k], f64[3][:shape.d])
         args = (f64[0], f64[1], *sliced, f64[4], f64[5])
-        within(tol.vera_forward_bound(*args, bias=f64[6]), y64, y32, peft_y.detach().numpy(), named="y")
+        within(vera_forward_bound(*args, bias=f64[6]), y64, y32, peft_y.detach().numpy(), named="y")
 
         grads32, grads64 = vera_backward(dy, cache32), vera_backward(f64[7], cache64)
-        bounds = tol.vera_backward_bound(f64[7], *args)
+        bounds = vera_backward_bound(f64[7], *args)
         peft = {"dx": tx.grad, "dlambda_d": layer.vera_lambda_d["default"].grad,
                 "dlambda_b": layer.vera_lambda_b["default"].grad}
         for name, theirs in peft.items():
             within(bounds[name], getattr(grads64, name), getattr(grads32, name), theirs.numpy(), named=name)
 
         layer.merge()
-        within(tol.vera_merge_bound(f64[1], *sliced, f64[4], f64[5]), vera_merge(*f64[1:6]),
+        within(vera_merge_bound(f64[1], *sliced, f64[4], f64[5]), vera_merge(*f64[1:6]),
                vera_merge(W0, vera_A, vera_B, lambda_d, lambda_b), layer.base_layer.weight.detach().numpy(),
                named="merged")

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from refpeft import tolerance
 from refpeft.errors import ConfigError, ShapeError
 from refpeft.methods.linear import dropout_mask
-from refpeft.methods.lora import lora_backward, lora_forward, lora_merge, lora_unmerge
-from refpeft.optim import AdamConfig, adam_update
+from refpeft.methods.lora import lora_backward, lora_backward_bound, lora_forward, lora_forward_bound, lora_merge, \
+    lora_merge_bound, lora_unmerge
+from refpeft.optim import AdamConfig, adam_update, adam_update_bound
 from strategies import LayerCase, layer_cases, normal_arrays
 from support import BACKENDS, BACKEND_IDS, assert_close
 
@@ -50,12 +51,11 @@ def test_lora_forward_and_backward_within_bound_of_refpeft_in_low_precision(case
     fwd = dict(x=a["x"], W0=a["W0"], A=a["A"], B=a["B"], bias=a["bias"], dropout_mask=a["dropout_mask"])
     y, cache = lora_forward(**fwd, **options(case), bias_trainable=case.bias)
     y64, cache64 = lora_forward(**{n: wide[n] for n in fwd}, **options(case), bias_trainable=case.bias)
-    bound = tolerance.lora_forward_bound(**fwd, **options(case), dtype=dtype, accumulation=dtype)
+    bound = lora_forward_bound(**fwd, **options(case), dtype=dtype, accumulation=dtype)
     assert tolerance.compare(y, y64, bound).passed
     grads, grads64 = lora_backward(a["dy"], cache), lora_backward(wide["dy"], cache64)
-    bounds = tolerance.lora_backward_bound(a["dy"], a["x"], a["W0"], a["A"], a["B"], dropout_mask=a["dropout_mask"],
-                                           bias_trainable=case.bias, dtype=dtype, accumulation=dtype,
-                                           **options(case))
+    bounds = lora_backward_bound(a["dy"], a["x"], a["W0"], a["A"], a["B"], dropout_mask=a["dropout_mask"],
+                                 bias_trainable=case.bias, dtype=dtype, accumulation=dtype, **options(case))
     for name, b in bounds.items():
         result = tolerance.compare(getattr(grads, name), getattr(grads64, name), b)
         assert result.passed, f"{name}: {result}"
@@ -69,10 +69,10 @@ def test_merge_and_unmerge_within_bound(case):
     opts = options(case)
     merged = lora_merge(a["W0"], a["A"], a["B"], **opts)
     assert tolerance.compare(merged, lora_merge(wide["W0"], wide["A"], wide["B"], **opts),
-                             tolerance.merge_bound(a["W0"], a["A"], a["B"], **opts)).passed
+                             lora_merge_bound(a["W0"], a["A"], a["B"], **opts)).passed
     back = lora_unmerge(a["W0"], a["A"], a["B"], **opts)
     assert tolerance.compare(back, lora_unmerge(wide["W0"], wide["A"], wide["B"], **opts),
-                             tolerance.merge_bound(a["W0"], a["A"], a["B"], unmerge=True, **opts)).passed
+                             lora_merge_bound(a["W0"], a["A"], a["B"], unmerge=True, **opts)).passed
 
 
 def test_bound_holds_for_torch_float32_and_is_tight():
@@ -84,15 +84,15 @@ def test_bound_holds_for_torch_float32_and_is_tight():
     t = [torch.from_numpy(a) for a in (x, W0, A, B)]
     y_torch = (t[0] @ t[1].T + (t[0] @ t[2].T @ t[3].T) * s).numpy()
     y64, _ = lora_forward(*(a.astype(np.float64) for a in (x, W0, A, B)), scaling=s)
-    result = tolerance.compare(y_torch, y64, tolerance.lora_forward_bound(x, W0, A, B, scaling=s))
+    result = tolerance.compare(y_torch, y64, lora_forward_bound(x, W0, A, B, scaling=s))
     assert 1e-3 < result.ratio <= 1.0, result
 
 
 def test_probabilistic_model_is_tighter_than_rigorous():
     rng = np.random.default_rng(1)
     x, W0, A, B = (rng.standard_normal(shape) for shape in ((4, 256), (8, 256), (2, 256), (8, 2)))
-    rigorous = tolerance.lora_forward_bound(x, W0, A, B, scaling=1.0)
-    probabilistic = tolerance.lora_forward_bound(x, W0, A, B, scaling=1.0, model="probabilistic")
+    rigorous = lora_forward_bound(x, W0, A, B, scaling=1.0)
+    probabilistic = lora_forward_bound(x, W0, A, B, scaling=1.0, model="probabilistic")
     assert np.all(probabilistic < rigorous)
 
 
@@ -101,7 +101,7 @@ def test_bound_is_per_element_a_cancelling_output_gets_a_small_bound():
     x = np.array([[1.0, 1.0]], dtype=np.float32)
     W0 = np.array([[1.0, -1.0], [1e3, 1e3]], dtype=np.float32)
     A, B = np.zeros((1, 2), np.float32), np.zeros((2, 1), np.float32)
-    bound = tolerance.lora_forward_bound(x, W0, A, B, scaling=1.0)
+    bound = lora_forward_bound(x, W0, A, B, scaling=1.0)
     assert bound[0, 0] < 1e-5 < bound[0, 1]
 
 
@@ -113,8 +113,8 @@ def test_adam_float32_within_bound():
         config = AdamConfig(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=decoupled)
         low = adam_update(p, g, m, v, v, t=3, config=config)
         high = adam_update(*(a.astype(np.float64) for a in (p, g, m, v, v)), t=3, config=config)
-        bounds = tolerance.adam_update_bound(p, g, m, v, t=3, lr=1e-2, betas=config.betas, eps=config.eps,
-                                             weight_decay=0.1, decoupled_weight_decay=decoupled)
+        bounds = adam_update_bound(p, g, m, v, t=3, lr=1e-2, betas=config.betas, eps=config.eps,
+                                   weight_decay=0.1, decoupled_weight_decay=decoupled)
         for i, name in enumerate(("p", "m", "v")):
             result = tolerance.compare(low[i], high[i], bounds[name])
             assert result.passed and result.ratio > 1e-3, (name, result)
@@ -124,7 +124,7 @@ def test_a_perturbed_result_fails_with_its_ratio():
     rng = np.random.default_rng(2)
     x, W0, A, B = (rng.standard_normal(shape).astype(np.float32) for shape in ((3, 16), (5, 16), (2, 16), (5, 2)))
     y64, _ = lora_forward(*(a.astype(np.float64) for a in (x, W0, A, B)), scaling=1.0)
-    bound = tolerance.lora_forward_bound(x, W0, A, B, scaling=1.0)
+    bound = lora_forward_bound(x, W0, A, B, scaling=1.0)
     wrong = y64.copy()
     wrong[1, 2] += 10 * bound[1, 2]
     result = tolerance.compare(wrong, y64, bound)
@@ -159,11 +159,11 @@ def test_scalar_rounding_is_counted_only_when_inexact():
 def test_bounds_are_the_same_on_every_backend(backend):
     rng = np.random.default_rng(4)
     x, W0, A, B, dy = (rng.standard_normal(s).astype(np.float32) for s in ((2, 3, 8), (6, 8), (2, 8), (6, 2), (2, 3, 6)))
-    expected = tolerance.lora_forward_bound(x, W0, A, B, scaling=0.5)
-    actual = tolerance.lora_forward_bound(*map(backend, (x, W0, A, B)), scaling=0.5)
+    expected = lora_forward_bound(x, W0, A, B, scaling=0.5)
+    actual = lora_forward_bound(*map(backend, (x, W0, A, B)), scaling=0.5)
     assert_close(actual, expected, rtol=1e-12)
-    expected_grads = tolerance.lora_backward_bound(dy, x, W0, A, B, scaling=0.5)
-    actual_grads = tolerance.lora_backward_bound(*map(backend, (dy, x, W0, A, B)), scaling=0.5)
+    expected_grads = lora_backward_bound(dy, x, W0, A, B, scaling=0.5)
+    actual_grads = lora_backward_bound(*map(backend, (dy, x, W0, A, B)), scaling=0.5)
     for name in expected_grads:
         assert_close(actual_grads[name], expected_grads[name], rtol=1e-12)
 
@@ -171,7 +171,8 @@ def test_bounds_are_the_same_on_every_backend(backend):
 @FAST
 @given(layer_cases(max_features=32), st.sampled_from(["detached", "exact"]))
 def test_dora_bounds_hold_for_refpeft_in_float32(case, gradient):
-    from refpeft.methods.dora import dora_backward, dora_forward, dora_merge, dora_unmerge, dora_weight_norm
+    from refpeft.methods.dora import dora_backward, dora_backward_bound, dora_forward, dora_forward_bound, dora_merge, \
+        dora_merge_bound, dora_unmerge, dora_unmerge_bound, dora_weight_norm
 
     a = layer(case, "float32")
     a["magnitude"] = np.abs(a["bias"] if a["bias"] is not None else np.ones(case.d, np.float32)) + 0.5
@@ -181,28 +182,28 @@ def test_dora_bounds_hold_for_refpeft_in_float32(case, gradient):
     wide_opts = {**options(case), "bias": wide["bias"], "dropout_mask": wide["dropout_mask"]}
     y, cache = dora_forward(*(a[n] for n in names), gradient=gradient, **opts)
     y64, cache64 = dora_forward(*(wide[n] for n in names), gradient=gradient, **wide_opts)
-    assert tolerance.compare(y, y64, tolerance.dora_forward_bound(*(a[n] for n in names), **opts)).passed
+    assert tolerance.compare(y, y64, dora_forward_bound(*(a[n] for n in names), **opts)).passed
     grads, grads64 = dora_backward(a["dy"], cache), dora_backward(wide["dy"], cache64)
-    bounds = tolerance.dora_backward_bound(a["dy"], *(a[n] for n in names), gradient=gradient, **opts)
+    bounds = dora_backward_bound(a["dy"], *(a[n] for n in names), gradient=gradient, **opts)
     for name, b in bounds.items():
         result = tolerance.compare(getattr(grads, name), getattr(grads64, name), b)
         assert result.passed, f"{name}: {result}"
     merged = dora_merge(*(a[n] for n in names[1:]), **options(case))
     merged64 = dora_merge(*(wide[n] for n in names[1:]), **options(case))
-    assert tolerance.compare(merged, merged64, tolerance.dora_merge_bound(*(a[n] for n in names[1:]),
-                                                                          **options(case))).passed
+    assert tolerance.compare(merged, merged64, dora_merge_bound(*(a[n] for n in names[1:]), **options(case))).passed
     norm = dora_weight_norm(*(a[n] for n in names[1:4]), **options(case))                 # float32, cached
     back = dora_unmerge(merged, a["A"], a["B"], a["magnitude"], weight_norm=norm, **options(case))
     back64 = dora_unmerge(merged.astype(np.float64), wide["A"], wide["B"], wide["magnitude"],
                           weight_norm=norm.astype(np.float64), **options(case))
-    bound = tolerance.dora_unmerge_bound(merged, a["A"], a["B"], a["magnitude"], norm, **options(case))
+    bound = dora_unmerge_bound(merged, a["A"], a["B"], a["magnitude"], norm, **options(case))
     assert tolerance.compare(back, back64, bound).passed
 
 
 @FAST
 @given(layer_cases(max_features=32))
 def test_vera_bounds_hold_for_refpeft_in_float32(case):
-    from refpeft.methods.vera import vera_backward, vera_forward, vera_merge, vera_unmerge
+    from refpeft.methods.vera import vera_backward, vera_backward_bound, vera_forward, vera_forward_bound, vera_merge, \
+        vera_merge_bound, vera_unmerge
 
     a = layer(case, "float32")
     rng = np.random.default_rng(case.seed)
@@ -214,19 +215,19 @@ def test_vera_bounds_hold_for_refpeft_in_float32(case):
     opts = {**ffo, "bias": a["bias"], "dropout_mask": a["dropout_mask"]}
     y, cache = vera_forward(*(a[n] for n in names), **opts)
     y64, cache64 = vera_forward(*(wide[n] for n in names), **ffo, bias=wide["bias"], dropout_mask=wide["dropout_mask"])
-    assert tolerance.compare(y, y64, tolerance.vera_forward_bound(*(a[n] for n in names), **opts)).passed
+    assert tolerance.compare(y, y64, vera_forward_bound(*(a[n] for n in names), **opts)).passed
     grads, grads64 = vera_backward(a["dy"], cache), vera_backward(wide["dy"], cache64)
-    bounds = tolerance.vera_backward_bound(a["dy"], *(a[n] for n in names), dropout_mask=a["dropout_mask"], **ffo)
+    bounds = vera_backward_bound(a["dy"], *(a[n] for n in names), dropout_mask=a["dropout_mask"], **ffo)
     for name, b in bounds.items():
         result = tolerance.compare(getattr(grads, name), getattr(grads64, name), b)
         assert result.passed, f"{name}: {result}"
     merged = vera_merge(*(a[n] for n in names[1:]), **ffo)
     merged64 = vera_merge(*(wide[n] for n in names[1:]), **ffo)
-    assert tolerance.compare(merged, merged64, tolerance.vera_merge_bound(*(a[n] for n in names[1:]), **ffo)).passed
+    assert tolerance.compare(merged, merged64, vera_merge_bound(*(a[n] for n in names[1:]), **ffo)).passed
     shared = [a[n] for n in names[2:]]
     back, back64 = vera_unmerge(merged, *shared, **ffo), vera_unmerge(merged.astype(np.float64),
                                                                         *(wide[n] for n in names[2:]), **ffo)
-    assert tolerance.compare(back, back64, tolerance.vera_merge_bound(merged, *shared, unmerge=True, **ffo)).passed
+    assert tolerance.compare(back, back64, vera_merge_bound(merged, *shared, unmerge=True, **ffo)).passed
 
 
 @FAST
@@ -235,7 +236,8 @@ def test_qlora_bfloat16_bounds_hold_for_refpeft(case, quant_type):
     """refpeft.methods.qlora's bfloat16 precision (bitsandbytes + PEFT's rounding points) within the mixed bound."""
     import ml_dtypes
 
-    from refpeft.methods.qlora import base_weight, qlora_backward, qlora_forward, quantize_base
+    from refpeft.methods.qlora import base_weight, qlora_backward, qlora_backward_bound, qlora_forward, \
+        qlora_forward_bound, quantize_base
 
     if case.k * case.d < 2:
         return
@@ -248,10 +250,10 @@ def test_qlora_bfloat16_bounds_hold_for_refpeft(case, quant_type):
     y, cache = qlora_forward(bf16["x"], state, a["A"], a["B"], scaling=s, bias=bf16["bias"])
     wide = {n: None if v is None else v.astype(np.float64) for n, v in {**bf16, "A": a["A"], "B": a["B"], "W0": W0}.items()}
     y64, cache64 = lora_forward(wide["x"], wide["W0"], wide["A"], wide["B"], scaling=s, bias=wide["bias"])
-    assert tolerance.compare(y, y64, tolerance.qlora_forward_bound(bf16["x"], W0, a["A"], a["B"], scaling=s,
-                                                                   bias=bf16["bias"])).passed
+    assert tolerance.compare(y, y64, qlora_forward_bound(bf16["x"], W0, a["A"], a["B"], scaling=s,
+                                                         bias=bf16["bias"])).passed
     grads, grads64 = qlora_backward(bf16["dy"], cache), lora_backward(wide["dy"], cache64)
-    bounds = tolerance.qlora_backward_bound(bf16["dy"], bf16["x"], W0, a["A"], a["B"], scaling=s)
+    bounds = qlora_backward_bound(bf16["dy"], bf16["x"], W0, a["A"], a["B"], scaling=s)
     for name, b in bounds.items():
         result = tolerance.compare(getattr(grads, name), getattr(grads64, name), b)
         assert result.passed, f"{name}: {result}"

@@ -3,9 +3,11 @@
 This import package lives in conformance/ beside the vectors it checks, installed with refpeft
 (see refpeft.conformance.check for the protocol); it is the only place the peers are imported.
 
-Each runner module exposes `implementations() -> list[Runner]`: one per device it can use (CPU,
-and CUDA when present), or raises `NotInstalled` when its peer is missing. The peers are imported
-only inside these modules, only when a report runs them: refpeft's core never imports them.
+Each runner module exposes `implementations() -> list[Runner]` (refpeft.conformance.report's
+`Runner`, re-exported here): one per device it can use (CPU, and CUDA when present), or raises
+`NotInstalled` when its peer is missing. The peers are imported only inside these modules, only
+when a report runs them: refpeft's core never imports them, and refpeft.conformance never imports
+this package (the CLI verb loads the runners and hands them to the report).
 A runner's `known_deviations` maps case names to the conformance/FINDINGS.md entry that explains
 why that case is expected to fail; the report shows them and does not count them as failures.
 """
@@ -13,21 +15,16 @@ why that case is expected to fail; the report shows them and does not count them
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
-from typing import Callable
+
+from refpeft.conformance.report import Runner
+
+__all__ = ["RUNNER_MODULES", "NotInstalled", "Runner", "load_runners", "require"]
 
 RUNNER_MODULES = ("refpeft_self", "peft_torch", "bitsandbytes_cpu", "onnxruntime")
 
 
 class NotInstalled(Exception):
     """The peer a runner needs is not importable here."""
-
-
-@dataclass(frozen=True)
-class Runner:
-    name: str
-    run: Callable
-    known_deviations: dict[str, str] = field(default_factory=dict)
 
 
 def load_runners(modules: tuple[str, ...] = RUNNER_MODULES) -> tuple[list[Runner], dict[str, str]]:

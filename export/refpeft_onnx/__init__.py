@@ -17,11 +17,11 @@ import importlib.util
 
 
 def missing_extra() -> str | None:
-    """None when onnx and onnxruntime are importable, else a sentence saying what to install.
+    """None when the `onnx` extra (onnx, onnxruntime, scipy) is importable, else what to install.
 
     Importing `refpeft_onnx` itself needs neither, so callers (the demo, the CLI) can ask first.
     """
-    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("onnx", "onnxruntime", "scipy") if importlib.util.find_spec(m) is None]
     if not missing:
         return None
     return (f"the `onnx` extra is not installed (missing {', '.join(missing)}; "

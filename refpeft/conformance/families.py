@@ -6,8 +6,9 @@ A family turns a `Case` (sizes, options, dtype, seed) into `Vectors`:
   input is exactly representable in the precision an implementation computes in;
 - expected results, from refpeft's own functions run in float64 on `ExactArray` inputs (every
   reduction correctly rounded, refpeft.conformance.exact), so the bytes are machine-independent;
-- per-element bounds from refpeft.tolerance for every result checked by bound, in the case's
-  precision (plus refpeft's own float64 error), computed the same way;
+- per-element bounds from the methods' `*_bound` functions (refpeft.tolerance's algebra) for every
+  result checked by bound, in the case's precision (plus refpeft's own float64 error), computed the
+  same way;
 - results checked bit for bit (4-bit codes, absmaxes) carry no bound;
 - parameters: derived numbers an implementation needs (the LoRA scaling as a float64), which
   the manifest records so no implementation has to re-derive them.
@@ -28,8 +29,9 @@ from refpeft.conformance.exact import exact_array, plain
 from refpeft.errors import ConfigError
 from refpeft.methods import method_spec
 from refpeft.methods.linear import dropout_mask
-from refpeft.methods.lora import lora_backward, lora_forward, lora_scaling, lora_merge, lora_unmerge
-from refpeft.optim import AdamConfig, adam_step, AdamState, loraplus_groups, single_group
+from refpeft.methods.lora import lora_backward, lora_backward_bound, lora_forward, lora_forward_bound, lora_merge, \
+    lora_merge_bound, lora_scaling, lora_unmerge
+from refpeft.optim import AdamConfig, adam_step, AdamState, adam_update_bound, loraplus_groups, single_group
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ def lora_forward_vectors(case: Case) -> Vectors:
     e = _exact(inputs)
     args = dict(bias=e.get("bias"), dropout_mask=e.get("dropout_mask"), **options)
     y, _ = lora_forward(e["x"], e["W0"], e["A"], e["B"], **args)
-    bound = tolerance.lora_forward_bound(e["x"], e["W0"], e["A"], e["B"], dtype=case.dtype, **args)
+    bound = lora_forward_bound(e["x"], e["W0"], e["A"], e["B"], dtype=case.dtype, **args)
     return Vectors(inputs, _plain({"y": y}), _plain({"y": bound}), {"scaling": options["scaling"]})
 
 
@@ -118,8 +120,8 @@ def lora_backward_vectors(case: Case) -> Vectors:
     _, cache = lora_forward(e["x"], e["W0"], e["A"], e["B"], bias=e.get("bias"), dropout_mask=e.get("dropout_mask"),
                             bias_trainable=trainable, **options)
     grads = lora_backward(e["dy"], cache)
-    bounds = tolerance.lora_backward_bound(e["dy"], e["x"], e["W0"], e["A"], e["B"], dropout_mask=e.get("dropout_mask"),
-                                           bias_trainable=trainable, dtype=case.dtype, **options)
+    bounds = lora_backward_bound(e["dy"], e["x"], e["W0"], e["A"], e["B"], dropout_mask=e.get("dropout_mask"),
+                                 bias_trainable=trainable, dtype=case.dtype, **options)
     expected = {"dx": grads.dx, "dA": grads.dA, "dB": grads.dB, "dbias": grads.dbias}
     return Vectors(inputs, _plain(expected), _plain(bounds), {"scaling": options["scaling"]})
 
@@ -135,7 +137,7 @@ def lora_merge_vectors(case: Case) -> Vectors:
         W = lora_unmerge(e["W0"], e["A"], e["B"], **options)
     else:
         W = lora_merge(e["W0"], e["A"], e["B"], **options)
-    bound = tolerance.merge_bound(e["W0"], e["A"], e["B"], dtype=case.dtype, unmerge=undo, **options)
+    bound = lora_merge_bound(e["W0"], e["A"], e["B"], dtype=case.dtype, unmerge=undo, **options)
     name = "W0" if undo else "W"
     return Vectors(inputs, _plain({name: W}), _plain({name: bound}), {"scaling": options["scaling"]})
 
@@ -151,19 +153,19 @@ def _dora_inputs(case: Case, *, with_dy: bool) -> tuple[dict[str, np.ndarray], d
 
 
 def dora_forward_vectors(case: Case) -> Vectors:
-    from refpeft.methods.dora import dora_forward
+    from refpeft.methods.dora import dora_forward, dora_forward_bound
 
     inputs, options = _dora_inputs(case, with_dy=False)
     e = _exact(inputs)
     args = dict(bias=e.get("bias"), dropout_mask=e.get("dropout_mask"), **options)
     y, _ = dora_forward(e["x"], e["W0"], e["A"], e["B"], e["magnitude"], **args)
-    bound = tolerance.dora_forward_bound(e["x"], e["W0"], e["A"], e["B"], e["magnitude"], dtype=case.dtype, **args)
+    bound = dora_forward_bound(e["x"], e["W0"], e["A"], e["B"], e["magnitude"], dtype=case.dtype, **args)
     return Vectors(inputs, _plain({"y": y}), _plain({"y": bound}), {"scaling": options["scaling"]})
 
 
 def dora_backward_vectors(case: Case) -> Vectors:
     """Gradients with the norm detached (PEFT's) or differentiated (option gradient = "exact")."""
-    from refpeft.methods.dora import dora_backward, dora_forward
+    from refpeft.methods.dora import dora_backward, dora_backward_bound, dora_forward
 
     inputs, options = _dora_inputs(case, with_dy=True)
     e = _exact(inputs)
@@ -173,8 +175,8 @@ def dora_backward_vectors(case: Case) -> Vectors:
     _, cache = dora_forward(e["x"], e["W0"], e["A"], e["B"], e["magnitude"], gradient=gradient,
                             bias_trainable=trainable, **args)
     g = dora_backward(e["dy"], cache)
-    bounds = tolerance.dora_backward_bound(e["dy"], e["x"], e["W0"], e["A"], e["B"], e["magnitude"], gradient=gradient,
-                                           bias_trainable=trainable, dtype=case.dtype, **args)
+    bounds = dora_backward_bound(e["dy"], e["x"], e["W0"], e["A"], e["B"], e["magnitude"], gradient=gradient,
+                                 bias_trainable=trainable, dtype=case.dtype, **args)
     expected = {"dx": g.dx, "dA": g.dA, "dB": g.dB, "dmagnitude": g.dmagnitude, "dbias": g.dbias}
     return Vectors(inputs, _plain(expected), _plain(bounds), {"scaling": options["scaling"]})
 
@@ -182,22 +184,21 @@ def dora_backward_vectors(case: Case) -> Vectors:
 def dora_merge_vectors(case: Case) -> Vectors:
     """merge: W = diag(m / n) (W0 + s B A). With options unmerge=True the inputs are the merged W
     (rounded to the dtype) and the norm n cached at merge time (PEFT keeps it), the result W0."""
-    from refpeft.methods.dora import dora_merge, dora_unmerge, dora_weight_norm
+    from refpeft.methods.dora import dora_merge, dora_merge_bound, dora_unmerge, dora_unmerge_bound, dora_weight_norm
 
     inputs, options = _dora_inputs(case, with_dy=False)
     inputs.pop("x")
     e = _exact(inputs)
     W = dora_merge(e["W0"], e["A"], e["B"], e["magnitude"], **options)
     if not case.options.get("unmerge", False):
-        bound = tolerance.dora_merge_bound(e["W0"], e["A"], e["B"], e["magnitude"], dtype=case.dtype, **options)
+        bound = dora_merge_bound(e["W0"], e["A"], e["B"], e["magnitude"], dtype=case.dtype, **options)
         return Vectors(inputs, _plain({"W": W}), _plain({"W": bound}), {"scaling": options["scaling"]})
     norm = dora_weight_norm(e["W0"], e["A"], e["B"], **options)
     inputs["W"], inputs["weight_norm"] = plain(W).astype(case.dtype), plain(norm).astype(case.dtype)
     inputs.pop("W0")
     e = _exact(inputs)
     W0 = dora_unmerge(e["W"], e["A"], e["B"], e["magnitude"], weight_norm=e["weight_norm"], **options)
-    bound = tolerance.dora_unmerge_bound(e["W"], e["A"], e["B"], e["magnitude"], e["weight_norm"], dtype=case.dtype,
-                                         **options)
+    bound = dora_unmerge_bound(e["W"], e["A"], e["B"], e["magnitude"], e["weight_norm"], dtype=case.dtype, **options)
     return Vectors(inputs, _plain({"W0": W0}), _plain({"W0": bound}), {"scaling": options["scaling"]})
 
 
@@ -218,19 +219,19 @@ def _vera_args(e: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def vera_forward_vectors(case: Case) -> Vectors:
-    from refpeft.methods.vera import vera_forward
+    from refpeft.methods.vera import vera_forward, vera_forward_bound
 
     inputs = _vera_inputs(case, with_dy=False)
     e = _exact(inputs)
     args = dict(bias=e.get("bias"), dropout_mask=e.get("dropout_mask"),
                 fan_in_fan_out=case.options.get("fan_in_fan_out", False))
     y, _ = vera_forward(e["x"], e["W0"], *_vera_args(e), **args)
-    bound = tolerance.vera_forward_bound(e["x"], e["W0"], *_vera_args(e), dtype=case.dtype, **args)
+    bound = vera_forward_bound(e["x"], e["W0"], *_vera_args(e), dtype=case.dtype, **args)
     return Vectors(inputs, _plain({"y": y}), _plain({"y": bound}))
 
 
 def vera_backward_vectors(case: Case) -> Vectors:
-    from refpeft.methods.vera import vera_backward, vera_forward
+    from refpeft.methods.vera import vera_backward, vera_backward_bound, vera_forward
 
     inputs = _vera_inputs(case, with_dy=True)
     e = _exact(inputs)
@@ -239,15 +240,15 @@ def vera_backward_vectors(case: Case) -> Vectors:
     _, cache = vera_forward(e["x"], e["W0"], *_vera_args(e), bias=e.get("bias"), dropout_mask=e.get("dropout_mask"),
                             fan_in_fan_out=ffo, bias_trainable=trainable)
     g = vera_backward(e["dy"], cache)
-    bounds = tolerance.vera_backward_bound(e["dy"], e["x"], e["W0"], *_vera_args(e), dropout_mask=e.get("dropout_mask"),
-                                           fan_in_fan_out=ffo, bias_trainable=trainable, dtype=case.dtype)
+    bounds = vera_backward_bound(e["dy"], e["x"], e["W0"], *_vera_args(e), dropout_mask=e.get("dropout_mask"),
+                                 fan_in_fan_out=ffo, bias_trainable=trainable, dtype=case.dtype)
     expected = {"dx": g.dx, "dlambda_d": g.dlambda_d, "dlambda_b": g.dlambda_b, "dbias": g.dbias}
     return Vectors(inputs, _plain(expected), _plain(bounds))
 
 
 def vera_merge_vectors(case: Case) -> Vectors:
     """merge: W = W0 + (lambda_b B)(lambda_d A); with options unmerge=True the input is W, the result W0."""
-    from refpeft.methods.vera import vera_merge, vera_unmerge
+    from refpeft.methods.vera import vera_merge, vera_merge_bound, vera_unmerge
 
     inputs = _vera_inputs(case, with_dy=False)
     inputs.pop("x")
@@ -258,7 +259,7 @@ def vera_merge_vectors(case: Case) -> Vectors:
     ffo = case.options.get("fan_in_fan_out", False)
     weight = e["W"] if undo else e["W0"]
     W = (vera_unmerge if undo else vera_merge)(weight, *_vera_args(e), fan_in_fan_out=ffo)
-    bound = tolerance.vera_merge_bound(weight, *_vera_args(e), fan_in_fan_out=ffo, dtype=case.dtype, unmerge=undo)
+    bound = vera_merge_bound(weight, *_vera_args(e), fan_in_fan_out=ffo, dtype=case.dtype, unmerge=undo)
     name = "W0" if undo else "W"
     return Vectors(inputs, _plain({name: W}), _plain({name: bound}))
 
@@ -295,7 +296,7 @@ def _qlora_inputs(case: Case, *, with_dy: bool) -> tuple[dict[str, np.ndarray], 
 
 def qlora_vectors(case: Case) -> Vectors:
     """QLoRA forward (y) or backward (dx, dA, dB) on the dequantised bfloat16 base W0."""
-    from refpeft.methods.qlora import base_weight
+    from refpeft.methods.qlora import base_weight, qlora_backward_bound, qlora_forward_bound
 
     backward = case.family == "qlora_backward"
     inputs, state, scaling = _qlora_inputs(case, with_dy=backward)
@@ -305,11 +306,11 @@ def qlora_vectors(case: Case) -> Vectors:
     W0e = exact_array(W0)
     y, cache = lora_forward(e["x"], W0e, e["A"], e["B"], scaling=scaling, bias=None if backward else e["bias"])
     if not backward:
-        bound = tolerance.qlora_forward_bound(e["x"], W0e, e["A"], e["B"], scaling=scaling, bias=e["bias"])
+        bound = qlora_forward_bound(e["x"], W0e, e["A"], e["B"], scaling=scaling, bias=e["bias"])
         return Vectors(inputs, _plain({"y": y}), _plain({"y": bound}), {"scaling": scaling})
     inputs.pop("bias")
     g = lora_backward(e["dy"], cache)
-    bounds = tolerance.qlora_backward_bound(e["dy"], e["x"], W0e, e["A"], e["B"], scaling=scaling)
+    bounds = qlora_backward_bound(e["dy"], e["x"], W0e, e["A"], e["B"], scaling=scaling)
     return Vectors(inputs, _plain({"dx": g.dx, "dA": g.dA, "dB": g.dB}), _plain(bounds), {"scaling": scaling})
 
 
@@ -446,9 +447,9 @@ def adam_step_vectors(case: Case) -> Vectors:
             expected[name] = new_params[name]
             expected[f"exp_avg.{name}"] = new_state.exp_avg[name]
             expected[f"exp_avg_sq.{name}"] = new_state.exp_avg_sq[name]
-            b = tolerance.adam_update_bound(e[name], e[f"grad.{name}"], e[f"exp_avg.{name}"], e[f"exp_avg_sq.{name}"],
-                                            t=t, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay,
-                                            decoupled_weight_decay=c.decoupled_weight_decay, dtype=case.dtype)
+            b = adam_update_bound(e[name], e[f"grad.{name}"], e[f"exp_avg.{name}"], e[f"exp_avg_sq.{name}"],
+                                  t=t, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay,
+                                  decoupled_weight_decay=c.decoupled_weight_decay, dtype=case.dtype)
             bounds.update({name: b["p"], f"exp_avg.{name}": b["m"], f"exp_avg_sq.{name}": b["v"]})
     groups_json = [{"names": list(g.names), "lr": g.config.lr, "weight_decay": g.config.weight_decay} for g in groups]
     return Vectors(inputs, _plain(expected), _plain(bounds), {"step": t, "groups": groups_json})

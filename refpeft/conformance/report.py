@@ -1,16 +1,32 @@
-"""`refpeft conformance report`: every installed runner on every case, one table per implementation."""
+"""`refpeft conformance report`: every given runner on every case, one table per implementation.
+
+The report takes its runners as an argument and imports no peer: the runners that wrap real
+implementations live in conformance/refpeft_peers (which imports refpeft, never the reverse), and
+the CLI verb (refpeft.commands.conformance) loads them and passes them here.
+"""
 
 from __future__ import annotations
 
 import math
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, TextIO
+from typing import Callable, Iterable, Mapping, TextIO
 
 from refpeft.conformance.check import CaseReport, Summary, check_directory
-from refpeft_peers import Runner, load_runners
 
 HEADER = ("case", "dtype", "result", "error/bound", "bytes", "note")
+
+
+@dataclass(frozen=True)
+class Runner:
+    """One implementation to report on: its name, its function (the protocol of
+    refpeft.conformance.check) and the cases it is known to fail, each with the
+    conformance/FINDINGS.md entry that explains why (shown, not counted as failures)."""
+
+    name: str
+    run: Callable
+    known_deviations: dict[str, str] = field(default_factory=dict)
 
 
 def _ratio(r: CaseReport) -> str:
@@ -45,16 +61,15 @@ def format_summary(name: str, reports: list[CaseReport]) -> str:
     return f"{name}: {counts}{tight}"
 
 
-def run_report(directory: str | Path | None, *, runners: Iterable[Runner] | None = None,
+def run_report(directory: str | Path | None, *, runners: Iterable[Runner], missing: Mapping[str, str] | None = None,
                names: list[str] | None = None, out: TextIO) -> bool:
-    """Check every runner (default: all installed) on the vectors in `directory`; print the tables.
+    """Check every runner on the vectors in `directory`; print the tables.
 
-    With `directory` None the vectors are generated afresh into a temporary directory. Returns True
-    when no runner has an unexpected failure or error.
+    `missing` names the runners that could not run here, each with the reason (listed in the
+    summary). With `directory` None the vectors are generated afresh into a temporary directory.
+    Returns True when no runner has an unexpected failure or error.
     """
-    missing: dict[str, str] = {}
-    if runners is None:
-        runners, missing = load_runners()
+    missing = dict(missing or {})
     with tempfile.TemporaryDirectory() as tmp:
         if directory is None:
             from refpeft.conformance.generate import generate

@@ -71,6 +71,8 @@ from refpeft.errors import ConfigError, NonFiniteError
 from refpeft.methods.linear import base_forward, base_input_grad, check_linear_inputs, flatten_rows, linear_shape, weight_rows
 from refpeft.methods.lora import LORA, check_dropout_mask, check_factors, lora_delta_weight, lora_parameter_count
 from refpeft.methods.spec import Method
+from refpeft.tolerance import Bounded, Precision, add, column, divide, either, exact, gradient_bounds, matmul, \
+    multiply, output_bound, row_norm, row_sum, rows, scale, subtract, transpose, with_reference
 
 GRADIENTS = ("detached", "exact")
 
@@ -291,6 +293,117 @@ def _merge_scale(W: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, fan_
 def _per_row(g: Any, *, fan_in_fan_out: bool) -> Any:
     """g (d,) shaped to broadcast over the rows of the (d, k) view: (d, 1), or (d,) when W is stored (k, d)."""
     return g if fan_in_fan_out else g[:, None]
+
+
+# --- error bounds (composed from refpeft.tolerance's algebra; docs/tolerance.md) ---------------
+
+
+def _dora_norm(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool, p: Precision) -> tuple[Bounded, Bounded]:
+    """V = W0 + s B A (d, k) and its row norms n (d,), each with its error."""
+    W_rows = transpose(exact(W0)) if fan_in_fan_out else exact(W0)
+    V = add(W_rows, matmul(exact(B), exact(A), p, scale=scaling), p)
+    return V, row_norm(V, p)
+
+
+def _dora_chain(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, bias: Any, dropout_mask: Any,
+                fan_in_fan_out: bool, p: Precision) -> dict[str, Bounded]:
+    """y = x W0^T + b + (g - 1) * u + (g * v) * s with g = m / n, u = xd W0^T, v = (xd A^T) B^T;
+    PEFT without dropout takes u as (x W0^T + b) - b (its base output minus the bias): both ways of
+    forming u are bounded and the larger error kept."""
+    _, n = _dora_norm(W0, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out, p=p)
+    g = divide(exact(magnitude), n, p)                                          # (d,)
+    x2 = rows(exact(x))
+    xd = x2 if dropout_mask is None else multiply(x2, rows(exact(dropout_mask)), p)
+    W0_t = exact(W0) if fan_in_fan_out else transpose(exact(W0))               # (k, d)
+    xw = matmul(x2, W0_t, p)
+    base = xw if bias is None else add(xw, exact(bias), p)
+    u = matmul(xd, W0_t, p)
+    if dropout_mask is None and bias is not None:
+        u = either(u, subtract(base, exact(bias), p))
+    xa = matmul(xd, transpose(exact(A)), p)
+    v = matmul(xa, transpose(exact(B)), p)
+    g_minus_1 = subtract(g, exact(g.value * 0 + 1), p)
+    correction = add(multiply(g_minus_1, u, p), scale(multiply(g, v, p), scaling, p), p)
+    return {"y": add(base, correction, p), "g": g, "g_minus_1": g_minus_1, "n": n, "u": u, "v": v, "xa": xa, "xd": xd}
+
+
+def dora_forward_bound(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, bias: Any = None,
+                       dropout_mask: Any = None, fan_in_fan_out: bool = False, dtype: str = "float32",
+                       accumulation: str | None = None, model: str = "rigorous") -> Any:
+    """Per-element bound on DoRA's y (`dora_forward`, PEFT's order), (..., d)."""
+    chain = lambda p: _dora_chain(x, W0, A, B, magnitude, scaling=scaling, bias=bias, dropout_mask=dropout_mask,  # noqa: E731
+                                  fan_in_fan_out=fan_in_fan_out, p=p)["y"]
+    return output_bound(chain, Precision(dtype, accumulation, model), x_shape=tuple(x.shape))
+
+
+def dora_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float,
+                        bias: Any = None, dropout_mask: Any = None, fan_in_fan_out: bool = False,
+                        gradient: str = "detached", bias_trainable: bool = False, dtype: str = "float32",
+                        accumulation: str | None = None, model: str = "rigorous") -> dict[str, Any]:
+    """Per-element bounds on dx, dA, dB, dmagnitude (dbias) of `dora_backward`.
+
+    Covers PEFT's autograd order where it differs: dg as one sum of dy * (u + s v) or as two sums,
+    g * dy * s in either association, and the base path as (g dy) W0 or (dy + (g - 1) dy) W0."""
+    def chain(p: Precision) -> dict[str, Bounded]:
+        f = _dora_chain(x, W0, A, B, magnitude, scaling=scaling, bias=bias, dropout_mask=dropout_mask,
+                        fan_in_fan_out=fan_in_fan_out, p=p)
+        g, g_minus_1, n, u, v, xa, xd = f["g"], f["g_minus_1"], f["n"], f["u"], f["v"], f["xa"], f["xd"]
+        g2 = rows(exact(dy))
+        sv = scale(v, scaling, p)
+        dg = either(row_sum(multiply(g2, add(u, sv, p), p), p),
+                    add(row_sum(multiply(g2, u, p), p), row_sum(multiply(g2, sv, p), p), p))
+        gy = either(scale(multiply(g2, g, p), scaling, p), multiply(scale(g2, scaling, p), g, p))
+        dB = matmul(transpose(gy), xa, p)
+        gb = matmul(gy, exact(B), p)
+        dA = matmul(transpose(gb), xd, p)
+        W0_rows = transpose(exact(W0)) if fan_in_fan_out else exact(W0)            # (d, k)
+        if dropout_mask is None:
+            base = either(matmul(multiply(g2, g, p), W0_rows, p),
+                          matmul(add(g2, multiply(g2, g_minus_1, p), p), W0_rows, p))
+            dx = add(base, matmul(gb, exact(A), p), p)
+        else:
+            dxd = add(matmul(multiply(g2, g_minus_1, p), W0_rows, p), matmul(gb, exact(A), p), p)
+            dx = add(matmul(g2, W0_rows, p), multiply(dxd, rows(exact(dropout_mask)), p), p)
+        if gradient == "exact":
+            w = scale(divide(multiply(dg, g, p), multiply(n, n, p), p), -1.0, p)   # -(dg g) / n^2
+            wB = multiply(column(w), exact(B), p)                                    # (d, r)
+            WAt = matmul(W0_rows, transpose(exact(A)), p)                            # (d, r)
+            AAt = matmul(exact(A), transpose(exact(A)), p)                           # (r, r)
+            extra_B = scale(add(multiply(column(w), WAt, p), scale(matmul(wB, AAt, p), scaling, p), p), scaling, p)
+            dB = add(dB, extra_B, p)
+            wBt = transpose(wB)
+            extra_A = add(matmul(wBt, W0_rows, p), scale(matmul(matmul(wBt, exact(B), p), exact(A), p), scaling, p), p)
+            dA = add(dA, scale(extra_A, scaling, p), p)
+        grads = {"dx": dx, "dmagnitude": divide(dg, n, p), "dA": dA, "dB": dB}
+        if bias_trainable:
+            grads["dbias"] = row_sum(g2, p)
+        return grads
+
+    return gradient_bounds(chain, Precision(dtype, accumulation, model), x_shape=tuple(x.shape))
+
+
+def dora_merge_bound(W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, fan_in_fan_out: bool = False,
+                     dtype: str = "float32", accumulation: str | None = None, model: str = "rigorous") -> Any:
+    """Per-element bound on W' = diag(m / n) (W0 + s B A), in W0's layout."""
+    def chain(p: Precision) -> Bounded:
+        V, n = _dora_norm(W0, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out, p=p)
+        merged = multiply(column(divide(exact(magnitude), n, p)), V, p)
+        return transpose(merged) if fan_in_fan_out else merged
+
+    return with_reference(chain, Precision(dtype, accumulation, model))
+
+
+def dora_unmerge_bound(W: Any, A: Any, B: Any, magnitude: Any, weight_norm: Any, *, scaling: float,
+                       fan_in_fan_out: bool = False, dtype: str = "float32", accumulation: str | None = None,
+                       model: str = "rigorous") -> Any:
+    """Per-element bound on W0 = W / (m / n) - s B A with the cached norm n given (PEFT's unmerge)."""
+    def chain(p: Precision) -> Bounded:
+        g = divide(exact(magnitude), exact(weight_norm), p)                          # (d,)
+        W_rows = transpose(exact(W)) if fan_in_fan_out else exact(W)                 # (d, k)
+        W0 = subtract(divide(W_rows, column(g), p), matmul(exact(B), exact(A), p, scale=scaling), p)
+        return transpose(W0) if fan_in_fan_out else W0
+
+    return with_reference(chain, Precision(dtype, accumulation, model))
 
 
 # --- the method table's row (refpeft.methods.spec) ---------------------------------------------

@@ -40,9 +40,10 @@ from refpeft.methods.linear import (
     check_linear_inputs,
     check_rank,
     flatten_rows,
-    weight_rows,
 )
 from refpeft.methods.spec import Method
+from refpeft.tolerance import Bounded, Precision, add, exact, exact_or_none, gradient_bounds, matmul, multiply, \
+    output_bound, row_sum, rows, transpose, with_reference
 
 LORA_INITS = ("default", "gaussian", "zeros")
 
@@ -212,6 +213,71 @@ def check_dropout_mask(mask: Any, x: Any) -> None:
 def _check_weight(name: str, W: Any, delta: Any) -> None:
     """W must be a finite float array of delta's shape."""
     check_float_array(name, W, xp=namespace(W, delta), shape=tuple(delta.shape))
+
+
+# --- error bounds (composed from refpeft.tolerance's algebra; docs/tolerance.md) ---------------
+
+
+def lora_error_chain(x: Any, W0: Any, A: Any, B: Any, *, scaling: float, bias: Any, dropout_mask: Any,
+                     fan_in_fan_out: bool, precision: Precision) -> dict[str, Bounded]:
+    """Forward intermediates with their errors: xd, xa, y (all 2-D)."""
+    x2 = rows(exact(x))                                                         # (n, k)
+    xd = x2 if dropout_mask is None else multiply(x2, rows(exact(dropout_mask)), precision)
+    W0_t = exact(W0) if fan_in_fan_out else transpose(exact(W0))                # (k, d)
+    base = matmul(x2, W0_t, precision, bias=exact_or_none(bias))                # x W0^T + b
+    xa = matmul(xd, transpose(exact(A)), precision)                              # (n, r)
+    adapter = matmul(xa, transpose(exact(B)), precision, scale=scaling)         # s (xa B^T)
+    return {"xd": xd, "xa": xa, "y": add(base, adapter, precision)}
+
+
+def lora_forward_bound(x: Any, W0: Any, A: Any, B: Any, *, scaling: float, bias: Any = None,
+                       dropout_mask: Any = None, fan_in_fan_out: bool = False, dtype: str = "float32",
+                       accumulation: str | None = None, model: str = "rigorous") -> Any:
+    """Per-element bound on |y_peer - y_refpeft| for LoRA's y = x W0^T + b + s (dropout(x) A^T) B^T.
+
+    Arguments are the exact inputs (any float dtype; read as float64) and the format the peer
+    computes in. Returns an array of y's shape, (..., d), in float64.
+    """
+    chain = lambda p: lora_error_chain(x, W0, A, B, scaling=scaling, bias=bias, dropout_mask=dropout_mask,  # noqa: E731
+                                       fan_in_fan_out=fan_in_fan_out, precision=p)["y"]
+    return output_bound(chain, Precision(dtype, accumulation, model), x_shape=tuple(x.shape))
+
+
+def lora_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, *, scaling: float, dropout_mask: Any = None,
+                        fan_in_fan_out: bool = False, bias_trainable: bool = False, dtype: str = "float32",
+                        accumulation: str | None = None, model: str = "rigorous") -> dict[str, Any]:
+    """Per-element bounds on dx, dA, dB (and dbias when trainable) of `lora_backward`.
+
+    The chain follows the forward's cached xa (with its forward error) into dB, and g = s dy B
+    into dA and dx; scaling is allowed before or after each product, so autograd's order is covered.
+    """
+    def chain(p: Precision) -> dict[str, Bounded]:
+        forward = lora_error_chain(x, W0, A, B, scaling=scaling, bias=None, dropout_mask=dropout_mask,
+                                   fan_in_fan_out=fan_in_fan_out, precision=p)
+        g2 = rows(exact(dy))                                                    # (n, d)
+        dB = matmul(transpose(g2), forward["xa"], p, scale=scaling)             # s dy^T xa
+        g = matmul(g2, exact(B), p, scale=scaling)                              # s dy B
+        dA = matmul(transpose(g), forward["xd"], p)                             # g^T xd
+        dx_adapter = matmul(g, exact(A), p)                                     # g A
+        if dropout_mask is not None:
+            dx_adapter = multiply(dx_adapter, rows(exact(dropout_mask)), p)
+        W0_rows = transpose(exact(W0)) if fan_in_fan_out else exact(W0)         # (d, k)
+        grads = {"dx": add(matmul(g2, W0_rows, p), dx_adapter, p), "dA": dA, "dB": dB}
+        if bias_trainable:
+            grads["dbias"] = row_sum(g2, p)
+        return grads
+
+    return gradient_bounds(chain, Precision(dtype, accumulation, model), x_shape=tuple(x.shape))
+
+
+def lora_merge_bound(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False, dtype: str = "float32",
+                     accumulation: str | None = None, model: str = "rigorous", unmerge: bool = False) -> Any:
+    """Per-element bound on the merged W0 + s B A (or, with unmerge=True, on W - s B A), W0's layout."""
+    def chain(p: Precision) -> Bounded:
+        delta = matmul(exact(B), exact(A), p, scale=-scaling if unmerge else scaling)   # (d, k)
+        return add(exact(W0), transpose(delta) if fan_in_fan_out else delta, p)
+
+    return with_reference(chain, Precision(dtype, accumulation, model))
 
 
 # --- the method table's row (refpeft.methods.spec) ---------------------------------------------

@@ -43,8 +43,11 @@ from refpeft.backend import check_float_array, namespace, round_to, same_dtype
 from refpeft.methods.dora import DoraGrads, dora_backward, dora_forward
 from refpeft.errors import ConfigError, DTypeError, ShapeError
 from refpeft.methods.linear import flatten_rows
-from refpeft.methods.lora import LoraGrads, check_dropout_mask, check_factors, lora_backward, lora_forward
+from refpeft.methods.lora import LoraGrads, check_dropout_mask, check_factors, lora_backward, lora_error_chain, \
+    lora_forward
 from refpeft.quant.state import QuantState4bit, dequantize_4bit, quantize_4bit
+from refpeft.tolerance import Bounded, Precision, add, exact, exact_or_none, gradient_bounds, matmul, multiply, \
+    output_bound, rows, scale, stored, to_storage, transpose
 
 PRECISIONS = ("bfloat16", "float64")
 
@@ -163,3 +166,76 @@ def _require_bf16_values(name: str, a: Any, *, xp: Any) -> None:
     if not bool(xp.all(round_to(a, "bfloat16", xp=xp) == a)):
         raise DTypeError(f"{name} must hold bfloat16 values at precision='bfloat16' (round it first: "
                          "refpeft.backend.round_to)")
+
+
+# --- error bounds (composed from refpeft.tolerance's algebra; docs/tolerance.md) ---------------
+
+
+def _qlora_chain(x: Any, W0: Any, A: Any, B: Any, *, scaling: float, bias: Any, dropout_mask: Any,
+                 storage: str, model: str) -> dict[str, Bounded]:
+    """bnb Linear4bit + PEFT: base = half(x W0^T + b), out = half(f32(xa B^T) * s) with xa in float32,
+    y = half(base + out); W0 holds the dequantised half-format values (exact)."""
+    half, single = Precision(storage, model=model), Precision("float32", model=model)
+    x2 = rows(exact(x))
+    xd = x2 if dropout_mask is None else multiply(x2, rows(exact(dropout_mask)), single)
+    base = matmul(x2, transpose(exact(W0)), half, bias=exact_or_none(bias))
+    xa = matmul(xd, transpose(exact(A)), single)
+    out = to_storage(matmul(xa, transpose(exact(B)), single, scale=scaling), half)
+    return {"y": add(base, out, half), "xa": xa, "xd": xd}
+
+
+def qlora_forward_bound(x: Any, W0: Any, A: Any, B: Any, *, scaling: float, bias: Any = None, dropout_mask: Any = None,
+                        dtype: str = "bfloat16", model: str = "rigorous") -> Any:
+    """Bound on y of a half-precision QLoRA layer with float32 adapters (`qlora_forward`, precision="bfloat16").
+
+    Mixed precision: the base product and every sum with it in `dtype` (float32 accumulation), the
+    adapter branch in float32 and cast once. W0 is the dequantised weight (exact given the codes).
+    The float64 reference term is the same chain in float64 (`with_reference`)."""
+    def chain(p: Precision) -> Bounded:
+        if p.storage == "float64":
+            return lora_error_chain(x, W0, A, B, scaling=scaling, bias=bias, dropout_mask=dropout_mask,
+                                    fan_in_fan_out=False, precision=p)["y"]
+        return _qlora_chain(x, W0, A, B, scaling=scaling, bias=bias, dropout_mask=dropout_mask, storage=dtype,
+                            model=model)["y"]
+
+    return output_bound(chain, Precision(dtype, None, model), x_shape=tuple(x.shape))
+
+
+def qlora_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, *, scaling: float, dropout_mask: Any = None,
+                         dtype: str = "bfloat16", model: str = "rigorous") -> dict[str, Any]:
+    """Bounds on dx, dA, dB of the half-precision QLoRA layer (`qlora_backward`, PEFT's autograd):
+    dt = f32(dy s); dB = dt^T xa, dA = (dt B)^T xd in float32; dx = half(half(dy W0) + half((dt B A) * mask))."""
+    def chain(p: Precision) -> dict[str, Bounded]:
+        if p.storage == "float64":
+            f = lora_error_chain(x, W0, A, B, scaling=scaling, bias=None, dropout_mask=dropout_mask,
+                                 fan_in_fan_out=False, precision=p)
+            half = single = p
+        else:
+            f = _qlora_chain(x, W0, A, B, scaling=scaling, bias=None, dropout_mask=dropout_mask, storage=dtype,
+                             model=model)
+            half, single = Precision(dtype, model=model), Precision("float32", model=model)
+        g2 = rows(exact(dy))
+        dt = scale(g2, scaling, single)
+        dxa = matmul(dt, exact(B), single)
+        adapter = matmul(dxa, exact(A), single)
+        if dropout_mask is not None:
+            adapter = multiply(adapter, rows(exact(dropout_mask)), single)
+        dx = add(matmul(g2, exact(W0), half), to_storage(adapter, half), half)
+        return {"dx": dx, "dA": matmul(transpose(dxa), f["xd"], single), "dB": matmul(transpose(dt), f["xa"], single)}
+
+    return gradient_bounds(chain, Precision(dtype, None, model), x_shape=tuple(x.shape))
+
+
+def quantized_linear_bound(x: Any, W_dequantized: Any, *, bias: Any = None, dtype: str = "float32",
+                           weight_rounded: bool = False, accumulation: str | None = None,
+                           model: str = "rigorous") -> Any:
+    """Bound on x W^T + b for a dequantised 4-bit weight W (exact in float32 given codes and absmax).
+
+    `weight_rounded=True` when the peer casts the float32 dequantised weight to a narrower compute
+    dtype (bitsandbytes dequantises to the input's dtype) before the matmul: one rounding each.
+    """
+    def chain(p: Precision) -> Bounded:
+        W = stored(W_dequantized, p) if weight_rounded else exact(W_dequantized)
+        return matmul(rows(exact(x)), transpose(W), p, bias=exact_or_none(bias))
+
+    return output_bound(chain, Precision(dtype, accumulation, model), x_shape=tuple(x.shape))

@@ -47,6 +47,8 @@ from refpeft.init import GENERATORS, as_parameter, kaiming_uniform_bound, torch_
 from refpeft.methods.linear import LinearShape, base_forward, base_input_grad, check_linear_inputs, flatten_rows, linear_shape
 from refpeft.methods.lora import check_dropout_mask
 from refpeft.methods.spec import Method
+from refpeft.tolerance import Bounded, Precision, add, column, either, exact, exact_or_none, gradient_bounds, \
+    matmul, multiply, output_bound, row_sum, rows, subtract, transpose, with_reference
 
 
 def largest_layer(shapes: Iterable[LinearShape]) -> LinearShape:
@@ -158,7 +160,6 @@ def vera_backward(dy: Any, cache: VeraCache) -> VeraGrads:
     d = cache.B.shape[0]
     check_float_array("dy", dy, xp=xp, shape=(*cache.x.shape[:-1], d))
     g2 = flatten_rows(dy, xp=xp)                                       # (n, d)
-    x2 = flatten_rows(cache.x, xp=xp)                                  # (n, k)
     mask = None if cache.dropout_mask is None else flatten_rows(cache.dropout_mask, xp=xp)
     h = cache.lambda_d * cache.xa                                      # (n, r)  recomputed, not cached
     dlambda_b = xp.sum(cache.B * xp.matmul(xp.matrix_transpose(g2), h), axis=1)   # (d,)
@@ -239,6 +240,73 @@ def _checked_delta(W: Any, vera_A: Any, vera_B: Any, lambda_d: Any, lambda_b: An
     delta = vera_delta_weight(vera_A, vera_B, lambda_d, lambda_b, k=k, fan_in_fan_out=fan_in_fan_out)
     check_float_array("W", W, xp=xp, shape=tuple(delta.shape))
     return delta
+
+
+# --- error bounds (composed from refpeft.tolerance's algebra; docs/tolerance.md) ---------------
+
+
+def _vera_chain(x: Any, W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, bias: Any, dropout_mask: Any,
+                fan_in_fan_out: bool, p: Precision) -> dict[str, Bounded]:
+    """y = x W0^T + b + lambda_b * ((lambda_d * xa) B^T), A and B the layer's slices."""
+    x2 = rows(exact(x))
+    xd = x2 if dropout_mask is None else multiply(x2, rows(exact(dropout_mask)), p)
+    W0_t = exact(W0) if fan_in_fan_out else transpose(exact(W0))
+    base = matmul(x2, W0_t, p, bias=exact_or_none(bias))
+    xa = matmul(xd, transpose(exact(A)), p)
+    h = multiply(xa, exact(lambda_d), p)
+    y = add(base, multiply(exact(lambda_b), matmul(h, transpose(exact(B)), p), p), p)
+    return {"y": y, "xa": xa, "xd": xd, "h": h}
+
+
+def vera_forward_bound(x: Any, W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, bias: Any = None,
+                       dropout_mask: Any = None, fan_in_fan_out: bool = False, dtype: str = "float32",
+                       accumulation: str | None = None, model: str = "rigorous") -> Any:
+    """Per-element bound on VeRA's y; A (r, k) and B (d, r) are the layer's slices of the shared pair."""
+    chain = lambda p: _vera_chain(x, W0, A, B, lambda_d, lambda_b, bias=bias, dropout_mask=dropout_mask,  # noqa: E731
+                                  fan_in_fan_out=fan_in_fan_out, p=p)["y"]
+    return output_bound(chain, Precision(dtype, accumulation, model), x_shape=tuple(x.shape))
+
+
+def vera_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *,
+                        dropout_mask: Any = None, fan_in_fan_out: bool = False, bias_trainable: bool = False,
+                        dtype: str = "float32", accumulation: str | None = None, model: str = "rigorous") -> dict[str, Any]:
+    """Per-element bounds on dx, dlambda_d, dlambda_b (dbias) of `vera_backward`.
+
+    dlambda_b is bounded both as refpeft forms it (row sums of B * (dy^T h)) and as autograd does
+    (column sums of dy * (h B^T)), keeping the larger error."""
+    def chain(p: Precision) -> dict[str, Bounded]:
+        f = _vera_chain(x, W0, A, B, lambda_d, lambda_b, bias=None, dropout_mask=dropout_mask,
+                        fan_in_fan_out=fan_in_fan_out, p=p)
+        g2 = rows(exact(dy))
+        h, xa = f["h"], f["xa"]
+        by_refpeft = row_sum(transpose(multiply(exact(B), matmul(transpose(g2), h, p), p)), p)
+        by_autograd = row_sum(multiply(g2, matmul(h, transpose(exact(B)), p), p), p)
+        gh = matmul(multiply(g2, exact(lambda_b), p), exact(B), p)
+        dx_adapter = matmul(multiply(gh, exact(lambda_d), p), exact(A), p)
+        if dropout_mask is not None:
+            dx_adapter = multiply(dx_adapter, rows(exact(dropout_mask)), p)
+        W0_rows = transpose(exact(W0)) if fan_in_fan_out else exact(W0)
+        grads = {"dx": add(matmul(g2, W0_rows, p), dx_adapter, p), "dlambda_d": row_sum(multiply(gh, xa, p), p),
+                 "dlambda_b": either(by_refpeft, by_autograd)}
+        if bias_trainable:
+            grads["dbias"] = row_sum(g2, p)
+        return grads
+
+    return gradient_bounds(chain, Precision(dtype, accumulation, model), x_shape=tuple(x.shape))
+
+
+def vera_merge_bound(W0: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, fan_in_fan_out: bool = False,
+                     dtype: str = "float32", accumulation: str | None = None, model: str = "rigorous",
+                     unmerge: bool = False) -> Any:
+    """Per-element bound on W0 + (lambda_b B)(lambda_d A) (PEFT's order), in W0's layout; with
+    unmerge=True on W - (lambda_b B)(lambda_d A) (pass the merged W as W0)."""
+    def chain(p: Precision) -> Bounded:
+        lb, ld = column(exact(lambda_b)), column(exact(lambda_d))
+        delta = matmul(multiply(lb, exact(B), p), multiply(ld, exact(A), p), p)
+        delta = transpose(delta) if fan_in_fan_out else delta
+        return subtract(exact(W0), delta, p) if unmerge else add(exact(W0), delta, p)
+
+    return with_reference(chain, Precision(dtype, accumulation, model))
 
 
 # --- the method table's row (refpeft.methods.spec) ---------------------------------------------
