@@ -183,6 +183,32 @@ def test_dora_float32_agrees_with_peft_within_the_derived_bound():
            layer.base_layer.weight.detach().numpy(), named="merged")
 
 
+def test_dora_base_output_peft_reproduces_peft_order_where_a_large_bias_rounds_x_w0():
+    """PEFT takes u = x W0^T back as fl(fl(x W0^T + b) - b): with |b| >> |x W0^T| in float32 that
+    loses bits refpeft's default keeps. base_output="peft" follows PEFT's order and lands much
+    closer to PEFT; the default lands closer to the float64 result."""
+    c = dora_case(fan_in_fan_out=False, bias=True, dropout=False)
+    c["b"] = 3000.0 + c["b"]
+    for name in ("W0", "b", "A", "B", "x", "noise"):
+        c[name] = c[name].astype(np.float32).astype(np.float64)
+    s = lora_scaling(c["alpha"], c["r"])
+    # g = m / nu far from 1, so (g - 1) u carries u's rounding past the output's own
+    m = (dora_weight_norm(c["W0"], c["A"], c["B"], scaling=s) * (40.0 + 10.0 * np.tanh(c["noise"])))
+    m = m.astype(np.float32).astype(np.float64)
+    layer, _ = peft_dora(c, fan_in_fan_out=False, dtype=torch.float32)
+    set_dora(layer, c["A"], c["B"], m, torch.float32)
+    with torch.no_grad():
+        theirs = layer(tensor(c["x"], torch.float32)).numpy().astype(np.float64)
+    f32 = {n: c[n].astype(np.float32) for n in ("x", "W0", "A", "B", "b")}
+    ours = {order: dora_forward(f32["x"], f32["W0"], f32["A"], f32["B"], m.astype(np.float32), scaling=s,
+                                bias=f32["b"], base_output=order)[0].astype(np.float64) for order in ("exact", "peft")}
+    y64, _ = dora_forward(c["x"], c["W0"], c["A"], c["B"], m, scaling=s, bias=c["b"])
+    to_peft = {order: np.max(np.abs(y - theirs)) for order, y in ours.items()}
+    to_f64 = {order: np.max(np.abs(y - y64)) for order, y in ours.items()}
+    assert to_peft["peft"] < to_peft["exact"] / 4, (to_peft, to_f64)
+    assert to_f64["exact"] < to_f64["peft"], to_f64
+
+
 # ---------------------------------------------------------------- VeRA
 
 SHAPES = [LinearShape(k=20, d=12), LinearShape(k=12, d=28)]   # two layers, one projection pair

@@ -17,7 +17,10 @@ plus a correction; `tuners/lora/dora.py`):
     y  = x W0^T + b + (g - 1) * u + (g * v) * s  # (n, d)
 
 Without dropout this is y = g * (x V^T) + b. With dropout PEFT recomputes u on the dropped input, so
-the base term keeps the full x and only the correction sees the mask; refpeft does the same.
+the base term keeps the full x and only the correction sees the mask; refpeft does the same. Without
+dropout PEFT takes u back from the base layer's output, fl(fl(x W0^T + b) - b), which loses the
+bits of x W0^T that b's magnitude rounds away; refpeft uses x W0^T itself, and gives PEFT's order
+as base_output="peft" (the two differ where |b| >> |x W0^T|; tests/test_dora_vera_vs_peft.py).
 
 Backward, for dy = dL/dy (n, d). Let xv = u + s v = xd V^T (the direction's output before g):
 
@@ -75,6 +78,7 @@ from refpeft.tolerance import Bounded, Precision, add, column, divide, either, e
     multiply, output_bound, row_norm, row_sum, rows, scale, subtract, transpose, with_reference
 
 GRADIENTS = ("detached", "exact")
+BASE_OUTPUTS = ("exact", "peft")   # u = x W0^T, or PEFT's fl(fl(x W0^T + b) - b)
 
 # Rows of V = W0 + s B A are formed this many entries at a time (at least one row): 2^20 entries
 # are 4 MiB in float32 (256 rows of a 4096-wide layer), never a d x k allocation for large layers,
@@ -135,7 +139,8 @@ class DoraGrads:
 
 def dora_forward(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, bias: Any = None,
                  dropout_mask: Any = None, fan_in_fan_out: bool = False, gradient: str = "detached",
-                 weight_norm: Any = None, bias_trainable: bool = False) -> tuple[Any, DoraCache]:
+                 weight_norm: Any = None, bias_trainable: bool = False,
+                 base_output: str = "exact") -> tuple[Any, DoraCache]:
     """y = x W0^T + b + (g - 1) * (xd W0^T) + (g * (xd A^T) B^T) * s, g = m / ||W0 + s B A||.
 
     gradient: "detached" (default, PEFT's) treats the norm as a constant in `dora_backward`;
@@ -143,6 +148,7 @@ def dora_forward(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: fl
     weight_norm: None computes nu from the current A and B (training). A given (d,) array is used
       as nu instead, frozen (PEFT's cached eval norm, or an exported fixed scale); it cannot be
       combined with gradient="exact", which needs nu to follow A and B.
+    base_output: "exact" (default) or "peft", how u is formed without dropout (module docstring).
     """
     xp, shape = check_linear_inputs(x, W0, bias=bias, fan_in_fan_out=fan_in_fan_out, A=A, B=B,
                                     magnitude=magnitude, dropout_mask=dropout_mask, weight_norm=weight_norm)
@@ -151,6 +157,8 @@ def dora_forward(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: fl
     check_float_array("magnitude", magnitude, xp=xp, shape=(shape.d,))
     if gradient not in GRADIENTS:
         raise ConfigError(f"unknown DoRA gradient mode {gradient!r}; choose one of {', '.join(GRADIENTS)}")
+    if base_output not in BASE_OUTPUTS:
+        raise ConfigError(f"unknown DoRA base_output {base_output!r}; choose one of {', '.join(BASE_OUTPUTS)}")
     if bias_trainable and bias is None:
         raise ConfigError("bias_trainable=True needs a bias")
     if weight_norm is None:
@@ -169,6 +177,8 @@ def dora_forward(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: fl
     xa = xp.matmul(xd, xp.matrix_transpose(A))                         # (n, r)
     v = xp.matmul(xa, xp.matrix_transpose(B))                          # (n, d)
     base = xw if bias is None else xw + bias
+    if base_output == "peft" and dropout_mask is None and bias is not None:
+        u = base - bias                                                # PEFT: base_result - bias
     y = base + ((g - 1) * u + (g * v) * scaling)                      # (n, d)  PEFT's order
     cache = DoraCache(x=x, dropout_mask=dropout_mask, xa=xa, xv=u + v * scaling, weight_norm=nu,
                       magnitude=magnitude, W0=W0, A=A, B=B, scaling=scaling, fan_in_fan_out=fan_in_fan_out,
@@ -409,12 +419,10 @@ def dora_unmerge_bound(W: Any, A: Any, B: Any, magnitude: Any, weight_norm: Any,
 # --- the method table's row (refpeft.methods.spec) ---------------------------------------------
 
 
-def _module_forward(x: Any, W0: Any, module: Any, *, shared: Any = None, bias: Any = None, dropout_mask: Any = None,
-                    bias_trainable: bool = False, gradient: str = "detached",
-                    weight_norm: Any = None) -> tuple[Any, DoraCache]:
-    return dora_forward(x, W0, module.A, module.B, module.magnitude, scaling=module.scaling, bias=bias,
-                        dropout_mask=dropout_mask, fan_in_fan_out=module.fan_in_fan_out, gradient=gradient,
-                        weight_norm=weight_norm, bias_trainable=bias_trainable)
+def _module_forward(x: Any, W0: Any, module: Any, *, shared: Any = None, **options: Any) -> tuple[Any, DoraCache]:
+    """dora_forward on the module's tensors; options: bias, dropout_mask, gradient, base_output, ..."""
+    return dora_forward(x, W0, module.A, module.B, module.magnitude, scaling=module.scaling,
+                        fan_in_fan_out=module.fan_in_fan_out, **options)
 
 
 def _module_merge(W0: Any, module: Any, *, shared: Any = None) -> Any:
