@@ -18,9 +18,8 @@ plus a correction; `tuners/lora/dora.py`):
 
 Without dropout this is y = g * (x V^T) + b. With dropout PEFT recomputes u on the dropped input, so
 the base term keeps the full x and only the correction sees the mask; refpeft does the same. Without
-dropout PEFT takes u back from the base layer's output, fl(fl(x W0^T + b) - b), which loses the
-bits of x W0^T that b's magnitude rounds away; refpeft uses x W0^T itself, and gives PEFT's order
-as base_output="peft" (the two differ where |b| >> |x W0^T|; tests/test_dora_vera_vs_peft.py).
+dropout PEFT takes u as fl(fl(x W0^T + b) - b), losing bits where |b| >> |x W0^T|; refpeft uses
+x W0^T itself and gives PEFT's order as base_output="peft" (docs/dora.md measures both).
 
 Backward, for dy = dL/dy (n, d). Let xv = u + s v = xd V^T (the direction's output before g):
 
@@ -420,19 +419,8 @@ def dora_unmerge_bound(W: Any, A: Any, B: Any, magnitude: Any, weight_norm: Any,
 
 
 def _module_forward(x: Any, W0: Any, module: Any, *, shared: Any = None, **options: Any) -> tuple[Any, DoraCache]:
-    """dora_forward on the module's tensors; options: bias, dropout_mask, gradient, base_output, ..."""
     return dora_forward(x, W0, module.A, module.B, module.magnitude, scaling=module.scaling,
                         fan_in_fan_out=module.fan_in_fan_out, **options)
-
-
-def _module_merge(W0: Any, module: Any, *, shared: Any = None) -> Any:
-    return dora_merge(W0, module.A, module.B, module.magnitude, scaling=module.scaling,
-                      fan_in_fan_out=module.fan_in_fan_out)
-
-
-def _module_unmerge(W: Any, module: Any, *, shared: Any = None, weight_norm: Any) -> Any:
-    return dora_unmerge(W, module.A, module.B, module.magnitude, scaling=module.scaling, weight_norm=weight_norm,
-                        fan_in_fan_out=module.fan_in_fan_out)
 
 
 def _module_branch(W0: Any, module: Any, *, shared: Any = None) -> tuple[Any, ...]:
@@ -451,7 +439,11 @@ DORA = Method(
     forward=_module_forward, backward=dora_backward,
     delta_weight=lambda W0, m, *, shared=None: dora_delta_weight(W0, m.A, m.B, m.magnitude, scaling=m.scaling,
                                                                  fan_in_fan_out=m.fan_in_fan_out),
-    merge=_module_merge, unmerge=_module_unmerge,
+    merge=lambda W0, m, *, shared=None: dora_merge(W0, m.A, m.B, m.magnitude, scaling=m.scaling,
+                                                   fan_in_fan_out=m.fan_in_fan_out),
+    unmerge=lambda W, m, *, shared=None, weight_norm: dora_unmerge(W, m.A, m.B, m.magnitude, scaling=m.scaling,
+                                                                   weight_norm=weight_norm,
+                                                                   fan_in_fan_out=m.fan_in_fan_out),
     parameter_count=lambda k, d, m: dora_parameter_count(k, d, m.r),
     branch_values=_module_branch,
 )
