@@ -19,63 +19,20 @@ up to 20 significant bits; see `round_up`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from refpeft import tolerance
+from refpeft.conformance.case import Case, Family, Vectors, draw, exact_inputs, plain_results
 from refpeft.conformance.exact import exact_array, plain
+from refpeft.conformance.optim_quant_families import absmax_tensors, adam_step_vectors, dequantize_4bit_vectors, \
+    quant_weight, quantize_4bit_vectors
 from refpeft.errors import ConfigError
 from refpeft.methods import method_spec
 from refpeft.methods.linear import dropout_mask
 from refpeft.methods.lora import lora_backward, lora_backward_bound, lora_forward, lora_forward_bound, lora_merge, \
     lora_merge_bound, lora_scaling, lora_unmerge
-from refpeft.optim import AdamConfig, adam_step, AdamState, adam_update_bound, loraplus_groups, single_group
-
-
-@dataclass(frozen=True)
-class Case:
-    """One conformance case: a family, its sizes and options, the dtype computed in, a seed."""
-
-    name: str
-    family: str
-    dtype: str
-    seed: int
-    sizes: dict[str, Any]
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Vectors:
-    """What a family makes of a case (see the module docstring)."""
-
-    inputs: dict[str, np.ndarray]
-    expected: dict[str, np.ndarray]
-    bounds: dict[str, np.ndarray]             # one per bound-checked result; absent for bit-exact ones
-    parameters: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    method: str
-    summary: str            # what an implementation must compute, in one line (goes to the manifest)
-    make: Callable[[Case], Vectors]
-    requires: tuple[str, ...] = ()   # importable modules the generator needs beyond the core (extras)
-
-
-def draw(rng: np.random.Generator, shape: tuple[int, ...], *, dtype: str, scale: float = 1.0) -> np.ndarray:
-    """Uniform values in [-scale, scale), rounded once to `dtype` (scale a power of two keeps this exact)."""
-    return ((rng.random(shape) * 2.0 - 1.0) * scale).astype(dtype)
-
-
-def _exact(arrays: dict[str, np.ndarray | None]) -> dict[str, Any]:
-    return {name: None if a is None else exact_array(a) for name, a in arrays.items()}
-
-
-def _plain(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
-    return {name: np.ascontiguousarray(plain(a), dtype=np.float64) for name, a in arrays.items() if a is not None}
 
 
 # ---------------------------------------------------------------- LoRA
@@ -106,16 +63,16 @@ def _lora_inputs(case: Case, *, with_dy: bool) -> tuple[dict[str, np.ndarray], d
 
 def lora_forward_vectors(case: Case) -> Vectors:
     inputs, options = _lora_inputs(case, with_dy=False)
-    e = _exact(inputs)
+    e = exact_inputs(inputs)
     args = dict(bias=e.get("bias"), dropout_mask=e.get("dropout_mask"), **options)
     y, _ = lora_forward(e["x"], e["W0"], e["A"], e["B"], **args)
     bound = lora_forward_bound(e["x"], e["W0"], e["A"], e["B"], dtype=case.dtype, **args)
-    return Vectors(inputs, _plain({"y": y}), _plain({"y": bound}), {"scaling": options["scaling"]})
+    return Vectors(inputs, plain_results({"y": y}), plain_results({"y": bound}), {"scaling": options["scaling"]})
 
 
 def lora_backward_vectors(case: Case) -> Vectors:
     inputs, options = _lora_inputs(case, with_dy=True)
-    e = _exact(inputs)
+    e = exact_inputs(inputs)
     trainable = "bias" in inputs
     _, cache = lora_forward(e["x"], e["W0"], e["A"], e["B"], bias=e.get("bias"), dropout_mask=e.get("dropout_mask"),
                             bias_trainable=trainable, **options)
@@ -123,14 +80,14 @@ def lora_backward_vectors(case: Case) -> Vectors:
     bounds = lora_backward_bound(e["dy"], e["x"], e["W0"], e["A"], e["B"], dropout_mask=e.get("dropout_mask"),
                                  bias_trainable=trainable, dtype=case.dtype, **options)
     expected = {"dx": grads.dx, "dA": grads.dA, "dB": grads.dB, "dbias": grads.dbias}
-    return Vectors(inputs, _plain(expected), _plain(bounds), {"scaling": options["scaling"]})
+    return Vectors(inputs, plain_results(expected), plain_results(bounds), {"scaling": options["scaling"]})
 
 
 def lora_merge_vectors(case: Case) -> Vectors:
     """merge: W = W0 + s B A; with options unmerge=True the input is W and the result W0 = W - s B A."""
     inputs, options = _lora_inputs(case, with_dy=False)
     inputs.pop("x")
-    e = _exact(inputs)
+    e = exact_inputs(inputs)
     undo = case.options.get("unmerge", False)
     if undo:
         inputs["W"] = inputs.pop("W0")
@@ -139,7 +96,7 @@ def lora_merge_vectors(case: Case) -> Vectors:
         W = lora_merge(e["W0"], e["A"], e["B"], **options)
     bound = lora_merge_bound(e["W0"], e["A"], e["B"], dtype=case.dtype, unmerge=undo, **options)
     name = "W0" if undo else "W"
-    return Vectors(inputs, _plain({name: W}), _plain({name: bound}), {"scaling": options["scaling"]})
+    return Vectors(inputs, plain_results({name: W}), plain_results({name: bound}), {"scaling": options["scaling"]})
 
 
 # ---------------------------------------------------------------- DoRA
@@ -156,11 +113,11 @@ def dora_forward_vectors(case: Case) -> Vectors:
     from refpeft.methods.dora import dora_forward, dora_forward_bound
 
     inputs, options = _dora_inputs(case, with_dy=False)
-    e = _exact(inputs)
+    e = exact_inputs(inputs)
     args = dict(bias=e.get("bias"), dropout_mask=e.get("dropout_mask"), **options)
     y, _ = dora_forward(e["x"], e["W0"], e["A"], e["B"], e["magnitude"], **args)
     bound = dora_forward_bound(e["x"], e["W0"], e["A"], e["B"], e["magnitude"], dtype=case.dtype, **args)
-    return Vectors(inputs, _plain({"y": y}), _plain({"y": bound}), {"scaling": options["scaling"]})
+    return Vectors(inputs, plain_results({"y": y}), plain_results({"y": bound}), {"scaling": options["scaling"]})
 
 
 def dora_backward_vectors(case: Case) -> Vectors:
@@ -168,7 +125,7 @@ def dora_backward_vectors(case: Case) -> Vectors:
     from refpeft.methods.dora import dora_backward, dora_backward_bound, dora_forward
 
     inputs, options = _dora_inputs(case, with_dy=True)
-    e = _exact(inputs)
+    e = exact_inputs(inputs)
     trainable = "bias" in inputs
     gradient = case.options.get("gradient", "detached")
     args = dict(bias=e.get("bias"), dropout_mask=e.get("dropout_mask"), **options)
@@ -178,7 +135,7 @@ def dora_backward_vectors(case: Case) -> Vectors:
     bounds = dora_backward_bound(e["dy"], e["x"], e["W0"], e["A"], e["B"], e["magnitude"], gradient=gradient,
                                  bias_trainable=trainable, dtype=case.dtype, **args)
     expected = {"dx": g.dx, "dA": g.dA, "dB": g.dB, "dmagnitude": g.dmagnitude, "dbias": g.dbias}
-    return Vectors(inputs, _plain(expected), _plain(bounds), {"scaling": options["scaling"]})
+    return Vectors(inputs, plain_results(expected), plain_results(bounds), {"scaling": options["scaling"]})
 
 
 def dora_merge_vectors(case: Case) -> Vectors:
@@ -188,18 +145,18 @@ def dora_merge_vectors(case: Case) -> Vectors:
 
     inputs, options = _dora_inputs(case, with_dy=False)
     inputs.pop("x")
-    e = _exact(inputs)
+    e = exact_inputs(inputs)
     W = dora_merge(e["W0"], e["A"], e["B"], e["magnitude"], **options)
     if not case.options.get("unmerge", False):
         bound = dora_merge_bound(e["W0"], e["A"], e["B"], e["magnitude"], dtype=case.dtype, **options)
-        return Vectors(inputs, _plain({"W": W}), _plain({"W": bound}), {"scaling": options["scaling"]})
+        return Vectors(inputs, plain_results({"W": W}), plain_results({"W": bound}), {"scaling": options["scaling"]})
     norm = dora_weight_norm(e["W0"], e["A"], e["B"], **options)
     inputs["W"], inputs["weight_norm"] = plain(W).astype(case.dtype), plain(norm).astype(case.dtype)
     inputs.pop("W0")
-    e = _exact(inputs)
+    e = exact_inputs(inputs)
     W0 = dora_unmerge(e["W"], e["A"], e["B"], e["magnitude"], weight_norm=e["weight_norm"], **options)
     bound = dora_unmerge_bound(e["W"], e["A"], e["B"], e["magnitude"], e["weight_norm"], dtype=case.dtype, **options)
-    return Vectors(inputs, _plain({"W0": W0}), _plain({"W0": bound}), {"scaling": options["scaling"]})
+    return Vectors(inputs, plain_results({"W0": W0}), plain_results({"W0": bound}), {"scaling": options["scaling"]})
 
 
 # ---------------------------------------------------------------- VeRA
@@ -222,19 +179,19 @@ def vera_forward_vectors(case: Case) -> Vectors:
     from refpeft.methods.vera import vera_forward, vera_forward_bound
 
     inputs = _vera_inputs(case, with_dy=False)
-    e = _exact(inputs)
+    e = exact_inputs(inputs)
     args = dict(bias=e.get("bias"), dropout_mask=e.get("dropout_mask"),
                 fan_in_fan_out=case.options.get("fan_in_fan_out", False))
     y, _ = vera_forward(e["x"], e["W0"], *_vera_args(e), **args)
     bound = vera_forward_bound(e["x"], e["W0"], *_vera_args(e), dtype=case.dtype, **args)
-    return Vectors(inputs, _plain({"y": y}), _plain({"y": bound}))
+    return Vectors(inputs, plain_results({"y": y}), plain_results({"y": bound}))
 
 
 def vera_backward_vectors(case: Case) -> Vectors:
     from refpeft.methods.vera import vera_backward, vera_backward_bound, vera_forward
 
     inputs = _vera_inputs(case, with_dy=True)
-    e = _exact(inputs)
+    e = exact_inputs(inputs)
     trainable = "bias" in inputs
     ffo = case.options.get("fan_in_fan_out", False)
     _, cache = vera_forward(e["x"], e["W0"], *_vera_args(e), bias=e.get("bias"), dropout_mask=e.get("dropout_mask"),
@@ -243,7 +200,7 @@ def vera_backward_vectors(case: Case) -> Vectors:
     bounds = vera_backward_bound(e["dy"], e["x"], e["W0"], *_vera_args(e), dropout_mask=e.get("dropout_mask"),
                                  fan_in_fan_out=ffo, bias_trainable=trainable, dtype=case.dtype)
     expected = {"dx": g.dx, "dlambda_d": g.dlambda_d, "dlambda_b": g.dlambda_b, "dbias": g.dbias}
-    return Vectors(inputs, _plain(expected), _plain(bounds))
+    return Vectors(inputs, plain_results(expected), plain_results(bounds))
 
 
 def vera_merge_vectors(case: Case) -> Vectors:
@@ -255,13 +212,13 @@ def vera_merge_vectors(case: Case) -> Vectors:
     undo = case.options.get("unmerge", False)
     if undo:
         inputs["W"] = inputs.pop("W0")
-    e = _exact(inputs)
+    e = exact_inputs(inputs)
     ffo = case.options.get("fan_in_fan_out", False)
     weight = e["W"] if undo else e["W0"]
     W = (vera_unmerge if undo else vera_merge)(weight, *_vera_args(e), fan_in_fan_out=ffo)
     bound = vera_merge_bound(weight, *_vera_args(e), fan_in_fan_out=ffo, dtype=case.dtype, unmerge=undo)
     name = "W0" if undo else "W"
-    return Vectors(inputs, _plain({name: W}), _plain({name: bound}))
+    return Vectors(inputs, plain_results({name: W}), plain_results({name: bound}))
 
 
 # ---------------------------------------------------------------- QLoRA (refpeft.methods.qlora, precision "bfloat16")
@@ -288,7 +245,7 @@ def _qlora_inputs(case: Case, *, with_dy: bool) -> tuple[dict[str, np.ndarray], 
     inputs = {"x": bfloat16(draw(rng, (*batch, k), dtype="float32")),
               "A": draw(rng, (r, k), dtype="float32", scale=0.25), "B": draw(rng, (d, r), dtype="float32", scale=0.5),
               "bias": bfloat16(draw(rng, (d,), dtype="float32")),
-              "packed": np.asarray(state.packed), **_absmax_tensors(state)}
+              "packed": np.asarray(state.packed), **absmax_tensors(state)}
     if with_dy:
         inputs["dy"] = bfloat16(draw(rng, (*batch, d), dtype="float32"))
     return inputs, state, lora_scaling(o["alpha"], r)
@@ -301,17 +258,17 @@ def qlora_vectors(case: Case) -> Vectors:
     backward = case.family == "qlora_backward"
     inputs, state, scaling = _qlora_inputs(case, with_dy=backward)
     W0 = np.asarray(base_weight(state), dtype=np.float64)                   # bf16 values, exact
-    e = _exact({name: np.asarray(a, dtype=np.float64) for name, a in inputs.items()
+    e = exact_inputs({name: np.asarray(a, dtype=np.float64) for name, a in inputs.items()
                 if name in ("x", "A", "B", "bias", "dy")})
     W0e = exact_array(W0)
     y, cache = lora_forward(e["x"], W0e, e["A"], e["B"], scaling=scaling, bias=None if backward else e["bias"])
     if not backward:
         bound = qlora_forward_bound(e["x"], W0e, e["A"], e["B"], scaling=scaling, bias=e["bias"])
-        return Vectors(inputs, _plain({"y": y}), _plain({"y": bound}), {"scaling": scaling})
+        return Vectors(inputs, plain_results({"y": y}), plain_results({"y": bound}), {"scaling": scaling})
     inputs.pop("bias")
     g = lora_backward(e["dy"], cache)
     bounds = qlora_backward_bound(e["dy"], e["x"], W0e, e["A"], e["B"], scaling=scaling)
-    return Vectors(inputs, _plain({"dx": g.dx, "dA": g.dA, "dB": g.dB}), _plain(bounds), {"scaling": scaling})
+    return Vectors(inputs, plain_results({"dx": g.dx, "dA": g.dA, "dB": g.dB}), plain_results(bounds), {"scaling": scaling})
 
 
 # ---------------------------------------------------------------- fusion (refpeft.fusion, PEFT's add_weighted_adapter)
@@ -387,13 +344,13 @@ def export_forward_vectors(case: Case) -> Vectors:
                                          {"blocksize": o["nf4_blocksize"], "quant_type": "nf4"}))
     stack, adapter = export_adapter(inputs, o)
     layer, module = stack.layers[0], adapter.modules["linear"]
-    e = _exact({**inputs, "W": layer.weight})       # W: the float weight the graph multiplies by
+    e = exact_inputs({**inputs, "W": layer.weight})       # W: the float weight the graph multiplies by
     exact_module = module.replace(**{name: e[name] for name in module.tensors})
     y, _ = module.spec.forward(e["x"], e["W"], exact_module, shared={n: e[n] for n in module.spec.shared},
                                bias=e.get("bias"))
     bound = graph_bound(stack, adapter, inputs["x"], form=o["form"], dtype=case.dtype, nf4_ops=o.get("nf4_ops", "bnb4"))
     parameters = {"scaling": module.scaling} if module.spec.scaled else {}
-    return Vectors(inputs, _plain({"y": y}), {"y": round_up(np.asarray(bound, dtype=np.float64))}, parameters)
+    return Vectors(inputs, plain_results({"y": y}), {"y": round_up(np.asarray(bound, dtype=np.float64))}, parameters)
 
 
 # The inputs each method's export case draws (the same draws as its forward cases).
@@ -402,125 +359,6 @@ EXPORT_INPUTS = {
     "dora": lambda case: _dora_inputs(case, with_dy=False)[0],
     "vera": lambda case: _vera_inputs(case, with_dy=False),
 }
-
-
-# ---------------------------------------------------------------- Adam, AdamW, LoRA+
-
-def _adam_config(o: dict[str, Any]) -> AdamConfig:
-    return AdamConfig(lr=o["lr"], betas=tuple(o.get("betas", (0.9, 0.999))), eps=o.get("eps", 1e-8),
-                      weight_decay=o.get("weight_decay", 0.0), decoupled_weight_decay=o.get("adamw", False))
-
-
-def adam_step_vectors(case: Case) -> Vectors:
-    """One step of Adam/AdamW from a given state: parameters A (r, k) and B (d, r), step t.
-
-    Inputs: each parameter, its gradient `grad.NAME`, moments `exp_avg.NAME` and `exp_avg_sq.NAME`
-    (the state after t - 1 steps; zeros when t = 1). Results: the updated parameter and moments.
-    With option loraplus_ratio, the groups are PEFT's LoRA+ groups (B at lr * ratio).
-    """
-    s, o = case.sizes, case.options
-    rng = np.random.default_rng(case.seed)
-    t = o.get("step", 1)
-    shapes = {"lora_A": (s["r"], s["k"]), "lora_B": (s["d"], s["r"])}
-    inputs: dict[str, np.ndarray] = {}
-    for name, shape in shapes.items():
-        inputs[name] = draw(rng, shape, dtype=case.dtype, scale=0.5)
-        inputs[f"grad.{name}"] = draw(rng, shape, dtype=case.dtype, scale=2.0**-4)
-        first = t == 1
-        inputs[f"exp_avg.{name}"] = np.zeros(shape, case.dtype) if first else draw(rng, shape, dtype=case.dtype, scale=2.0**-5)
-        inputs[f"exp_avg_sq.{name}"] = (np.zeros(shape, case.dtype) if first
-                                        else np.abs(draw(rng, shape, dtype=case.dtype, scale=2.0**-10)))
-    e = _exact(inputs)
-    config = _adam_config(o)
-    params = {name: e[name] for name in shapes}
-    groups = (loraplus_groups(params, config, lr_ratio=o["loraplus_ratio"],
-                              loraplus_weight_decay=o.get("weight_decay", 0.0))
-              if "loraplus_ratio" in o else single_group(params, config))
-    state = AdamState(step={n: t - 1 for n in shapes} if t > 1 else {},
-                      exp_avg={n: e[f"exp_avg.{n}"] for n in shapes} if t > 1 else {},
-                      exp_avg_sq={n: e[f"exp_avg_sq.{n}"] for n in shapes} if t > 1 else {})
-    new_params, new_state = adam_step(params, {n: e[f"grad.{n}"] for n in shapes}, state, groups)
-    expected, bounds = {}, {}
-    for group in groups:
-        c = group.config
-        for name in group.names:
-            expected[name] = new_params[name]
-            expected[f"exp_avg.{name}"] = new_state.exp_avg[name]
-            expected[f"exp_avg_sq.{name}"] = new_state.exp_avg_sq[name]
-            b = adam_update_bound(e[name], e[f"grad.{name}"], e[f"exp_avg.{name}"], e[f"exp_avg_sq.{name}"],
-                                  t=t, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay,
-                                  decoupled_weight_decay=c.decoupled_weight_decay, dtype=case.dtype)
-            bounds.update({name: b["p"], f"exp_avg.{name}": b["m"], f"exp_avg_sq.{name}": b["v"]})
-    groups_json = [{"names": list(g.names), "lr": g.config.lr, "weight_decay": g.config.weight_decay} for g in groups]
-    return Vectors(inputs, _plain(expected), _plain(bounds), {"step": t, "groups": groups_json})
-
-
-# ---------------------------------------------------------------- 4-bit quantisation (bit-exact)
-
-def quant_weight(case: Case) -> np.ndarray:
-    """A weight that reaches the quantiser's branches, with an order-independent absmax mean.
-
-    Each block's absmax is a multiple of 2^-6 in [1/4, 2) (the largest |value| of the block is set
-    to it), so with a power-of-two block count the float32 mean of the absmaxes is exact in any
-    summation order and every implementation's double-quantisation offset is the same number.
-    Blocks whose absmax is a power of two carry values exactly on each decision threshold of both
-    semantics and one float32 step either side of them; with option zero_block, block 1 is all zeros.
-    """
-    from refpeft.quant.codebooks import thresholds
-
-    s, o = case.sizes, case.options
-    rng = np.random.default_rng(case.seed)
-    shape, bs = tuple(s["shape"]), o["blocksize"]
-    flat = (rng.random(int(np.prod(shape))) * 2.0 - 1.0).astype(np.float32)
-    n_blocks = -(-flat.size // bs)
-    grid = (rng.integers(16, 128, size=n_blocks) / 64.0).astype(np.float32)
-    special = [t for rounding in ("bnb-cuda", "bnb-cpu") for t in thresholds(o["quant_type"], rounding)]
-    special = np.array(special, dtype=np.float32)
-    special = np.concatenate([special, np.nextafter(special, np.float32(2)), np.nextafter(special, np.float32(-2))])
-    for b in range(n_blocks):
-        block = flat[b * bs:(b + 1) * bs]
-        if b % 3 == 0:
-            grid[b] = np.float32(2.0) ** -int(rng.integers(0, 3))   # a power of two: thresholds land exactly
-            take = min(block.size - 1, special.size)
-            block[1:1 + take] = rng.permutation(special)[:take] * grid[b]
-        block *= grid[b] / np.max(np.abs(block))
-        block[int(np.argmax(np.abs(block)))] = grid[b] * np.sign(block[int(np.argmax(np.abs(block)))])
-    if o.get("zero_block", False) and n_blocks > 1:
-        flat[bs:2 * bs] = 0.0
-    return flat.reshape(shape).astype(case.dtype)
-
-
-def _quant_state(case: Case, W: np.ndarray):
-    from refpeft.quant.state import quantize_4bit
-
-    o = case.options
-    return quantize_4bit(W, quant_type=o["quant_type"], blocksize=o["blocksize"], double_quant=o.get("double_quant", False),
-                         rounding=o["rounding"])
-
-
-def _absmax_tensors(state) -> dict[str, np.ndarray]:
-    if state.nested:
-        return {"absmax.codes": np.asarray(state.absmax.codes), "absmax.nested": np.asarray(state.absmax.nested_absmax),
-                "absmax.offset": np.asarray([state.absmax.offset], dtype=np.float32)}
-    return {"absmax": np.asarray(state.absmax)}
-
-
-def quantize_4bit_vectors(case: Case) -> Vectors:
-    """Blockwise NF4/FP4 of W (bitsandbytes' flat row-major blocks): packed bytes and absmax, bit for bit."""
-    W = quant_weight(case)
-    state = _quant_state(case, W)
-    expected = {"packed": np.asarray(state.packed), **_absmax_tensors(state)}
-    return Vectors({"W": W}, expected, {}, {"numel": int(W.size)})
-
-
-def dequantize_4bit_vectors(case: Case) -> Vectors:
-    """The weight rebuilt from packed codes and absmax: f32(code_value * absmax) in W's dtype, bit for bit."""
-    from refpeft.quant.state import dequantize_4bit
-
-    W = quant_weight(case)
-    state = _quant_state(case, W)
-    inputs = {"packed": np.asarray(state.packed), **_absmax_tensors(state)}
-    return Vectors(inputs, {"W": np.asarray(dequantize_4bit(state))}, {}, {"numel": int(W.size)})
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
