@@ -268,7 +268,7 @@ def _plain_number(value: float) -> int | float:
 def _patterns(values: dict[str, Any], default: Any) -> dict[str, Any]:
     """{"^" + escaped full path: value} for the modules that differ from `default`.
 
-    PEFT matches a key K as `re.match(r"(.*\.)?(K)$", path)`, so a bare "a\.q" also matches module
+    PEFT matches a key K as `re.match(r"(.*\\.)?(K)$", path)`, so a bare "a\\.q" also matches module
     "b.a.q"; the "^" inside the group only matches at the start of the path, so each key selects
     exactly its own module."""
     return {"^" + re.escape(p): values[p] for p in sorted(p for p, v in values.items() if v != default)}
