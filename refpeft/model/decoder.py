@@ -75,7 +75,7 @@ def check_adapter_targets(model: Model) -> None:
     """Every adapted module must be a linear layer of the model, of its size."""
     if model.adapter is None:
         return
-    paths = set(model.linear_paths())
+    paths = set(model.linear_paths()) | {"lm_head"}         # tied or not: PEFT adapts a tied lm_head too
     for path, module in model.adapter.modules.items():
         if path not in paths:
             near = sorted(p for p in paths if p.split(".")[-1] == path.split(".")[-1])[:3]

@@ -1,0 +1,97 @@
+"""`refpeft generate`: continue a prompt with a model folder or GGUF file, optionally through a PEFT adapter."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "continue a prompt with a base model (HF folder or GGUF), optionally with a PEFT adapter"
+
+DESCRIPTION = """\
+Loads BASE (a Hugging Face model folder with tokenizer.json, or a .gguf file) and prints the
+continuation of --prompt, computed by refpeft's decoder with a KV cache (refpeft.model.generate).
+With --adapter, the PEFT adapter directory is read and checked against the model (every adapted
+module must be one of its linear layers, of the right size) and runs unmerged on top of it.
+
+Decoding is greedy unless a sampling option is given; sampling takes transformers' defaults
+(temperature 1, top-k 50, top-p 1), applied in transformers' order, and draws from NumPy's
+generator seeded with --seed (so it is reproducible, but not torch's draws). Generation stops at
+the tokenizer's eos token or after --max-new-tokens. By default the prompt is sent as a user
+message through the model's chat template when it has one (--no-chat sends the raw text).
+Exit status 2 and a message on a missing or unreadable model or adapter, an adapter whose
+modules the model lacks, or a prompt longer than the model's positions.
+"""
+
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "seed": 0}   # transformers' generate defaults
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help=HELP, description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", metavar="BASE", help="model folder (config.json, safetensors, tokenizer.json) or .gguf file")
+    p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory (adapter_config.json + safetensors)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate at most (32)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (the default)")
+    p.add_argument("--temperature", type=float, metavar="T", help="sample, dividing the logits by T (1.0)")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens (50; 0: all)")
+    p.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set holding probability P (1.0)")
+    p.add_argument("--seed", type=int, metavar="S", help="seed of the sampling generator (0)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="send the prompt through the chat template (default: when the tokenizer has one)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="compute precision (float32)")
+    p.set_defaults(func=run, command="generate")
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from refpeft.errors import ConfigError
+    from refpeft.model import load
+    from refpeft.model.decoder import Model
+    from refpeft.model.generate import Sampling, generate, prompt_ids
+
+    chosen = {name: getattr(args, name) for name in SAMPLING_DEFAULTS if getattr(args, name) is not None}
+    if args.greedy and chosen:
+        flags = ", ".join("--" + n.replace("_", "-") for n in chosen)
+        raise ConfigError(f"--greedy takes no sampling options (got {flags})")
+    config, weights, tokenizer = load.load_model(args.base, dtype=args.dtype)
+    if tokenizer is None:
+        raise ConfigError(f"{args.base}: the model has no tokenizer (tokenizer.json) to encode the prompt with")
+    model = Model(config, weights)
+    if args.adapter is not None:
+        model = with_adapter(model, args.adapter, dtype=args.dtype)
+    sampling, rng = None, None
+    if chosen:
+        options = {**SAMPLING_DEFAULTS, **chosen}
+        sampling = Sampling(temperature=options["temperature"], top_k=options["top_k"], top_p=options["top_p"])
+        rng = np.random.default_rng(options["seed"])
+    ids = prompt_ids(tokenizer, args.prompt, chat=args.chat)
+    [new] = generate(model, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling, rng=rng,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    print(tokenizer.decode(new, skip_special_tokens=True))
+    return 0
+
+
+def with_adapter(model, directory: str, *, dtype: str):
+    """`model` with the PEFT adapter in `directory`, checked against its linear layers.
+
+    The adapter's trained biases (PEFT's bias="lora_only"/"all") replace the model's own.
+    """
+    from refpeft.errors import ConfigError
+    from refpeft.methods.linear import LinearShape
+    from refpeft.model.decoder import Model, check_adapter_targets
+    from refpeft.peft_format import fit_to_base, read_peft_adapter
+
+    adapter = read_peft_adapter(directory, dtype=dtype)
+    check_adapter_targets(Model(model.config, model.weights, adapter))       # names the missing module
+    shapes = {}
+    for path in adapter.modules:
+        W = model.head_weight() if path == "lm_head" else model.weights[path + ".weight"]
+        shapes[path] = LinearShape(k=int(W.shape[1]), d=int(W.shape[0]))
+    adapter = fit_to_base(adapter, shapes, source=directory, dtype=dtype)     # VeRA: regenerates projections
+    weights = dict(model.weights)
+    for path, bias in adapter.base_biases.items():
+        if path + ".bias" not in weights:
+            raise ConfigError(f"{directory}: the adapter trains a bias of {path!r}, which has none in this model")
+        weights[path + ".bias"] = bias
+    return Model(model.config, weights, adapter)

@@ -1,0 +1,163 @@
+"""`refpeft train`: fine-tune a LoRA, rsLoRA, DoRA or VeRA adapter (or every weight) and write it as a PEFT folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from refpeft.errors import ConfigError
+
+HELP = "train an adapter (LoRA, rsLoRA, DoRA, VeRA) or the full model on text or instruction data"
+
+DESCRIPTION = """\
+Trains on BASE (a Hugging Face model folder with tokenizer.json, or a GGUF file) with refpeft's own
+forward and backward passes, step for step what transformers' Trainer + PEFT compute: micro-batches
+summed over --grad-accum, clipping by the global norm, AdamW (or LoRA+ with --loraplus-ratio) with
+the learning rate scheduled as transformers' warm-up + constant/linear/cosine schedules.
+
+--data: a text file (tokenised whole and packed into blocks of --block-size tokens), or a .jsonl
+file of {"instruction", "input", "output"} or {"messages": [...]} lines rendered through the
+tokenizer's chat template, with the loss on the response only (refpeft.train.data).
+
+Writes OUTPUT_DIR/adapter_model.safetensors + adapter_config.json, which PEFT's
+PeftModel.from_pretrained loads (--method full writes config.json + model.safetensors instead; the
+tokenizer stays with BASE), and checkpoints in OUTPUT_DIR/checkpoints (every --save-every steps and
+at the end) from which --resume continues the run exactly. Bad input (a missing file, an unknown target, an unsupported method) is refused with
+exit status 2 before anything is written.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help=HELP, description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", metavar="BASE", help="model folder (config.json, safetensors, tokenizer.json) or .gguf file")
+    p.add_argument("--data", required=True, metavar="FILE", help="training text, or .jsonl instruction/chat data")
+    p.add_argument("-o", "--output", required=True, metavar="OUTPUT_DIR", help="folder for the adapter and checkpoints")
+    a = p.add_argument_group("what to train")
+    a.add_argument("--method", default="lora", help="lora, rslora, dora, vera or full (default lora)")
+    a.add_argument("--targets", default="q_proj,v_proj",
+                   help="comma-separated layer names as PEFT's target_modules, or all-linear (default q_proj,v_proj)")
+    a.add_argument("--rank", type=int, default=8, help="rank r (default 8)")
+    a.add_argument("--alpha", type=float, default=16.0,
+                   help="alpha; scaling alpha / r, rsLoRA alpha / sqrt(r) (default 16)")
+    a.add_argument("--rank-pattern", default="", metavar="KEY=R,...", help="per-module ranks, PEFT's rank_pattern")
+    a.add_argument("--alpha-pattern", default="", metavar="KEY=A,...", help="per-module alphas, PEFT's alpha_pattern")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=int, required=True, help="optimiser steps")
+    o.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    o.add_argument("--batch-size", type=int, default=1, help="examples per micro-batch (default 1)")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
+    o.add_argument("--accumulation", default="mean",
+                   help="mean: each micro-batch's mean loss / G; tokens: every target token weighs the same "
+                        "(transformers 5's Trainer) (default mean)")
+    o.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (default 0)")
+    o.add_argument("--schedule", default="linear", help="constant, linear or cosine after the warm-up (default linear)")
+    o.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="clip the global gradient norm; 0: no clipping (default 1)")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay (default 0)")
+    o.add_argument("--loraplus-ratio", type=float, default=None, help="LoRA+: B matrices at lr * ratio")
+    o.add_argument("--block-size", type=int, default=256, help="tokens per text block / longest example (default 256)")
+    o.add_argument("--seed", type=int, default=0, help="seed of the adapter's init and the data order (default 0)")
+    o.add_argument("--dtype", default="float32", help="float32 or float64 (default float32)")
+    r = p.add_argument_group("checkpoints")
+    r.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default 0: only at the end)")
+    r.add_argument("--resume", action="store_true", help="continue the run in OUTPUT_DIR from its latest checkpoint")
+    r.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after step N (checkpointed), keeping the schedule of --steps; --resume continues")
+    p.set_defaults(func=run, command="train")
+
+
+def run(args: argparse.Namespace) -> int:
+    from refpeft.model.decoder import Model, check_adapter_targets
+    from refpeft.model.load import load_model
+    from refpeft.train.adapters import FULL
+    from refpeft.train.checkpoints import latest_checkpoint, resume
+    from refpeft.train.data import read_dataset
+    from refpeft.train.state import TrainingConfig
+
+    output = Path(args.output)
+    config = TrainingConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                            weight_decay=args.weight_decay, warmup_steps=args.warmup, schedule=args.schedule,
+                            max_grad_norm=args.max_grad_norm or None, loraplus_ratio=args.loraplus_ratio,
+                            accumulation=args.accumulation, seed=args.seed)
+    if args.dtype not in ("float32", "float64"):
+        raise ConfigError(f"--dtype must be float32 or float64, got {args.dtype!r}")
+    has_run = (output / "checkpoints").exists()
+    if has_run and not args.resume:
+        raise ConfigError(f"{output} already holds a training run; pass --resume to continue it, or choose another -o")
+    if args.resume and latest_checkpoint(output) is None:
+        raise ConfigError(f"--resume: {output} has no checkpoint to continue from")
+    if not Path(args.data).is_file():
+        raise ConfigError(f"--data {args.data}: no such file")
+    model_config, weights, tokenizer = load_model(args.base, dtype=args.dtype)
+    base = Model(model_config, weights)
+    model = base if args.method == FULL else replace(base, adapter=_new_adapter(base, args))
+    check_adapter_targets(model)
+    dataset = read_dataset(args.data, tokenizer, block_size=args.block_size)
+    state = resume(output, model, config, data_fingerprint=dataset.fingerprint()) if args.resume else None
+    final = _train_with_progress(model, dataset, config, state=state, output=output, args=args)
+    if final.step < config.steps:
+        print(f"stopped after step {final.step} of {config.steps}; checkpoint in {latest_checkpoint(output)} "
+              "(--resume continues)")
+        return 0
+    print(_write_result(final.model, output, source=args.base))
+    return 0
+
+
+def _new_adapter(base: Any, args: argparse.Namespace) -> Any:
+    from refpeft.train.adapters import ALL_LINEAR, new_adapter
+
+    names = args.targets.strip()
+    targets = ALL_LINEAR if names == ALL_LINEAR else [t.strip() for t in names.split(",") if t.strip()]
+    adapter = new_adapter(base, method=args.method, targets=targets, rank=args.rank, alpha=args.alpha,
+                          rank_pattern=_pattern(args.rank_pattern, int, "--rank-pattern"),
+                          alpha_pattern=_pattern(args.alpha_pattern, float, "--alpha-pattern"), seed=args.seed)
+    return replace(adapter, config={**adapter.config, "base_model_name_or_path": str(args.base),
+                                    "task_type": "CAUSAL_LM"})
+
+
+def _train_with_progress(model: Any, dataset: Any, config: Any, *, state: Any, output: Path,
+                         args: argparse.Namespace) -> Any:
+    from tqdm import tqdm
+
+    from refpeft.train.loop import train
+
+    start = 0 if state is None else state.step
+    with tqdm(total=config.steps, initial=start, desc="train", unit="step", file=sys.stderr) as bar:
+        def progress(report: Any) -> None:
+            bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.lr:.3g}", tok_s=f"{report.tokens_per_second:.0f}")
+            bar.update(1)
+
+        return train(model, dataset, config, state=state, checkpoint_dir=output, save_every=args.save_every,
+                     stop_after=args.stop_after, progress=progress)
+
+
+def _write_result(model: Any, output: Path, *, source: str) -> str:
+    from refpeft.model.weights import save_model_folder
+    from refpeft.peft_format import write_peft_adapter
+    from refpeft.train.adapters import trainable_parameters
+
+    count = sum(int(t.size) for t in trainable_parameters(model).values())
+    if model.adapter is None:
+        save_model_folder(output, model.config, dict(model.weights))
+        return f"wrote {output}: the fully fine-tuned model ({count} parameters trained), a model folder"
+    write_peft_adapter(output, model.adapter)
+    return (f"wrote {output}: a {model.adapter.method} adapter of {len(model.adapter.modules)} modules "
+            f"({count} trained parameters) on {source}, for PeftModel.from_pretrained")
+
+
+def _pattern(text: str, kind: type, option: str) -> dict[str, Any]:
+    """"KEY=VALUE,KEY=VALUE" as a dict (PEFT's rank_pattern / alpha_pattern); {} when empty."""
+    pattern = {}
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        key, sep, value = item.rpartition("=")
+        try:
+            pattern[key] = kind(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key:
+            raise ConfigError(f"{option}: expected KEY=VALUE items separated by commas, got {item!r}")
+    return pattern

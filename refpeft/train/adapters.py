@@ -1,0 +1,174 @@
+"""What a run trains: a fresh adapter on a model's linear layers (initialised as PEFT does), or every weight.
+
+Targets are chosen as PEFT's `target_modules` chooses them: a list entry selects every linear
+layer whose module path equals it or ends in "." + entry ("q_proj" selects
+"model.layers.3.self_attn.q_proj"); a single string is a regular expression full-matched against
+each path; "all-linear" selects every linear layer but the output layer (lm_head). Unlike PEFT,
+which only refuses a list that matches nothing at all, every entry here must match at least one
+layer (a typo is an error, not a silently smaller adapter). rank_pattern / alpha_pattern override
+r / alpha per module with PEFT's rule (refpeft.peft_config.pattern_value: the first key K with
+`(.*\\.)?(K)$` matching the path).
+
+Initialisation (PEFT's `init_lora_weights=True` and VeRA's defaults):
+
+    lora, rslora   A ~ U(-1/sqrt(k), 1/sqrt(k)) (Kaiming-uniform, a = sqrt(5)), B = 0;
+                   s = alpha / r, or alpha / sqrt(r) for rslora   (refpeft.methods.lora.lora_init)
+    dora           the same A and B, magnitude m = ||W0 + s B A|| = ||W0|| row norms (dora_init)
+    vera           vera_A, vera_B from projection_prng_key on torch's CPU generator, sized to the
+                   largest targeted layer (bit for bit PEFT's); lambda_d = d_initial, lambda_b = 0
+
+LoRA's A is drawn per module, module i (model order) from seed + i, on NumPy's generator or, with
+generator="torch-cpu", exactly as PEFT draws one fresh layer after `torch.manual_seed(seed + i)`.
+(PEFT's `get_peft_model` draws all modules from one continuing stream; reproducing that would need
+lora_init to continue a generator instead of seeding one.)
+
+The trained tensors travel as one flat dict keyed as the decoder's gradients are
+(refpeft.model.decoder.loss_and_gradients): "<module path>.<tensor>" for an adapter's trainable
+tensors (its method's `spec.trainable`: "model.layers.0.self_attn.q_proj.A"), the checkpoint names
+for full fine-tuning ("model.layers.0.self_attn.q_proj.weight"), where the model has no adapter
+and every weight is trained. `trainable_parameters` and `with_parameters` map a Model to and from it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from typing import Any, Mapping, Sequence
+
+from refpeft.adapter import Adapter
+from refpeft.errors import ConfigError
+from refpeft.methods import method_spec
+from refpeft.model.decoder import Model
+from refpeft.optim import AdamConfig, ParamGroup, loraplus_groups
+from refpeft.peft_config import pattern_value
+from refpeft.peft_format import tensor_key
+
+# The adapters `refpeft train` makes: a training name -> (the method table's row, its init options);
+# rsLoRA is LoRA with s = alpha / sqrt(r). FULL trains every weight and has no adapter.
+TRAINING_METHODS = {"lora": ("lora", {}), "rslora": ("lora", {"rslora": True}), "dora": ("dora", {}),
+                    "vera": ("vera", {})}
+FULL = "full"
+ALL_LINEAR = "all-linear"
+
+
+def select_targets(model: Model, targets: Sequence[str] | str) -> list[str]:
+    """The module paths the targets select, in model order (module docstring): a list of names, a
+    regular expression full-matched against each path (PEFT's string form), or "all-linear"."""
+    layers = model.linear_paths()
+    if targets == ALL_LINEAR:
+        return [p for p in layers if p != "lm_head"]
+    if isinstance(targets, str):
+        try:
+            selected = [p for p in layers if re.fullmatch(targets, p)]
+        except re.error as exc:
+            raise ConfigError(f"targets {targets!r} is not a regular expression ({exc})") from None
+        if not selected:
+            raise ConfigError(f"targets {targets!r} matches no linear layer path (such as {layers[0]!r})")
+        return selected
+    if not targets:
+        raise ConfigError(f"targets must name at least one layer, or be {ALL_LINEAR!r}")
+    names = sorted({p.rsplit(".", 1)[-1] for p in layers})
+    chosen = set()
+    for name in targets:
+        matched = [p for p in layers if p == name or p.endswith("." + name)]
+        if not matched:
+            raise ConfigError(f"target {name!r} matches no linear layer of this {model.config.model_type} model; "
+                              f"its linear layers are named {', '.join(names)}")
+        chosen.update(matched)
+    return [p for p in layers if p in chosen]
+
+
+def new_adapter(model: Model, *, method: str, targets: Sequence[str] | str, rank: int = 8, alpha: float = 8.0,
+                rank_pattern: Mapping[str, int] | None = None, alpha_pattern: Mapping[str, float] | None = None,
+                seed: int = 0, generator: str = "numpy", projection_prng_key: int = 0,
+                d_initial: float = 0.1) -> Adapter:
+    """A freshly initialised adapter of `method` (lora, rslora, dora, vera) on the targeted layers,
+    in the dtype and namespace of the model's weights: its method's `init_modules` (module docstring)."""
+    if method not in TRAINING_METHODS:
+        raise ConfigError(f"unsupported adapter method {method!r}; choose one of {', '.join(TRAINING_METHODS)} "
+                          f"(or {FULL!r} fine-tuning)")
+    name, options = TRAINING_METHODS[method]
+    spec = method_spec(name)
+    if rank_pattern and spec.shared:
+        raise ConfigError(f"{name} shares its projections across layers, so it has one rank for all layers: "
+                          "rank_pattern does not apply")
+    if alpha_pattern and not spec.scaled:
+        raise ConfigError(f"{name} has no alpha (no alpha / r scaling): alpha_pattern does not apply")
+    paths = select_targets(model, targets)
+    W0s = {p: _weight(model, p) for p in paths}
+    ranks = {p: int(_pattern(rank_pattern, p, rank, "rank_pattern")) for p in paths}
+    alphas = {p: float(_pattern(alpha_pattern, p, alpha, "alpha_pattern")) for p in paths}
+    if spec.shared:     # VeRA: projections from their own key, torch's generator (PEFT's)
+        options = {**options, "projection_prng_key": projection_prng_key, "d_initial": d_initial}
+    else:
+        options = {**options, "seed": seed, "generator": generator}
+    modules, shared, config = spec.init_modules(W0s, ranks=ranks, alphas=alphas, **options)
+    return Adapter(modules, **shared, config=config)
+
+
+def trainable_parameters(model: Model) -> dict[str, Any]:
+    """The trained tensors by the decoder's gradient names: the adapter's, or every weight when it has none."""
+    if model.adapter is None:
+        return dict(model.weights)
+    return {f"{path}.{name}": module.tensors[name]
+            for path, module in model.adapter.modules.items() for name in module.spec.trainable}
+
+
+def with_parameters(model: Model, params: Mapping[str, Any]) -> Model:
+    """The model with the trained tensors replaced by `params` (names as `trainable_parameters` gives them)."""
+    expected = trainable_parameters(model)
+    if set(params) != set(expected):
+        unknown, missing = sorted(set(params) - set(expected)), sorted(set(expected) - set(params))
+        raise ConfigError(f"parameters do not match the model's trained tensors (unknown {unknown[:3]}, "
+                          f"missing {missing[:3]})")
+    if model.adapter is None:
+        return replace(model, weights={**model.weights, **params})
+    updates: dict[str, dict[str, Any]] = {}
+    for name, value in params.items():
+        path, _, tensor = name.rpartition(".")
+        updates.setdefault(path, {})[tensor] = value
+    modules = {path: module.replace(**updates[path]) for path, module in model.adapter.modules.items()}
+    return replace(model, adapter=replace(model.adapter, modules=modules))
+
+
+# transformers' Trainer (`get_decay_parameter_names`): no weight decay for biases and norm weights.
+NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def optimizer_groups(model: Model, params: Mapping[str, Any], config: AdamConfig, *,
+                     loraplus_ratio: float | None = None) -> list[ParamGroup]:
+    """The optimiser's parameter groups, as transformers' Trainer and PEFT form them.
+
+    Without LoRA+: Trainer's two groups, every tensor with config.weight_decay except those whose
+    lower-cased name matches NO_DECAY_PATTERNS (biases, norm weights: only full fine-tuning has
+    them), which get 0. With loraplus_ratio: PEFT's LoRA+ groups (refpeft.optim.loraplus_groups: B
+    matrices and 1-D tensors at lr * ratio, config.weight_decay passed as PEFT's
+    `loraplus_weight_decay`), which classify by PEFT's parameter names ("lora_B"), so each decoder
+    name is looked up under its PEFT file key and the groups are mapped back.
+    """
+    if loraplus_ratio is None:
+        no_decay = [n for n in params if any(re.search(p, n.lower()) for p in NO_DECAY_PATTERNS)]
+        decay = [n for n in params if n not in set(no_decay)]
+        groups = [ParamGroup(names=tuple(decay), config=config),
+                  ParamGroup(names=tuple(no_decay), config=replace(config, weight_decay=0.0))]
+        return [g for g in groups if g.names]
+    if model.adapter is None:
+        raise ConfigError("LoRA+ sets the learning rates of adapter matrices; it does not apply to full fine-tuning")
+    peft_names = {}
+    for name in params:
+        path, _, tensor = name.rpartition(".")
+        peft_names[tensor_key(path, tensor)] = name
+    groups = loraplus_groups({key: params[name] for key, name in peft_names.items()}, config, lr_ratio=loraplus_ratio,
+                             loraplus_weight_decay=config.weight_decay)
+    return [ParamGroup(names=tuple(peft_names[key] for key in g.names), config=g.config) for g in groups]
+
+
+def _weight(model: Model, path: str) -> Any:
+    return model.head_weight() if path == "lm_head" else model.weights[f"{path}.weight"]
+
+
+def _pattern(patterns: Mapping[str, Any] | None, path: str, default: Any, what: str) -> Any:
+    try:
+        return pattern_value(patterns or {}, path, default)[0]
+    except re.error as exc:
+        raise ConfigError(f"{what} has a key that is not a regular expression ({exc})") from None

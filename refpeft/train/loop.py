@@ -1,0 +1,131 @@
+"""The training loop: micro-batches -> summed gradients -> clipping -> scheduled AdamW / LoRA+ -> new tensors.
+
+One optimiser step t (0-based; G = grad_accum micro-batches of batch_size examples each):
+
+    for j in 1..G:                                  examples data_position + (j-1) b ... (refpeft.train.data)
+        L_j, g_j = loss and gradients of the trained tensors     (refpeft.model.decoder: forward,
+                   with the backward started from dL_j = 1 / G    causal_lm_loss_*, backward)
+                   ("mean"), or from 1 with the loss normalised by the step's counted tokens ("tokens")
+    g       = g_1 + ... + g_G                                    (refpeft.train.gradients)
+    g, |g|  = clip_by_global_norm(g, max_grad_norm)              torch.nn.utils.clip_grad_norm_
+    lr_i    = base lr of group i * f(t)                          LambdaLR (refpeft.train.schedules)
+    params  = adam_step(params, g, state, groups at lr_i)        torch.optim.AdamW (refpeft.optim)
+    model   = with_parameters(model, params)                     ModuleAdapter.replace / new weights
+
+which is transformers' Trainer order (clip, optimizer.step(), scheduler.step()). The step's loss
+is sum_j L_j / G ("mean"; what Trainer logs) or the token-weighted mean ("tokens").
+
+`train` runs steps until `config.steps` (or `stop_after`, as if interrupted), calls `progress`
+with a StepReport after each, and when given a directory saves a checkpoint every `save_every`
+steps and at the end (refpeft.train.checkpoints), from which `resume` continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from refpeft.backend import from_numpy, namespace
+from refpeft.errors import ConfigError
+from refpeft.model.decoder import Model, backward, forward
+from refpeft.model.loss import causal_lm_loss_backward, causal_lm_loss_forward
+from refpeft.optim import ParamGroup, adam_step
+from refpeft.train.adapters import optimizer_groups, trainable_parameters, with_parameters
+from refpeft.train.checkpoints import save_checkpoint
+from refpeft.train.data import Batch, TokenDataset, micro_batch
+from refpeft.train.gradients import add_gradients, clip_by_global_norm, global_norm
+from refpeft.train.schedules import lr_multiplier
+from refpeft.train.state import TrainingConfig, TrainingState
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one optimiser step did, for a progress bar or a log."""
+
+    step: int                 # steps done, 1 .. total
+    total: int
+    loss: float
+    lr: float                 # the base learning rate times the schedule's multiplier
+    grad_norm: float          # the global norm before clipping
+    tokens: int               # tokens read (padding excluded)
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+def micro_batch_gradients(model: Model, batch: Batch, *, loss_weight: float,
+                          num_items_in_batch: int | None = None) -> tuple[float, dict[str, Any]]:
+    """(loss_weight * L, gradients of loss_weight * L) for one micro-batch: `(loss * w).backward()`.
+
+    L is the causal-LM loss of the batch (its mean over counted tokens, or its sum over
+    num_items_in_batch when given); a model without an adapter trains every weight.
+    """
+    embed = model.weights["model.embed_tokens.weight"]
+    xp = namespace(embed)
+    ids, labels, mask = (from_numpy(a, xp=xp, like=embed) for a in (batch.ids, batch.labels, batch.attention_mask))
+    logits, tape, _ = forward(model, ids, attention_mask=mask, train_base=model.adapter is None)
+    loss, cache = causal_lm_loss_forward(logits, labels, num_items_in_batch=num_items_in_batch)
+    grads = backward(model, causal_lm_loss_backward(loss_weight, cache), tape)
+    return float(loss) * loss_weight, grads
+
+
+def training_step(state: TrainingState, dataset: TokenDataset, config: TrainingConfig,
+                  groups: list[ParamGroup]) -> tuple[TrainingState, StepReport]:
+    """One optimiser step (module docstring): the next state and its report."""
+    started = time.perf_counter()
+    b, G = config.batch_size, config.grad_accum
+    batches = [micro_batch(dataset, start=state.data_position + j * b, size=b, seed=config.seed) for j in range(G)]
+    if config.accumulation == "mean":
+        weight, num_items = 1.0 / G, None
+    else:
+        weight, num_items = 1.0, sum(batch.targets for batch in batches)
+        if num_items == 0:
+            raise ConfigError(f"step {state.step + 1} has no counted target token in its {G * b} examples")
+    loss, grads = 0.0, None
+    for batch in batches:
+        loss_j, grads_j = micro_batch_gradients(state.model, batch, loss_weight=weight, num_items_in_batch=num_items)
+        loss, grads = loss + loss_j, add_gradients(grads, grads_j)
+    if config.max_grad_norm is not None:
+        grads, norm = clip_by_global_norm(grads, config.max_grad_norm)
+    else:
+        norm = global_norm(grads)
+    f = lr_multiplier(config.schedule, state.step, warmup_steps=config.warmup_steps, total_steps=config.steps)
+    scheduled = [replace(g, config=replace(g.config, lr=g.config.lr * f)) for g in groups]
+    params, adam = adam_step(trainable_parameters(state.model), grads, state.adam, scheduled)
+    new_state = TrainingState(model=with_parameters(state.model, params), adam=adam, step=state.step + 1,
+                              data_position=state.data_position + G * b)
+    report = StepReport(step=new_state.step, total=config.steps, loss=loss, lr=config.lr * f, grad_norm=float(norm),
+                        tokens=sum(batch.tokens for batch in batches), seconds=time.perf_counter() - started)
+    return new_state, report
+
+
+def train(model: Model, dataset: TokenDataset, config: TrainingConfig, *, state: TrainingState | None = None,
+          checkpoint_dir: str | Path | None = None, save_every: int = 0, stop_after: int | None = None,
+          progress: Callable[[StepReport], None] | None = None) -> TrainingState:
+    """Train `model` (its adapter, or every weight when it has none) on `dataset`; the final state.
+
+    state: continue from it (refpeft.train.checkpoints.resume) instead of from step 0.
+    checkpoint_dir: save a checkpoint there every `save_every` steps (0: never) and after the last step run.
+    stop_after: stop once this many steps are done (the schedule still spans config.steps).
+    """
+    if save_every < 0:
+        raise ConfigError(f"save_every must be 0 (only at the end) or positive, got {save_every}")
+    if model.config.max_position_embeddings < dataset.block_size:
+        raise ConfigError(f"block size {dataset.block_size} exceeds the model's max_position_embeddings "
+                          f"({model.config.max_position_embeddings})")
+    state = TrainingState(model=model) if state is None else state
+    groups = optimizer_groups(state.model, trainable_parameters(state.model), config.adam(),
+                              loraplus_ratio=config.loraplus_ratio)
+    last = config.steps if stop_after is None else min(stop_after, config.steps)
+    fingerprint = None if checkpoint_dir is None else dataset.fingerprint()
+    while state.step < last:
+        state, report = training_step(state, dataset, config, groups)
+        if progress is not None:
+            progress(report)
+        if checkpoint_dir is not None and (state.step == last or (save_every and state.step % save_every == 0)):
+            save_checkpoint(checkpoint_dir, state, config, groups, data_fingerprint=fingerprint)
+    return state
