@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from refpeft.adapter import ModuleAdapter
 from refpeft.backend import check_float_array, namespace
 from refpeft.methods import register_method
 from refpeft.methods.linear import base_forward, base_input_grad, check_linear_inputs, flatten_rows
@@ -89,4 +90,6 @@ SCALE = register_method(Method(
     unmerge=lambda W, m, *, shared=None: scale_unmerge(W, m.gamma, fan_in_fan_out=m.fan_in_fan_out),
     parameter_count=lambda k, d, m: d,
     branch_values=_branch,
+    init_modules=lambda W0s, *, ranks, alphas, **options: (
+        {p: ModuleAdapter("scale", {"gamma": W0[:, 0] * 0}) for p, W0 in W0s.items()}, {}, {}),
 ))

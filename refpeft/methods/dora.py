@@ -46,16 +46,10 @@ written with W0 A^T (d, r) and A A^T (r, r), so even the exact backward never fo
 docs/dora.md derives all of this and shows what the detached form drops.
 
 The norm nu. refpeft forms V = W0 + s B A exactly as PEFT does, but in blocks of rows
-(`NORM_BLOCK_ELEMENTS` entries at a time), so memory stays O(block) instead of d x k, and each
-row's norm is computed from the same values PEFT sums. The expansion
-||W0_i||^2 + 2 s (W0 A^T)_i . B_i + s^2 B_i (A A^T) B_i^T avoids forming any row of B A, but it
-subtracts: where W0_i and s (B A)_i nearly cancel its relative error grows like
-||W0_i||^2 / nu_i^2 (measured in benchmarks/bench_dora_vera.py), and an exactly zero row, which
-must be refused, comes out as rounding noise. Its flop count (d k r for W0 A^T) equals that of
-forming B A blockwise, so it saves nothing worth the accuracy; the blockwise formation it is.
-
-A zero norm row (nu_i = 0) has no direction; PEFT divides by it and returns NaN/inf. refpeft
-raises NonFiniteError naming the rows.
+(`NORM_BLOCK_ELEMENTS` entries at a time): O(block) memory instead of d x k, and each row's norm
+from the same values PEFT sums. The expansion ||W0_i||^2 + 2 s (W0 A^T)_i . B_i + ... avoids B A
+but loses accuracy where W0_i and s (B A)_i nearly cancel, for no fewer flops (docs/dora.md
+measures it). A zero norm row has no direction: PEFT returns NaN/inf, refpeft raises NonFiniteError.
 
 Merge: W' = diag(g) (W0 + s B A), with g = m / nu and nu computed from W0 (in W0's layout: with
 fan_in_fan_out the columns are scaled). Unmerge needs that same nu: the merged weight's rows all
@@ -66,12 +60,14 @@ merge time; here `dora_weight_norm` gives it and `dora_unmerge` takes it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
+from refpeft.adapter import ModuleAdapter
 from refpeft.backend import check_float_array, namespace
 from refpeft.errors import ConfigError, NonFiniteError
 from refpeft.methods.linear import base_forward, base_input_grad, check_linear_inputs, flatten_rows, linear_shape, weight_rows
-from refpeft.methods.lora import LORA, check_dropout_mask, check_factors, lora_delta_weight, lora_parameter_count
+from refpeft.methods.lora import LORA, check_dropout_mask, check_factors, lora_delta_weight, lora_init_factors, \
+    lora_parameter_count, lora_scaling
 from refpeft.methods.spec import Method
 from refpeft.tolerance import Bounded, Precision, add, column, divide, either, exact, gradient_bounds, matmul, \
     multiply, output_bound, row_norm, row_sum, rows, scale, subtract, transpose, with_reference
@@ -79,17 +75,13 @@ from refpeft.tolerance import Bounded, Precision, add, column, divide, either, e
 GRADIENTS = ("detached", "exact")
 BASE_OUTPUTS = ("exact", "peft")   # u = x W0^T, or PEFT's fl(fl(x W0^T + b) - b)
 
-# Rows of V = W0 + s B A are formed this many entries at a time (at least one row): 2^20 entries
-# are 4 MiB in float32 (256 rows of a 4096-wide layer), never a d x k allocation for large layers,
-# and few enough blocks that the per-block matmul calls cost nothing measurable (2^16 was slower).
+# Rows of V = W0 + s B A are formed this many entries at a time (at least one row): 4 MiB in float32,
+# never d x k for large layers, and few enough blocks to cost nothing measurable (2^16 was slower).
 NORM_BLOCK_ELEMENTS = 2**20
 
 
 def dora_weight_norm(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
-    """nu = the row norms ||W0_i + s (B A)_i|| over the input axis, (d,); refuses a zero row.
-
-    V is formed in blocks of rows (see the module docstring for why not the expanded formula).
-    """
+    """nu = the row norms ||W0_i + s (B A)_i|| over the input axis, (d,), V formed blockwise; refuses a zero row."""
     xp = namespace(W0, A, B)
     shape = linear_shape(W0, fan_in_fan_out=fan_in_fan_out)
     for name, array in (("W0", W0), ("A", A), ("B", B)):
@@ -99,10 +91,8 @@ def dora_weight_norm(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out:
 
 
 def dora_init(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False) -> Any:
-    """m0 = ||W0 + s B A|| row-wise (d,), so that g = m / nu = 1 and DoRA starts as the LoRA it wraps.
-
-    Call it after A and B are initialised (refpeft.methods.lora.lora_init); with B = 0, m0 = ||W0_i||.
-    """
+    """m0 = ||W0 + s B A|| row-wise (d,), so that g = m / nu = 1 and DoRA starts as the LoRA it wraps
+    (call it after lora_init; with B = 0, m0 = ||W0_i||)."""
     return dora_weight_norm(W0, A, B, scaling=scaling, fan_in_fan_out=fan_in_fan_out)
 
 
@@ -423,6 +413,16 @@ def _module_forward(x: Any, W0: Any, module: Any, *, shared: Any = None, **optio
                         fan_in_fan_out=module.fan_in_fan_out, **options)
 
 
+def _module_init(W0s: Mapping[str, Any], *, ranks: Mapping[str, int], alphas: Mapping[str, float], seed: int = 0,
+                 generator: str = "numpy", rslora: bool = False) -> tuple[dict, dict, dict]:
+    modules = {}                           # LoRA's fresh factors and m = ||W0 + s B A|| (= ||W0||, B = 0)
+    for path, (A, B) in lora_init_factors(W0s, ranks=ranks, seed=seed, generator=generator).items():
+        s = lora_scaling(alphas[path], ranks[path], rslora=rslora)
+        modules[path] = ModuleAdapter("dora", {"A": A, "B": B, "magnitude": dora_init(W0s[path], A, B, scaling=s)},
+                                      alpha=alphas[path], rslora=rslora)
+    return modules, {}, {}
+
+
 def _module_branch(W0: Any, module: Any, *, shared: Any = None) -> tuple[Any, ...]:
     """LoRA's branch inputs, plus the fixed per-row scale g = m / ||W0 + s B A||: y = g (x W0^T + s (x A^T) B^T)."""
     nu = dora_weight_norm(W0, module.A, module.B, scaling=module.scaling, fan_in_fan_out=module.fan_in_fan_out)
@@ -445,5 +445,5 @@ DORA = Method(
                                                                    weight_norm=weight_norm,
                                                                    fan_in_fan_out=m.fan_in_fan_out),
     parameter_count=lambda k, d, m: dora_parameter_count(k, d, m.r),
-    branch_values=_module_branch,
+    branch_values=_module_branch, init_modules=_module_init,
 )

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
-from refpeft.backend import check_float_array, namespace
+from refpeft.adapter import ModuleAdapter
+from refpeft.backend import check_float_array, dtype_name, namespace
 from refpeft.errors import ConfigError, ShapeError
 from refpeft.init import GENERATORS, as_parameter, kaiming_uniform_bound, normal, torch_cpu_generator, torch_cpu_uniform, uniform
 from refpeft.methods.linear import (
@@ -300,6 +301,25 @@ def _module_unmerge(W: Any, module: Any, *, shared: Any = None) -> Any:
     return lora_unmerge(W, module.A, module.B, scaling=module.scaling, fan_in_fan_out=module.fan_in_fan_out)
 
 
+def lora_init_factors(W0s: Mapping[str, Any], *, ranks: Mapping[str, int], seed: int = 0,
+                      generator: str = "numpy") -> dict[str, tuple[Any, Any]]:
+    """(A, B) for each layer W0 (d, k) by path, in W0's dtype and namespace: layer i from seed + i."""
+    factors = {}
+    for i, (path, W0) in enumerate(W0s.items()):
+        xp = namespace(W0)
+        factors[path] = lora_init(int(W0.shape[1]), int(W0.shape[0]), ranks[path], seed=seed + i,
+                                  generator=generator, dtype=dtype_name(W0.dtype, xp=xp), xp=xp)
+    return factors
+
+
+def _module_init(W0s: Mapping[str, Any], *, ranks: Mapping[str, int], alphas: Mapping[str, float], seed: int = 0,
+                 generator: str = "numpy", rslora: bool = False) -> tuple[dict, dict, dict]:
+    """Fresh LoRA modules (PEFT's init_lora_weights=True) on the layers W0s."""
+    factors = lora_init_factors(W0s, ranks=ranks, seed=seed, generator=generator)
+    return ({path: ModuleAdapter("lora", {"A": A, "B": B}, alpha=alphas[path], rslora=rslora)
+             for path, (A, B) in factors.items()}, {}, {})
+
+
 def _module_branch(W0: Any, module: Any, *, shared: Any = None) -> tuple[Any, ...]:
     """The unmerged graph's inputs: A^T (k, r), B^T (r, d) and s (1,), so the branch is ((x A^T) s) B^T."""
     xp = namespace(module.A)
@@ -319,5 +339,5 @@ LORA = Method(
                                                                  fan_in_fan_out=m.fan_in_fan_out),
     merge=_module_merge, unmerge=_module_unmerge,
     parameter_count=lambda k, d, m: lora_parameter_count(k, d, m.r, bias=m.bias is not None),
-    branch_values=_module_branch,
+    branch_values=_module_branch, init_modules=_module_init,
 )

@@ -43,6 +43,9 @@ class Method:
     unmerge: Callable[..., Any]                                  # (W, module, *, shared, **state) -> W0
     parameter_count: Callable[..., int]                          # (k, d, module) -> trainable entries
     branch_values: Callable[..., tuple[Any, ...]]                # (W0, module, *, shared) -> the onnx_branch's swappable inputs
+    # (W0 by module path, *, ranks, alphas, seed, generator, **options) -> (modules, shared, adapter config):
+    # fresh modules for those layers, initialised as PEFT initialises them
+    init_modules: Callable[..., tuple[dict, dict, dict]]
     per_output: tuple[str, ...] = ()                             # tensors (module or shared) whose axis 0 is the d outputs
     shared: Mapping[str, str] = field(default_factory=dict)      # adapter-wide frozen tensors -> PEFT key
     optional: Mapping[str, str] = field(default_factory=dict)    # per-module tensors a module may have -> PEFT key suffix

@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from refpeft.backend import check_float_array, namespace
+from refpeft.adapter import ModuleAdapter
+from refpeft.backend import check_float_array, dtype_name, namespace
 from refpeft.errors import ConfigError, RankError, ShapeError
 from refpeft.init import GENERATORS, as_parameter, kaiming_uniform_bound, torch_cpu_generator, torch_cpu_uniform, uniform
 from refpeft.methods.linear import LinearShape, base_forward, base_input_grad, check_linear_inputs, flatten_rows, linear_shape
@@ -344,6 +345,27 @@ def _module_unmerge(W: Any, module: Any, *, shared: Any = None) -> Any:
     return vera_unmerge(W, vera_A, vera_B, module.lambda_d, module.lambda_b, fan_in_fan_out=module.fan_in_fan_out)
 
 
+def _module_init(W0s: Mapping[str, Any], *, ranks: Mapping[str, int], alphas: Mapping[str, float], seed: int = 0,
+                 generator: str = "torch-cpu", projection_prng_key: int = 0,
+                 d_initial: float = 0.1) -> tuple[dict, dict, dict]:
+    """PEFT's VeRA init: one projection pair sized to the largest layer, drawn from projection_prng_key
+    (bit for bit PEFT's with the torch-cpu generator); lambda_d = d_initial, lambda_b = 0 per layer."""
+    if len(set(ranks.values())) != 1:
+        raise ConfigError("VeRA has one rank for all layers (its projections are shared): a rank_pattern does not apply")
+    r = next(iter(ranks.values()))
+    first = next(iter(W0s.values()))
+    xp = namespace(first)
+    dtype = dtype_name(first.dtype, xp=xp)
+    largest = largest_layer(LinearShape(k=int(W.shape[1]), d=int(W.shape[0])) for W in W0s.values())
+    vera_A, vera_B = vera_projections(largest, r, seed=projection_prng_key, generator=generator, dtype=dtype, xp=xp)
+    modules = {}
+    for path, W0 in W0s.items():
+        lambda_d, lambda_b = vera_init(int(W0.shape[0]), r, d_initial=d_initial, dtype=dtype, xp=xp)
+        modules[path] = ModuleAdapter("vera", {"lambda_d": lambda_d, "lambda_b": lambda_b})
+    return (modules, {"vera_A": vera_A, "vera_B": vera_B},
+            {"projection_prng_key": projection_prng_key, "d_initial": d_initial})
+
+
 VERA = Method(
     name="vera", summary="two trained scaling vectors on shared frozen random projections (Kopiczko et al. 2024)",
     peft_type="VERA", peft_flags={},
@@ -356,5 +378,5 @@ VERA = Method(
     forward=_module_forward, backward=vera_backward, delta_weight=_module_delta,
     merge=_module_merge, unmerge=_module_unmerge,
     parameter_count=lambda k, d, m: vera_parameter_count(d, m.r),
-    branch_values=lambda W0, m, *, shared=None: (m.lambda_d, m.lambda_b),
+    branch_values=lambda W0, m, *, shared=None: (m.lambda_d, m.lambda_b), init_modules=_module_init,
 )
