@@ -148,6 +148,7 @@ def test_full_fine_tuning_on_packed_text(base_folder, tmp_path):
     (("--dtype", "float16"), "--dtype must be float32 or float64"),
     (("--schedule", "step"), "unknown learning-rate schedule 'step'"),
     (("--rank-pattern", "q_proj:2"), "--rank-pattern: expected KEY=VALUE"),
+    (("--nf4", "--method", "full"), "--nf4 stores a frozen 4-bit base"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(base_folder, tmp_path, capsys, change, message):
     bad = tmp_path / "bad.jsonl"
@@ -167,3 +168,15 @@ def test_a_finished_run_is_not_overwritten(base_folder, tmp_path, capsys):
     assert main(train_args(base_folder, out, "--lr", "1e-3")) == 2
     assert "already holds a training run; pass --resume" in capsys.readouterr().err
     assert (out / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_qlora_run_trains_an_adapter_on_a_four_bit_base(base_folder, tmp_path, capsys):
+    """--nf4: every projection stored as bitsandbytes' NF4; the adapter trained on it differs from the
+    one trained on the float base (the base it saw is the 4-bit one), and loads as a plain adapter."""
+    runs = {}
+    for name, extra in (("nf4", ("--nf4",)), ("float", ())):
+        assert main(train_args(base_folder, tmp_path / name, *extra)) == 0
+        runs[name] = read_peft_adapter(tmp_path / name)
+    assert runs["nf4"].modules.keys() == runs["float"].modules.keys()
+    for path, m in runs["nf4"].modules.items():
+        assert np.any(m.B != 0) and not np.array_equal(m.B, runs["float"].modules[path].B)

@@ -86,7 +86,7 @@ def with_adapter(model, directory: str, *, dtype: str):
     check_adapter_targets(Model(model.config, model.weights, adapter))       # names the missing module
     shapes = {}
     for path in adapter.modules:
-        W = model.head_weight() if path == "lm_head" else model.weights[path + ".weight"]
+        W = model.linear_weight(path)
         shapes[path] = LinearShape(k=int(W.shape[1]), d=int(W.shape[0]))
     adapter = fit_to_base(adapter, shapes, source=directory, dtype=dtype)     # VeRA: regenerates projections
     weights = dict(model.weights)

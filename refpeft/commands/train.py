@@ -45,6 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="alpha; scaling alpha / r, rsLoRA alpha / sqrt(r) (default 16)")
     a.add_argument("--rank-pattern", default="", metavar="KEY=R,...", help="per-module ranks, PEFT's rank_pattern")
     a.add_argument("--alpha-pattern", default="", metavar="KEY=A,...", help="per-module alphas, PEFT's alpha_pattern")
+    a.add_argument("--nf4", action="store_true",
+                   help="QLoRA: store every projection as bitsandbytes' NF4 (block 64, double quantised) under the adapter")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, required=True, help="optimiser steps")
     o.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
@@ -71,7 +73,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from refpeft.model.decoder import Model, check_adapter_targets
+    from refpeft.model.decoder import Model, check_adapter_targets, quantize_linear_layers
     from refpeft.model.load import load_model
     from refpeft.train.adapters import FULL
     from refpeft.train.checkpoints import latest_checkpoint, resume
@@ -94,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--data {args.data}: no such file")
     model_config, weights, tokenizer = load_model(args.base, dtype=args.dtype)
     base = Model(model_config, weights)
+    if args.nf4:
+        if args.method == FULL:
+            raise ConfigError("--nf4 stores a frozen 4-bit base: it trains an adapter, not --method full")
+        base = quantize_linear_layers(base)
     model = base if args.method == FULL else replace(base, adapter=_new_adapter(base, args))
     check_adapter_targets(model)
     dataset = read_dataset(args.data, tokenizer, block_size=args.block_size)

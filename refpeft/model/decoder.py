@@ -26,13 +26,14 @@ adapter's as "<module path>.<tensor>" ("model.layers.0.self_attn.q_proj.A"), the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from refpeft.adapter import Adapter
 from refpeft.backend import namespace
 from refpeft.errors import ConfigError, InputError
 from refpeft.methods.linear import flatten_rows
+from refpeft.methods.qlora import base_weight, quantize_base
 from refpeft.model.attention import attention_backward, attention_forward
 from refpeft.model.config import ModelConfig
 from refpeft.model.embedding import embedding_backward, embedding_forward
@@ -40,6 +41,7 @@ from refpeft.model.loss import causal_lm_loss_backward, causal_lm_loss_forward
 from refpeft.model.mlp import swiglu_backward, swiglu_forward
 from refpeft.model.rmsnorm import rms_norm_backward, rms_norm_forward
 from refpeft.model.rope import rope_backward, rope_forward, rope_inverse_frequencies, rope_tables
+from refpeft.quant.state import QuantState4bit
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
@@ -62,6 +64,35 @@ class Model:
     def head_weight(self) -> Any:
         return self.weights["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
 
+    def linear_weight(self, path: str) -> Any:
+        """The stored weight of linear layer `path`: an array, or a QuantState4bit (a QLoRA base)."""
+        return self.head_weight() if path == "lm_head" else self.weights[f"{path}.weight"]
+
+
+def dense_weight(model: Model, path: str) -> Any:
+    """The weight linear layer `path` multiplies by: the stored array, or a 4-bit base's dequantised
+    bfloat16 values in the embedding's dtype."""
+    W = model.linear_weight(path)
+    if not isinstance(W, QuantState4bit):
+        return W
+    embed = model.weights["model.embed_tokens.weight"]
+    return namespace(embed).astype(base_weight(W, precision="float64"), embed.dtype)
+
+
+def quantize_linear_layers(model: Model, *, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                           rounding: str = "bnb-cuda") -> Model:
+    """The model with every projection's weight stored as bitsandbytes stores a QLoRA base (the
+    embedding, norms and lm_head stay as they are, bitsandbytes' default): refpeft.methods.qlora's
+    quantize_base, the weight rounded to bfloat16 and then to 4 bits. The layer then multiplies
+    by the dequantised bfloat16 values held in the model's dtype: QLoRA's "float64" oracle
+    precision (refpeft.methods.qlora), which PEFT + bitsandbytes round further in bfloat16."""
+    weights = dict(model.weights)
+    for path in model.linear_paths():
+        if path != "lm_head":
+            weights[f"{path}.weight"] = quantize_base(weights[f"{path}.weight"], quant_type=quant_type,
+                                                      blocksize=blocksize, double_quant=double_quant, rounding=rounding)
+    return replace(model, weights=weights)
+
 
 @dataclass
 class Tape:
@@ -81,7 +112,7 @@ def check_adapter_targets(model: Model) -> None:
             near = sorted(p for p in paths if p.split(".")[-1] == path.split(".")[-1])[:3]
             raise ConfigError(f"the adapter targets {path!r}, which is not a linear layer of this "
                               f"{model.config.model_type} model" + (f" (for example {near})" if near else ""))
-        W = model.head_weight() if path == "lm_head" else model.weights[path + ".weight"]
+        W = model.linear_weight(path)
         k = module.in_features
         if module.out_features != W.shape[0] or (k is not None and k != W.shape[1]):
             raise ConfigError(f"the adapter's {path!r} adapts a {module.out_features} x {k} layer; the model's is "
@@ -214,7 +245,9 @@ def _layer_backward(model: Model, p: str, de: Any, entries: list, grads: dict, t
 
 def _linear(model: Model, path: str, x: Any, tape: Tape) -> Any:
     """x W^T + b, or the adapted layer of the adapter's module `path` (its method's forward)."""
-    W = model.head_weight() if path == "lm_head" else model.weights[f"{path}.weight"]
+    if tape.train_base and isinstance(model.linear_weight(path), QuantState4bit):
+        raise ConfigError(f"{path} is stored in 4 bits: a quantised base is frozen, it cannot be fine-tuned in full")
+    W = dense_weight(model, path)
     bias = model.weights.get(f"{path}.bias")
     module = None if model.adapter is None else model.adapter.modules.get(path)
     if module is not None:

@@ -38,7 +38,7 @@ from typing import Any, Mapping, Sequence
 from refpeft.adapter import Adapter
 from refpeft.errors import ConfigError
 from refpeft.methods import method_spec
-from refpeft.model.decoder import Model
+from refpeft.model.decoder import Model, dense_weight
 from refpeft.optim import AdamConfig, ParamGroup, loraplus_groups
 from refpeft.peft_config import pattern_value
 from refpeft.peft_format import tensor_key
@@ -95,7 +95,7 @@ def new_adapter(model: Model, *, method: str, targets: Sequence[str] | str, rank
     if alpha_pattern and not spec.scaled:
         raise ConfigError(f"{name} has no alpha (no alpha / r scaling): alpha_pattern does not apply")
     paths = select_targets(model, targets)
-    W0s = {p: _weight(model, p) for p in paths}
+    W0s = {p: dense_weight(model, p) for p in paths}
     ranks = {p: int(_pattern(rank_pattern, p, rank, "rank_pattern")) for p in paths}
     alphas = {p: float(_pattern(alpha_pattern, p, alpha, "alpha_pattern")) for p in paths}
     if spec.shared:     # VeRA: projections from their own key, torch's generator (PEFT's)
@@ -161,10 +161,6 @@ def optimizer_groups(model: Model, params: Mapping[str, Any], config: AdamConfig
     groups = loraplus_groups({key: params[name] for key, name in peft_names.items()}, config, lr_ratio=loraplus_ratio,
                              loraplus_weight_decay=config.weight_decay)
     return [ParamGroup(names=tuple(peft_names[key] for key in g.names), config=g.config) for g in groups]
-
-
-def _weight(model: Model, path: str) -> Any:
-    return model.head_weight() if path == "lm_head" else model.weights[f"{path}.weight"]
 
 
 def _pattern(patterns: Mapping[str, Any] | None, path: str, default: Any, what: str) -> Any:
