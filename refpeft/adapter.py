@@ -8,6 +8,9 @@ an optional bias; DoRA: A, B, magnitude; VeRA: lambda_d, lambda_b). `module.A` r
 paths ("model.layers.0.q_proj") to them, so file formats (refpeft.peft_format), fusion
 (refpeft.fusion), checkpoint merging and export all speak one type. Modules of one adapter may
 mix methods (PEFT's LoRA files with DoRA on some modules only); each module says its own.
+Besides the adapted modules an Adapter may carry trained base tensors: biases (`base_biases`,
+PEFT's bias="lora_only"/"all") and whole modules trained in full (`saved_modules`, PEFT's
+`modules_to_save`: refpeft.saved_modules).
 """
 
 from __future__ import annotations
@@ -93,11 +96,19 @@ class Adapter:
     # Trained biases that replace the frozen layers' own (PEFT's bias="lora_only"/"all"), by module
     # path; with "all" this includes modules without an adapter (layer norms, say).
     base_biases: dict[str, Any] = field(default_factory=dict)
+    # Fully trained copies of whole base modules (PEFT's modules_to_save), by the checkpoint name of each
+    # tensor ("lm_head.weight", "model.norm.weight"): they replace the base's tensors (refpeft.saved_modules).
+    saved_modules: dict[str, Any] = field(default_factory=dict)
 
     @property
     def shared(self) -> dict[str, Any]:
         """The adapter-wide frozen tensors by name, as the methods' `shared` argument takes them."""
         return {name: value for name, value in (("vera_A", self.vera_A), ("vera_B", self.vera_B)) if value is not None}
+
+    @property
+    def saved_module_paths(self) -> list[str]:
+        """The modules the saved tensors belong to ("lm_head" for "lm_head.weight"), sorted."""
+        return sorted({name.rpartition(".")[0] for name in self.saved_modules})
 
     @property
     def methods(self) -> set[str]:

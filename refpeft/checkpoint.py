@@ -245,6 +245,7 @@ class MergeReport:
     changed_biases: int      # biases changed (lora_bias added, or trained biases written)
     bytes_written: int
     largest_merged_bytes: int  # the largest adapted weight, in the checkpoint's dtype
+    saved_tensors: int = 0   # tensors replaced by the adapter's saved modules (PEFT's modules_to_save)
 
 
 def merge_into_checkpoint(adapter: Adapter, base: SafetensorsFile, out: str | os.PathLike, *,
@@ -257,7 +258,12 @@ def merge_into_checkpoint(adapter: Adapter, base: SafetensorsFile, out: str | os
                   vera_merge, through the method table), computed in float64 and rounded once to the base's
                   dtype (bfloat16 through float32, as ml_dtypes and torch both round float64 to it);
       <p>.bias    the trained bias from Adapter.base_biases (PEFT's bias="lora_only"/"all"), plus
-                  s * lora_B.bias when the module has a lora_bias (PEFT's merge does the same).
+                  s * lora_B.bias when the module has a lora_bias (PEFT's merge does the same);
+      <t>         a tensor of a saved module (Adapter.saved_modules, PEFT's modules_to_save): the trained
+                  copy, rounded once to the base's dtype, as merge_and_unload keeps the copy. A tied
+                  checkpoint (an embedding and no lm_head.weight) is refused for a saved lm_head (it has
+                  no head tensor to write) and for a saved embedding (writing it would move the tied
+                  head too, which PEFT's copy leaves on the base embedding).
     Memory: one tensor at a time, never the whole checkpoint. An adapted weight is merged in blocks
     of output rows (`block_elements` float64 entries each: row i of the merged weight depends
     only on row i of W0 and B, of m and lambda_b, and on all of A), so besides the blocks only the
@@ -270,19 +276,33 @@ def merge_into_checkpoint(adapter: Adapter, base: SafetensorsFile, out: str | os
     weights = {f"{path}.weight": path for path in adapter.modules}
     biases = {f"{path}.bias": path for path, m in adapter.modules.items() if m.bias is not None}
     biases.update({f"{path}.bias": path for path in adapter.base_biases})
-    for key in (*weights, *biases):
+    saved = adapter.saved_modules
+    tied = "lm_head.weight" not in base and "model.embed_tokens.weight" in base
+    if tied and ("lm_head.weight" in saved or "model.embed_tokens.weight" in saved):
+        raise FormatError(f"{base.path}: the checkpoint's output layer is tied to its embedding (it stores no "
+                          "lm_head.weight), but the adapter saves a trained "
+                          + ("lm_head, which has no tensor of its own here" if "lm_head.weight" in saved else
+                             "embedding, and writing it would change the tied head too")
+                          + "; merge into an untied checkpoint (tie_word_embeddings false, with lm_head.weight)")
+    for key in (*weights, *biases, *saved):
         if key not in base:
-            why = "the adapter changes this bias" if key in biases else "the adapter adapts this layer"
+            why = "the adapter changes this bias" if key in biases else "the adapter adapts this layer" \
+                if key in weights else "the adapter saves this module's tensor"
             raise FormatError(f"{base.path}: tensor {key!r} is missing ({why})")
-    for key in (*weights, *biases):
+        if key in saved and tuple(saved[key].shape) != base.info(key).shape:
+            raise ShapeError(f"{base.path}: {key} has shape {base.info(key).shape}, the adapter's saved copy "
+                             f"{tuple(saved[key].shape)}")
+    for key in (*weights, *biases, *saved):
         if base.info(key).dtype not in FLOAT_DTYPES:
             raise DTypeError(f"{base.path}: {key} has dtype {base.info(key).dtype}; merging needs a floating weight")
 
     def produce(key: str) -> np.ndarray:
         stored = base.read(key)
-        if key not in weights and key not in biases:
+        if key not in weights and key not in biases and key not in saved:
             return stored
         try:
+            if key in saved:
+                return _rounded(np.asarray(saved[key], dtype=np.float64), stored.dtype)
             if key in weights:
                 return _merged_in_blocks(adapter, weights[key], stored, block_elements=block_elements)
             return _rounded(merged_bias(adapter, biases[key], np.asarray(stored, dtype=np.float64)), stored.dtype)
@@ -301,7 +321,8 @@ def merge_into_checkpoint(adapter: Adapter, base: SafetensorsFile, out: str | os
     write_safetensors_streaming(target, entries, produce, metadata=base.metadata, progress=count)
     return MergeReport(tensors=len(entries), merged_weights=len(weights), changed_biases=len(biases),
                        bytes_written=written,
-                       largest_merged_bytes=max(base.info(key).nbytes for key in weights) if weights else 0)
+                       largest_merged_bytes=max(base.info(key).nbytes for key in weights) if weights else 0,
+                       saved_tensors=len(saved))
 
 
 def merged_weight(module: ModuleAdapter, W0: np.ndarray, *, shared: Mapping[str, Any] | None = None,

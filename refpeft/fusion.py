@@ -118,6 +118,9 @@ def combine_adapters(adapters: Sequence[Adapter], weights: Sequence[float], *, c
         if adapter.base_biases:
             raise ConfigError(f"adapter {i} trains base biases ({', '.join(sorted(adapter.base_biases))}); "
                               "PEFT's add_weighted_adapter does not combine them and neither does refpeft")
+        if adapter.saved_modules:
+            raise ConfigError(f"adapter {i} saves whole modules ({', '.join(adapter.saved_module_paths)}, PEFT's "
+                              "modules_to_save); refpeft does not combine them")
     paths = list(dict.fromkeys(path for adapter in adapters for path in adapter.modules))
     modules, reports = {}, {}
     for path in paths:

@@ -147,12 +147,15 @@ def single_group(params: dict[str, Any], config: AdamConfig) -> list[ParamGroup]
 
 
 def loraplus_groups(params: dict[str, Any], config: AdamConfig, *, lr_ratio: float,
-                    lr_embedding: float = 1e-6, loraplus_weight_decay: float = 0.0) -> list[ParamGroup]:
+                    lr_embedding: float = 1e-6, loraplus_weight_decay: float = 0.0,
+                    layer_norm_names: bool = True) -> list[ParamGroup]:
     """PEFT's LoRA+ groups (`create_loraplus_optimizer`), from parameter names and shapes.
 
     - embedding adapters (names containing "lora_embedding"): lr_embedding, loraplus_weight_decay
     - "lora_B" or any 1-D parameter (DoRA magnitudes, VeRA vectors, biases): lr * lr_ratio,
       with loraplus_weight_decay, except names containing "bias" or a norm layer's weight: no decay
+      (PEFT exempts the parameters of nn.LayerNorm layers, told here by "norm" in the name;
+      layer_norm_names=False for models whose norms are RMSNorm, which PEFT does not exempt)
     - everything else (the A matrices): lr, loraplus_weight_decay
     `config` supplies lr, betas, eps, amsgrad and the Adam/AdamW choice; PEFT passes
     loraplus_weight_decay as each group's weight decay, overriding the optimiser's default.
@@ -164,7 +167,7 @@ def loraplus_groups(params: dict[str, Any], config: AdamConfig, *, lr_ratio: flo
         if "lora_embedding" in name:
             buckets["embedding"].append(name)
         elif "lora_B" in name or len(p.shape) == 1:
-            no_decay = "bias" in name or "norm" in name.lower()
+            no_decay = "bias" in name or (layer_norm_names and "norm" in name.lower())
             buckets["B_no_decay" if no_decay else "B"].append(name)
         else:
             buckets["A"].append(name)

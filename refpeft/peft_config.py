@@ -9,10 +9,13 @@ every q_proj and "layers\\.0\\.q_proj" one of them. VeRA: one r for all modules,
 `projection_prng_key` seeds the projections when they are not saved.
 
 Reading refuses invalid JSON and unsupported options (named, with what they would mean) and checks
-every value's type and range. Writing is exact rather than pretty: `target_modules` is a regular
-expression matching exactly the adapted paths (PEFT full-matches a string against each module
-name), r and lora_alpha are the most common values and `rank_pattern` / `alpha_pattern` name each
-other module by "^" and its escaped full path, so a key selects exactly its own module.
+every value's type and range. `modules_to_save` (whole modules trained in full) follows PEFT's
+rules in refpeft.saved_modules, and `targets` leaves out the modules it selects, as PEFT does.
+Writing is exact rather than pretty: `target_modules` is a regular expression matching exactly the
+adapted paths (PEFT full-matches a string against each module name), r and lora_alpha are the
+most common values and `rank_pattern` / `alpha_pattern` name each other module by "^" and its
+escaped full path, so a key selects exactly its own module; `modules_to_save` names each saved
+module by its full path.
 """
 
 from __future__ import annotations
@@ -29,18 +32,18 @@ from refpeft.errors import ConfigError
 from refpeft.io import read_json_object
 from refpeft.methods import method_spec, peft_methods
 from refpeft.methods.spec import Method
+from refpeft.saved_modules import check_adapter_saved, check_saved_entries, excluded_from_targets, written_entries
 
 CONFIG_NAME = "adapter_config.json"
 
 # Config options refpeft reads, and those it refuses when set (value other than None/False/empty).
 LORA_OPTIONS = {"peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "bias", "lora_bias",
-                "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules", "init_lora_weights"}
+                "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules", "init_lora_weights",
+                "modules_to_save"}
 
 
 VERA_OPTIONS = {"peft_type", "r", "projection_prng_key", "save_projection", "d_initial", "fan_in_fan_out", "bias",
-                "target_modules", "init_weights"}
-# Options that only shape training or which modules are targeted (the file's keys say which), or
-# are bookkeeping: accepted and kept in Adapter.config.
+                "target_modules", "init_weights", "modules_to_save"}
 
 
 # Options that only shape training or which modules are targeted (the file's keys say which), or
@@ -52,7 +55,6 @@ IGNORED_OPTIONS = {"task_type", "auto_mapping", "peft_version", "base_model_name
 
 
 UNSUPPORTED_OPTIONS = {
-    "modules_to_save": "whole modules trained and saved in full",
     "trainable_token_indices": "trainable token embeddings",
     "layer_replication": "layers duplicated in the base model",
     "use_qalora": "QA-LoRA's pooled inputs", "use_bdlora": "block-diagonal LoRA",
@@ -88,12 +90,14 @@ def pattern_value(patterns: Mapping[str, Any], path: str, default: Any) -> tuple
 
 
 def targets(config: Mapping[str, Any], path: str) -> bool:
-    """Whether PEFT's `target_modules` (minus `exclude_modules`) selects the module `path`.
+    """Whether PEFT's `target_modules` (minus `exclude_modules` and `modules_to_save`) selects the module `path`.
 
     A string is a regular expression full-matched against the path; a list selects a path equal
     to an entry or ending in "." + entry. "all-linear" selects every linear layer and so cannot be
     judged from the adapter alone (True).
     """
+    if excluded_from_targets(path, config.get("modules_to_save") or []):
+        return False
     excluded = config.get("exclude_modules")
     if isinstance(excluded, str) and re.fullmatch(excluded, path):
         return False
@@ -123,6 +127,9 @@ def peft_config(adapter: Adapter, *, save_projection: bool = True) -> dict[str, 
         fan_in_fan_out=fan_in_fan_out,
         bias=_bias_option(adapter, spec.peft_type),
     )
+    if adapter.saved_modules:
+        check_adapter_saved(modules, adapter.saved_modules, adapter.base_biases, source="the adapter")
+        config["modules_to_save"] = written_entries(adapter.saved_modules)
     config.update(spec.peft_flags)
     if spec.peft_type == "VERA":
         if not save_projection and "projection_prng_key" not in adapter.config:
@@ -182,6 +189,12 @@ def _check_config_values(config: dict[str, Any], path: Path) -> None:
     positive_int("r", config.get("r", 8 if config["peft_type"] == "LORA" else 256))
     for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "save_projection"):
         flag(name)
+    if config.get("modules_to_save") is not None:
+        check_saved_entries(config["modules_to_save"], where=str(path))
+        if config["modules_to_save"] and config.get("ensure_weight_tying"):
+            raise ConfigError(f"{path}: ensure_weight_tying with modules_to_save (one trained embedding copy shared "
+                              "with a tied output layer) is not supported; refpeft reads PEFT's default, "
+                              "ensure_weight_tying false, where each saved module is a copy of its own")
     for name in ("target_modules", "exclude_modules"):
         value = config.get(name)
         if value is None:

@@ -13,6 +13,9 @@ as "model.layers.0.self_attn.q_proj", the name of the adapted linear layer in th
     base_model.model.<p>.base_layer.bias        (d,)     bias="lora_only"/"all"/"vera_only": the
                                                          trained bias of an adapted layer
     base_model.model.<q>.bias                   any      bias="all": the bias of any other module q
+    base_model.model.<t>                        any      modules_to_save: tensor t of a module trained in
+                                                         full, by its checkpoint name ("lm_head.weight";
+                                                         refpeft.saved_modules)
 
 Which tensors a module has, and their key suffixes, come from its method's row of the method
 table. adapter_config.json gives the rest (refpeft.peft_config: options, patterns, the method).
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -49,6 +53,8 @@ from refpeft.methods import METHODS, method_spec, peft_methods
 from refpeft.peft_config import CONFIG_NAME, config_method, pattern_value, peft_config, read_config, targets
 from refpeft.methods.linear import LinearShape
 from refpeft.methods.vera import VERA, largest_layer, vera_projections
+from refpeft.saved_modules import (EMBEDDING, TIED_HEAD, check_adapter_saved, check_saved_against_base,
+                                   excluded_from_targets, saved_module, select_saved)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -94,13 +100,23 @@ def read_peft_adapter(directory: str | os.PathLike, *, base_shapes: Mapping[str,
     return adapter
 
 
+def checkpoint_shapes(base: SafetensorsFile) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from the header, with a tied head's "lm_head.weight" (the embedding's shape)
+    where the checkpoint stores the embedding and no head: PEFT saves a tied lm_head's own copy."""
+    shapes = {name: base.info(name).shape for name in base.keys()}
+    if TIED_HEAD not in shapes and EMBEDDING in shapes:
+        shapes[TIED_HEAD] = shapes[EMBEDDING]
+    return shapes
+
+
 def read_peft_adapter_with_base(directory: str | os.PathLike, base: SafetensorsFile, *,
                                 dtype: str | None = None) -> Adapter:
     """`read_peft_adapter` checked against the base checkpoint `base` (layer sizes from its header)."""
     adapter = read_peft_adapter(directory, dtype=dtype)
     shapes = base.linear_shapes(adapter.modules, fan_in_fan_out=bool(adapter.config.get("fan_in_fan_out")))
-    return fit_to_base(adapter, shapes, source=f"{_adapter_folder(directory) / WEIGHTS_NAME} (base {base.path})",
-                       dtype=dtype)
+    source = f"{_adapter_folder(directory) / WEIGHTS_NAME} (base {base.path})"
+    check_saved_against_base(adapter.saved_modules, checkpoint_shapes(base), source=source)
+    return fit_to_base(adapter, shapes, source=source, dtype=dtype)
 
 
 def write_peft_adapter(directory: str | os.PathLike, adapter: Adapter, *, save_projection: bool = True) -> Path:
@@ -140,6 +156,8 @@ def peft_tensors(adapter: Adapter, *, save_projection: bool = True) -> dict[str,
     for path, bias in adapter.base_biases.items():
         suffix = ADAPTED_BIAS_SUFFIX if path in adapter.modules else "bias"
         tensors[f"{PREFIX}{path}.{suffix}"] = to_numpy(bias)
+    for name, value in adapter.saved_modules.items():
+        tensors[PREFIX + name] = to_numpy(value)
     shared = method_spec(adapter.method).shared if len(adapter.methods) == 1 else {}
     if shared and save_projection:
         if set(adapter.shared) != set(shared):
@@ -188,6 +206,7 @@ def check_adapter(adapter: Adapter, *, config: Mapping[str, Any], source: str | 
                            f"one value per output of the layer (d = {d})")
     if adapter.shared:
         _check_projections(adapter, config["r"], source=source)
+    check_adapter_saved(adapter.modules, adapter.saved_modules, adapter.base_biases, source=source)
 
 
 def module_shape(module: ModuleAdapter) -> LinearShape | None:
@@ -238,12 +257,15 @@ def _check_values(array: np.ndarray, *, key: str, source: str | os.PathLike) -> 
 
 
 def _split_keys(tensors: dict[str, np.ndarray], *, fields: tuple[str, ...], shared: Mapping[str, str], source: Path,
-                bias: str) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Keys -> ({path: {field: array}}, {path: trained base bias}, {shared tensor name: array})."""
+                bias: str, saved_entries: list[str]) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray],
+                                                                 dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Keys -> ({path: {field: array}}, {path: trained base bias}, {shared tensor name: array},
+    {saved module's tensor name: array}); a key that a modules_to_save entry selects is a saved tensor."""
     suffixes = {module_suffixes()[f]: f for f in fields}
     modules: dict[str, dict[str, np.ndarray]] = {}
     biases: dict[str, tuple[str, np.ndarray]] = {}
     projections: dict[str, np.ndarray] = {}
+    saved: dict[str, np.ndarray] = {}
     projection_fields = {key: field for field, key in shared.items()}
     for key, array in tensors.items():
         if "lora_embedding_A" in key or "lora_embedding_B" in key:
@@ -259,7 +281,9 @@ def _split_keys(tensors: dict[str, np.ndarray], *, fields: tuple[str, ...], shar
                 modules.setdefault(rest[: -len(suffix) - 1], {})[field] = array
                 break
         else:
-            if bias != "none" and rest.endswith("." + ADAPTED_BIAS_SUFFIX):
+            if saved_module(rest, saved_entries) is not None:
+                saved[rest] = array
+            elif bias != "none" and rest.endswith("." + ADAPTED_BIAS_SUFFIX):
                 biases[rest[: -len(ADAPTED_BIAS_SUFFIX) - 1]] = (key, array)
             elif bias == "all" and rest.endswith(".bias") and not rest.endswith(".lora_B.bias"):
                 biases[rest[: -len(".bias")]] = (key, array)
@@ -271,7 +295,8 @@ def _split_keys(tensors: dict[str, np.ndarray], *, fields: tuple[str, ...], shar
             raise FormatError(f"{source}: unexpected key {key!r}: the bias of "
                               + (f"adapted module {path!r} is saved as {PREFIX}{path}.{ADAPTED_BIAS_SUFFIX}" if adapted
                                  else f"{path!r}, which has no adapter, is saved as {PREFIX}{path}.bias"))
-    return modules, {path: array for path, (_, array) in biases.items()}, projections
+    select_saved(saved, saved_entries, where=f"{source} ({CONFIG_NAME})")   # each entry selects a key
+    return modules, {path: array for path, (_, array) in biases.items()}, projections, saved
 
 
 def _bias_hint(rest: str, bias: str) -> str:
@@ -282,6 +307,9 @@ def _bias_hint(rest: str, bias: str) -> str:
     for suffix in module_suffixes().values():
         if rest.endswith("." + suffix):
             return f" ({suffix} does not belong to this config's method)"
+    if rest.endswith(".weight"):
+        return f" (a whole module's tensor, as PEFT saves modules_to_save, but {CONFIG_NAME}'s modules_to_save " \
+               "names no module of it)"
     return ""
 
 
@@ -297,6 +325,9 @@ def _require_fields(modules: dict[str, dict[str, np.ndarray]], required: tuple[s
 
 def _check_targets(config: dict[str, Any], paths: list[str], *, source: Path) -> None:
     for path in paths:
+        if excluded_from_targets(path, config.get("modules_to_save") or []):
+            raise FormatError(f"{source}: module {path!r} has adapter tensors but {CONFIG_NAME}'s modules_to_save "
+                              f"{config['modules_to_save']!r} selects it, so PEFT saves it whole and adapts it not")
         if not targets(config, path):
             raise FormatError(f"{source}: module {path!r} has adapter tensors but {CONFIG_NAME}'s target_modules "
                               f"{config.get('target_modules')!r} does not select it, so PEFT would not load them")
@@ -306,8 +337,9 @@ def _adapter_from_tensors(config: dict[str, Any], tensors: dict[str, np.ndarray]
     """The Adapter a config and its file's tensors describe, every module of the config's method."""
     spec = config_method(config, source=source)
     fields = tuple(spec.tensors) + tuple(f for f in spec.optional if config.get(OPTIONAL_FLAGS[f]))
-    modules, base_biases, shared = _split_keys(tensors, fields=fields, shared=spec.shared, source=source,
-                                               bias=config.get("bias", "none"))
+    modules, base_biases, shared, saved = _split_keys(tensors, fields=fields, shared=spec.shared, source=source,
+                                                      bias=config.get("bias", "none"),
+                                                      saved_entries=config.get("modules_to_save") or [])
     flags = " and ".join(f"{flag} is true" for flag, value in spec.peft_flags.items() if value)
     plain = {name for m in peft_methods(spec.peft_type) if not any(m.peft_flags.values()) for name in m.tensors}
     why = {**{f: flags for f in spec.tensors if flags and f not in plain},
@@ -330,7 +362,8 @@ def _adapter_from_tensors(config: dict[str, Any], tensors: dict[str, np.ndarray]
         modules={path: ModuleAdapter(spec.name, found, alpha=alpha(path), rslora=bool(config.get("use_rslora")),
                                      fan_in_fan_out=bool(config.get("fan_in_fan_out")))
                  for path, found in sorted(modules.items())},
-        vera_A=shared.get("vera_A"), vera_B=shared.get("vera_B"), config=config, base_biases=base_biases)
+        vera_A=shared.get("vera_A"), vera_B=shared.get("vera_B"), config=config, base_biases=base_biases,
+        saved_modules=dict(sorted(saved.items())))
     check_adapter(adapter, config=config, source=source)
     return adapter
 
@@ -382,8 +415,7 @@ def fit_to_base(adapter: Adapter, shapes: Mapping[str, LinearShape], *, source: 
         largest = largest_layer(shapes[p] for p in adapter.modules)
         vera_A, vera_B = vera_projections(largest, r, seed=adapter.config["projection_prng_key"],
                                           generator="torch-cpu", dtype=dtype or "float32")
-        adapter = Adapter(modules=adapter.modules, vera_A=vera_A, vera_B=vera_B, config=adapter.config,
-                          base_biases=adapter.base_biases)
+        adapter = replace(adapter, vera_A=vera_A, vera_B=vera_B)
     _check_projections(adapter, r, source=source, shapes=shapes)
     return adapter
 
@@ -402,5 +434,6 @@ def _require_shape(array: Any, shape: tuple[int, ...], where: str, what: str) ->
         raise ShapeError(f"{where} has shape {tuple(array.shape)}, expected {shape}: {what}")
 
 
-__all__ = ["read_peft_adapter", "read_peft_adapter_with_base", "write_peft_adapter", "peft_tensors", "check_adapter",
+__all__ = ["read_peft_adapter", "read_peft_adapter_with_base", "checkpoint_shapes", "write_peft_adapter",
+           "peft_tensors", "check_adapter",
            "fit_to_base", "tensor_key", "module_shape"]

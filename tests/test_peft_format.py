@@ -188,7 +188,9 @@ def test_tensor_defects_name_file_and_key(defect, tmp_path):
 
 
 CONFIG_DEFECTS = {
-    "unsupported option": (lambda c: c.update(modules_to_save=["lm_head"]), "option 'modules_to_save'"),
+    "unsupported option": (lambda c: c.update(trainable_token_indices=[1, 2]), "option 'trainable_token_indices'"),
+    "saved module without tensors": (lambda c: c.update(modules_to_save=["lm_head"]),
+                                     "modules_to_save entry 'lm_head' selects no module with tensors"),
     "unknown option": (lambda c: c.update(use_magic=True), "option 'use_magic'"),
     "base-rewriting init": (lambda c: c.update(init_lora_weights="pissa_niter_4"), "pissa_niter_4"),
     "other method": (lambda c: c.update(peft_type="IA3"), "peft_type 'IA3'"),

@@ -109,6 +109,9 @@ def check_adapter(stack: LinearStack, adapter: Adapter | None) -> None:
     """Every adapted module must be a layer of the stack, with the layer's sizes and layout."""
     if adapter is None:
         return
+    if adapter.saved_modules:
+        raise ConfigError(f"the adapter saves whole modules ({', '.join(adapter.saved_module_paths)}, PEFT's "
+                          "modules_to_save); ONNX export does not carry them")
     names = {layer.name for layer in stack.layers}
     unknown = sorted(set(adapter.modules) - names)
     if unknown:

@@ -10,7 +10,8 @@ DESCRIPTION = """\
 Loads BASE (a Hugging Face model folder with tokenizer.json, or a .gguf file) and prints the
 continuation of --prompt, computed by refpeft's decoder with a KV cache (refpeft.model.generate).
 With --adapter, the PEFT adapter directory is read and checked against the model (every adapted
-module must be one of its linear layers, of the right size) and runs unmerged on top of it.
+module must be one of its linear layers, of the right size; every saved module, PEFT's
+modules_to_save, one of its modules) and runs unmerged on top of it.
 
 Decoding is greedy unless a sampling option is given; sampling takes transformers' defaults
 (temperature 1, top-k 50, top-p 1), applied in transformers' order, and draws from NumPy's
@@ -75,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
 def with_adapter(model, directory: str, *, dtype: str):
     """`model` with the PEFT adapter in `directory`, checked against its linear layers.
 
-    The adapter's trained biases (PEFT's bias="lora_only"/"all") replace the model's own.
+    The adapter's trained biases (PEFT's bias="lora_only"/"all") replace the model's own; its saved
+    modules (PEFT's modules_to_save) are checked against the model's tensors and replace them in
+    the decoder (refpeft.model.decoder.Model.weight).
     """
     from refpeft.errors import ConfigError
     from refpeft.methods.linear import LinearShape

@@ -11,7 +11,8 @@ DESCRIPTION = """\
 Reads a HF PEFT adapter directory (adapter_model.safetensors + adapter_config.json), checks it
 completely (keys, shapes, ranks against the config, finite values) and prints one row per
 adapted module: its method, layer size (d x k: outputs x inputs), rank r, alpha, scaling s
-(alpha / r, or alpha / sqrt(r) with rsLoRA) and trainable parameter count, then the totals.
+(alpha / r, or alpha / sqrt(r) with rsLoRA) and trainable parameter count, then the modules
+saved in full (PEFT's modules_to_save) with their tensors' shapes, and the totals.
 VeRA files do not record a layer's input size k; it is shown when the projections are saved
 (as k_max) or with --base. Exit status 2 and a message naming the file and key if anything is wrong.
 """
@@ -69,9 +70,15 @@ def describe(adapter: Any, *, source: str, columns: list[tuple[str, str]] = COLU
                                                f"not saved; regenerated from projection_prng_key = {seed} "
                                                "with the base's sizes (--base)"))
     lines.append(format_table(rows, columns))
+    saved = adapter.saved_modules
+    if saved:
+        lines.append(f"saved in full (modules_to_save: {', '.join(adapter.saved_module_paths)}): "
+                     + ", ".join(f"{name} {' x '.join(map(str, value.shape))}" for name, value in saved.items()))
     total = sum(int(row["params"]) for row in rows)
     extra = sum(int(b.size) for b in adapter.base_biases.values())
-    lines.append(f"total: {total} adapter parameters" + (f" + {extra} trained bias values" if extra else ""))
+    whole = sum(int(v.size) for v in saved.values())
+    lines.append(f"total: {total} adapter parameters" + (f" + {extra} trained bias values" if extra else "")
+                 + (f" + {whole} values of saved modules" if whole else ""))
     return "\n".join(lines)
 
 

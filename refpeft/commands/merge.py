@@ -12,7 +12,9 @@ Reads a HF PEFT adapter directory (adapter_model.safetensors + adapter_config.js
 checkpoint (one .safetensors file), and writes a checkpoint of the same tensors with every
 adapted weight replaced by its merged value: W0 + s B A (LoRA), diag(m / ||W0 + s B A||)(W0 + s B A)
 (DoRA), W0 + (lambda_b B)(lambda_d A) (VeRA). Merging is done in float64 and rounded once to the
-checkpoint's dtype. Biases change where the adapter trained them (lora_bias, bias="lora_only").
+checkpoint's dtype. Biases change where the adapter trained them (lora_bias, bias="lora_only"),
+and the tensors of modules saved in full (PEFT's modules_to_save) are replaced by the trained
+copies, as PEFT's merge_and_unload keeps them.
 
 The base is memory-mapped and processed one tensor at a time, so peak memory stays near the size
 of the largest adapted layer whatever the size of the model. The output is written to a
@@ -44,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr, dynamic_ncols=True) as bar:
         report = merge_into_checkpoint(adapter, base, args.output, progress=lambda name, nbytes: bar.update(nbytes))
     print(f"refpeft merge: {adapter.method} adapter with {len(adapter.modules)} modules merged into {args.base}: "
-          f"{report.merged_weights} weights and {report.changed_biases} biases changed, {report.tensors} tensors, "
+          f"{report.merged_weights} weights and {report.changed_biases} biases changed"
+          + (f", {report.saved_tensors} tensors of saved modules written" if report.saved_tensors else "")
+          + f", {report.tensors} tensors, "
           f"{report.bytes_written / 2**20:.1f} MiB written to {args.output}")
     return 0

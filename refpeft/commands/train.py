@@ -22,6 +22,9 @@ the learning rate scheduled as transformers' warm-up + constant/linear/cosine sc
 file of {"instruction", "input", "output"} or {"messages": [...]} lines rendered through the
 tokenizer's chat template, with the loss on the response only (refpeft.train.data).
 
+--modules-to-save lm_head (PEFT's modules_to_save) also trains the modules it names in full,
+each starting as a copy of the base's, and saves them in the adapter.
+
 Writes OUTPUT_DIR/adapter_model.safetensors + adapter_config.json, which PEFT's
 PeftModel.from_pretrained loads (--method full writes config.json + model.safetensors instead; the
 tokenizer stays with BASE), and checkpoints in OUTPUT_DIR/checkpoints (every --save-every steps and
@@ -45,6 +48,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="alpha; scaling alpha / r, rsLoRA alpha / sqrt(r) (default 16)")
     a.add_argument("--rank-pattern", default="", metavar="KEY=R,...", help="per-module ranks, PEFT's rank_pattern")
     a.add_argument("--alpha-pattern", default="", metavar="KEY=A,...", help="per-module alphas, PEFT's alpha_pattern")
+    a.add_argument("--modules-to-save", default="", metavar="NAME,...",
+                   help="modules trained in full and saved whole, PEFT's modules_to_save (e.g. lm_head)")
     a.add_argument("--nf4", action="store_true",
                    help="QLoRA: store every projection as bitsandbytes' NF4 (block 64, double quantised) under the adapter")
     o = p.add_argument_group("optimisation")
@@ -100,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
         if args.method == FULL:
             raise ConfigError("--nf4 stores a frozen 4-bit base: it trains an adapter, not --method full")
         base = quantize_linear_layers(base)
+    if args.method == FULL and args.modules_to_save.strip():
+        raise ConfigError("--modules-to-save trains whole modules next to an adapter; --method full trains every "
+                          "weight already")
     model = base if args.method == FULL else replace(base, adapter=_new_adapter(base, args))
     check_adapter_targets(model)
     dataset = read_dataset(args.data, tokenizer, block_size=args.block_size)
@@ -120,7 +128,8 @@ def _new_adapter(base: Any, args: argparse.Namespace) -> Any:
     targets = ALL_LINEAR if names == ALL_LINEAR else [t.strip() for t in names.split(",") if t.strip()]
     adapter = new_adapter(base, method=args.method, targets=targets, rank=args.rank, alpha=args.alpha,
                           rank_pattern=_pattern(args.rank_pattern, int, "--rank-pattern"),
-                          alpha_pattern=_pattern(args.alpha_pattern, float, "--alpha-pattern"), seed=args.seed)
+                          alpha_pattern=_pattern(args.alpha_pattern, float, "--alpha-pattern"), seed=args.seed,
+                          modules_to_save=[m.strip() for m in args.modules_to_save.split(",") if m.strip()])
     return replace(adapter, config={**adapter.config, "base_model_name_or_path": str(args.base),
                                     "task_type": "CAUSAL_LM"})
 
@@ -151,8 +160,10 @@ def _write_result(model: Any, output: Path, *, source: str) -> str:
         save_model_folder(output, model.config, dict(model.weights))
         return f"wrote {output}: the fully fine-tuned model ({count} parameters trained), a model folder"
     write_peft_adapter(output, model.adapter)
+    saved = model.adapter.saved_module_paths
     return (f"wrote {output}: a {model.adapter.method} adapter of {len(model.adapter.modules)} modules "
-            f"({count} trained parameters) on {source}, for PeftModel.from_pretrained")
+            + (f"and {len(saved)} saved in full ({', '.join(saved)}) " if saved else "")
+            + f"({count} trained parameters) on {source}, for PeftModel.from_pretrained")
 
 
 def _pattern(text: str, kind: type, option: str) -> dict[str, Any]:

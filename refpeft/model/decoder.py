@@ -21,13 +21,21 @@ layer's backward (the base's dx = dy W, and dW = dy^T x when the weight is train
 layer's is its method's backward from the method table), and the residual stream adds the
 gradients of both branches (de = de + d(branch input)). Gradients are returned by name: the
 adapter's as "<module path>.<tensor>" ("model.layers.0.self_attn.q_proj.A"), the base weights'
-(full fine-tuning) by their checkpoint names.
+by their checkpoint names.
+
+Which base tensors are trained is a set of checkpoint names (`trained_tensors`): every weight
+for full fine-tuning (train_base=True), any chosen ones, and always the adapter's saved modules
+(PEFT's modules_to_save, refpeft.saved_modules). A saved module's tensors replace the base's in
+forward (`Model.weight`), and its gradients are returned under the same names. With tied
+embeddings the head multiplies by the embedding and its dW adds to "model.embed_tokens.weight";
+a saved "lm_head.weight" is a head of its own, and a saved embedding leaves the head on the
+frozen base embedding (PEFT's deep copies).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from refpeft.adapter import Adapter
 from refpeft.backend import namespace
@@ -42,6 +50,7 @@ from refpeft.model.mlp import swiglu_backward, swiglu_forward
 from refpeft.model.rmsnorm import rms_norm_backward, rms_norm_forward
 from refpeft.model.rope import rope_backward, rope_forward, rope_inverse_frequencies, rope_tables
 from refpeft.quant.state import QuantState4bit
+from refpeft.saved_modules import check_adapter_saved, check_entries, check_saved_against_base, written_entries
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
@@ -61,12 +70,35 @@ class Model:
         return [name[: -len(".weight")] for name in self.weights if name.endswith("_proj.weight")] + \
             ([] if self.config.tie_word_embeddings else ["lm_head"])
 
+    @property
+    def saved(self) -> Mapping[str, Any]:
+        """The adapter's saved modules by checkpoint name (PEFT's modules_to_save), or none."""
+        return {} if self.adapter is None else self.adapter.saved_modules
+
+    def weight(self, name: str) -> Any:
+        """Base tensor `name` as the model uses it: the adapter's saved copy, or the stored tensor."""
+        return self.saved[name] if name in self.saved else self.weights[name]
+
+    def bias(self, path: str) -> Any:
+        """The bias of linear layer `path` as the model uses it, or None."""
+        name = f"{path}.bias"
+        return self.saved[name] if name in self.saved else self.weights.get(name)
+
+    def head_name(self) -> str | None:
+        """The checkpoint name the output layer's weight is trained under: "lm_head.weight", the tied
+        "model.embed_tokens.weight", or None for a tied head whose embedding is a saved copy (the head
+        keeps the frozen base embedding, as PEFT's copy leaves it)."""
+        if not self.config.tie_word_embeddings or "lm_head.weight" in self.saved:
+            return "lm_head.weight"
+        return None if "model.embed_tokens.weight" in self.saved else "model.embed_tokens.weight"
+
     def head_weight(self) -> Any:
-        return self.weights["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
+        name = self.head_name()
+        return self.weights["model.embed_tokens.weight"] if name is None else self.weight(name)
 
     def linear_weight(self, path: str) -> Any:
-        """The stored weight of linear layer `path`: an array, or a QuantState4bit (a QLoRA base)."""
-        return self.head_weight() if path == "lm_head" else self.weights[f"{path}.weight"]
+        """The weight of linear layer `path`: an array, or a QuantState4bit (a QLoRA base)."""
+        return self.head_weight() if path == "lm_head" else self.weight(f"{path}.weight")
 
 
 def dense_weight(model: Model, path: str) -> Any:
@@ -99,7 +131,20 @@ class Tape:
     """What backward needs, recorded by forward in order: (op, cache) pairs and the settings."""
 
     entries: list[tuple[str, Any]] = field(default_factory=list)
-    train_base: bool = False
+    trained: frozenset[str] = frozenset()      # base tensors whose gradients backward returns (checkpoint names)
+
+
+def trained_tensors(model: Model, train_base: bool | Iterable[str] = False) -> frozenset[str]:
+    """The base tensors a pass trains: the adapter's saved modules, plus every weight (train_base=True)
+    or the named ones."""
+    names = set(model.saved)
+    if train_base is True:
+        return frozenset(names | set(model.weights))
+    chosen = set(train_base or ())
+    unknown = sorted(chosen - set(model.weights) - names)
+    if unknown:
+        raise ConfigError(f"train_base names {unknown[:3]}, which are not tensors of this model")
+    return frozenset(names | chosen)
 
 
 def check_adapter_targets(model: Model) -> None:
@@ -117,15 +162,29 @@ def check_adapter_targets(model: Model) -> None:
         if module.out_features != W.shape[0] or (k is not None and k != W.shape[1]):
             raise ConfigError(f"the adapter's {path!r} adapts a {module.out_features} x {k} layer; the model's is "
                               f"{W.shape[0]} x {W.shape[1]}")
+    saved = model.adapter.saved_modules
+    if saved:
+        shapes = {name: tuple(model.weights[name].shape) for name in model.weights}
+        if model.config.tie_word_embeddings:
+            shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
+        check_saved_against_base(saved, shapes, source="the adapter")
+        check_adapter_saved(model.adapter.modules, saved, model.adapter.base_biases, source="the adapter")
+        check_entries(written_entries(saved), shapes)
+        quantized = sorted(n for n in saved if isinstance(model.weights.get(n), QuantState4bit))
+        if quantized:
+            raise ConfigError(f"the adapter saves {quantized[:3]}, stored in 4 bits in this model: a quantised "
+                              "layer is frozen, it cannot be trained in full")
 
 
 def forward(model: Model, ids: Any, *, attention_mask: Any = None, position_ids: Any = None,
-            past: list[tuple[Any, Any]] | None = None, train_base: bool = False) -> tuple[Any, Tape, list]:
+            past: list[tuple[Any, Any]] | None = None,
+            train_base: bool | Iterable[str] = False) -> tuple[Any, Tape, list]:
     """logits (b, s, V) of token ids (b, s); the tape for `backward`; each layer's (keys, values).
 
     attention_mask (b, past + s) of 0/1 as transformers takes it; position_ids default to
     past + 0 .. s - 1 (transformers' default, also with left padding). past: the keys and values
-    of earlier positions (generation); backward is not offered through a past.
+    of earlier positions (generation); backward is not offered through a past. train_base: True for
+    every base weight, or the checkpoint names of those to train (`trained_tensors`).
     """
     c = model.config
     xp = namespace(model.weights["model.embed_tokens.weight"])
@@ -136,27 +195,28 @@ def forward(model: Model, ids: Any, *, attention_mask: Any = None, position_ids:
     if offset + s > c.max_position_embeddings:
         raise InputError(f"{offset + s} positions exceed the model's max_position_embeddings "
                          f"({c.max_position_embeddings})")
-    tape = Tape(train_base=train_base)
+    tape = Tape(trained=trained_tensors(model, train_base))
     dtype = model.weights["model.embed_tokens.weight"].dtype
     if position_ids is None:
         position_ids = xp.broadcast_to(xp.arange(offset, offset + s, dtype=xp.int64)[None, :], (b, s))
     inv = rope_inverse_frequencies(c.head_dim, **c.rope_parameters(), dtype="float64", xp=xp)
     cos, sin = (xp.astype(t, dtype) for t in rope_tables(position_ids, inv))
-    e, cache = embedding_forward(ids, model.weights["model.embed_tokens.weight"])
+    e, cache = embedding_forward(ids, model.weight("model.embed_tokens.weight"))
     tape.entries.append(("embedding", cache))
     presents = []
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}"
         e, present = _layer_forward(model, p, e, cos, sin, attention_mask, None if past is None else past[i], tape)
         presents.append(present)
-    n, cache = rms_norm_forward(e, model.weights["model.norm.weight"], eps=c.rms_norm_eps)
+    n, cache = rms_norm_forward(e, model.weight("model.norm.weight"), eps=c.rms_norm_eps)
     tape.entries.append(("norm:model.norm", cache))
     logits = _linear(model, "lm_head", n, tape)
     return logits, tape, presents
 
 
 def loss_and_gradients(model: Model, ids: Any, labels: Any, *, attention_mask: Any = None,
-                       train_base: bool = False, num_items_in_batch: float | None = None) -> tuple[Any, Any, dict]:
+                       train_base: bool | Iterable[str] = False,
+                       num_items_in_batch: float | None = None) -> tuple[Any, Any, dict]:
     """The causal-LM loss (transformers' semantics), the logits and the gradient of every trained tensor."""
     logits, tape, _ = forward(model, ids, attention_mask=attention_mask, train_base=train_base)
     loss, cache = causal_lm_loss_forward(logits, labels, num_items_in_batch=num_items_in_batch)
@@ -175,7 +235,7 @@ def backward(model: Model, dlogits: Any, tape: Tape) -> dict[str, Any]:
     for i in reversed(range(c.num_hidden_layers)):
         d = _layer_backward(model, f"model.layers.{i}", d, entries, grads, tape)
     name, cache = entries.pop()
-    if tape.train_base:
+    if "model.embed_tokens.weight" in tape.trained:
         _accumulate(grads, "model.embed_tokens.weight", embedding_backward(d, cache))
     return grads
 
@@ -187,7 +247,7 @@ def _layer_forward(model: Model, p: str, e: Any, cos: Any, sin: Any, mask: Any, 
                    tape: Tape) -> tuple[Any, tuple[Any, Any]]:
     c, xp = model.config, namespace(e)
     b, s, _ = e.shape
-    n, cache = rms_norm_forward(e, model.weights[f"{p}.input_layernorm.weight"], eps=c.rms_norm_eps)
+    n, cache = rms_norm_forward(e, model.weight(f"{p}.input_layernorm.weight"), eps=c.rms_norm_eps)
     tape.entries.append((f"norm:{p}.input_layernorm", cache))
     heads = {}
     for name, count in (("q", c.num_attention_heads), ("k", c.num_key_value_heads), ("v", c.num_key_value_heads)):
@@ -195,7 +255,7 @@ def _layer_forward(model: Model, p: str, e: Any, cos: Any, sin: Any, mask: Any, 
         heads[name] = xp.permute_dims(xp.reshape(y, (b, s, count, c.head_dim)), (0, 2, 1, 3))   # (b, heads, s, D)
     for name in ("q", "k"):
         if c.qk_norm:
-            heads[name], cache = rms_norm_forward(heads[name], model.weights[f"{p}.self_attn.{name}_norm.weight"],
+            heads[name], cache = rms_norm_forward(heads[name], model.weight(f"{p}.self_attn.{name}_norm.weight"),
                                                   eps=c.rms_norm_eps)
             tape.entries.append((f"norm:{p}.self_attn.{name}_norm", cache))
         heads[name], cache = rope_forward(heads[name], cos, sin)
@@ -207,7 +267,7 @@ def _layer_forward(model: Model, p: str, e: Any, cos: Any, sin: Any, mask: Any, 
     tape.entries.append(("attention", cache))
     a = xp.reshape(xp.permute_dims(a, (0, 2, 1, 3)), (b, s, c.num_attention_heads * c.head_dim))
     e = e + _linear(model, f"{p}.self_attn.o_proj", a, tape)
-    m, cache = rms_norm_forward(e, model.weights[f"{p}.post_attention_layernorm.weight"], eps=c.rms_norm_eps)
+    m, cache = rms_norm_forward(e, model.weight(f"{p}.post_attention_layernorm.weight"), eps=c.rms_norm_eps)
     tape.entries.append((f"norm:{p}.post_attention_layernorm", cache))
     gate = _linear(model, f"{p}.mlp.gate_proj", m, tape)
     up = _linear(model, f"{p}.mlp.up_proj", m, tape)
@@ -245,10 +305,10 @@ def _layer_backward(model: Model, p: str, de: Any, entries: list, grads: dict, t
 
 def _linear(model: Model, path: str, x: Any, tape: Tape) -> Any:
     """x W^T + b, or the adapted layer of the adapter's module `path` (its method's forward)."""
-    if tape.train_base and isinstance(model.linear_weight(path), QuantState4bit):
+    if _weight_name(model, path) in tape.trained and isinstance(model.linear_weight(path), QuantState4bit):
         raise ConfigError(f"{path} is stored in 4 bits: a quantised base is frozen, it cannot be fine-tuned in full")
     W = dense_weight(model, path)
-    bias = model.weights.get(f"{path}.bias")
+    bias = model.bias(path)
     module = None if model.adapter is None else model.adapter.modules.get(path)
     if module is not None:
         y, cache = module.spec.forward(x, W, module, shared=model.adapter.shared, bias=bias,
@@ -272,12 +332,12 @@ def _linear_backward(model: Model, dy: Any, entry: tuple[str, Any], grads: dict,
         return g.dx
     x, W, has_bias = cache
     xp = namespace(dy)
-    if tape.train_base:
+    name = _weight_name(model, path)
+    if name in tape.trained or (has_bias and f"{path}.bias" in tape.trained):
         dy2, x2 = flatten_rows(dy, xp=xp), flatten_rows(x, xp=xp)
-        name = "model.embed_tokens.weight" if path == "lm_head" and model.config.tie_word_embeddings \
-            else f"{path}.weight"
-        _accumulate(grads, name, xp.matmul(xp.matrix_transpose(dy2), x2))             # dW = dy^T x
-        if has_bias:
+        if name in tape.trained:
+            _accumulate(grads, name, xp.matmul(xp.matrix_transpose(dy2), x2))         # dW = dy^T x
+        if has_bias and f"{path}.bias" in tape.trained:
             _accumulate(grads, f"{path}.bias", xp.sum(dy2, axis=0))
     return xp.matmul(dy, W)                                                            # dx = dy W
 
@@ -285,9 +345,15 @@ def _linear_backward(model: Model, dy: Any, entry: tuple[str, Any], grads: dict,
 def _norm_backward(dy: Any, entry: tuple[str, Any], grads: dict, tape: Tape) -> Any:
     kind, cache = entry
     g = rms_norm_backward(dy, cache)
-    if tape.train_base:
-        _accumulate(grads, f"{kind.split(':', 1)[1]}.weight", g.dweight)
+    name = f"{kind.split(':', 1)[1]}.weight"
+    if name in tape.trained:
+        _accumulate(grads, name, g.dweight)
     return g.dx
+
+
+def _weight_name(model: Model, path: str) -> str | None:
+    """The checkpoint name linear layer `path`'s weight is trained under (Model.head_name for the head)."""
+    return model.head_name() if path == "lm_head" else f"{path}.weight"
 
 
 def _accumulate(grads: dict, name: str, g: Any) -> None:

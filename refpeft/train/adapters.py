@@ -22,11 +22,18 @@ generator="torch-cpu", exactly as PEFT draws one fresh layer after `torch.manual
 (PEFT's `get_peft_model` draws all modules from one continuing stream; reproducing that would need
 lora_init to continue a generator instead of seeding one.)
 
+`modules_to_save` (PEFT's, refpeft.saved_modules) adds whole base modules trained in full: every
+module whose name ends with an entry ("lm_head", "embed_tokens", "norm" -> model.norm and each
+layer's norms), each tensor initialised as a copy of the base's (a tied lm_head: a copy of the
+embedding, which then trains apart from it, as PEFT's deep copy does). Every entry must select a
+module, and no module may be both adapted and saved (PEFT silently leaves such a target unadapted).
+
 The trained tensors travel as one flat dict keyed as the decoder's gradients are
 (refpeft.model.decoder.loss_and_gradients): "<module path>.<tensor>" for an adapter's trainable
-tensors (its method's `spec.trainable`: "model.layers.0.self_attn.q_proj.A"), the checkpoint names
-for full fine-tuning ("model.layers.0.self_attn.q_proj.weight"), where the model has no adapter
-and every weight is trained. `trainable_parameters` and `with_parameters` map a Model to and from it.
+tensors (its method's `spec.trainable`: "model.layers.0.self_attn.q_proj.A"), and checkpoint names
+for base tensors: an adapter's saved modules ("lm_head.weight"), or every weight for full
+fine-tuning, where the model has no adapter. `trainable_parameters` and `with_parameters` map a
+Model to and from it.
 """
 
 from __future__ import annotations
@@ -36,12 +43,15 @@ from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 from refpeft.adapter import Adapter
+from refpeft.backend import namespace
 from refpeft.errors import ConfigError
 from refpeft.methods import method_spec
 from refpeft.model.decoder import Model, dense_weight
 from refpeft.optim import AdamConfig, ParamGroup, loraplus_groups
 from refpeft.peft_config import pattern_value
-from refpeft.peft_format import tensor_key
+from refpeft.peft_format import PREFIX, tensor_key
+from refpeft.quant.state import QuantState4bit
+from refpeft.saved_modules import check_adapter_saved, select_saved
 
 # The adapters `refpeft train` makes: a training name -> (the method table's row, its init options);
 # rsLoRA is LoRA with s = alpha / sqrt(r). FULL trains every weight and has no adapter.
@@ -81,9 +91,10 @@ def select_targets(model: Model, targets: Sequence[str] | str) -> list[str]:
 def new_adapter(model: Model, *, method: str, targets: Sequence[str] | str, rank: int = 8, alpha: float = 8.0,
                 rank_pattern: Mapping[str, int] | None = None, alpha_pattern: Mapping[str, float] | None = None,
                 seed: int = 0, generator: str = "numpy", projection_prng_key: int = 0,
-                d_initial: float = 0.1) -> Adapter:
+                d_initial: float = 0.1, modules_to_save: Sequence[str] = ()) -> Adapter:
     """A freshly initialised adapter of `method` (lora, rslora, dora, vera) on the targeted layers,
-    in the dtype and namespace of the model's weights: its method's `init_modules` (module docstring)."""
+    in the dtype and namespace of the model's weights: its method's `init_modules`, with copies of
+    the modules `modules_to_save` selects (module docstring)."""
     if method not in TRAINING_METHODS:
         raise ConfigError(f"unsupported adapter method {method!r}; choose one of {', '.join(TRAINING_METHODS)} "
                           f"(or {FULL!r} fine-tuning)")
@@ -102,16 +113,37 @@ def new_adapter(model: Model, *, method: str, targets: Sequence[str] | str, rank
         options = {**options, "projection_prng_key": projection_prng_key, "d_initial": d_initial}
     else:
         options = {**options, "seed": seed, "generator": generator}
+    saved = saved_module_copies(model, modules_to_save)
+    check_adapter_saved(paths, saved, {}, source="targets and modules_to_save")
     modules, shared, config = spec.init_modules(W0s, ranks=ranks, alphas=alphas, **options)
-    return Adapter(modules, **shared, config=config)
+    return Adapter(modules, **shared, config=config, saved_modules=saved)
+
+
+def saved_module_copies(model: Model, modules_to_save: Sequence[str]) -> dict[str, Any]:
+    """Copies of the base tensors of every module `modules_to_save` selects, by checkpoint name
+    (PEFT's rule: modules whose name ends with an entry; refpeft.saved_modules)."""
+    if isinstance(modules_to_save, str):
+        raise ConfigError(f"modules_to_save is a list of module names, got the string {modules_to_save!r}")
+    tied = model.config.tie_word_embeddings
+    names = list(model.weights) + (["lm_head.weight"] if tied else [])
+    copies = {}
+    for name in select_saved(names, list(modules_to_save), where="modules_to_save"):
+        W = model.weights["model.embed_tokens.weight" if name not in model.weights else name]
+        if isinstance(W, QuantState4bit):
+            raise ConfigError(f"modules_to_save selects {name!r}, stored in 4 bits: a quantised layer is frozen, "
+                              "it cannot be trained in full")
+        copies[name] = namespace(W).asarray(W, copy=True)
+    return copies
 
 
 def trainable_parameters(model: Model) -> dict[str, Any]:
-    """The trained tensors by the decoder's gradient names: the adapter's, or every weight when it has none."""
+    """The trained tensors by the decoder's gradient names: the adapter's and its saved modules', or
+    every weight when it has none."""
     if model.adapter is None:
         return dict(model.weights)
-    return {f"{path}.{name}": module.tensors[name]
-            for path, module in model.adapter.modules.items() for name in module.spec.trainable}
+    params = {f"{path}.{name}": module.tensors[name]
+              for path, module in model.adapter.modules.items() for name in module.spec.trainable}
+    return {**params, **model.adapter.saved_modules}
 
 
 def with_parameters(model: Model, params: Mapping[str, Any]) -> Model:
@@ -124,11 +156,14 @@ def with_parameters(model: Model, params: Mapping[str, Any]) -> Model:
     if model.adapter is None:
         return replace(model, weights={**model.weights, **params})
     updates: dict[str, dict[str, Any]] = {}
+    saved = model.adapter.saved_modules
     for name, value in params.items():
-        path, _, tensor = name.rpartition(".")
-        updates.setdefault(path, {})[tensor] = value
+        if name not in saved:
+            path, _, tensor = name.rpartition(".")
+            updates.setdefault(path, {})[tensor] = value
     modules = {path: module.replace(**updates[path]) for path, module in model.adapter.modules.items()}
-    return replace(model, adapter=replace(model.adapter, modules=modules))
+    return replace(model, adapter=replace(model.adapter, modules=modules,
+                                          saved_modules={name: params[name] for name in saved}))
 
 
 # transformers' Trainer (`get_decay_parameter_names`): no weight decay for biases and norm weights.
@@ -144,7 +179,9 @@ def optimizer_groups(model: Model, params: Mapping[str, Any], config: AdamConfig
     them), which get 0. With loraplus_ratio: PEFT's LoRA+ groups (refpeft.optim.loraplus_groups: B
     matrices and 1-D tensors at lr * ratio, config.weight_decay passed as PEFT's
     `loraplus_weight_decay`), which classify by PEFT's parameter names ("lora_B"), so each decoder
-    name is looked up under its PEFT file key and the groups are mapped back.
+    name is looked up under its PEFT file key and the groups are mapped back. A saved module's
+    tensor is PEFT's "<module>.modules_to_save.default.<tensor>" (a matrix joins the A group, a
+    vector the B group); the decoder's norms are RMSNorm, which PEFT's LoRA+ does not exempt from decay.
     """
     if loraplus_ratio is None:
         no_decay = [n for n in params if any(re.search(p, n.lower()) for p in NO_DECAY_PATTERNS)]
@@ -157,9 +194,12 @@ def optimizer_groups(model: Model, params: Mapping[str, Any], config: AdamConfig
     peft_names = {}
     for name in params:
         path, _, tensor = name.rpartition(".")
-        peft_names[tensor_key(path, tensor)] = name
+        if name in model.adapter.saved_modules:
+            peft_names[f"{PREFIX}{path}.modules_to_save.default.{tensor}"] = name
+        else:
+            peft_names[tensor_key(path, tensor)] = name
     groups = loraplus_groups({key: params[name] for key, name in peft_names.items()}, config, lr_ratio=loraplus_ratio,
-                             loraplus_weight_decay=config.weight_decay)
+                             loraplus_weight_decay=config.weight_decay, layer_norm_names=False)
     return [ParamGroup(names=tuple(peft_names[key] for key in g.names), config=g.config) for g in groups]
 
 

@@ -150,8 +150,12 @@ def _saved_parameters(folder: Path, model: Model) -> dict[str, np.ndarray]:
     for name, value in model.adapter.shared.items():
         if not np.array_equal(to_numpy(value), to_numpy(adapter.shared.get(name, np.empty(0)))):
             raise ConfigError(f"{folder}: the checkpoint's {name} differs from this run's")
-    return {f"{path}.{name}": to_numpy(module.tensors[name])
-            for path, module in adapter.modules.items() for name in module.spec.trainable}
+    if set(adapter.saved_modules) != set(model.adapter.saved_modules):
+        differ = sorted(set(adapter.saved_modules) ^ set(model.adapter.saved_modules))
+        raise ConfigError(f"{folder}: the checkpoint saves modules {differ[:3]} differently from this run")
+    return {**{f"{path}.{name}": to_numpy(module.tensors[name])
+               for path, module in adapter.modules.items() for name in module.spec.trainable},
+            **{name: to_numpy(value) for name, value in adapter.saved_modules.items()}}
 
 
 def _plain(config: TrainingConfig) -> dict[str, Any]:
