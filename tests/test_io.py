@@ -1,4 +1,4 @@
-"""Atomic writes: the written file gets the permissions a plain open() would give it (0666 less the umask)."""
+"""Atomic writes: what refpeft writes gets the permissions open() / mkdir() would give it (less the umask)."""
 
 from __future__ import annotations
 
@@ -23,3 +23,13 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
         pass
     for name in ("a.json", "w.safetensors", "plain.txt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+
+
+def test_onnx_adapter_files_get_the_usual_permissions(tmp_path):
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    from refpeft_onnx.adapter_files import write_onnx_adapter
+
+    write_onnx_adapter(tmp_path / "a.onnx_adapter", {"x": np.ones(2, dtype=np.float32)})
+    assert (tmp_path / "a.onnx_adapter").stat().st_mode & 0o777 == 0o666 & ~_umask()

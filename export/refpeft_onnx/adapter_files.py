@@ -24,6 +24,7 @@ from onnx import helper
 
 from refpeft.adapter import Adapter
 from refpeft.errors import ConfigError, FormatError, ShapeError
+from refpeft.io import usual_permissions
 
 from refpeft_onnx.graph import adapter_inputs
 from refpeft_onnx.stack import LinearStack
@@ -72,6 +73,7 @@ def write_onnx_adapter(path: str | os.PathLike, parameters: dict[str, np.ndarray
     os.close(handle)
     try:
         writer.export_adapter(tmp)
+        usual_permissions(tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -35,7 +35,7 @@ import numpy as np
 
 from refpeft.backend import dtype_name, from_numpy, namespace, to_numpy
 from refpeft.errors import ConfigError, FormatError
-from refpeft.io import atomic_write_bytes, read_json_object
+from refpeft.io import atomic_write_bytes, read_json_object, usual_permissions
 from refpeft.model.decoder import Model
 from refpeft.model.weights import load_model_folder, save_model_folder
 from refpeft.optim import ParamGroup, load_adam_state, save_adam_state
@@ -71,6 +71,7 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainingState, config: 
         final = root / name
         if final.exists():                    # left by an interrupted save that never reached latest.json
             shutil.rmtree(final)
+        usual_permissions(staging)
         os.replace(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
