@@ -1,4 +1,5 @@
-"""`refpeft demo`: the main job learns the hidden delta, checks its gradients, and runs as a CLI."""
+"""`refpeft demo --layer` (refpeft.demo): the one-layer job learns the hidden delta, checks its gradients,
+and runs as a CLI. The whole-model demo (`refpeft demo`) is tested in tests/test_demo_model.py."""
 
 from __future__ import annotations
 
@@ -42,10 +43,11 @@ def test_same_seed_same_losses():
 
 
 def test_cli_reports_and_refuses_bad_options(capsys):
-    assert main(["demo", "--steps", "120", "--no-progress"]) == 0
+    assert main(["demo", "--layer", "--steps", "120", "--no-progress"]) == 0
     out = capsys.readouterr().out
+    assert out.startswith("refpeft demo --layer: lora r=8")
     assert "captured energy" in out and "gradient check  ok" in out
-    assert main(["demo", "--steps", "0", "--no-progress"]) == 2
+    assert main(["demo", "--layer", "--steps", "0", "--no-progress"]) == 2
     assert "steps must be at least 1" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="hidden rank"):
         run_demo(DemoConfig(hidden_rank=0))
@@ -53,7 +55,7 @@ def test_cli_reports_and_refuses_bad_options(capsys):
 
 def test_demo_exports_its_adapter_and_onnx_runtime_agrees(tmp_path, capsys):
     pytest.importorskip("onnxruntime", reason="onnxruntime is in the onnx extra")
-    assert main(["demo", "--method", "dora", "--steps", "150", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--layer", "--method", "dora", "--steps", "150", "--no-progress", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.count("of the float32 bound") == 2 and "FAILED" not in out
     assert {p.name for p in tmp_path.iterdir()} >= {"merged.onnx", "unmerged.onnx", "unmerged.onnx_adapter"}

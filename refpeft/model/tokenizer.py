@@ -28,6 +28,7 @@ format SmolLM2 and Qwen use.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from datetime import datetime
@@ -125,7 +126,7 @@ def render_chat_template(template: str, messages: Sequence[dict[str, Any]], *, a
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         chat.append(message)
     try:
-        compiled = _environment().from_string(template)
+        compiled = _compiled(template)
     except jinja2.TemplateSyntaxError as exc:
         raise ConfigError(f"the chat template is not valid Jinja (line {exc.lineno}: {exc.message})") from None
     return compiled.render(messages=chat, add_generation_prompt=add_generation_prompt, **variables)
@@ -169,6 +170,12 @@ def tokenizer_from_folder(folder: str | os.PathLike) -> Tokenizer:
             backend, bos=special["bos_token"], eos=special["eos_token"],
             add_bos=bool(config.get("add_bos_token", False)), add_eos=bool(config.get("add_eos_token", False)))
     return Tokenizer(backend, special_tokens=special, chat_template=template)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str) -> jinja2.Template:
+    """The template compiled once (transformers caches it too: `_cached_compile_jinja_template`)."""
+    return _environment().from_string(template)
 
 
 def _environment() -> ImmutableSandboxedEnvironment:
