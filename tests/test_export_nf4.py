@@ -37,7 +37,7 @@ def _run_piece(build, output_shape) -> list[np.ndarray]:
     g = GraphBuilder("float32")
     g.input("x", [1])
     out = g.op("Identity", [build(g)], "y")
-    model = g.model(out, output_shape, opset=21, name="piece", metadata={})
+    model = g.model({out: output_shape}, opset=21, name="piece", metadata={})
     model.graph.output[0].type.tensor_type.elem_type = 1
     feeds = {"x": np.zeros(1, np.float32)}
     return [session(model).run(None, feeds)[0], ReferenceEvaluator(model).run(None, feeds)[0]]

@@ -205,7 +205,7 @@ def test_bad_input_is_refused():
 def test_an_adapter_file_with_trained_biases_generates_as_peft(tmp_path):
     # `refpeft generate --adapter`'s reader: PEFT's bias="lora_only" saves the adapted layers' trained
     # biases, which replace the base model's own (qwen2's q/k/v biases).
-    from refpeft.commands.generate import with_adapter
+    from refpeft.model.adapted import with_adapter
 
     peft = pytest.importorskip("peft")
     base = peer_model("qwen2-bias")

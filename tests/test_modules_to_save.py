@@ -30,7 +30,7 @@ import pytest
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.checkpoint import SafetensorsFile, merge_into_checkpoint
 from refpeft.cli import main
-from refpeft.commands.generate import with_adapter
+from refpeft.model.adapted import with_adapter
 from refpeft.errors import ConfigError, FormatError, ShapeError
 from refpeft.io import read_safetensors, write_safetensors
 from refpeft.model.config import config_from_dict

@@ -82,11 +82,12 @@ class GraphBuilder:
                                            domain=domain, **attributes))
         return output
 
-    def model(self, output: str, output_shape: list[int | str], *, opset: int, name: str,
+    def model(self, outputs: dict[str, list[int | str]], *, opset: int, name: str,
               metadata: dict[str, str]) -> onnx.ModelProto:
+        """The ModelProto; `outputs` maps each graph output (a value of the graph's dtype) to its shape."""
         check_opset(opset)
-        outputs = [helper.make_tensor_value_info(output, self.onnx_dtype, output_shape)]
-        graph = helper.make_graph(self.nodes, name, self.inputs, outputs, initializer=self.initializers)
+        declared = [helper.make_tensor_value_info(output, self.onnx_dtype, shape) for output, shape in outputs.items()]
+        graph = helper.make_graph(self.nodes, name, self.inputs, declared, initializer=self.initializers)
         opsets = [helper.make_opsetid("", opset)]
         if self.uses_microsoft:
             opsets.append(helper.make_opsetid(MICROSOFT_DOMAIN, 1))

@@ -102,14 +102,14 @@ def build_model(stack: LinearStack, adapter: Adapter | None = None, *, form: str
     targets = _branch_methods(stack, adapter, form=form, method=method)
     g = GraphBuilder(dtype)
     h = g.input("x", ["batch", "sequence", stack.in_features])
-    vera_t = _vera_projections(g, adapter) if any(method_spec(m).onnx_branch == "shared-projections"
+    vera_t = vera_projections(g, adapter) if any(method_spec(m).onnx_branch == "shared-projections"
                                                   for m in targets.values()) else None
     for i, layer in enumerate(stack.layers):
         module = None if adapter is None else adapter.modules.get(layer.name)
         if form == "merged":
-            h = _merged_layer(g, h, layer, module, adapter, nf4_ops=nf4_ops)
+            h = merged_linear(g, h, layer, module, adapter, nf4_ops=nf4_ops)
         else:
-            h = _unmerged_layer(g, h, layer, targets.get(layer.name), vera_t=vera_t, nf4_ops=nf4_ops,
+            h = unmerged_linear(g, h, layer, targets.get(layer.name), vera_t=vera_t, nf4_ops=nf4_ops,
                                 swappable_bias=layer.name in trained_biases)
         if i < len(stack.layers) - 1 and stack.activation != "identity":
             h = g.op(ONNX_ACTIVATIONS[stack.activation], [h], f"{layer.name}.{stack.activation}")
@@ -118,7 +118,7 @@ def build_model(stack: LinearStack, adapter: Adapter | None = None, *, form: str
                 "refpeft.opset": str(opset), "refpeft.activation": stack.activation,
                 "refpeft.branches": json.dumps(targets), "refpeft.adapter_inputs": json.dumps(g.swappable_names),
                 "refpeft.nf4_ops": nf4_ops if any(l.nf4 is not None for l in stack.layers) else "none"}
-    return g.model(y, ["batch", "sequence", stack.out_features], opset=opset, name="refpeft_stack",
+    return g.model({y: ["batch", "sequence", stack.out_features]}, opset=opset, name="refpeft_stack",
                    metadata=metadata)
 
 
@@ -141,7 +141,7 @@ def _branch_methods(stack: LinearStack, adapter: Adapter | None, *, form: str, m
     return {layer.name: spec.name for layer in stack.layers}
 
 
-def _vera_projections(g: GraphBuilder, adapter: Adapter) -> tuple[str, str, int]:
+def vera_projections(g: GraphBuilder, adapter: Adapter) -> tuple[str, str, int]:
     """The shared projections, once, as constants: vera_A^T (k_max, r), vera_B^T (r, d_max); and r."""
     vera_A = as_float64(adapter.vera_A)
     return (g.const("vera_A_t", vera_A.T), g.const("vera_B_t", as_float64(adapter.vera_B).T), vera_A.shape[0])
@@ -165,18 +165,21 @@ def _add_bias(g: GraphBuilder, h: str, layer: BaseLinear, *, swappable: bool = F
     return g.op("Add", [h, g.const(f"{layer.name}.bias", layer.bias)], f"{layer.name}.out")
 
 
-def _merged_layer(g: GraphBuilder, h: str, layer: BaseLinear, module: ModuleAdapter | None,
-                  adapter: Adapter | None, *, nf4_ops: str) -> str:
+def merged_linear(g: GraphBuilder, h: str, layer: BaseLinear, module: ModuleAdapter | None,
+                  adapter: Adapter | None, *, nf4_ops: str, base: str | None = None) -> str:
+    """h W^T + b with the module's delta folded into W (`base`: h W0^T, used when there is no module)."""
     if module is None:
-        return _add_bias(g, _base_matmul(g, h, layer, None, nf4_ops=nf4_ops), layer)
+        return _add_bias(g, base or _base_matmul(g, h, layer, None, nf4_ops=nf4_ops), layer)
     W = merged_weight(layer, module, adapter)
     weight_t = W if layer.fan_in_fan_out else W.T                     # (k, d)
     return _add_bias(g, _base_matmul(g, h, layer, weight_t, nf4_ops=nf4_ops), layer)
 
 
-def _unmerged_layer(g: GraphBuilder, h: str, layer: BaseLinear, method: str | None, *,
-                    vera_t: tuple[str, str, int] | None, nf4_ops: str, swappable_bias: bool) -> str:
-    base = _base_matmul(g, h, layer, None, nf4_ops=nf4_ops)
+def unmerged_linear(g: GraphBuilder, h: str, layer: BaseLinear, method: str | None, *,
+                    vera_t: tuple[str, str, int] | None, nf4_ops: str, swappable_bias: bool,
+                    base: str | None = None) -> str:
+    """The layer's base product (`base`, when the caller already has h W0^T) plus `method`'s swappable branch."""
+    base = base or _base_matmul(g, h, layer, None, nf4_ops=nf4_ops)
     if method is None:
         return _add_bias(g, base, layer, swappable=swappable_bias)
     name, k, d = layer.name, layer.k, layer.d

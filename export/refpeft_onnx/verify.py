@@ -35,7 +35,7 @@ tests/test_export_verify.py re-measures it, so a runtime that breaks the rule fa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -170,10 +170,15 @@ def session(model: onnx.ModelProto | bytes | str, provider: str = "CPUExecutionP
 def adapter_feeds(stack: LinearStack, adapter: Adapter, dtype: str) -> dict[str, np.ndarray]:
     """The unmerged graph's adapter inputs for `adapter`, in the graph's dtype (what .onnx_adapter files hold)."""
     check_adapter(stack, adapter)
+    return layer_feeds(stack.layer, adapter, dtype)
+
+
+def layer_feeds(layer_of: Callable[[str], BaseLinear], adapter: Adapter, dtype: str) -> dict[str, np.ndarray]:
+    """`adapter`'s unmerged-graph inputs in `dtype`, each module's layer given by `layer_of(path)`."""
     np_dtype = DTYPES[dtype][0]
     feeds = {}
     for name, module in adapter.modules.items():
-        for key, value in branch_values(stack.layer(name), module).items():
+        for key, value in branch_values(layer_of(name), module).items():
             feeds[key] = np.ascontiguousarray(value.astype(np_dtype))
     for name, bias in adapter.base_biases.items():
         feeds[bias_input_name(name)] = np.ascontiguousarray(as_float64(bias).astype(np_dtype))

@@ -1,0 +1,146 @@
+"""Export a whole decoder with PEFT adapters as a folder onnxruntime-genai runs, verified before it appears.
+
+    OUT/model.onnx                   the decoder graph (refpeft_onnx.decoder_graph); its initializers go to
+                                     model.onnx.data when the model passes 2 GiB (one protobuf's limit)
+    OUT/genai_config.json            refpeft_onnx.genai_files
+    OUT/tokenizer.json, tokenizer_config.json
+    OUT/adapters/NAME.onnx_adapter   unmerged graphs: one file per adapter, its tensors under the
+                                     graph's swappable input names (refpeft_onnx.adapter_files)
+
+Everything is written into a hidden staging folder beside OUT; the graph is checked there
+(onnx.checker, then refpeft_onnx.decoder_verify against refpeft's float64 decoder), and only a
+graph that passes is renamed to OUT. Otherwise the staging folder is removed: nothing is written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import onnx
+
+from refpeft.adapter import Adapter
+from refpeft.errors import ConfigError
+from refpeft.io import usual_permissions
+from refpeft.model import load
+from refpeft.model.adapted import with_adapter
+from refpeft.model.decoder import Model, quantize_linear_layers
+from refpeft.model.tokenizer import Tokenizer
+
+from refpeft_onnx.adapter_files import check_against_model, write_onnx_adapter
+from refpeft_onnx.builder import DEFAULT_OPSET
+from refpeft_onnx.decoder_graph import build_decoder, decoder_layers
+from refpeft_onnx.decoder_verify import require_passed, verify_decoder
+from refpeft_onnx.exporter import PROTOBUF_LIMIT
+from refpeft_onnx.genai_files import ADAPTERS_FOLDER, MODEL_FILE, write_genai_config, write_tokenizer
+from refpeft_onnx.verify import VerificationError, VerificationReport, layer_feeds
+
+
+@dataclass(frozen=True)
+class DecoderExport:
+    folder: Path
+    adapter_files: dict[str, Path]
+    report: VerificationReport
+    seconds: float
+
+
+def is_model_base(path: str | os.PathLike) -> bool:
+    """A model folder (config.json) or a GGUF file, as opposed to a safetensors stack of linear layers."""
+    p = Path(path)
+    return (p.is_dir() and (p / "config.json").is_file()) or p.suffix == ".gguf"
+
+
+def load_base(path: str | os.PathLike, *, nf4_blocksize: int | None = None,
+              double_quant: bool = True) -> tuple[Model, Tokenizer | None]:
+    """The base decoder in float32 (NF4 projections with nf4_blocksize, as `refpeft train --nf4` holds them)."""
+    config, weights, tokenizer = load.load_model(path, dtype="float32")
+    model = Model(config, weights)
+    if nf4_blocksize is not None:
+        model = quantize_linear_layers(model, blocksize=nf4_blocksize, double_quant=double_quant)
+    return model, tokenizer
+
+
+def read_adapters(model: Model, specs: Sequence[str]) -> dict[str, Adapter]:
+    """PEFT adapter folders by name: each spec is DIR (named after the folder) or NAME=DIR."""
+    adapters: dict[str, Adapter] = {}
+    for spec in specs:
+        name, _, folder = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
+        if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ConfigError(f"adapter name {name!r} (from {spec!r}) must be letters, digits, '-', '_' or '.'")
+        if name in adapters:
+            raise ConfigError(f"two adapters are named {name!r}; name them with NAME=DIR")
+        adapters[name] = with_adapter(model, folder, dtype="float32").adapter
+    return adapters
+
+
+def export_decoder(out: str | os.PathLike, model: Model, tokenizer: Tokenizer | None,
+                   adapters: Mapping[str, Adapter] | None = None, *, form: str = "merged", dtype: str = "float32",
+                   nf4_ops: str = "bnb4", opset: int = DEFAULT_OPSET,
+                   inputs: Sequence[str | os.PathLike] = ()) -> DecoderExport:
+    """Build, write to staging, verify and publish the folder `out` (module docstring).
+
+    inputs: the paths the model and adapters came from; `out` may not be one of them or inside one.
+    """
+    started = time.perf_counter()
+    target = _check_output(out, inputs)
+    adapters = dict(adapters or {})
+    proto = build_decoder(model, adapters, form=form, dtype=dtype, nf4_ops=nf4_ops, opset=opset)
+    feeds = {}
+    if form == "unmerged":
+        layers = decoder_layers(model)
+        feeds = {name: layer_feeds(layers.__getitem__, adapter, dtype) for name, adapter in adapters.items()}
+        for parameters in feeds.values():
+            check_against_model(parameters, proto)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model_path = _save_model(proto, staging)
+        del proto
+        try:
+            onnx.checker.check_model(str(model_path), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise VerificationError(f"onnx.checker refuses the graph: {exc}") from None
+        report = verify_decoder(str(model_path), model, adapters, feeds=feeds)
+        require_passed(report)
+        write_genai_config(staging, model.config, tokenizer)
+        if tokenizer is not None:
+            write_tokenizer(staging, tokenizer)
+        files = {name: write_onnx_adapter(staging / ADAPTERS_FOLDER / f"{name}.onnx_adapter", parameters)
+                 for name, parameters in feeds.items()}
+        for folder in (staging, staging / ADAPTERS_FOLDER):
+            if folder.is_dir():
+                usual_permissions(folder)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    files = {name: target / ADAPTERS_FOLDER / path.name for name, path in files.items()}
+    return DecoderExport(target, files, report, time.perf_counter() - started)
+
+
+def _check_output(out: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> Path:
+    target = Path(out)
+    if target.exists():
+        raise ConfigError(f"{target}: the output folder exists; choose a new path (nothing is overwritten)")
+    resolved = target.resolve()
+    for source in inputs:
+        source = Path(source).resolve()
+        if resolved == source or source in resolved.parents:
+            raise ConfigError(f"{target}: the output would be inside the input {source}")
+    if not target.parent.is_dir():
+        raise ConfigError(f"{target.parent}: no such folder to write {target.name} into")
+    return target
+
+
+def _save_model(proto: onnx.ModelProto, folder: Path) -> Path:
+    """model.onnx, with its initializers in model.onnx.data when one protobuf cannot hold them."""
+    path = folder / MODEL_FILE
+    external = proto.ByteSize() > PROTOBUF_LIMIT
+    onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=MODEL_FILE + ".data", size_threshold=1024)
+    return path
+

@@ -1,0 +1,160 @@
+"""Verification of a decoder graph before it is written: ONNX Runtime's logits against refpeft's, with and without the cache.
+
+For each run (merged: the adapter; unmerged: no adapter fed, then each adapter's tensors fed as
+inputs), random token ids go through the graph twice:
+
+- whole: every token in one call, with an empty past (past_sequence_length 0);
+- cached: the same tokens in chunks, each call fed the previous call's present.* as its past, the
+  way onnxruntime-genai decodes.
+
+The batch has two rows, the second left-padded (attention_mask 0 on its first tokens, position ids
+counting from its first real token, as transformers' and genai's generation give them). Every
+chunk's logits at real tokens are compared with refpeft.model.decoder.forward in float64 on the same
+ids, mask and positions (padding queries attend to nothing real and are not compared):
+
+    |logits_ort - logits_64| <= B(u_graph)
+
+B is refpeft.rounding's first-order probabilistic bound for the graph's dtype (Monte Carlo
+arithmetic over refpeft's own forward): a derived estimate of how far any evaluation in that
+precision drifts from the exact result, not a worst case (a 30-layer worst case is vacuous).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import onnx
+
+from refpeft.adapter import Adapter
+from refpeft.model.decoder import Model, forward
+from refpeft.rounding import rounding_bound
+from refpeft.tolerance import compare
+
+from refpeft_onnx.builder import DTYPES
+from refpeft_onnx.decoder_graph import decoder_layers
+from refpeft_onnx.graph import graph_metadata
+from refpeft_onnx.stack import as_float64
+from refpeft_onnx.verify import Check, VerificationError, VerificationReport, session
+
+CHUNKS = (4, 2, 1)        # the cached run's calls: 4 tokens, then 2, then 1
+PADDING = 2               # left padding of the batch's second row
+
+
+def verify_decoder(model: str | os.PathLike, reference: Model, adapters: Mapping[str, Adapter] | None = None, *,
+                   feeds: Mapping[str, Mapping[str, np.ndarray]] | None = None, seed: int = 0,
+                   providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> VerificationReport:
+    """Check the decoder graph saved at `model`, built from `reference` (the base; its adapter is ignored).
+
+    adapters: the merged graph's one adapter, or the unmerged graph's adapters by name; feeds: each
+    unmerged adapter's graph inputs (its .onnx_adapter tensors), by adapter name.
+    """
+    meta = graph_metadata(onnx.load(str(model), load_external_data=False))
+    form, dtype = meta["refpeft.form"], meta["refpeft.dtype"]
+    adapters = dict(adapters or {})
+    if form == "merged":
+        runs = [("adapted" if adapters else "base", next(iter(adapters.values()), None), {})]
+    else:
+        runs = [("no adapter", None, {})] + [(f"adapter {name!r} fed as inputs", adapter, dict((feeds or {})[name]))
+                                             for name, adapter in adapters.items()]
+    base64 = float64_model(reference)
+    ids, mask, positions = random_batch(reference.config.vocab_size, seed=seed)
+    real = mask == 1
+    checks = []
+    for provider in providers:
+        runner = session(str(model), provider)
+        for run, adapter, extra in runs:
+            adapted = base64 if adapter is None else with_float64_adapter(base64, adapter)
+            expected, bound = reference_logits(adapted, ids, mask, positions, dtype=dtype)
+            for how, logits in (("whole", run_whole(runner, ids, mask, positions, extra, reference, dtype)),
+                                ("cached", run_cached(runner, ids, mask, positions, extra, reference, dtype))):
+                checks.append(Check(f"{run}, {how}", provider, ids.shape,
+                                    compare(logits[real], expected[real], bound)))
+    return VerificationReport(tuple(checks), dtype, "probabilistic")
+
+
+def float64_model(model: Model) -> Model:
+    """The reference decoder in float64: every linear layer as the graph computes it (4-bit bases
+    dequantised to float32 values, refpeft_onnx.decoder_graph.decoder_layers), no adapter."""
+    weights = {name: as_float64(w) for name, w in model.weights.items() if name.endswith(("norm.weight", "bias"))
+               or name == "model.embed_tokens.weight"}
+    for path, layer in decoder_layers(model).items():
+        if path != "lm_head" or not model.config.tie_word_embeddings:
+            weights[f"{path}.weight"] = as_float64(layer.weight)
+    return Model(model.config, weights)
+
+
+def with_float64_adapter(model64: Model, adapter: Adapter) -> Model:
+    """`model64` with `adapter` in float64 on top, its trained base biases in place of the model's."""
+    modules = {path: module.replace(**{n: as_float64(t) for n, t in module.tensors.items() if t is not None})
+               for path, module in adapter.modules.items()}
+    shared = {n: as_float64(getattr(adapter, n)) for n in ("vera_A", "vera_B") if getattr(adapter, n) is not None}
+    biases = {f"{path}.bias": as_float64(b) for path, b in adapter.base_biases.items()}
+    return Model(model64.config, {**model64.weights, **biases}, replace(adapter, modules=modules, **shared))
+
+
+def random_batch(vocab_size: int, *, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids (2, t), attention_mask (2, t), position_ids (2, t) for t = sum(CHUNKS); row 1 left-padded."""
+    t = sum(CHUNKS)
+    ids = np.random.default_rng(seed).integers(0, vocab_size, size=(2, t), dtype=np.int64)
+    mask = np.ones((2, t), dtype=np.int64)
+    mask[1, :PADDING] = 0
+    positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1).astype(np.int64)
+    return ids, mask, positions
+
+
+def reference_logits(model64: Model, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, *,
+                     dtype: str) -> tuple[np.ndarray, float]:
+    """refpeft's float64 logits and the bound B(u) of refpeft.rounding for a `dtype` evaluation."""
+    def run(wrap: Callable[[Any], Any]) -> Any:
+        return forward(_wrapped(model64, wrap), ids, attention_mask=mask, position_ids=positions)[0]
+
+    expected = np.asarray(run(lambda a: a))
+    return expected, rounding_bound(run, dtype=dtype)
+
+
+def _wrapped(model: Model, wrap: Callable[[Any], Any]) -> Model:
+    weights = {name: wrap(w) for name, w in model.weights.items()}
+    adapter = model.adapter
+    if adapter is not None:
+        adapter = replace(adapter, modules={p: m.replace(**{n: wrap(t) for n, t in m.tensors.items() if t is not None})
+                                            for p, m in adapter.modules.items()})
+    return Model(model.config, weights, adapter)
+
+
+def empty_past(reference: Model, batch: int, dtype: str) -> dict[str, np.ndarray]:
+    c = reference.config
+    zeros = np.zeros((batch, c.num_key_value_heads, 0, c.head_dim), dtype=DTYPES[dtype][0])
+    return {f"past_key_values.{i}.{kind}": zeros for i in range(c.num_hidden_layers) for kind in ("key", "value")}
+
+
+def run_whole(runner: Any, ids, mask, positions, extra: Mapping[str, np.ndarray], reference: Model, dtype: str) -> np.ndarray:
+    """One call over every token, with an empty past."""
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+             **empty_past(reference, ids.shape[0], dtype), **extra}
+    return runner.run(["logits"], feeds)[0].astype(np.float64)
+
+
+def run_cached(runner: Any, ids, mask, positions, extra: Mapping[str, np.ndarray], reference: Model, dtype: str) -> np.ndarray:
+    """CHUNKS calls, each fed the previous call's present.* as its past; the logits concatenated."""
+    past = empty_past(reference, ids.shape[0], dtype)
+    names = [o.name for o in runner.get_outputs()]
+    pieces, start = [], 0
+    for size in CHUNKS:
+        end = start + size
+        feeds = {"input_ids": ids[:, start:end], "attention_mask": mask[:, :end],
+                 "position_ids": positions[:, start:end], **past, **extra}
+        outputs = dict(zip(names, runner.run(names, feeds)))
+        pieces.append(outputs["logits"].astype(np.float64))
+        past = {name.replace("present.", "past_key_values."): value for name, value in outputs.items()
+                if name.startswith("present.")}
+        start = end
+    return np.concatenate(pieces, axis=1)
+
+
+def require_passed(report: VerificationReport) -> None:
+    if not report.passed:
+        worst = report.worst
+        raise VerificationError(f"{report.summary()}; {worst.comparison.describe()}; refusing to write the model")
