@@ -15,7 +15,6 @@ the graph it is used with and every dtype must match; `check_against_model` says
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from onnx import helper
 
 from refpeft.adapter import Adapter
 from refpeft.errors import ConfigError, FormatError, ShapeError
-from refpeft.io import usual_permissions
+from refpeft.io import atomic_path
 
 from refpeft_onnx.graph import adapter_inputs
 from refpeft_onnx.stack import LinearStack
@@ -62,23 +61,14 @@ def write_onnx_adapter(path: str | os.PathLike, parameters: dict[str, np.ndarray
     empty = [name for name, value in parameters.items() if value.ndim == 0]
     if empty:
         raise ShapeError(f"ONNX Runtime refuses scalar adapter parameters: {empty}; give them shape (1,)")
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     writer = ort.AdapterFormat()
     writer.set_adapter_version(adapter_version)
     writer.set_model_version(model_version)
     writer.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
                            for name, value in parameters.items()})
-    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    try:
-        writer.export_adapter(tmp)
-        usual_permissions(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    with atomic_path(path) as tmp:
+        writer.export_adapter(str(tmp))
+    return Path(path)
 
 
 def read_onnx_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:

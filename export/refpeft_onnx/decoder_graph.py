@@ -43,7 +43,7 @@ from refpeft.model.rope import rope_inverse_frequencies, rope_tables
 from refpeft.quant import QuantState4bit
 
 from refpeft_onnx.builder import DEFAULT_OPSET, GraphBuilder
-from refpeft_onnx.graph import merged_linear, unmerged_linear, vera_projections
+from refpeft_onnx.graph import merged_linear, refuse_nf4_merge, unmerged_linear, vera_projections
 from refpeft_onnx.nf4 import NF4_OPS
 from refpeft_onnx.stack import BaseLinear, as_float64, with_nf4
 
@@ -74,8 +74,8 @@ def decoder_layers(model: Model, *, trained_biases: Mapping[str, object] | None 
         W = model.linear_weight(path)
         bias = (trained_biases or {}).get(path, model.bias(path))
         bias = None if bias is None else as_float64(bias)
-        if isinstance(W, QuantState4bit):
-            layers[path] = with_nf4(BaseLinear(path, np.empty((0, 0)), bias), W)
+        if isinstance(W, QuantState4bit):       # with_nf4 puts the dequantised values in place of the placeholder
+            layers[path] = with_nf4(BaseLinear(path, np.broadcast_to(np.float32(0.0), tuple(W.shape)), bias), W)
         else:
             layers[path] = BaseLinear(path, dense_weight(model, path), bias)
     return layers
@@ -153,9 +153,8 @@ def _check_targets(layers: Mapping[str, BaseLinear], adapters: Mapping[str, Adap
         for path, module in adapter.modules.items():
             if module.bias is not None:
                 raise ConfigError(f"{path}: a LoRA bias (lora_bias=True) is not exported")
-            if merged is not None and layers[path].nf4 is not None:
-                raise ConfigError(f"{path}: an NF4 base cannot be merged without re-quantising it, which changes "
-                                  "every block's absmax (PEFT's QLoRA merge does this); export it unmerged")
+            if merged is not None:
+                refuse_nf4_merge(layers[path], module, merged)
 
 
 class _DecoderBody:

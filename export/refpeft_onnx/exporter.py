@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 
 from refpeft.adapter import Adapter
-from refpeft.errors import ConfigError
+from refpeft.errors import ConfigError, FormatError
 from refpeft.io import atomic_write_bytes
 
 from refpeft_onnx.adapter_files import adapter_parameters, check_against_model, write_onnx_adapter
@@ -87,5 +87,16 @@ def export_adapter_file(path: str | os.PathLike, stack: LinearStack, adapter: Ad
     (a loaded graph or the path of one)."""
     parameters = adapter_parameters(stack, adapter, dtype=dtype)
     if model is not None:
-        check_against_model(parameters, model if isinstance(model, onnx.ModelProto) else onnx.load(model))
+        check_against_model(parameters, model if isinstance(model, onnx.ModelProto) else read_model(model))
     return write_onnx_adapter(path, parameters)
+
+
+def read_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """An ONNX model file; FormatError naming it when it is missing or not an ONNX model."""
+    source = Path(path)
+    if not source.is_file():
+        raise FormatError(f"{source}: no such ONNX model file")
+    try:
+        return onnx.load(source)
+    except Exception as exc:  # protobuf's DecodeError, onnx's own errors for external data
+        raise FormatError(f"{source}: not an ONNX model ({exc})") from None

@@ -38,11 +38,13 @@ from refpeft import __version__
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.checkpoint import merged_weight as checkpoint_merged_weight
 from refpeft.methods import method_spec
+from refpeft.quant import quantize_4bit
 from refpeft.errors import ConfigError
 
 from refpeft_onnx.builder import DEFAULT_OPSET, GraphBuilder
 from refpeft_onnx.nf4 import NF4_OPS, nf4_matmul
-from refpeft_onnx.stack import BaseLinear, LinearStack, as_float64, as_float64_module, check_adapter, with_trained_biases
+from refpeft_onnx.stack import BaseLinear, LinearStack, as_float64, as_float64_module, check_adapter, \
+    dequantized_weight, with_trained_biases
 
 FORMS = ("merged", "unmerged")
 ONNX_ACTIVATIONS = {"relu": "Relu", "gelu": "Gelu", "tanh": "Tanh"}
@@ -76,6 +78,26 @@ def branch_values(layer: BaseLinear, module: ModuleAdapter) -> dict[str, np.ndar
 def merged_weight(layer: BaseLinear, module: ModuleAdapter, adapter: Adapter) -> np.ndarray:
     """W0 + delta in W0's layout, float64: refpeft.checkpoint's merge of one module (each method's own merge)."""
     return checkpoint_merged_weight(module, as_float64(layer.weight), shared=adapter.shared)
+
+
+def refuse_nf4_merge(layer: BaseLinear, module: ModuleAdapter, adapter: Adapter) -> None:
+    """ConfigError for a merge into an NF4 layer, with the error re-quantising the merged weight would cost.
+
+    A merged QLoRA weight must be quantised again (PEFT's merge does this): every block gets a new
+    absmax and every element a new code, so the served model is no longer the trained one. The
+    message gives max |dequant(quant(W0 + delta)) - (W0 + delta)| against max |delta|.
+    """
+    state = layer.nf4
+    if state is None:
+        return
+    W = merged_weight(layer, module, adapter)
+    requantized = quantize_4bit(W.astype(np.float32), quant_type="nf4", blocksize=state.blocksize,
+                                double_quant=state.nested)
+    error = float(np.max(np.abs(dequantized_weight(requantized) - W)))
+    delta = float(np.max(np.abs(W - as_float64(layer.weight))))
+    raise ConfigError(f"{layer.name}: merging into the NF4 base means re-quantising the merged weight, which changes every "
+                      f"block's absmax: max error {error:.3g} against the adapter's largest update {delta:.3g} "
+                      "(PEFT's QLoRA merge does this); export it unmerged to serve the trained model exactly")
 
 
 def build_model(stack: LinearStack, adapter: Adapter | None = None, *, form: str = "merged",
@@ -126,9 +148,7 @@ def _branch_methods(stack: LinearStack, adapter: Adapter | None, *, form: str, m
     """Which layers get an unmerged branch, and of which method ({} for merged graphs)."""
     if form == "merged":
         for name, module in ({} if adapter is None else adapter.modules).items():
-            if stack.layer(name).nf4 is not None:
-                raise ConfigError(f"{name}: an NF4 base cannot be merged without re-quantising it, which changes "
-                                  "every block's absmax (PEFT's QLoRA merge does this); export it --unmerged")
+            refuse_nf4_merge(stack.layer(name), module, adapter)
         return {}
     if adapter is not None:
         if method is not None and adapter.methods != {method}:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,7 +32,7 @@ import numpy as np
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.backend import to_numpy
 from refpeft.errors import ConfigError, FormatError, ShapeError
-from refpeft.io import read_safetensors, write_safetensors
+from refpeft.io import metadata_json, read_safetensors, write_safetensors
 from refpeft.methods.linear import base_forward, linear_shape
 from refpeft.quant import QuantState4bit, dequantize_blockwise_4bit, from_state_dict
 from refpeft.quant.bnb_layout import quantized_prefixes
@@ -226,7 +227,7 @@ def load_stack(path: str | Path, *, layers: list[str] | None = None, activation:
     tensors, metadata = read_safetensors(path)
     states = {p[: -len(".weight")]: from_state_dict(tensors, prefix=p, source=str(path))
               for p in quantized_prefixes(tensors) if p.endswith(".weight")}
-    stored = json.loads(metadata[STACK_METADATA_KEY]) if STACK_METADATA_KEY in metadata else {}
+    stored = stack_metadata(metadata, source=path)
     weights = sorted(name[: -len(".weight")] for name in tensors if name.endswith(".weight"))
     order = layers or stored.get("layers")
     if order is None:
@@ -248,6 +249,25 @@ def load_stack(path: str | Path, *, layers: list[str] | None = None, activation:
 
     built = tuple(layer(name) for name in order)
     return LinearStack(built, activation=activation or stored.get("activation", "relu"))
+
+
+def stack_metadata(metadata: Mapping[str, str], *, source: str | os.PathLike) -> dict[str, Any]:
+    """The `refpeft.stack` metadata of a base file ({} when absent); FormatError naming the file and
+    the value when it is not JSON or does not have the documented form."""
+    if STACK_METADATA_KEY not in metadata:
+        return {}
+    stored = metadata_json(metadata, STACK_METADATA_KEY, source=source)
+    where = f"{source}: metadata {STACK_METADATA_KEY!r}"
+    if not isinstance(stored, dict):
+        raise FormatError(f"{where} must be a JSON object, got {type(stored).__name__}")
+    for key in ("layers", "fan_in_fan_out"):
+        value = stored.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+            raise FormatError(f"{where}: {key} must be a list of layer names, got {value!r}")
+    activation = stored.get("activation", "relu")
+    if activation not in ACTIVATIONS:
+        raise FormatError(f"{where}: activation {activation!r} is not one of {', '.join(ACTIVATIONS)}")
+    return stored
 
 
 def save_stack(path: str | Path, stack: LinearStack) -> Path:

@@ -33,10 +33,12 @@ says by how much the output missed (exit status 2).
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help=HELP, description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("adapter", nargs="?", metavar="ADAPTER_DIR",
-                   help="PEFT adapter directory (omit it to export the base alone)")
+    p.add_argument("adapters", nargs="*", metavar="ADAPTER_DIR",
+                   help="PEFT adapter directory (omit it to export the base alone); a whole model takes several "
+                        "with --unmerged, each DIR or NAME=DIR")
     add_base_options(p)
-    p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx", help="ONNX model to write")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx|DIR",
+                   help="ONNX model to write (a folder for a whole model)")
     form = p.add_mutually_exclusive_group()
     form.add_argument("--merged", dest="form", action="store_const", const="merged",
                       help="fold the adapter into the weights (default)")
@@ -56,7 +58,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def add_base_options(p: argparse.ArgumentParser) -> None:
     """Options shared with `refpeft export-adapter`: the base model and the graph's dtype."""
-    p.add_argument("--base", required=True, metavar="BASE.safetensors", help="the base model's weights")
+    p.add_argument("--base", required=True, metavar="BASE",
+                   help="the base: a safetensors stack of linear layers, or (export only) a whole model, a "
+                        "transformers folder or a .gguf file")
     p.add_argument("--layers", metavar="NAME,NAME,...",
                    help="layer order (default: the base file's refpeft.stack metadata, or its one weight)")
     p.add_argument("--activation", choices=("relu", "gelu", "tanh", "identity"),
@@ -93,8 +97,15 @@ def require_onnx() -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_onnx()
+    from refpeft.errors import ConfigError
+    from refpeft_onnx.decoder_export import is_model_base
     from refpeft_onnx.exporter import export_model
 
+    if is_model_base(args.base):
+        return run_decoder(args)
+    if len(args.adapters) > 1:
+        raise ConfigError(f"a stack of linear layers takes one adapter, got {len(args.adapters)}")
+    args.adapter = args.adapters[0] if args.adapters else None
     stack, adapter = load(args)
     result = export_model(args.output, stack, adapter, form=args.form, dtype=args.dtype, nf4_ops=args.nf4_ops,
                           opset=args.opset, adapter_path=args.adapter_out, bound_model=args.bound)
@@ -104,4 +115,30 @@ def run(args: argparse.Namespace) -> int:
     for name, bits in result.bits_per_parameter.items():
         print(f"  {name}: NF4 ({args.nf4_ops}), {bits:.4f} bits per parameter stored")
     print(f"  wrote {result.model_path}" + (f" and {result.adapter_path}" if result.adapter_path else ""))
+    return 0
+
+
+def run_decoder(args: argparse.Namespace) -> int:
+    """A whole model (refpeft_onnx.decoder_export): a folder onnxruntime-genai runs."""
+    from refpeft.errors import ConfigError
+    from refpeft_onnx.decoder_export import export_decoder, load_base, read_adapters
+
+    stack_only = [flag for flag, value in (("--layers", args.layers), ("--activation", args.activation),
+                                           ("--adapter-out", args.adapter_out)) if value is not None]
+    if stack_only:
+        raise ConfigError(f"{', '.join(stack_only)} apply to a stack of linear layers, not to a whole model")
+    model, tokenizer = load_base(args.base, nf4_blocksize=args.blocksize if args.nf4 else None,
+                                 double_quant=not args.no_double_quant)
+    adapters = read_adapters(model, args.adapters)
+    inputs = [args.base, *(spec.rpartition("=")[2] for spec in args.adapters)]
+    result = export_decoder(args.output, model, tokenizer, adapters, form=args.form, dtype=args.dtype,
+                            nf4_ops=args.nf4_ops, opset=args.opset, inputs=inputs)
+    what = "the base" if not adapters else ", ".join(f"{n} ({a.method}, {len(a.modules)} modules)"
+                                                     for n, a in adapters.items())
+    c = model.config
+    print(f"refpeft export: {args.form} {args.dtype} {c.model_type} decoder ({c.num_hidden_layers} layers) with "
+          f"{what}{', NF4 base' if args.nf4 else ''}, opset {args.opset}, in {result.seconds:.1f} s")
+    print(f"  verified: {result.report.summary()}")
+    print(f"  wrote {result.folder} (model.onnx, genai_config.json{', tokenizer' if tokenizer else ''}"
+          f"{', adapters/' + ', '.join(result.adapter_files) if result.adapter_files else ''})")
     return 0
