@@ -20,9 +20,9 @@ produced tensor is held, and an interrupted write leaves no partial file.
 
 Checks made on the header, following the format's own rules: N fits in the file and is at most
 100 MB (the reference implementation's limit), the JSON is an object, each entry has a known
-dtype, a shape of non-negative integers and offsets whose span is exactly that shape's byte size,
-and the entries tile the data section without gap or overlap up to the end of the file (so a
-truncated file or trailing garbage is refused).
+dtype, a shape of non-negative integers that NumPy can make and offsets whose span is exactly that
+shape's byte size, and the entries tile the data section without gap or overlap up to the end of
+the file (so a truncated file or trailing garbage is refused).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import numpy as np
 
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.errors import ConfigError, DTypeError, FormatError, NonFiniteError, RefpeftError, ShapeError
-from refpeft.io import atomic_open
+from refpeft.io import atomic_open, check_outputs, not_safetensors, parse_json
 from refpeft.methods.linear import LinearShape, linear_shape
 
 # safetensors dtype names -> NumPy dtypes (little-endian); bfloat16 and the float8s via ml-dtypes.
@@ -56,6 +56,9 @@ DTYPES = {
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 MERGE_BLOCK_ELEMENTS = 2**20  # float64 entries per block of merged rows (8 MiB)
 MAX_HEADER_BYTES = 100_000_000
+# The largest shape NumPy makes: 32 dimensions (NumPy 2 allows 64) and a product of the non-zero
+# sizes times the item size that fits an intp (an empty array may not have a size past it either).
+MAX_NDIM, MAX_ARRAY_BYTES = 32, 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -154,14 +157,11 @@ class SafetensorsFile:
         with open(self.path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             if length > MAX_HEADER_BYTES or 8 + length > self.file_size:
-                raise FormatError(f"{self.path}: header length {length} does not fit the file "
-                                  f"({self.file_size} bytes): truncated or not a safetensors file")
+                raise not_safetensors(self.path, f"header length {length} does not fit the file "
+                                      f"({self.file_size} bytes): truncated or not a safetensors file")
             raw = f.read(length)
         self.data_start = 8 + length
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"{self.path}: corrupt header, not valid JSON ({exc})") from None
+        header = parse_json(raw, source=f"{self.path}: corrupt header")
         if not isinstance(header, dict):
             raise FormatError(f"{self.path}: corrupt header, expected a JSON object")
         return header
@@ -175,6 +175,9 @@ class SafetensorsFile:
             raise FormatError(f"{where}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
             raise FormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if len(shape) > MAX_NDIM or math.prod(n for n in shape if n) * DTYPES[dtype].itemsize > MAX_ARRAY_BYTES:
+            raise FormatError(f"{where}: shape {shape!r} is larger than an array can be (at most {MAX_NDIM} "
+                              "dimensions, and 2^63 - 1 bytes counting only its non-zero sizes)")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(type(n) is int and n >= 0 for n in offsets) or offsets[0] > offsets[1]):
             raise FormatError(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
@@ -271,8 +274,7 @@ def merge_into_checkpoint(adapter: Adapter, base: SafetensorsFile, out: str | os
     layer. Errors name the base file and the key.
     """
     target = Path(out)
-    if target.exists() and target.resolve() == base.path.resolve():
-        raise ConfigError(f"{target}: the output would overwrite the base checkpoint it is read from")
+    check_outputs([target], inputs=[base.path])
     weights = {f"{path}.weight": path for path in adapter.modules}
     biases = {f"{path}.bias": path for path, m in adapter.modules.items() if m.bias is not None}
     biases.update({f"{path}.bias": path for path in adapter.base_biases})

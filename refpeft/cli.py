@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import import_module
 
@@ -43,10 +44,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so that a reader gone away is handled below rather than at exit
+        return status
     except RefpeftError as exc:
         print(f"refpeft {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the writers (refpeft.io) have already removed their temporary files
+        print(f"refpeft {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `refpeft inspect ... | head`: the reader has what it wanted
+        _discard_stdout()
+        return 1
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush of what is left does not fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout without a file descriptor (io.UnsupportedOperation)
+        pass
 
 
 if __name__ == "__main__":

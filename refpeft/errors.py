@@ -40,3 +40,8 @@ class FormatError(RefpeftError, ValueError):
 class InputError(RefpeftError, ValueError):
     """An input's values are outside their domain: a token id outside the vocabulary, a label that is
     neither a class index nor the ignore index, an attention mask holding values other than 0 and 1."""
+
+
+class OutputError(RefpeftError, OSError):
+    """An output cannot be written: its path is a folder or lies under a file, the file system
+    refuses it (read-only, full), another run is writing it, or it would replace an input."""

@@ -77,7 +77,7 @@ import numpy as np
 
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.backend import from_numpy, namespace, same_dtype
-from refpeft.errors import ConfigError, RankError
+from refpeft.errors import ConfigError, NonFiniteError, RankError
 from refpeft.methods.lora import LORA, lora_delta_weight
 from refpeft.spectrum import (
     CompressionReport,
@@ -152,7 +152,10 @@ def combine_modules(modules: Sequence[ModuleAdapter], weights: Sequence[float], 
     xp = namespace(*(m.A for m in modules), *(m.B for m in modules))
     same_dtype({f"{path} adapter {i} {name}": t for i, m in enumerate(modules) for name, t in (("A", m.A), ("B", m.B))})
     A_cat, B_cat = _stacked_factors(modules, weights, xp=xp)           # (R, k), (d, R)
-    target = factored_svd(A_cat, B_cat)                                # Delta = B_cat A_cat
+    try:
+        target = factored_svd(A_cat, B_cat)                            # Delta = B_cat A_cat
+    except NonFiniteError:  # the weights scaled a factor, or its SVD's core, past the dtype's range
+        raise NonFiniteError(f"{path}: the weighted factors overflow {A_cat.dtype}; scale the weights down") from None
     default_rank = max(m.r for m in modules)
     if combination == "cat":
         A, B = A_cat, B_cat
@@ -176,8 +179,12 @@ def combine_modules(modules: Sequence[ModuleAdapter], weights: Sequence[float], 
         A, B = _clamp_factors(A, B, clamp, xp=xp)
     error = product_norm(xp.concat([B_cat, -B], axis=1), xp.concat([A_cat, A], axis=0))
     r = int(A.shape[0])
+    report = compression_report(target.S, r, error=error)
+    if not (math.isfinite(report.norm) and math.isfinite(report.error)):
+        raise NonFiniteError(f"{path}: the weighted sum overflows {A_cat.dtype} (||Delta||_F = {report.norm:g}, "
+                             f"error {report.error:g}); scale the weights down")
     fused = ModuleAdapter("lora", {"A": A, "B": B}, alpha=float(r), fan_in_fan_out=modules[0].fan_in_fan_out)
-    return fused, compression_report(target.S, r, error=error)
+    return fused, report
 
 
 def merge_task_tensors(tensors: Sequence[Any], weights: Sequence[float], *, method: str,
@@ -210,6 +217,8 @@ def merge_task_tensors(tensors: Sequence[Any], weights: Sequence[float], *, meth
 
 def dare_generator(seed: int, path: str) -> np.random.Generator:
     """The host generator of DARE's keep masks for the layer at `path`: one stream per (seed, layer)."""
+    if int(seed) < 0:
+        raise ConfigError(f"a DARE seed is an integer >= 0, got {seed}")
     return np.random.default_rng(np.random.SeedSequence([int(seed), zlib.crc32(path.encode("utf-8"))]))
 
 

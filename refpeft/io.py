@@ -1,47 +1,96 @@
 """Files: atomic writes and checked safetensors reads. Nothing here ever unpickles.
 
-- `atomic_write_bytes` (and `atomic_open`, its streaming form) writes to a temporary file in the
-  target's directory, flushes and fsyncs it, then renames it over the target (`os.replace`,
-  atomic on POSIX): an interrupted write leaves the previous file intact and never a partial one.
+- `atomic_write_bytes` (and `atomic_open`, its streaming form, and `atomic_path` for writers that
+  take a file name) writes to a temporary file in the target's directory, flushes and fsyncs it,
+  then renames it over the target (`os.replace`, atomic on POSIX): an interrupted write leaves the
+  previous file intact and never a partial one.
+- An output that cannot be written (a folder, under a file, on a read-only or full file system)
+  is an OutputError naming it, and `check_outputs` refuses an output that is one of the run's
+  inputs (the same path, or the same file through a link) before anything is read or written.
 - `read_safetensors` turns every way a file can be wrong (missing, truncated, a corrupt header,
-  data that does not fit its declared shape) into a FormatError naming the file.
+  data that does not fit its declared shape) into a FormatError naming the file; `parse_json` does
+  the same for JSON, including what Python's parser cannot hold (nesting deeper than its recursion
+  limit, integers of more than 4300 digits).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, so safetensors can read and write it)
 import numpy as np
 import safetensors
 import safetensors.numpy
 
-from refpeft.errors import FormatError
+from refpeft.errors import FormatError, OutputError
+
+# What only writing can fail with: the output's file system is full, over quota, read-only, or the
+# file too large for it. Raised from inside an atomic_open block, these are the output's fault.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file name in the target's folder to write `path` through (for writers that take
+    a file name): renamed over `path` when the block ends normally, deleted (leaving any previous
+    `path` untouched) when the block raises or is interrupted. A write the file system refuses
+    (full, read-only) is an OutputError naming `path`."""
+    target = output_file(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(handle)
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot be written ({exc.strerror or exc})") from None
+    try:
+        yield Path(tmp)
+        usual_permissions(tmp)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            raise OutputError(f"{target}: cannot be written ({exc.strerror}); it was left as it was") from None
+        raise
 
 
 @contextmanager
 def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """A binary file to write `path` through: a temporary file in the target's directory that is
-    flushed, fsynced and renamed over `path` when the block ends normally, and deleted (leaving
-    any previous `path` untouched) when the block raises or is interrupted."""
+    """A binary file to write `path` through (`atomic_path`), flushed and fsynced before the rename."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def output_file(path: str | os.PathLike) -> Path:
+    """`path` as a file to write; OutputError if it is a folder or a folder above it is a file."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        usual_permissions(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if target.is_dir():
+        raise OutputError(f"{target}: is a folder; give the path of a file to write")
+    above = next((parent for parent in target.parents if parent.exists()), None)
+    if above is not None and not above.is_dir():
+        raise OutputError(f"{target}: {above} is a file, not a folder")
+    return target
+
+
+def check_outputs(outputs: Iterable[str | os.PathLike], *, inputs: Iterable[str | os.PathLike]) -> None:
+    """What a command checks before it reads or computes anything: each of `outputs` can be written
+    as a file (`output_file`), and writing it would not replace one of `inputs` (the same path, or
+    the same file through a symbolic or hard link); OutputError otherwise. An input folder stands
+    for every file in it."""
+    read = []
+    for source in map(Path, inputs):
+        read.extend(sorted(p for p in source.iterdir() if p.is_file()) if source.is_dir() else [source])
+    for output in map(output_file, outputs):
+        for source in read:
+            if output.exists() and source.exists() and os.path.samefile(output, source):
+                raise OutputError(f"{output}: writing it would overwrite the input {source}; choose another output")
 
 
 def usual_permissions(path: str | os.PathLike) -> None:
@@ -78,17 +127,35 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     except FormatError:
         raise
     except Exception as exc:  # safetensors raises several foreign types for corrupt files
-        raise FormatError(f"{source}: not a readable safetensors file ({exc})") from None
+        raise not_safetensors(source, f"not a readable safetensors file ({exc})") from None
     return tensors, metadata
+
+
+# Files often given where safetensors is expected, known by their first bytes or, for ONNX's
+# protobuf (no magic number), by their suffix.
+FOREIGN_MAGIC = {b"GGUF": "a GGUF model", b"PK\x03\x04": "a zip archive (torch.save's format, a pickle)"}
+FOREIGN_SUFFIXES = {".onnx": "an ONNX model", ".onnx_adapter": "an ONNX Runtime adapter file"}
+
+
+def not_safetensors(path: str | os.PathLike, problem: str) -> FormatError:
+    """The FormatError for a file that is not safetensors: what it is instead when its first bytes
+    or its suffix say (an ONNX model, a GGUF model, torch.save's zip), else `problem`."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        start = f.read(4)
+    what = next((name for magic, name in FOREIGN_MAGIC.items() if start.startswith(magic)), None)
+    what = what or FOREIGN_SUFFIXES.get(path.suffix.lower())
+    return FormatError(f"{path}: {what}, not a safetensors file" if what else f"{path}: {problem}")
 
 
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON file holding one object (a config); FormatError naming the file if it is not one."""
     path = Path(path)
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    value = parse_json(raw, source=path)
     if not isinstance(value, dict):
         raise FormatError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
@@ -98,7 +165,16 @@ def metadata_json(metadata: dict[str, str], key: str, *, source: str | os.PathLi
     """A JSON value stored under `key` in safetensors metadata; FormatError if absent or invalid."""
     if key not in metadata:
         raise FormatError(f"{source}: metadata key {key!r} is missing")
+    return parse_json(metadata[key], source=f"{source}: metadata key {key!r}")
+
+
+def parse_json(text: str | bytes, *, source: str | os.PathLike) -> Any:
+    """The value JSON `text` holds; FormatError naming `source` if it is not valid UTF-8 JSON or
+    holds what Python's parser refuses (nesting deeper than the recursion limit, an integer of
+    more than 4300 digits)."""
     try:
-        return json.loads(metadata[key])
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{source}: metadata key {key!r} is not valid JSON ({exc})") from None
+        return json.loads(text)
+    except RecursionError:
+        raise FormatError(f"{source}: JSON nested too deeply to read") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, the integer digit limit
+        raise FormatError(f"{source}: not valid JSON ({exc})") from None

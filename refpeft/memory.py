@@ -46,6 +46,12 @@ class ModelShape:
     kv: int | None = None          # key/value width; None means hidden (no grouped-query attention)
     tied_embeddings: bool = False
 
+    def __post_init__(self) -> None:
+        for name in ("hidden", "intermediate", "layers", "vocab", "kv"):
+            value = getattr(self, name)
+            if not (value is None and name == "kv") and (type(value) is not int or value < 1):
+                raise ConfigError(f"the model's {name} size must be a positive integer, got {value!r}")
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(out, in) of each linear layer in one block."""
         h, f, kv = self.hidden, self.intermediate, self.kv or self.hidden

@@ -5,8 +5,9 @@ the method table (refpeft.methods) says which. LoRA: s = lora_alpha / r (lora_al
 use_rslora); a module's r and alpha come from `rank_pattern` / `alpha_pattern` when a key matches
 it, PEFT's `get_pattern_key` rule: the first key K (in file order) for which the regular
 expression `(.*\\.)?(K)$` matches the module path from its start (`re.match`), so "q_proj" matches
-every q_proj and "layers\\.0\\.q_proj" one of them. VeRA: one r for all modules,
-`projection_prng_key` seeds the projections when they are not saved.
+every q_proj and "layers\\.0\\.q_proj" one of them. Every pattern is matched within a time bound
+(refpeft.patterns): one that backtracks catastrophically is refused, not waited for. VeRA: one r
+for all modules, `projection_prng_key` seeds the projections when they are not saved.
 
 Reading refuses invalid JSON and unsupported options (named, with what they would mean) and checks
 every value's type and range. `modules_to_save` (whole modules trained in full) follows PEFT's
@@ -32,6 +33,7 @@ from refpeft.errors import ConfigError
 from refpeft.io import read_json_object
 from refpeft.methods import method_spec, peft_methods
 from refpeft.methods.spec import Method
+from refpeft.patterns import check_pattern, matches
 from refpeft.saved_modules import check_adapter_saved, check_saved_entries, excluded_from_targets, written_entries
 
 CONFIG_NAME = "adapter_config.json"
@@ -84,9 +86,14 @@ def pattern_value(patterns: Mapping[str, Any], path: str, default: Any) -> tuple
     `(.*\\.)?(K)$` matches the whole path (K is a regular expression).
     """
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", path):
+        if matches(_key_pattern(key), path, mode="match", where=f"pattern key {key!r}"):
             return patterns[key], key
     return default, None
+
+
+def _key_pattern(key: str) -> str:
+    """The regular expression PEFT's get_pattern_key matches a rank_pattern / alpha_pattern key as."""
+    return rf"(.*\.)?({key})$"
 
 
 def targets(config: Mapping[str, Any], path: str) -> bool:
@@ -99,7 +106,7 @@ def targets(config: Mapping[str, Any], path: str) -> bool:
     if excluded_from_targets(path, config.get("modules_to_save") or []):
         return False
     excluded = config.get("exclude_modules")
-    if isinstance(excluded, str) and re.fullmatch(excluded, path):
+    if isinstance(excluded, str) and matches(excluded, path, mode="fullmatch", where="exclude_modules"):
         return False
     if isinstance(excluded, list) and any(path == e or path.endswith("." + e) for e in excluded):
         return False
@@ -107,7 +114,7 @@ def targets(config: Mapping[str, Any], path: str) -> bool:
     if target == "all-linear" or target is None:
         return True
     if isinstance(target, str):
-        return re.fullmatch(target, path) is not None
+        return matches(target, path, mode="fullmatch", where="target_modules")
     return any(path == t or path.endswith("." + t) for t in target)
 
 
@@ -176,11 +183,11 @@ def read_config(path: Path) -> dict[str, Any]:
 def _check_config_values(config: dict[str, Any], path: Path) -> None:
     def positive_int(name: str, value: Any) -> None:
         if type(value) is not int or value < 1:
-            raise ConfigError(f"{path}: {name} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{path}: {name} must be a positive integer, got {_shown(value)}")
 
     def number(name: str, value: Any) -> None:
-        if type(value) not in (int, float) or not math.isfinite(value):
-            raise ConfigError(f"{path}: {name} must be a finite number, got {value!r}")
+        if type(value) not in (int, float) or not _finite_float64(value):
+            raise ConfigError(f"{path}: {name} must be a finite number within float64's range, got {_shown(value)}")
 
     def flag(name: str) -> None:
         if type(config.get(name, False)) is not bool:
@@ -202,7 +209,7 @@ def _check_config_values(config: dict[str, Any], path: Path) -> None:
         if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
             raise ConfigError(f"{path}: {name} must be a string or a list of strings, got {value!r}")
         if isinstance(value, str):
-            _compile(value, f"{path}: {name}")
+            check_pattern(value, where=f"{path}: {name}")
     if config["peft_type"] == "LORA":
         config.setdefault("r", 8)
         config.setdefault("lora_alpha", 8)
@@ -212,7 +219,7 @@ def _check_config_values(config: dict[str, Any], path: Path) -> None:
             if not isinstance(patterns, dict):
                 raise ConfigError(f"{path}: {name} must be an object, got {patterns!r}")
             for key, value in patterns.items():
-                _compile(rf"(.*\.)?({key})$", f"{path}: {name} key {key!r}")  # as pattern_value uses it
+                check_pattern(_key_pattern(key), where=f"{path}: {name} key {key!r}")
                 check(f"{name}[{key!r}]", value)
         bias = config.get("bias", "none")
         if bias not in ("none", "lora_only", "all"):
@@ -235,11 +242,17 @@ def _check_config_values(config: dict[str, Any], path: Path) -> None:
             raise ConfigError(f"{path}: bias must be 'none', 'vera_only' or 'all', got {config['bias']!r}")
 
 
-def _compile(pattern: str, where: str) -> None:
+def _finite_float64(value: int | float) -> bool:
     try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ConfigError(f"{where}: not a valid regular expression ({exc})") from None
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer past float64's range
+        return False
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: a message stays one readable line whatever the file holds."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def config_method(config: Mapping[str, Any], *, source: str | os.PathLike) -> Method:

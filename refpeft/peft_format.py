@@ -128,15 +128,20 @@ def write_peft_adapter(directory: str | os.PathLike, adapter: Adapter, *, save_p
     dtype. Returns the directory.
     """
     folder = Path(directory)
-    source = folder / WEIGHTS_NAME
+    source, config_path = adapter_files(folder)
     config = peft_config(adapter, save_projection=save_projection)
     tensors = peft_tensors(adapter, save_projection=save_projection)
     check_adapter(adapter, config=config, source=source)
     for key, array in tensors.items():
         _check_values(array, key=key, source=source)
     write_safetensors(source, tensors, metadata={"format": "pt"})
-    atomic_write_bytes(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(config_path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return folder
+
+
+def adapter_files(directory: str | os.PathLike) -> tuple[Path, Path]:
+    """The weights and the config file of a PEFT adapter directory."""
+    return Path(directory) / WEIGHTS_NAME, Path(directory) / CONFIG_NAME
 
 
 def peft_tensors(adapter: Adapter, *, save_projection: bool = True) -> dict[str, np.ndarray]:

@@ -2,12 +2,13 @@
 
 Both take {module path: singular values} as refpeft.spectrum.adapter_spectra returns, and use the
 energy curve E(r) and `rank_for_energy` of refpeft.spectrum (the math lives there). matplotlib is
-imported only when a figure is drawn (it is a test extra, not a core dependency), with the
+imported only when a figure is drawn (it is the `plot` extra, not a core dependency), with the
 non-interactive Agg backend, so plotting works on machines without a display.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 from pathlib import Path
@@ -42,6 +43,7 @@ def plot_spectra(spectra: Mapping[str, Any], path: str | os.PathLike, *, fractio
     """Write a PNG: singular values per layer (log scale) and the energy curves with the fractions marked."""
     if not spectra:
         raise ConfigError("no LoRA/DoRA layers to plot")
+    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,3 +69,9 @@ def plot_spectra(spectra: Mapping[str, Any], path: str | os.PathLike, *, fractio
     fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
     return atomic_write_bytes(path, png.getvalue())
+
+
+def require_matplotlib() -> None:
+    """ConfigError saying what to install when matplotlib (the `plot` extra) is missing."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("drawing a plot needs matplotlib, which is not installed: pip install 'refpeft[plot]'")

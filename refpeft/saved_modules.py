@@ -37,10 +37,10 @@ by both, with both keys saved) is refused by refpeft.peft_config.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Iterable, Mapping, Sequence
 
 from refpeft.errors import ConfigError, FormatError, ShapeError
+from refpeft.patterns import check_pattern, matches
 
 KEY_PREFIX = "base_model.model."     # as refpeft.peft_format.PREFIX
 TIED_HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
@@ -80,7 +80,13 @@ def select_saved(tensor_names: Iterable[str], entries: Sequence[str], *, where: 
 
 def excluded_from_targets(path: str, entries: Sequence[str]) -> bool:
     """Whether PEFT leaves module `path` unadapted because `modules_to_save` selects it (module docstring)."""
-    return any(re.match(rf"(^|.*\.){entry}($|\..*)", path) for entry in entries)
+    return any(matches(_saved_pattern(entry), path, mode="match", where=f"modules_to_save entry {entry!r}")
+               for entry in entries)
+
+
+def _saved_pattern(entry: str) -> str:
+    """The regular expression PEFT matches a modules_to_save entry as, against target modules."""
+    return rf"(^|.*\.){entry}($|\..*)"
 
 
 def written_entries(saved: Mapping[str, Any]) -> list[str]:
@@ -93,11 +99,7 @@ def check_saved_entries(entries: Any, *, where: str) -> None:
     if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
         raise ConfigError(f"{where}: modules_to_save must be a list of module names, got {entries!r}")
     for entry in entries:
-        try:
-            re.compile(rf"(^|.*\.){entry}($|\..*)")
-        except re.error as exc:
-            raise ConfigError(f"{where}: modules_to_save entry {entry!r} is not a valid regular expression as PEFT "
-                              f"matches it against target modules ({exc})") from None
+        check_pattern(_saved_pattern(entry), where=f"{where}: modules_to_save entry {entry!r}, as PEFT matches it")
 
 
 def check_adapter_saved(modules: Iterable[str], saved: Mapping[str, Any], base_biases: Mapping[str, Any], *,

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from refpeft.backend import check_float_array, namespace, same_dtype
-from refpeft.errors import ConfigError, RankError, ShapeError
+from refpeft.errors import ConfigError, NonFiniteError, RankError, ShapeError
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def factored_svd(A: Any, B: Any, *, scaling: float = 1.0) -> ThinSVD:
     xp = _checked_factors(A, B)
     Q_B, R_B = xp.linalg.qr(B)                                     # (d, p), (p, R)
     Q_A, R_A = xp.linalg.qr(xp.matrix_transpose(A))                # (k, q), (q, R)
-    core = xp.matmul(R_B, xp.matrix_transpose(R_A)) * scaling      # (p, q)
+    core = _finite_core(xp.matmul(R_B, xp.matrix_transpose(R_A)) * scaling, xp=xp)   # (p, q)
     U_c, S, Vh_c = xp.linalg.svd(core, full_matrices=False)        # (p, m), (m,), (m, q)
     U = xp.matmul(Q_B, U_c)                                        # (d, m)
     Vh = xp.matrix_transpose(xp.matmul(Q_A, xp.matrix_transpose(Vh_c)))  # (m, k)
@@ -91,7 +91,14 @@ def singular_values(A: Any, B: Any, *, scaling: float = 1.0) -> Any:
     xp = _checked_factors(A, B)
     _, R_B = xp.linalg.qr(B)
     _, R_A = xp.linalg.qr(xp.matrix_transpose(A))
-    return xp.linalg.svdvals(xp.matmul(R_B, xp.matrix_transpose(R_A)) * scaling)
+    return xp.linalg.svdvals(_finite_core(xp.matmul(R_B, xp.matrix_transpose(R_A)) * scaling, xp=xp))
+
+
+def _finite_core(core: Any, *, xp: Any) -> Any:
+    """The small core s R_B R_A^T, refused when it overflowed: an SVD of infinities does not converge."""
+    if not bool(xp.all(xp.isfinite(core))):
+        raise NonFiniteError(f"s B A overflows {core.dtype}: its core s R_B R_A^T holds non-finite values")
+    return core
 
 
 def product_norm(P: Any, Q: Any) -> float:

@@ -18,7 +18,7 @@ import safetensors.numpy
 
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.checkpoint import SafetensorsFile, merge_into_checkpoint, write_safetensors_streaming
-from refpeft.errors import DTypeError, FormatError, NonFiniteError, RefpeftError
+from refpeft.errors import DTypeError, FormatError, NonFiniteError, OutputError, RefpeftError
 from refpeft.methods.lora import lora_merge
 
 TENSORS = {
@@ -93,8 +93,11 @@ def test_a_produced_tensor_must_match_its_declaration(tmp_path):
 
 
 def _raw(header: dict, data: bytes) -> bytes:
-    encoded = json.dumps(header).encode()
-    return struct.pack("<Q", len(encoded)) + encoded + data
+    return _raw_header(json.dumps(header).encode()) + data
+
+
+def _raw_header(encoded: bytes) -> bytes:
+    return struct.pack("<Q", len(encoded)) + encoded
 
 
 DEFECTS = {
@@ -113,6 +116,13 @@ DEFECTS = {
     "gap": _raw({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8)),
     "bad metadata": _raw({"__metadata__": {"a": 1}}, b""),
     "extra entry field": _raw({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": 0}}, bytes(4)),
+    # Empty tensors whose other sizes NumPy cannot make (ValueError on reading, before the check).
+    "dimension past 2^63": _raw({"w": {"dtype": "F32", "shape": [2**63, 0], "data_offsets": [0, 0]}}, b""),
+    "sizes past 2^63 bytes": _raw({"w": {"dtype": "F32", "shape": [2**62, 4, 0], "data_offsets": [0, 0]}}, b""),
+    "more dimensions than NumPy has": _raw({"w": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]}}, bytes(4)),
+    # Deeper than Python's recursion limit (RecursionError from json.loads, before the check).
+    "deeply nested header": _raw_header(b'{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+    "integer of 5000 digits": _raw_header(b'{"x":' + b"7" * 5000 + b"}"),
 }
 
 
@@ -122,6 +132,36 @@ def test_defects_are_format_errors_naming_the_file(defect, tmp_path):
     path.write_bytes(DEFECTS[defect])
     with pytest.raises(FormatError, match="bad.safetensors"):
         SafetensorsFile(path)
+
+
+def test_every_header_defect_reads_as_a_format_error(tmp_path):
+    # What reading a file with these headers raised before they were checked: ValueError, RecursionError.
+    for defect in ("dimension past 2^63", "sizes past 2^63 bytes", "deeply nested header", "integer of 5000 digits"):
+        path = tmp_path / "bad.safetensors"
+        path.write_bytes(DEFECTS[defect])
+        with pytest.raises(FormatError, match="larger than an array can be|nested too deeply|not valid JSON"):
+            SafetensorsFile(path).read("w")
+
+
+def test_an_onnx_or_gguf_file_is_named_for_what_it_is(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x08\x12\x07refpeft:\x10\x0a")
+    (tmp_path / "model.bin").write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(16))
+    with pytest.raises(FormatError, match="an ONNX model, not a safetensors file"):
+        SafetensorsFile(tmp_path / "model.onnx")
+    with pytest.raises(FormatError, match="a GGUF model, not a safetensors file"):
+        SafetensorsFile(tmp_path / "model.bin")
+
+
+def test_merge_refuses_an_output_linked_to_the_base(tmp_path):
+    base, _ = _lora_base(tmp_path)
+    before = base.path.read_bytes()
+    adapter = Adapter(modules={"l1": ModuleAdapter("lora", {"A": np.ones((2, 5)), "B": np.ones((6, 2))})})
+    (tmp_path / "hard.safetensors").hardlink_to(base.path)
+    (tmp_path / "soft.safetensors").symlink_to(base.path)
+    for name in ("hard.safetensors", "soft.safetensors"):
+        with pytest.raises(OutputError, match="overwrite the input"):
+            merge_into_checkpoint(adapter, base, tmp_path / name)
+    assert base.path.read_bytes() == before
 
 
 def test_missing_file_and_missing_tensor(tmp_path):

@@ -8,6 +8,7 @@ import sys
 import tempfile
 from typing import Any
 
+from refpeft.commands import options
 from refpeft.backend import FLOAT_NAMES
 from refpeft.demo import GRADIENT_TOLERANCE as LAYER_GRADIENT_TOLERANCE
 from refpeft.demo import METHODS, DemoConfig, DemoReport, resolved, run_demo
@@ -58,7 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"optimiser steps (default {model.steps}; --layer: {layer.steps})")
     p.add_argument("--lr", type=float, default=None,
                    help=f"peak AdamW learning rate (default {model.lr:g}; --layer: {layer.lr:g})")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=options.seed, default=None,
                    help="seed of the held-out split, the adapter's init and the data order (--layer: of the task "
                         "and the init) (default 0)")
     p.add_argument("--out", metavar="DIR", default=None,
@@ -89,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
     if given:
         option = "--" + given[0].replace("_", "-")
         raise ConfigError(f"{option} does not apply to {mode}" + ("" if args.layer else " (it is a --layer option)"))
+    if args.out:  # a file given as the folder is refused now, not after training
+        from refpeft.io import check_outputs
+        from refpeft.peft_format import adapter_files
+
+        check_outputs(adapter_files(args.out), inputs=[args.base] if args.base else [])
     return run_layer(args) if args.layer else run_model(args)
 
 

@@ -33,8 +33,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_onnx()
+    from refpeft.io import check_outputs
     from refpeft_onnx.exporter import export_adapter_file
 
+    check_outputs([args.output], inputs=[args.adapter, args.base, *([args.model] if args.model else [])])
     stack, adapter = load(args)
     path = export_adapter_file(args.output, stack, adapter, dtype=args.dtype, model=args.model)
     checked = f", checked against {args.model}" if args.model else ""

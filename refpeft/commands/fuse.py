@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from refpeft.commands import options
 from refpeft.fusion import COMBINATIONS, SIGN_METHODS
 
 HELP = "combine LoRA adapters with weights (cat, svd, linear, TIES/DARE) into one PEFT adapter"
@@ -48,7 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--density", type=float, help="TIES/DARE/magnitude_prune: fraction of entries kept")
     p.add_argument("--majority-sign", default="total", choices=SIGN_METHODS,
                    help="TIES sign election: by total mass or by count (default: total)")
-    p.add_argument("--seed", type=int, help="DARE: seed of the random drop (required for dare_*)")
+    p.add_argument("--seed", type=options.seed, help="DARE: seed of the random drop (required for dare_*)")
     p.add_argument("--clamp", type=float, metavar="Q", help="svd family: PEFT's svd_clamp quantile")
     p.add_argument("--peft-weights", action="store_true",
                    help="round the weights to float32 as PEFT does, to reproduce its numbers bit for bit")
@@ -60,11 +61,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from refpeft.errors import ConfigError
     from refpeft.fusion import combine_adapters
-    from refpeft.peft_format import read_peft_adapter, write_peft_adapter
+    from refpeft.io import check_outputs
+    from refpeft.peft_format import adapter_files, read_peft_adapter, write_peft_adapter
 
     weights = args.weights if args.weights is not None else [1.0] * len(args.adapters)
     if len(weights) != len(args.adapters):
         raise ConfigError(f"{len(args.adapters)} adapters but {len(weights)} weights")
+    check_outputs(adapter_files(args.output), inputs=args.adapters)
     adapters = [read_peft_adapter(path, dtype=args.dtype) for path in args.adapters]
     fused, reports = combine_adapters(
         adapters, weights, combination=args.combination, rank=args.rank, energy=args.energy,

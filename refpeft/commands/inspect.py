@@ -39,6 +39,12 @@ def run(args: argparse.Namespace) -> int:
     from refpeft.checkpoint import SafetensorsFile
     from refpeft.peft_format import read_peft_adapter, read_peft_adapter_with_base
 
+    if args.plot:
+        from refpeft.io import check_outputs
+        from refpeft.plots import require_matplotlib
+
+        require_matplotlib()
+        check_outputs([args.plot], inputs=[args.adapter, *([args.base] if args.base else [])])
     if args.base is None:
         adapter = read_peft_adapter(args.adapter)
     else:

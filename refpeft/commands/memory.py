@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from refpeft.commands import options
 from refpeft.errors import ConfigError
 from refpeft.memory import BYTES, LINEARS, PRESETS, ModelShape, format_table, memory_table
 from refpeft.quant.blockwise import BLOCKSIZES
@@ -22,13 +23,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("memory", help=HELP, description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(PRESETS), help="a preset model shape")
-    p.add_argument("--hidden", type=int, help="hidden size h")
-    p.add_argument("--intermediate", type=int, help="MLP intermediate size f")
-    p.add_argument("--layers", type=int, help="number of transformer blocks L")
-    p.add_argument("--vocab", type=int, help="vocabulary size V")
-    p.add_argument("--kv", type=int, default=None, help="key/value width with grouped-query attention (default: h)")
+    p.add_argument("--hidden", type=options.positive, help="hidden size h")
+    p.add_argument("--intermediate", type=options.positive, help="MLP intermediate size f")
+    p.add_argument("--layers", type=options.positive, help="number of transformer blocks L")
+    p.add_argument("--vocab", type=options.positive, help="vocabulary size V")
+    p.add_argument("--kv", type=options.positive, default=None, help="key/value width with grouped-query attention (default: h)")
     p.add_argument("--tied-embeddings", action="store_true", help="lm_head shares the embedding matrix")
-    p.add_argument("--rank", type=int, default=16, help="adapter rank r (default: %(default)s)")
+    p.add_argument("--rank", type=options.positive, default=16, help="adapter rank r (default: %(default)s)")
     p.add_argument("--targets", default=",".join(LINEARS),
                    help="comma-separated adapted linears (default: all seven: %(default)s)")
     p.add_argument("--precision", choices=sorted(BYTES), default="bfloat16",

@@ -37,8 +37,10 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from refpeft.checkpoint import SafetensorsFile, merge_into_checkpoint
+    from refpeft.io import check_outputs
     from refpeft.peft_format import read_peft_adapter_with_base
 
+    check_outputs([args.output], inputs=[args.adapter, args.base])
     base = SafetensorsFile(args.base)
     adapter = read_peft_adapter_with_base(args.adapter, base)
     total = sum(base.info(key).nbytes for key in base.keys())

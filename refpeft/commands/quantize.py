@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -12,7 +11,8 @@ import ml_dtypes
 import numpy as np
 
 from refpeft.errors import NonFiniteError
-from refpeft.io import read_safetensors, write_safetensors
+from refpeft.io import check_outputs, read_safetensors, write_safetensors
+from refpeft.patterns import matches
 from refpeft.quant.blockwise import BLOCKSIZES
 from refpeft.quant.bnb_layout import to_state_dict
 from refpeft.quant.codebooks import QUANT_TYPES, ROUNDINGS
@@ -60,10 +60,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    check_outputs([args.output], inputs=[args.input])
     tensors, _ = read_safetensors(args.input)
     selected = [name for name, a in tensors.items()
-                if a.dtype in _FLOAT_NAMES and a.ndim == 2 and re.search(args.include, name)
-                and not (args.exclude and re.search(args.exclude, name))]
+                if a.dtype in _FLOAT_NAMES and a.ndim == 2 and _named(args.include, name, "--include")
+                and not (args.exclude and _named(args.exclude, name, "--exclude"))]
     for name in selected:  # refuse before quantising or writing anything
         bad = int(np.count_nonzero(~np.isfinite(tensors[name].astype(np.float32))))
         if bad:
@@ -96,3 +97,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}")
     return 0
 
+
+def _named(pattern: str, name: str, option: str) -> bool:
+    return matches(pattern, name, mode="search", where=f"quantize {option}")

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from refpeft.commands import options
 from refpeft.errors import ConfigError
 
 HELP = "train an adapter (LoRA, rsLoRA, DoRA, VeRA) or the full model on text or instruction data"
@@ -67,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay (default 0)")
     o.add_argument("--loraplus-ratio", type=float, default=None, help="LoRA+: B matrices at lr * ratio")
     o.add_argument("--block-size", type=int, default=256, help="tokens per text block / longest example (default 256)")
-    o.add_argument("--seed", type=int, default=0, help="seed of the adapter's init and the data order (default 0)")
+    o.add_argument("--seed", type=options.seed, default=0, help="seed of the adapter's init and the data order (default 0)")
     o.add_argument("--dtype", default="float32", help="float32 or float64 (default float32)")
     r = p.add_argument_group("checkpoints")
     r.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default 0: only at the end)")

@@ -26,7 +26,7 @@ from refpeft.backend import UNIT_ROUNDOFF
 from refpeft.conformance.families import FAMILIES, Case, Vectors
 from refpeft.errors import FormatError
 from refpeft.checkpoint import SafetensorsFile
-from refpeft.io import atomic_write_bytes
+from refpeft.io import atomic_write_bytes, read_json_object
 from refpeft.tolerance import Precision
 
 FORMAT = "refpeft-conformance/1"
@@ -115,25 +115,29 @@ class LoadedCase:
 
 
 def read_index(directory: Path) -> list[str]:
-    """Case names listed in a vectors directory's index.json."""
+    """Case names listed in a vectors directory's index.json; FormatError if it is malformed."""
     path = Path(directory) / "index.json"
     if not path.is_file():
         raise FormatError(f"{path}: no such file (generate vectors with `refpeft conformance generate`)")
-    index = json.loads(path.read_text())
-    if index.get("format") != FORMAT:
-        raise FormatError(f"{path}: format {index.get('format')!r}, expected {FORMAT!r}")
-    return [entry["case"] for entry in index["cases"]]
+    index = read_json_object(path)
+    _require_format(index, path)
+    cases = index.get("cases")
+    if not isinstance(cases, list) or not all(isinstance(entry, dict) and _plain_name(entry.get("case"))
+                                              for entry in cases):
+        raise FormatError(f"{path}: 'cases' must be a list of objects whose 'case' is a plain file name")
+    return [entry["case"] for entry in cases]
 
 
 def read_case(directory: Path, name: str) -> LoadedCase:
-    """Read and verify one case (its file's sha256 must match the manifest)."""
+    """Read and verify one case (its manifest's form, its file's sha256, a tensor for every result)."""
     directory = Path(directory)
+    if not _plain_name(name):
+        raise FormatError(f"{directory}: case name {name!r} is not a plain file name")
     manifest_path = directory / f"{name}.json"
     if not manifest_path.is_file():
         raise FormatError(f"{manifest_path}: no such file")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise FormatError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    manifest = read_json_object(manifest_path)
+    _check_manifest(manifest, manifest_path)
     data_path = directory / manifest["file"]
     digest = hashlib.sha256(data_path.read_bytes()).hexdigest() if data_path.is_file() else None
     if digest != manifest["sha256"]:
@@ -142,8 +146,41 @@ def read_case(directory: Path, name: str) -> LoadedCase:
     tensors = {key: np.array(checkpoint.read(key)) for key in checkpoint.keys()}
     groups: dict[str, dict[str, np.ndarray]] = {INPUT: {}, EXPECTED: {}, BOUND: {}}
     for key, array in tensors.items():
-        prefix = key[: key.index(".") + 1]
-        if prefix not in groups:
+        head, dot, rest = key.partition(".")
+        if head + dot not in groups:
             raise FormatError(f"{data_path}: unexpected tensor {key!r}")
-        groups[prefix][key[len(prefix):]] = array
+        groups[head + dot][rest] = array
+    for result, spec in manifest["results"].items():
+        needed = [EXPECTED] + ([BOUND] if spec["check"] == "bound" else [])
+        missing = [prefix + result for prefix in needed if result not in groups[prefix]]
+        if missing:
+            raise FormatError(f"{data_path}: no tensor {' or '.join(map(repr, missing))} for result {result!r}")
     return LoadedCase(manifest, groups[INPUT], groups[EXPECTED], groups[BOUND])
+
+
+CHECKS = ("bytes", "bound")   # how a result is compared (refpeft.conformance.check.check_result)
+
+
+def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """The fields the checker reads, each of the type it needs."""
+    _require_format(manifest, path)
+    for key in ("case", "file", "sha256", "dtype"):
+        if not isinstance(manifest.get(key), str):
+            raise FormatError(f"{path}: {key!r} must be a string, got {manifest.get(key)!r}")
+    if not _plain_name(manifest["file"]):
+        raise FormatError(f"{path}: 'file' must be a plain file name in the same folder, got {manifest['file']!r}")
+    results = manifest.get("results")
+    if not isinstance(results, dict) or not all(isinstance(spec, dict) and spec.get("check") in CHECKS
+                                                for spec in results.values()):
+        raise FormatError(f"{path}: 'results' must map each result name to an object whose 'check' is "
+                          f"{' or '.join(map(repr, CHECKS))}")
+
+
+def _require_format(record: dict[str, Any], path: Path) -> None:
+    if record.get("format") != FORMAT:
+        raise FormatError(f"{path}: format {record.get('format')!r}, expected {FORMAT!r}")
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name without folders: what a vectors directory's index and manifests may refer to."""
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name and "\\" not in name
