@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from refpeft.cli import main
@@ -153,6 +154,10 @@ def test_bad_output_paths_write_nothing(folders, tmp_path):
 
 
 def test_adapters_that_match_nothing_are_refused(folders, tmp_path):
+    one_layer = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, "num_hidden_layers": 1}))
+    one_layer.save_pretrained(tmp_path / "one-layer")
+    with pytest.raises(ConfigError, match="model.layers.1.* not a linear layer"):
+        read_adapters(load_base(tmp_path / "one-layer")[0], [str(folders / "lora")])
     model, _ = load_base(folders / "base")
     adapters = read_adapters(model, [f"first={folders / 'lora'}"])
     with pytest.raises(ConfigError, match="two adapters are named"):
@@ -160,3 +165,67 @@ def test_adapters_that_match_nothing_are_refused(folders, tmp_path):
     with pytest.raises(ConfigError, match="merged graph folds in one adapter"):
         export_decoder(tmp_path / "x", model, None, {**adapters, "second": adapters["first"]}, form="merged")
     assert not (tmp_path / "x").exists()
+
+
+def _dequantized_model(folders):
+    """The NF4 export's base as refpeft computes it (float32 dequantised projections) and the same weights in torch."""
+    from refpeft_onnx.decoder_verify import float64_model
+
+    model, _ = load_base(folders / "base", nf4_blocksize=64)
+    dense = float64_model(model)
+    weights = {name: w.astype(np.float32) for name, w in dense.weights.items()}
+    peer = transformers.AutoModelForCausalLM.from_pretrained(folders / "base", attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in peer.named_parameters():
+            p.copy_(torch.from_numpy(weights[name]))
+    return Model(dense.config, weights), peer
+
+
+def test_unmerged_adapters_on_an_nf4_base_generate_as_peft_on_the_dequantised_base(folders, tmp_path):
+    out = tmp_path / "nf4"
+    assert main(["export", str(folders / "lora"), str(folders / "dora"), "--base", str(folders / "base"), "--nf4",
+                 "--unmerged", "-o", str(out)]) == 0
+    dense, peer = _dequantized_model(folders)
+    genai = GenaiModel(out)
+    for adapter in ("lora", "dora"):
+        [ours] = generate(with_adapter(dense, folders / adapter, dtype="float32"), [PROMPT], max_new_tokens=NEW_TOKENS)
+        adapted = peft.PeftModel.from_pretrained(peer, folders / adapter).eval()
+        with torch.no_grad():
+            theirs = adapted.generate(input_ids=torch.tensor([PROMPT]), do_sample=False, max_new_tokens=NEW_TOKENS,
+                                      eos_token_id=None, pad_token_id=0, top_k=None, top_p=None, temperature=None)
+        peer = adapted.unload()
+        assert ours == theirs[0, len(PROMPT):].tolist() == genai.generate(PROMPT, max_new_tokens=NEW_TOKENS,
+                                                                          adapter=adapter), adapter
+
+
+def test_an_nf4_merge_is_refused_with_the_requantisation_error(folders, tmp_path, capsys):
+    out = tmp_path / "nf4-merged"
+    assert main(["export", str(folders / "lora"), "--base", str(folders / "base"), "--nf4", "-o", str(out)]) == 2
+    message = capsys.readouterr().err
+    assert "re-quantising the merged weight" in message and "max error" in message and not out.exists()
+
+
+def test_a_float16_export_is_verified_and_runs_in_genai(folders, expected, tmp_path, capsys):
+    out = tmp_path / "fp16"
+    assert main(["export", str(folders / "dora"), "--base", str(folders / "base"), "--unmerged", "--dtype", "float16",
+                 "-o", str(out)]) == 0
+    assert "agrees with the refpeft reference" in capsys.readouterr().out
+    tokens = GenaiModel(out).generate(PROMPT, max_new_tokens=NEW_TOKENS, adapter="dora")
+    # float16 rounding may flip a near tie, so only the opening tokens are held to float32's
+    assert len(tokens) == NEW_TOKENS and tokens[:4] == expected["dora"][:4]
+
+
+def test_a_graph_that_disagrees_with_the_reference_is_not_written(folders, tmp_path, monkeypatch):
+    import refpeft_onnx.decoder_export as decoder_export
+    from refpeft_onnx.verify import VerificationError
+
+    model, _ = load_base(folders / "base")
+    adapters = read_adapters(model, [str(folders / "lora")])
+    build = decoder_export.build_decoder
+    path = next(iter(adapters["lora"].modules))                 # the graph gets this module's B doubled
+    module = adapters["lora"].modules[path]
+    wrong = {"lora": type(adapters["lora"])({**adapters["lora"].modules, path: module.replace(B=2 * module.B)})}
+    monkeypatch.setattr(decoder_export, "build_decoder", lambda m, a, **kw: build(m, wrong, **kw))
+    with pytest.raises(VerificationError, match="DISAGREES"):
+        export_decoder(tmp_path / "wrong", model, None, adapters)
+    assert list(tmp_path.iterdir()) == []

@@ -20,6 +20,12 @@ the tokenizer's eos token or after --max-new-tokens. By default the prompt is se
 message through the model's chat template when it has one (--no-chat sends the raw text).
 Exit status 2 and a message on a missing or unreadable model or adapter, an adapter whose
 modules the model lacks, or a prompt longer than the model's positions.
+
+With --onnx DIR (a folder written by `refpeft export --base MODEL ...`), the decode loop runs in
+onnxruntime-genai instead (refpeft_onnx.genai_run): refpeft encodes the prompt with the folder's
+tokenizer and chat template, genai generates, and --adapter NAME picks one of the folder's
+adapters/NAME.onnx_adapter files (none: the base, or the merged adapter). Sampling then draws
+from genai's own generator, seeded with --seed.
 """
 
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "seed": 0}   # transformers' generate defaults
@@ -28,8 +34,11 @@ SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "seed": 0}  
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help=HELP, description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("base", metavar="BASE", help="model folder (config.json, safetensors, tokenizer.json) or .gguf file")
-    p.add_argument("--adapter", metavar="DIR", help="PEFT adapter directory (adapter_config.json + safetensors)")
+    p.add_argument("base", metavar="BASE", nargs="?",
+                   help="model folder (config.json, safetensors, tokenizer.json) or .gguf file")
+    p.add_argument("--onnx", metavar="DIR", help="generate through onnxruntime-genai from a folder `refpeft export` wrote")
+    p.add_argument("--adapter", metavar="DIR|NAME",
+                   help="PEFT adapter directory; with --onnx, the name of one of the folder's adapters")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate at most (32)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token (the default)")
@@ -56,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     if args.greedy and chosen:
         flags = ", ".join("--" + n.replace("_", "-") for n in chosen)
         raise ConfigError(f"--greedy takes no sampling options (got {flags})")
+    if (args.base is None) == (args.onnx is None):
+        raise ConfigError("give either BASE (a model folder or .gguf file) or --onnx DIR, not both or neither")
+    if args.onnx is not None:
+        return run_onnx(args, chosen)
     config, weights, tokenizer = load.load_model(args.base, dtype=args.dtype)
     if tokenizer is None:
         raise ConfigError(f"{args.base}: the model has no tokenizer (tokenizer.json) to encode the prompt with")
@@ -70,5 +83,24 @@ def run(args: argparse.Namespace) -> int:
     ids = prompt_ids(tokenizer, args.prompt, chat=args.chat)
     [new] = generate(model, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling, rng=rng,
                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    print(tokenizer.decode(new, skip_special_tokens=True))
+    return 0
+
+
+def run_onnx(args: argparse.Namespace, chosen: dict) -> int:
+    """The continuation through onnxruntime-genai (refpeft_onnx.genai_run)."""
+    from refpeft.commands.export import require_onnx
+    from refpeft.model.generate import prompt_ids
+    from refpeft.model.tokenizer import tokenizer_from_folder
+
+    require_onnx()
+    from refpeft_onnx.genai_run import GenaiModel, GenaiSampling
+
+    tokenizer = tokenizer_from_folder(args.onnx)
+    model = GenaiModel(args.onnx)
+    sampling = GenaiSampling(**{**SAMPLING_DEFAULTS, **chosen}) if chosen else None
+    ids = prompt_ids(tokenizer, args.prompt, chat=args.chat)
+    new = model.generate(ids, max_new_tokens=args.max_new_tokens, adapter=args.adapter, sampling=sampling,
+                         eos_token_id=tokenizer.eos_token_id)
     print(tokenizer.decode(new, skip_special_tokens=True))
     return 0
