@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from refpeft.cli import main
-from refpeft.errors import ConfigError
+from refpeft.errors import ConfigError, OutputError
 from refpeft.model.adapted import with_adapter
 from refpeft.model.decoder import Model
 from refpeft.model.generate import generate
@@ -145,9 +145,9 @@ def test_bad_output_paths_write_nothing(folders, tmp_path):
     model, tokenizer = load_base(folders / "base")
     existing = tmp_path / "exists"
     existing.mkdir()
-    with pytest.raises(ConfigError, match="exists"):
+    with pytest.raises(OutputError, match="exists"):
         export_decoder(existing, model, tokenizer)
-    with pytest.raises(ConfigError, match="inside the input"):
+    with pytest.raises(OutputError, match="inside the input"):
         export_decoder(folders / "base" / "onnx", model, tokenizer, inputs=[folders / "base"])
     assert not (folders / "base" / "onnx").exists() and list(existing.iterdir()) == []
     assert [p.name for p in tmp_path.iterdir()] == ["exists"]                               # no staging left behind

@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import onnx
 
 from refpeft.adapter import Adapter
-from refpeft.errors import ConfigError
+from refpeft.errors import ConfigError, OutputError
 from refpeft.io import usual_permissions
 from refpeft.model import load
 from refpeft.model.adapted import with_adapter
@@ -125,14 +125,14 @@ def export_decoder(out: str | os.PathLike, model: Model, tokenizer: Tokenizer | 
 def _check_output(out: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> Path:
     target = Path(out)
     if target.exists():
-        raise ConfigError(f"{target}: the output folder exists; choose a new path (nothing is overwritten)")
+        raise OutputError(f"{target}: the output folder exists; choose a new path (nothing is overwritten)")
     resolved = target.resolve()
     for source in inputs:
         source = Path(source).resolve()
         if resolved == source or source in resolved.parents:
-            raise ConfigError(f"{target}: the output would be inside the input {source}")
+            raise OutputError(f"{target}: the output would be inside the input {source}")
     if not target.parent.is_dir():
-        raise ConfigError(f"{target.parent}: no such folder to write {target.name} into")
+        raise OutputError(f"{target.parent}: no such folder to write {target.name} into")
     return target
 
 

@@ -92,12 +92,13 @@ def require_onnx() -> None:
 
     problem = missing_extra()
     if problem:
-        raise ConfigError(f"ONNX export needs {problem}")
+        raise ConfigError(f"ONNX export is unavailable: {problem}")
 
 
 def run(args: argparse.Namespace) -> int:
     require_onnx()
     from refpeft.errors import ConfigError
+    from refpeft.io import check_outputs
     from refpeft_onnx.decoder_export import is_model_base
     from refpeft_onnx.exporter import export_model
 
@@ -106,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     if len(args.adapters) > 1:
         raise ConfigError(f"a stack of linear layers takes one adapter, got {len(args.adapters)}")
     args.adapter = args.adapters[0] if args.adapters else None
+    check_outputs([args.output, *([args.adapter_out] if args.adapter_out else [])],
+                  inputs=[args.base, *([args.adapter] if args.adapter else [])])
     stack, adapter = load(args)
     result = export_model(args.output, stack, adapter, form=args.form, dtype=args.dtype, nf4_ops=args.nf4_ops,
                           opset=args.opset, adapter_path=args.adapter_out, bound_model=args.bound)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from refpeft.commands import options
+
 HELP = "continue a prompt with a base model (HF folder or GGUF), optionally with a PEFT adapter"
 
 DESCRIPTION = """\
@@ -45,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, metavar="T", help="sample, dividing the logits by T (1.0)")
     p.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens (50; 0: all)")
     p.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set holding probability P (1.0)")
-    p.add_argument("--seed", type=int, metavar="S", help="seed of the sampling generator (0)")
+    p.add_argument("--seed", type=options.seed, metavar="S", help="seed of the sampling generator (0)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="send the prompt through the chat template (default: when the tokenizer has one)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="compute precision (float32)")

@@ -49,6 +49,7 @@ from refpeft.methods import method_spec
 from refpeft.model.decoder import Model, dense_weight
 from refpeft.optim import AdamConfig, ParamGroup, loraplus_groups
 from refpeft.peft_config import pattern_value
+from refpeft.patterns import matches
 from refpeft.peft_format import PREFIX, tensor_key
 from refpeft.quant.state import QuantState4bit
 from refpeft.saved_modules import check_adapter_saved, select_saved
@@ -68,10 +69,7 @@ def select_targets(model: Model, targets: Sequence[str] | str) -> list[str]:
     if targets == ALL_LINEAR:
         return [p for p in layers if p != "lm_head"]
     if isinstance(targets, str):
-        try:
-            selected = [p for p in layers if re.fullmatch(targets, p)]
-        except re.error as exc:
-            raise ConfigError(f"targets {targets!r} is not a regular expression ({exc})") from None
+        selected = [p for p in layers if matches(targets, p, mode="fullmatch", where="--targets")]
         if not selected:
             raise ConfigError(f"targets {targets!r} matches no linear layer path (such as {layers[0]!r})")
         return selected
@@ -107,8 +105,8 @@ def new_adapter(model: Model, *, method: str, targets: Sequence[str] | str, rank
         raise ConfigError(f"{name} has no alpha (no alpha / r scaling): alpha_pattern does not apply")
     paths = select_targets(model, targets)
     W0s = {p: dense_weight(model, p) for p in paths}
-    ranks = {p: int(_pattern(rank_pattern, p, rank, "rank_pattern")) for p in paths}
-    alphas = {p: float(_pattern(alpha_pattern, p, alpha, "alpha_pattern")) for p in paths}
+    ranks = {p: int(_pattern(rank_pattern, p, rank)) for p in paths}
+    alphas = {p: float(_pattern(alpha_pattern, p, alpha)) for p in paths}
     if spec.shared:     # VeRA: projections from their own key, torch's generator (PEFT's)
         options = {**options, "projection_prng_key": projection_prng_key, "d_initial": d_initial}
     else:
@@ -203,8 +201,5 @@ def optimizer_groups(model: Model, params: Mapping[str, Any], config: AdamConfig
     return [ParamGroup(names=tuple(peft_names[key] for key in g.names), config=g.config) for g in groups]
 
 
-def _pattern(patterns: Mapping[str, Any] | None, path: str, default: Any, what: str) -> Any:
-    try:
-        return pattern_value(patterns or {}, path, default)[0]
-    except re.error as exc:
-        raise ConfigError(f"{what} has a key that is not a regular expression ({exc})") from None
+def _pattern(patterns: Mapping[str, Any] | None, path: str, default: Any) -> Any:
+    return pattern_value(patterns or {}, path, default)[0]
