@@ -229,3 +229,35 @@ def test_a_graph_that_disagrees_with_the_reference_is_not_written(folders, tmp_p
     with pytest.raises(VerificationError, match="DISAGREES"):
         export_decoder(tmp_path / "wrong", model, None, adapters)
     assert list(tmp_path.iterdir()) == []
+
+
+FAMILIES = {
+    "qwen2-bias": ("qwen2", dict(use_sliding_window=False)),
+    "qwen3-qk-norm": ("qwen3", dict(head_dim=8, use_sliding_window=False)),
+    "mistral": ("mistral", dict(sliding_window=None)),
+    "llama-tied-llama3-rope": ("llama", dict(tie_word_embeddings=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_family_generates_through_genai_as_transformers(name, tmp_path):
+    family, extra = FAMILIES[name]
+    torch.manual_seed(0)
+    peer = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(family, **{**TINY, **extra}, attn_implementation="eager")).eval()
+    with torch.no_grad():                                   # biases and norms that matter
+        for n, p in peer.named_parameters():
+            if n.endswith((".bias", "norm.weight")):
+                p.copy_((1.0 if n.endswith("norm.weight") else 0.0) + 0.3 * torch.randn_like(p))
+    peer.config.eos_token_id = peer.generation_config.eos_token_id = None      # 32 tokens from all three
+    peer.save_pretrained(tmp_path / "base")
+    assert main(["export", "--base", str(tmp_path / "base"), "-o", str(tmp_path / "onnx")]) == 0
+    with torch.no_grad():
+        out = peer.generate(input_ids=torch.tensor([PROMPT]), do_sample=False, max_new_tokens=NEW_TOKENS,
+                            pad_token_id=0, top_k=None, top_p=None, temperature=None)
+    theirs = out[0, len(PROMPT):].tolist()
+    model, _ = load_base(tmp_path / "base")
+    assert generate(model, [PROMPT], max_new_tokens=NEW_TOKENS)[0] == theirs
+    assert GenaiModel(tmp_path / "onnx").generate(PROMPT, max_new_tokens=NEW_TOKENS) == theirs
