@@ -12,7 +12,7 @@ from refpeft.errors import RefpeftError
 # Subcommand modules, in the order `refpeft --help` lists them. Each exposes
 # `add_parser(subparsers)`, which registers the command and sets `func` to its `run(args) -> int`.
 COMMANDS = ("demo", "inspect", "merge", "fuse", "quantize", "memory",
-            "conformance", "export", "export_adapter", "train", "generate")
+            "conformance", "export", "export_adapter", "attach", "train", "generate")
 
 DESCRIPTION = """\
 refpeft: the exact, framework-free reference for parameter-efficient fine-tuning.

@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import onnx
 
@@ -33,10 +33,11 @@ from refpeft.model.decoder import Model, quantize_linear_layers
 from refpeft.model.tokenizer import Tokenizer
 
 from refpeft_onnx.adapter_files import check_against_model, write_onnx_adapter
+from refpeft_onnx.attach import attach, graph_dtype
 from refpeft_onnx.builder import DEFAULT_OPSET
 from refpeft_onnx.decoder_graph import build_decoder, decoder_layers
 from refpeft_onnx.decoder_verify import require_passed, verify_decoder
-from refpeft_onnx.exporter import PROTOBUF_LIMIT
+from refpeft_onnx.exporter import PROTOBUF_LIMIT, read_model
 from refpeft_onnx.genai_files import ADAPTERS_FOLDER, MODEL_FILE, write_genai_config, write_tokenizer
 from refpeft_onnx.verify import VerificationError, VerificationReport, layer_feeds
 
@@ -90,25 +91,69 @@ def export_decoder(out: str | os.PathLike, model: Model, tokenizer: Tokenizer | 
     target = _check_output(out, inputs)
     adapters = dict(adapters or {})
     proto = build_decoder(model, adapters, form=form, dtype=dtype, nf4_ops=nf4_ops, opset=opset)
-    feeds = {}
-    if form == "unmerged":
-        layers = decoder_layers(model)
-        feeds = {name: layer_feeds(layers.__getitem__, adapter, dtype) for name, adapter in adapters.items()}
-        for parameters in feeds.values():
-            check_against_model(parameters, proto)
+    feeds = _adapter_feeds(proto, model, adapters, dtype) if form == "unmerged" else {}
+
+    def extras(staging: Path) -> None:
+        write_genai_config(staging, model.config, tokenizer)
+        if tokenizer is not None:
+            write_tokenizer(staging, tokenizer)
+
+    return _publish(target, proto, model, adapters, feeds, form=form, dtype=dtype, extras=extras, started=started)
+
+
+def attach_adapters(out: str | os.PathLike, onnx_model: str | os.PathLike, model: Model,
+                    adapters: Mapping[str, Adapter], *, inputs: Sequence[str | os.PathLike] = ()) -> DecoderExport:
+    """`onnx_model` (the base exported elsewhere) with every adapter's unmerged branch attached
+    (refpeft_onnx.attach), verified like an export and written to the folder `out` with one
+    .onnx_adapter per adapter; the files beside `onnx_model` (genai_config.json, the tokenizer) are
+    copied along, so a genai folder stays one."""
+    started = time.perf_counter()
+    source = Path(onnx_model)
+    target = _check_output(out, [*inputs, source])
+    foreign = read_model(source)
+    dtype = graph_dtype(foreign)
+    proto = attach(foreign, decoder_layers(model), adapters)
+    del foreign
+    feeds = _adapter_feeds(proto, model, adapters, dtype)
+
+    def extras(staging: Path) -> None:
+        for sibling in source.parent.iterdir():
+            if sibling.is_file() and not sibling.name.startswith((source.name, ".")):
+                shutil.copyfile(sibling, staging / sibling.name)
+
+    return _publish(target, proto, model, adapters, feeds, form="unmerged", dtype=dtype, extras=extras,
+                    started=started, checker=False)
+
+
+def _adapter_feeds(proto: onnx.ModelProto, model: Model, adapters: Mapping[str, Adapter],
+                   dtype: str) -> dict[str, dict]:
+    """Each adapter's swappable-input tensors in `dtype`, checked against the graph's inputs."""
+    layers = decoder_layers(model)
+    feeds = {name: layer_feeds(layers.__getitem__, adapter, dtype) for name, adapter in adapters.items()}
+    for parameters in feeds.values():
+        check_against_model(parameters, proto)
+    return feeds
+
+
+def _publish(target: Path, proto: onnx.ModelProto, model: Model, adapters: Mapping[str, Adapter], feeds: dict, *,
+             form: str, dtype: str, extras: Callable[[Path], None], started: float,
+             checker: bool = True) -> DecoderExport:
+    """Write the graph into a staging folder beside `target`, check (onnx.checker, unless `checker` is
+    False: graphs made elsewhere may use ONNX Runtime's contrib ops, which it does not know) and
+    verify it there, add the adapter files and `extras`, then rename the folder to `target`
+    (removed on any failure)."""
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model_path = _save_model(proto, staging)
         del proto
-        try:
-            onnx.checker.check_model(str(model_path), full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-            raise VerificationError(f"onnx.checker refuses the graph: {exc}") from None
-        report = verify_decoder(str(model_path), model, adapters, feeds=feeds)
+        if checker:
+            try:
+                onnx.checker.check_model(str(model_path), full_check=True)
+            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+                raise VerificationError(f"onnx.checker refuses the graph: {exc}") from None
+        report = verify_decoder(str(model_path), model, adapters, feeds=feeds, form=form, dtype=dtype)
         require_passed(report)
-        write_genai_config(staging, model.config, tokenizer)
-        if tokenizer is not None:
-            write_tokenizer(staging, tokenizer)
+        extras(staging)
         files = {name: write_onnx_adapter(staging / ADAPTERS_FOLDER / f"{name}.onnx_adapter", parameters)
                  for name, parameters in feeds.items()}
         for folder in (staging, staging / ADAPTERS_FOLDER):

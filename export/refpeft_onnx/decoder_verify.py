@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from functools import partial
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -34,25 +35,30 @@ from refpeft.rounding import rounding_bound
 from refpeft.tolerance import compare
 
 from refpeft_onnx.builder import DTYPES
-from refpeft_onnx.decoder_graph import decoder_layers
+from refpeft_onnx.decoder_graph import INPUT_NAMES, OUTPUT_NAMES, decoder_layers
 from refpeft_onnx.graph import graph_metadata
 from refpeft_onnx.stack import as_float64
 from refpeft_onnx.verify import Check, VerificationError, VerificationReport, session
 
 CHUNKS = (4, 2, 1)        # the cached run's calls: 4 tokens, then 2, then 1
+ONE_BY_ONE = (4, 1, 1, 1)  # for graphs made elsewhere (GroupQueryAttention takes one new token per row with a past)
 PADDING = 2               # left padding of the batch's second row
 
 
 def verify_decoder(model: str | os.PathLike, reference: Model, adapters: Mapping[str, Adapter] | None = None, *,
-                   feeds: Mapping[str, Mapping[str, np.ndarray]] | None = None, seed: int = 0,
+                   feeds: Mapping[str, Mapping[str, np.ndarray]] | None = None, form: str | None = None,
+                   dtype: str | None = None, seed: int = 0,
                    providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> VerificationReport:
     """Check the decoder graph saved at `model`, built from `reference` (the base; its adapter is ignored).
 
     adapters: the merged graph's one adapter, or the unmerged graph's adapters by name; feeds: each
-    unmerged adapter's graph inputs (its .onnx_adapter tensors), by adapter name.
+    unmerged adapter's graph inputs (its .onnx_adapter tensors), by adapter name. form and dtype
+    default to the graph's refpeft metadata (give them for graphs made elsewhere). A graph without
+    a position_ids input computes positions itself, so it gets an unpadded batch (where every
+    convention agrees); one without past_key_values inputs gets no cached run.
     """
     meta = graph_metadata(onnx.load(str(model), load_external_data=False))
-    form, dtype = meta["refpeft.form"], meta["refpeft.dtype"]
+    form, dtype = form or meta["refpeft.form"], dtype or meta["refpeft.dtype"]
     adapters = dict(adapters or {})
     if form == "merged":
         runs = [("adapted" if adapters else "base", next(iter(adapters.values()), None), {})]
@@ -60,18 +66,21 @@ def verify_decoder(model: str | os.PathLike, reference: Model, adapters: Mapping
         runs = [("no adapter", None, {})] + [(f"adapter {name!r} fed as inputs", adapter, dict((feeds or {})[name]))
                                              for name, adapter in adapters.items()]
     base64 = float64_model(reference)
-    ids, mask, positions = random_batch(reference.config.vocab_size, seed=seed)
-    real = mask == 1
     checks = []
     for provider in providers:
         runner = session(str(model), provider)
+        declared = {i.name for i in runner.get_inputs()}
+        ours = "position_ids" in declared
+        ids, mask, positions = random_batch(reference.config.vocab_size, seed=seed, padding=PADDING if ours else 0)
+        real = mask == 1
+        cached = partial(run_cached, chunks=CHUNKS if ours else ONE_BY_ONE)
+        ways = {"whole": run_whole, **({"cached": cached} if INPUT_NAMES["past_key_names"] % 0 in declared else {})}
         for run, adapter, extra in runs:
             adapted = base64 if adapter is None else with_float64_adapter(base64, adapter)
             expected, bound = reference_logits(adapted, ids, mask, positions, dtype=dtype)
-            for how, logits in (("whole", run_whole(runner, ids, mask, positions, extra, reference, dtype)),
-                                ("cached", run_cached(runner, ids, mask, positions, extra, reference, dtype))):
-                checks.append(Check(f"{run}, {how}", provider, ids.shape,
-                                    compare(logits[real], expected[real], bound)))
+            for how, way in ways.items():
+                logits = way(runner, ids, mask, positions, extra, reference, dtype)
+                checks.append(Check(f"{run}, {how}", provider, ids.shape, compare(logits[real], expected[real], bound)))
     return VerificationReport(tuple(checks), dtype, "probabilistic")
 
 
@@ -95,12 +104,12 @@ def with_float64_adapter(model64: Model, adapter: Adapter) -> Model:
     return Model(model64.config, {**model64.weights, **biases}, replace(adapter, modules=modules, **shared))
 
 
-def random_batch(vocab_size: int, *, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ids (2, t), attention_mask (2, t), position_ids (2, t) for t = sum(CHUNKS); row 1 left-padded."""
+def random_batch(vocab_size: int, *, seed: int, padding: int = PADDING) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids (2, t), attention_mask (2, t), position_ids (2, t) for t = sum(CHUNKS); row 1 left-padded by `padding`."""
     t = sum(CHUNKS)
     ids = np.random.default_rng(seed).integers(0, vocab_size, size=(2, t), dtype=np.int64)
     mask = np.ones((2, t), dtype=np.int64)
-    mask[1, :PADDING] = 0
+    mask[1, :padding] = 0
     positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1).astype(np.int64)
     return ids, mask, positions
 
@@ -131,23 +140,35 @@ def empty_past(reference: Model, batch: int, dtype: str) -> dict[str, np.ndarray
 
 
 def run_whole(runner: Any, ids, mask, positions, extra: Mapping[str, np.ndarray], reference: Model, dtype: str) -> np.ndarray:
-    """One call over every token, with an empty past."""
+    """One call over every token, with an empty past (the inputs the graph declares; the adapter's always)."""
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-             **empty_past(reference, ids.shape[0], dtype), **extra}
-    return runner.run(["logits"], feeds)[0].astype(np.float64)
+             **empty_past(reference, ids.shape[0], dtype)}
+    return runner.run([_logits_name(runner)], _declared(runner, feeds, extra))[0].astype(np.float64)
 
 
-def run_cached(runner: Any, ids, mask, positions, extra: Mapping[str, np.ndarray], reference: Model, dtype: str) -> np.ndarray:
-    """CHUNKS calls, each fed the previous call's present.* as its past; the logits concatenated."""
+def _declared(runner: Any, feeds: Mapping[str, np.ndarray], extra: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`feeds` the graph declares as inputs (one made elsewhere may compute position ids itself), and `extra`."""
+    declared = {i.name for i in runner.get_inputs()}
+    return {**{name: value for name, value in feeds.items() if name in declared}, **extra}
+
+
+def _logits_name(runner: Any) -> str:
+    names = [o.name for o in runner.get_outputs()]
+    return OUTPUT_NAMES["logits"] if OUTPUT_NAMES["logits"] in names else names[0]
+
+
+def run_cached(runner: Any, ids, mask, positions, extra: Mapping[str, np.ndarray], reference: Model, dtype: str, *,
+               chunks: tuple[int, ...] = CHUNKS) -> np.ndarray:
+    """One call per chunk of tokens, each fed the previous call's present.* as its past; the logits concatenated."""
     past = empty_past(reference, ids.shape[0], dtype)
     names = [o.name for o in runner.get_outputs()]
     pieces, start = [], 0
-    for size in CHUNKS:
+    for size in chunks:
         end = start + size
         feeds = {"input_ids": ids[:, start:end], "attention_mask": mask[:, :end],
-                 "position_ids": positions[:, start:end], **past, **extra}
-        outputs = dict(zip(names, runner.run(names, feeds)))
-        pieces.append(outputs["logits"].astype(np.float64))
+                 "position_ids": positions[:, start:end], **past}
+        outputs = dict(zip(names, runner.run(names, _declared(runner, feeds, extra))))
+        pieces.append(outputs[_logits_name(runner)].astype(np.float64))
         past = {name.replace("present.", "past_key_values."): value for name, value in outputs.items()
                 if name.startswith("present.")}
         start = end
