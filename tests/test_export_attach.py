@@ -138,3 +138,20 @@ def test_a_graph_without_the_layer_is_refused(folders, torch_export, tmp_path):
     assert main(["attach", str(torch_export), str(root / "lora"), "--base", str(tmp_path / "other"),
                  "-o", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_one_more_adapter_file_for_an_exported_decoder(folders, torch_export, tmp_path, capsys):
+    root, expected = folders
+    out = tmp_path / "onnx"
+    assert main(["export", str(root / "lora"), "--base", str(root / "base"), "--unmerged", "-o", str(out)]) == 0
+    late = out / "adapters" / "dora.onnx_adapter"              # DoRA's modules are not all LoRA's: refused ...
+    assert main(["export-adapter", str(root / "dora"), "--base", str(root / "base"), "--model",
+                 str(out / "model.onnx"), "-o", str(late)]) == 2
+    assert "not adapter inputs of the graph" in capsys.readouterr().err and not late.exists()
+    again = out / "adapters" / "again.onnx_adapter"            # ... the same modules join the graph
+    assert main(["export-adapter", str(root / "lora"), "--base", str(root / "base"), "--model",
+                 str(out / "model.onnx"), "-o", str(again)]) == 0
+    assert GenaiModel(out).generate(PROMPT, max_new_tokens=NEW_TOKENS, adapter="again") == expected["lora"]
+    assert main(["export-adapter", str(root / "lora"), "--base", str(root / "base"), "--model", str(torch_export),
+                 "-o", str(tmp_path / "x.onnx_adapter")]) == 2
+    assert "refpeft attach" in capsys.readouterr().err

@@ -42,6 +42,10 @@ def check_against_model(parameters: dict[str, np.ndarray], model: onnx.ModelProt
     """Every parameter must be a swappable input of `model` with its element type and fixed sizes."""
     inputs = adapter_inputs(model)
     unknown = sorted(set(parameters) - set(inputs))
+    if unknown and not inputs:
+        raise ConfigError(f"the graph has no adapter inputs (no input with a default), so {unknown[:2]} ... have nowhere "
+                          "to go: it was not exported unmerged by refpeft; to add the adapter's branch to a graph made "
+                          "elsewhere, use `refpeft attach MODEL.onnx ADAPTER_DIR --base BASE -o DIR`")
     if unknown:
         raise ConfigError(f"parameter(s) {unknown} are not adapter inputs of the graph (it has {sorted(inputs)})")
     for name, value in parameters.items():

@@ -125,6 +125,15 @@ def attach_adapters(out: str | os.PathLike, onnx_model: str | os.PathLike, model
                     started=started, checker=False)
 
 
+def export_decoder_adapter(path: str | os.PathLike, onnx_model: str | os.PathLike, model: Model,
+                           adapter: Adapter) -> Path:
+    """One more .onnx_adapter for a decoder already exported unmerged (or attached): `adapter`'s
+    tensors under the graph's input names and in its dtype, checked against its inputs first."""
+    proto = read_model(onnx_model)
+    feeds = _adapter_feeds(proto, model, {"adapter": adapter}, graph_dtype(proto))
+    return write_onnx_adapter(path, feeds["adapter"])
+
+
 def _adapter_feeds(proto: onnx.ModelProto, model: Model, adapters: Mapping[str, Adapter],
                    dtype: str) -> dict[str, dict]:
     """Each adapter's swappable-input tensors in `dtype`, checked against the graph's inputs."""

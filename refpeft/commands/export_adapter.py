@@ -18,6 +18,10 @@ per-row DoRA scale m / ||W0 + s B A||, which needs the base weights), or VeRA's 
 
 With --model, every tensor is checked against that graph's inputs (names, dtype, sizes) before
 the file is written; give the same --dtype (and --nf4 options, for DoRA on an NF4 base) as the export.
+
+For a whole model (--base a transformers folder or .gguf file), --model is required: the decoder
+`refpeft export --unmerged` or `refpeft attach` wrote; the file takes the graph's dtype, and this
+is how one more adapter joins an exported model without exporting it again.
 """
 
 
@@ -34,12 +38,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     require_onnx()
     from refpeft.io import check_outputs
+    from refpeft_onnx.decoder_export import is_model_base
     from refpeft_onnx.exporter import export_adapter_file
 
     check_outputs([args.output], inputs=[args.adapter, args.base, *([args.model] if args.model else [])])
+    if is_model_base(args.base):
+        return run_decoder(args)
     stack, adapter = load(args)
     path = export_adapter_file(args.output, stack, adapter, dtype=args.dtype, model=args.model)
     checked = f", checked against {args.model}" if args.model else ""
     print(f"refpeft export-adapter: {adapter.method} adapter, {len(adapter.modules)} modules, {args.dtype}{checked}: "
           f"wrote {path}")
+    return 0
+
+
+def run_decoder(args: argparse.Namespace) -> int:
+    """An adapter file for a whole decoder already exported (refpeft_onnx.decoder_export)."""
+    from refpeft.errors import ConfigError
+    from refpeft_onnx.decoder_export import export_decoder_adapter, load_base, read_adapters
+
+    if args.model is None:
+        raise ConfigError("a whole model's adapter file needs --model: the decoder graph it is for")
+    model, _ = load_base(args.base, nf4_blocksize=args.blocksize if args.nf4 else None,
+                         double_quant=not args.no_double_quant)
+    [(name, adapter)] = read_adapters(model, [args.adapter]).items()
+    path = export_decoder_adapter(args.output, args.model, model, adapter)
+    print(f"refpeft export-adapter: {name} ({adapter.method}, {len(adapter.modules)} modules), checked against "
+          f"{args.model}: wrote {path}")
     return 0
