@@ -40,9 +40,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from refpeft.backend import UNIT_ROUNDOFF
 from refpeft.errors import ConfigError
-
-UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 # ufuncs that round nothing: sign changes, selection, comparisons, logic.
 EXACT_UFUNCS = {"negative", "positive", "absolute", "fabs", "maximum", "minimum", "fmax", "fmin", "sign",

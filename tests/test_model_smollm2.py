@@ -13,33 +13,17 @@ refpeft's and transformers' logits of a chat prompt are compared through float64
   rounding, amplified by 30 layers. That amplification is what a bound needs and no closed form
   gives usefully: composing the worst-case op bounds of refpeft.tolerance (gamma_k |A||B| per
   matmul) through 30 residual layers multiplies by the norm of |W| at every matmul and is vacuous
-  by many orders of magnitude. So it is measured, with the probabilistic rounding model of Higham &
-  Mary (SIAM J. Sci. Comput. 41(5), 2019) in first order:
-
-  1. Model. Rounding errors are independent, mean zero. A float32 dot product of length k (any
-     summation order) errs by sum_i x_i w_i theta_i, theta_i a sum of at most k roundings of size
-     <= u = 2^-24: its variance is at most u^2 (k / 3) sum_i (x_i w_i)^2 <= u^2 (k / 3) (sum_i |x_i w_i|)^2.
-     A sum or mean of n terms likewise, with |x|; an elementwise op (+ - * /, sqrt, exp, sin, cos,
-     a cast) errs by at most one ulp, 2u |result|.
-  2. Injection (Monte Carlo arithmetic; Parker, Pierce & Eggert 2000). refpeft runs in float64 on
-     torch tensors under a TorchFunctionMode that adds to every rounding op's result independent
-     noise u w xi, xi ~ U(-1, 1), of width w = sqrt(k) |x||w| (matmul), sqrt(n) sum|x| + |result|
-     (sum, mean) or 2 |result| (elementwise): its variance u^2 w^2 / 3 is at least that of step 1,
-     source by source. Exact ops (reshape, transpose, indexing, concat, where, max, neg, abs) get none.
-  3. First order, the output error is the sum over sources of (Jacobian x error), so logit by logit
-     the float32 error has at most the variance of the injected deviation. The bound is twice the
-     largest deviation of two injected runs from the plain float64 run, over all their logits:
-         B32 = 2 max_j |y_mca - y64|_j,   and, errors being linear in u to first order,
-         B64 = B32 u64 / u32 (u64 = 2^-53).
-     This last step is the probabilistic one: the maximum of ~3.6e6 near-Gaussian deviations sits
-     about 5 standard deviations out, so B32 is about 10 standard deviations of the widest logit.
-     transformers' float32 performs the same ops (one matmul per linear layer, the same norm, rope,
-     softmax and SwiGLU), so B32 is its bound too: the test checks that it holds for both.
+  by many orders of magnitude. So it is refpeft.rounding's bound B(u): Higham & Mary's probabilistic
+  rounding model in first order, measured by Monte Carlo arithmetic (every rounding op of refpeft's
+  float64 forward perturbed by noise of its worst-order float32 width; that module derives it):
+      B32 = 2 max_j |y_mca - y64|_j over two injected runs,   B64 = B32 u64 / u32.
+  transformers' float32 performs the same ops (one matmul per linear layer, the same norm, rope,
+  softmax and SwiGLU), so B32 is its bound too: the test checks that it holds for both.
 
 Asserted: |ours64 - theirs64| <= 2 B64, |ours32 - ours64| <= B32 + B64, |theirs32 - theirs64| <= B32 + B64,
 hence |ours32 - theirs32| <= 2 (B32 + B64) + 2 B64. Measured on a 37-token chat prompt (max|logits| 37.6):
-B32 = 4.98e-3 (2220 u32 max|logits|); |ours32 - ours64| = 8.2e-5 (1.6% of its bound), |theirs32 - theirs64|
-= 8.9e-5 (1.8%), |ours64 - theirs64| = 3.4e-13 (1.8% of 2 B64 = 1.9e-11). The injected widths are worst-order
+B32 = 9.4e-3 (4190 u32 max|logits|); |ours32 - ours64| = 8.2e-5 (0.9% of its bound), |theirs32 - ours64|
+= 8.9e-5, |ours64 - theirs64| = 3.4e-13 (1% of 2 B64 = 3.5e-11). The injected widths are worst-order
 (recursive) sums, BLAS's blocked sums err far less: hence the margin. The assertion messages report the figures.
 
 Also here: the 32-token greedy continuation against transformers' `generate(do_sample=False)`, one
@@ -64,6 +48,7 @@ from refpeft.model import load
 from refpeft.model.decoder import Model, forward, loss_and_gradients
 from refpeft.model.generate import generate, prompt_ids
 from refpeft.peft_format import read_peft_adapter, write_peft_adapter
+from refpeft.rounding import rounding_bound
 from tests.support import SMOLLM2, require_smollm2
 from tests.test_model_decoder import _float64_inv_freq, _refpeft_adapter, float64_transformers, rel_err
 
@@ -97,47 +82,13 @@ def theirs64(smollm2):
 
 # ---------------------------------------------------------------------------- the rounding bound
 
-# torch functions that round nothing: views, copies, indexing, selection, sign changes.
-EXACT_OPS = {"reshape", "view", "permute", "transpose", "swapaxes", "flatten", "unsqueeze", "squeeze", "expand",
-             "broadcast_to", "contiguous", "clone", "detach", "__getitem__", "cat", "concat", "stack", "take",
-             "index_select", "where", "max", "amax", "min", "amin", "neg", "__neg__", "abs", "asarray", "zeros",
-             "ones", "full", "empty", "zeros_like", "ones_like", "arange", "__get__"}
 
+def float32_rounding_bound(model64: Model, ids: np.ndarray) -> float:
+    """B32 of the module docstring: refpeft.rounding's Monte Carlo arithmetic over refpeft's float64 forward."""
+    def run(wrap):
+        return forward(Model(model64.config, {name: wrap(w) for name, w in model64.weights.items()}), ids)[0]
 
-class RandomRounding(torch.overrides.TorchFunctionMode):
-    """Monte Carlo arithmetic: each rounding op's float64 result plus noise of float32's width (module docstring)."""
-
-    def __init__(self, generator: torch.Generator):
-        super().__init__()
-        self.generator = generator
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        name = getattr(func, "__name__", "")
-        if not isinstance(out, torch.Tensor) or out.dtype != torch.float64 or name in EXACT_OPS:
-            return out
-        if name in ("matmul", "__matmul__"):
-            width = math.sqrt(args[0].shape[-1]) * torch.matmul(args[0].abs(), args[1].abs())
-        elif name in ("sum", "mean"):
-            n = args[0].numel() // max(out.numel(), 1)
-            width = math.sqrt(n) * func(args[0].abs(), *args[1:], **kwargs) + out.abs()
-        else:
-            width = 2.0 * out.abs()
-        xi = 2.0 * torch.rand(out.shape, generator=self.generator, dtype=torch.float64) - 1.0
-        # finfo.min, the attention mask's "minus infinity", is left alone (its noise would overflow)
-        return torch.where(out.abs() < 1e300, out + (U32 * width) * xi, out)
-
-
-def float32_rounding_bound(model64: Model, ids: np.ndarray, *, runs: int = 2) -> float:
-    """B32 of the module docstring: twice the largest deviation of `runs` noisy float64 runs (one batch)."""
-    weights = {n: torch.from_numpy(w) for n, w in model64.weights.items()}
-    model = Model(model64.config, weights)
-    batch = torch.from_numpy(np.repeat(ids, runs, axis=0))
-    plain, _, _ = forward(model, batch[:1])
-    with RandomRounding(torch.Generator().manual_seed(0)):
-        noisy, _, _ = forward(model, batch)
-    return 2.0 * float(torch.max(torch.abs(noisy - plain)))
+    return rounding_bound(run, dtype="float32")
 
 
 def test_logits_equal_transformers_within_the_derived_bound(smollm2, theirs64):
