@@ -26,8 +26,10 @@ matmul    C = s * (P Q) + b, the sum over n products plus the bias term in *any*
                            + |s| gamma_m (|P| + eP)(|Q| + eQ) + gamma_m |b|      this product's own
                            + ds (1 + gamma_m)(|P| + eP)(|Q| + eQ)                s rounded to the format
           with m = n + [bias] + [s != 1] (one more rounding per extra term or scaling) and
-          ds = |fl(s) - s|. When u_a < u (half formats accumulating in float32), the result is
-          rounded once more to the storage format: + u (|C| + that error).
+          ds = |fl(s) - s|. When u_a < u (half formats accumulating in float32), the product is
+          rounded to the storage format (+ u (|s P Q| + that error), once more for a separate
+          scaling) and, with a bias added as its own op, the sum once more (+ u (|C| + error)):
+          the product's rounding is relative to |s P Q|, not to |C|, which can be far smaller.
           The matrices |P||Q| are formed explicitly, so the bound is per element: an output whose
           terms cancel gets a bound scaled by its own |P||Q|, not by a norm of the whole matrix.
 add       |(P + Q)_hat - (P + Q)| <= eP + eQ + u (|P + Q| + eP + eQ)
@@ -188,13 +190,16 @@ def matmul(P: Bounded, Q: Bounded, precision: Precision, *, scale: float = 1.0, 
     absolute = xp.matmul(_widen(P, xp=xp), _widen(Q, xp=xp))                  # (|P| + eP)(|Q| + eQ)
     propagated = xp.matmul(P.error, _widen(Q, xp=xp)) + xp.matmul(xp.abs(P.value), Q.error)  # eP(|Q|+eQ) + |P|eQ
     error = s * propagated + (s * gamma + precision.scalar_error(scale) * (1.0 + gamma)) * absolute
+    half = precision.u_accumulate < precision.u
+    if half:
+        # a half-format result is rounded to storage after the sum, and again after a separate
+        # scaling when the peer does it as its own op: each rounding of the product s P Q ...
+        for _ in range(1 + (scale != 1.0)):
+            error = _round_result(value, error, precision, xp=xp)
     if bias is not None:
         value = value + bias.value
         error = error + bias.error + gamma * _widen(bias, xp=xp)
-    if precision.u_accumulate < precision.u:
-        # a half-format result is rounded to storage after the sum, and again after a separate
-        # scaling or bias add when the peer does those as their own ops
-        for _ in range(1 + (bias is not None) + (scale != 1.0)):
+        if half:   # ... and once more after a separate bias add, of the sum s P Q + b
             error = _round_result(value, error, precision, xp=xp)
     return Bounded(value, error)
 

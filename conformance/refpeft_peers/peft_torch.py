@@ -18,6 +18,7 @@ import numpy as np
 from refpeft.conformance.check import Unsupported
 from refpeft.methods import method_spec
 from refpeft_peers import Runner, require
+from refpeft_peers.peft_mixed import multi_adapter
 
 
 def _torch():
@@ -323,6 +324,7 @@ HANDLERS = {
     "vera_forward": _vera, "vera_backward": _vera, "vera_merge": _vera,
     "qlora_forward": _qlora, "qlora_backward": _qlora,
     "fusion_cat": _fusion_cat, "adam_step": _adam,
+    "multi_adapter_bgmv": multi_adapter, "multi_adapter_sgmv": multi_adapter,
 }
 
 

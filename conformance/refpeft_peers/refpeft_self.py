@@ -93,6 +93,21 @@ def _qlora(manifest: dict, inputs: dict) -> dict:
     return {"dx": g.dx, "dA": g.dA, "dB": g.dB}
 
 
+def _multi_adapter(manifest: dict, inputs: dict) -> dict:
+    """refpeft.multi_adapter.mixed_forward in the case's dtype (bfloat16 cases in float32)."""
+    from refpeft.conformance.batch_families import slot_stack, token_slots_of
+    from refpeft.multi_adapter import mixed_forward
+
+    dtype = np.float32 if manifest["dtype"] == "bfloat16" else manifest["dtype"]
+    f = {name: np.asarray(a, dtype=dtype) for name, a in inputs.items() if name not in INDEX_INPUTS}
+    stack = slot_stack(f, manifest["sizes"], manifest["options"], manifest["parameters"]["scalings"])
+    out = mixed_forward(f["x"], f["W0"], stack, token_slots_of(manifest["family"], inputs), bias=f.get("bias"))
+    return {name: getattr(out, name) for name in manifest["results"]}
+
+
+INDEX_INPUTS = ("token_slots", "segment_starts", "segment_slots")
+
+
 def _adam(manifest: dict, inputs: dict) -> dict:
     o, p = manifest["options"], manifest["parameters"]
     t = p["step"]
@@ -137,6 +152,7 @@ HANDLERS = {
     "qlora_forward": _qlora, "qlora_backward": _qlora,
     "quantize_4bit": _quantize, "dequantize_4bit": _dequantize,
     "fusion_cat": _fusion_cat, "adam_step": _adam,
+    "multi_adapter_bgmv": _multi_adapter, "multi_adapter_sgmv": _multi_adapter,
 }
 
 

@@ -109,6 +109,29 @@ def _fusion() -> list[Case]:
     return [Case(f"fusion-cat-{dtype}", "fusion_cat", dtype, 700, sizes, options) for dtype in ("float32", "float64")]
 
 
+def _multi_adapter() -> list[Case]:
+    """Mixed batches over 3 slots of ranks 4, 2, 8 (slot 1 rsLoRA), some tokens without an adapter:
+    LoRA only (PEFT's mixed batch runs these) and LoRA with DoRA slots (refpeft defines them)."""
+    sizes = {"tokens": 12, "k": 32, "d": 24, "ranks": [4, 2, 8]}
+    segments = {"segment_lengths": [2, 3, 1, 4, 2]}
+    lora = {"methods": ["lora", "lora", "lora"], "alphas": [8.0, 4.0, 16.0], "rslora": [False, True, False],
+            "bias": True}
+    mixed = {**lora, "methods": ["lora", "dora", "dora"]}
+    square = {**sizes, "d": 32}   # DoRA on a square layer: a norm over the wrong axis has the right shape
+    sgmv = {"segment_slots": [-1, 0, 0, 1, 2]}
+    variants = [("bgmv", "lora", sizes, lora, ("float32", "float64", "float16", "bfloat16")),
+                ("bgmv", "lora-dora", square, mixed, ("float32", "float16", "bfloat16")),
+                ("sgmv", "lora", {**sizes, **segments}, {**lora, **sgmv}, ("float32", "bfloat16")),
+                ("sgmv", "lora-dora", {**square, **segments}, {**mixed, **sgmv}, ("float32",))]
+    cases = []
+    for seed, (layout, label, s, o, dtypes) in enumerate(variants, start=900):
+        if layout == "sgmv":
+            s = {key: value for key, value in s.items() if key != "tokens"}
+        cases += [Case(f"multi-{layout}-{label}-{dtype}", f"multi_adapter_{layout}", dtype, seed, s, o)
+                  for dtype in dtypes]
+    return cases
+
+
 def _adam() -> list[Case]:
     sizes = {"k": 32, "d": 24, "r": 4}
     variants = [
@@ -142,4 +165,4 @@ def _quant() -> list[Case]:
     return cases
 
 
-CASES: tuple[Case, ...] = tuple(_lora() + _dora_vera() + _qlora() + _fusion() + _export() + _adam() + _quant())
+CASES: tuple[Case, ...] = tuple(_lora() + _dora_vera() + _qlora() + _fusion() + _export() + _multi_adapter() + _adam() + _quant())

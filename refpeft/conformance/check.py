@@ -14,6 +14,8 @@ lists, by name, as arrays of any float dtype (bit-exact results in their exact d
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,10 +155,20 @@ def load_implementation(spec: str) -> Implementation:
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise ConfigError(f"--impl must be MODULE:FUNCTION, got {spec!r}")
+    # the current folder first, as `python -m` would have it: the `refpeft` script's own sys.path[0]
+    # is its bin folder, so `check --impl mymod:fn` next to mymod.py would otherwise not find it
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"cannot import {module_name!r}: {exc}") from None
+        raise ConfigError(f"cannot import {module_name!r} (searched the current folder {cwd} and "
+                          f"the installed packages): {exc}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
     impl = getattr(module, attribute, None)
     if not callable(impl):
         raise ConfigError(f"{module_name!r} has no callable {attribute!r}")

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from refpeft import tolerance
+from refpeft.conformance.batch_families import SUMMARY as MULTI_ADAPTER_SUMMARY, multi_adapter_vectors
 from refpeft.conformance.case import Case, Family, Vectors, draw, exact_inputs, plain_results
 from refpeft.conformance.exact import exact_array, plain
 from refpeft.conformance.optim_quant_families import absmax_tensors, adam_step_vectors, dequantize_4bit_vectors, \
@@ -386,6 +387,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("export_forward", "export", "y of refpeft_onnx's exported one-layer graph (options: method, form "
            "merged/unmerged, NF4 base); the expected y is the adapter's exact forward", export_forward_vectors,
            requires=("refpeft_onnx", "onnx")),
+    Family("multi_adapter_bgmv", "multi_adapter", "BGMV layout (token_slots): " + MULTI_ADAPTER_SUMMARY,
+           multi_adapter_vectors),
+    Family("multi_adapter_sgmv", "multi_adapter", "SGMV layout (segment_starts, segment_slots): "
+           + MULTI_ADAPTER_SUMMARY, multi_adapter_vectors),
     Family("adam_step", "optim", "one torch.optim.Adam/AdamW step per parameter group (LoRA+: B at lr * ratio)",
            adam_step_vectors),
     Family("quantize_4bit", "quant", "NF4/FP4 blockwise codes of W packed two per byte (first element high "

@@ -304,8 +304,8 @@ def _dora_norm(W0: Any, A: Any, B: Any, *, scaling: float, fan_in_fan_out: bool,
     return V, row_norm(V, p)
 
 
-def _dora_chain(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, bias: Any, dropout_mask: Any,
-                fan_in_fan_out: bool, p: Precision) -> dict[str, Bounded]:
+def dora_error_chain(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: float, bias: Any, dropout_mask: Any,
+                     fan_in_fan_out: bool, p: Precision) -> dict[str, Bounded]:
     """y = x W0^T + b + (g - 1) * u + (g * v) * s with g = m / n, u = xd W0^T, v = (xd A^T) B^T;
     PEFT without dropout takes u as (x W0^T + b) - b (its base output minus the bias): both ways of
     forming u are bounded and the larger error kept."""
@@ -330,7 +330,7 @@ def dora_forward_bound(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scali
                        dropout_mask: Any = None, fan_in_fan_out: bool = False, dtype: str = "float32",
                        accumulation: str | None = None, model: str = "rigorous") -> Any:
     """Per-element bound on DoRA's y (`dora_forward`, PEFT's order), (..., d)."""
-    chain = lambda p: _dora_chain(x, W0, A, B, magnitude, scaling=scaling, bias=bias, dropout_mask=dropout_mask,  # noqa: E731
+    chain = lambda p: dora_error_chain(x, W0, A, B, magnitude, scaling=scaling, bias=bias, dropout_mask=dropout_mask,  # noqa: E731
                                   fan_in_fan_out=fan_in_fan_out, p=p)["y"]
     return output_bound(chain, Precision(dtype, accumulation, model), x_shape=tuple(x.shape))
 
@@ -344,7 +344,7 @@ def dora_backward_bound(dy: Any, x: Any, W0: Any, A: Any, B: Any, magnitude: Any
     Covers PEFT's autograd order where it differs: dg as one sum of dy * (u + s v) or as two sums,
     g * dy * s in either association, and the base path as (g dy) W0 or (dy + (g - 1) dy) W0."""
     def chain(p: Precision) -> dict[str, Bounded]:
-        f = _dora_chain(x, W0, A, B, magnitude, scaling=scaling, bias=bias, dropout_mask=dropout_mask,
+        f = dora_error_chain(x, W0, A, B, magnitude, scaling=scaling, bias=bias, dropout_mask=dropout_mask,
                         fan_in_fan_out=fan_in_fan_out, p=p)
         g, g_minus_1, n, u, v, xa, xd = f["g"], f["g_minus_1"], f["n"], f["u"], f["v"], f["xa"], f["xd"]
         g2 = rows(exact(dy))
