@@ -2,9 +2,10 @@
 
 PEFT writes a LoRA, a DoRA and a VeRA adapter on the model transformers loads from the GGUF; the
 32-token greedy continuation of a chat prompt through onnxruntime-genai must equal transformers +
-PEFT `generate` and refpeft's own greedy decode (all float32), with the LoRA and DoRA adapters
-switched in one unmerged export, VeRA merged, and LoRA unmerged on an NF4 base (there against
-refpeft's decode of the dequantised base, the weights the 4-bit graph multiplies by).
+PEFT `generate` and refpeft's own greedy decode (all float32): each adapter merged; all three
+switched in one unmerged export (VeRA on the MLP, where the others are not: a module carries one
+kind of branch); and LoRA unmerged on an NF4 base (there against refpeft's decode of the
+dequantised base, the weights the 4-bit graph multiplies by).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ CONFIGS = {
                                     init_lora_weights=False),
     "dora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True,
                                     init_lora_weights=False),
-    "vera": lambda: peft.VeraConfig(r=16, target_modules=["q_proj", "v_proj"], save_projection=True, init_weights=False),
+    "vera": lambda: peft.VeraConfig(r=16, target_modules=["gate_proj", "up_proj"], save_projection=True,
+                                    init_weights=False),
 }
 
 
@@ -85,23 +87,29 @@ def _ours(model: Model, tokenizer, ids, adapter_folder=None) -> list[int]:
     return generate(model, [ids], max_new_tokens=NEW_TOKENS, eos_token_id=tokenizer.eos_token_id)[0]
 
 
-def test_unmerged_lora_and_dora_switched_in_one_process(smollm2, tmp_path):
+def test_refpeft_decodes_as_peft(smollm2):
     path, root, model, tokenizer, ids, expected = smollm2
     assert len({tuple(t) for t in expected.values()}) == len(expected)          # each adapter changes the text
-    out = tmp_path / "unmerged"
-    assert main(["export", str(root / "lora"), str(root / "dora"), "--base", str(path), "--unmerged", "-o", str(out)]) == 0
-    genai = GenaiModel(out)
-    for adapter in ("lora", "dora", None, "lora"):
+    for adapter in expected:
         assert _ours(model, tokenizer, ids, None if adapter is None else root / adapter) == expected[adapter], adapter
+
+
+def test_three_adapters_switched_in_one_unmerged_export(smollm2, tmp_path):
+    path, root, _, _, ids, expected = smollm2
+    out = tmp_path / "unmerged"
+    assert main(["export", *(str(root / name) for name in CONFIGS), "--base", str(path), "--unmerged",
+                 "-o", str(out)]) == 0
+    genai = GenaiModel(out)
+    for adapter in ("lora", "dora", "vera", None, "lora"):
         assert genai.generate(ids, max_new_tokens=NEW_TOKENS, adapter=adapter) == expected[adapter], adapter
 
 
-def test_merged_vera(smollm2, tmp_path):
-    path, root, model, tokenizer, ids, expected = smollm2
-    out = tmp_path / "vera"
-    assert main(["export", str(root / "vera"), "--base", str(path), "-o", str(out)]) == 0
-    assert _ours(model, tokenizer, ids, root / "vera") == expected["vera"]
-    assert GenaiModel(out).generate(ids, max_new_tokens=NEW_TOKENS) == expected["vera"]
+@pytest.mark.parametrize("adapter", sorted(CONFIGS))
+def test_merged(smollm2, tmp_path, adapter):
+    path, root, _, _, ids, expected = smollm2
+    out = tmp_path / adapter
+    assert main(["export", str(root / adapter), "--base", str(path), "-o", str(out)]) == 0
+    assert GenaiModel(out).generate(ids, max_new_tokens=NEW_TOKENS) == expected[adapter]
 
 
 def test_lora_on_the_nf4_base(smollm2, tmp_path, capsys):
