@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from refpeft.backend import UNIT_ROUNDOFF, to_numpy
 from refpeft.errors import DTypeError, InputError, ShapeError
-from refpeft.model.attention import attention_backward, attention_forward
+from refpeft.model.attention import attention_backward, attention_forward, attention_probs
 from support import BACKENDS, BACKEND_IDS, assert_close, vjp_check
 
 FAST = settings(max_examples=25, deadline=None)
@@ -137,9 +139,26 @@ def test_forward_agrees_with_transformers_eager_within_its_float32_error(case):
     gamma = (d + 1) * U32 / (1 - (d + 1) * U32)
     ds = gamma * d**-0.5 * np.max(np.linalg.norm(c["q"], axis=-1)[..., None] * np.linalg.norm(kr, axis=-1)[:, :, None],
                                   axis=-1, keepdims=True)               # (b, h, sq, 1); sum|q||k| <= ||q|| ||k||
-    bound = (2 * ds + (2 * sk + 4) * U32) * (cache.probs @ np.abs(vr)) * (1 + 1e-2)   # 1% for 2nd-order terms
+    bound = (2 * ds + (2 * sk + 4) * U32) * (attention_probs(cache) @ np.abs(vr)) * (1 + 1e-2)  # 1% for 2nd order
     err = np.abs(peer.double().numpy().transpose(0, 2, 1, 3) - out)
     assert np.all(err <= bound + 1e-45), float(np.max(err / bound))
+
+
+def test_the_cache_keeps_no_score_sized_array_and_recomputes_the_probabilities():
+    # Memory: the cache keeps each row's softmax max and sum, not P (b, h, sq, sk); attention_probs
+    # (and backward) recompute P from q, k and those, and it is the softmax the output was made from.
+    rng = np.random.default_rng(2)
+    q, k, v = rng.standard_normal((2, 4, 5, 3)), rng.standard_normal((2, 2, 6, 3)), rng.standard_normal((2, 2, 6, 3))
+    mask = np.array([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    out, cache = attention_forward(q, k, v, attention_mask=mask)
+    arrays = [getattr(cache, f.name) for f in dataclasses.fields(cache) if f.name != "scaling"]
+    assert max(np.size(a) for a in arrays) < 2 * 4 * 5 * 6
+    kr, vr = np.repeat(k, 2, axis=1), np.repeat(v, 2, axis=1)
+    allowed = (np.arange(6)[None, :] <= np.arange(5)[:, None] + 1) & (mask[:, None, None, :] == 1)
+    S = np.where(allowed, q @ kr.transpose(0, 1, 3, 2) * 3**-0.5, np.finfo(np.float64).min)
+    P = np.exp(S - S.max(axis=-1, keepdims=True))
+    assert_close(attention_probs(cache), P / P.sum(axis=-1, keepdims=True), rtol=1e-14)
+    assert_close(attention_probs(cache) @ vr, out, rtol=1e-14)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)

@@ -248,6 +248,22 @@ def test_full_fine_tuning_gradients_equal_torch():
     assert len(grads) == len(list(peer.parameters()))
 
 
+def test_a_frozen_linear_layer_keeps_no_input_on_the_tape():
+    # Memory: dx = dy W needs no x; only a trained weight's dW = dy^T x does.
+    peer = peer_model("llama-gqa-llama3")
+    ids, mask, _ = padded_batch(TINY["vocab_size"])
+    path = "model.layers.0.self_attn.q_proj"
+    W = peer.state_dict()[path + ".weight"].numpy()
+    adapter = Adapter({path: ModuleAdapter("lora", {"A": np.ones((2, W.shape[1])), "B": np.zeros((W.shape[0], 2))},
+                                           alpha=2.0)})
+    model = refpeft_model(peer, adapter)
+    for train_base, kept in ((False, set()), ({"model.layers.1.mlp.up_proj.weight"}, {"model.layers.1.mlp.up_proj"})):
+        _, tape, _ = forward(model, ids, attention_mask=mask, train_base=train_base)
+        linear = {kind.split(":", 1)[1]: cache[0] for kind, cache in tape.entries if kind.startswith("linear:")}
+        assert len(linear) == 2 * 7 - 1 + 1                        # every projection but the adapted one, lm_head
+        assert {p for p, x in linear.items() if x is not None} == kept
+
+
 def test_exact_dora_and_full_gradients_match_finite_differences():
     peer = peer_model("qwen3-qk-norm")
     base = refpeft_model(peer)

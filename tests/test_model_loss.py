@@ -11,6 +11,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 
 from refpeft.backend import UNIT_ROUNDOFF
 from refpeft.errors import ConfigError, DTypeError, InputError, ShapeError
+from refpeft.model import loss as loss_module
 from refpeft.model.loss import causal_lm_loss_backward, causal_lm_loss_forward
 from support import BACKENDS, BACKEND_IDS, assert_close, vjp_check
 
@@ -98,6 +99,23 @@ def test_the_first_label_is_never_a_target_and_the_last_position_predicts_nothin
     other[:, 0] = -7                                   # not even a valid label: it is never read
     assert causal_lm_loss_forward(z, other)[0] == loss
     assert np.all(causal_lm_loss_backward(1.0, cache)[:, -1] == 0.0)
+
+
+def test_the_cache_keeps_no_vocabulary_sized_array_and_chunking_changes_no_bit(monkeypatch):
+    # Memory: the cache refers to the caller's logits and keeps one number per row, no (n, V) array
+    # of its own (no probabilities); backward recomputes softmax from the logits and lse. The rows go
+    # in chunks, and a row's max, sum and exponentials do not depend on the chunking.
+    rng = np.random.default_rng(3)
+    z, labels = 4.0 * rng.standard_normal((3, 5, 7)), rng.integers(0, 7, (3, 5))
+    labels[1, 2] = -100
+    loss, cache = causal_lm_loss_forward(z, labels)
+    dz = causal_lm_loss_backward(0.7, cache)
+    assert np.shares_memory(cache.logits, z)
+    assert all(np.size(a) == 15 for a in (cache.lse, cache.targets, cache.counted))
+    for chunk in (1, 7, 20, 2**20):                      # one row per chunk (at least one) .. all rows at once
+        monkeypatch.setattr(loss_module, "_CHUNK_ELEMENTS", chunk)
+        loss_c, cache_c = causal_lm_loss_forward(z, labels)
+        assert loss_c == loss and np.array_equal(causal_lm_loss_backward(0.7, cache_c), dz)
 
 
 def test_every_label_ignored_raises_for_the_mean_and_gives_zero_for_a_sum():

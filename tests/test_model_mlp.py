@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -67,6 +69,13 @@ def test_large_gates_neither_overflow_nor_lose_the_limits():
         grads = swiglu_backward(np.ones(5), cache)
     assert_close(h, [0.0, -40.0 * np.exp(-40.0), 0.0, 40.0, 1000.0], rtol=1e-15)
     assert_close(grads.dgate, [0.0, 0.0, 0.5, 1.0, 1.0], rtol=1e-15, atol=1e-15)
+
+
+def test_the_cache_is_the_two_inputs_by_reference():
+    # Memory: the sigmoid is recomputed in backward, not kept (one (..., I) array fewer per layer).
+    gate, up = np.linspace(-3.0, 3.0, 12).reshape(3, 4), np.ones((3, 4))
+    _, cache = swiglu_forward(gate, up)
+    assert cache.gate is gate and cache.up is up and len(dataclasses.fields(cache)) == 2
 
 
 def test_bad_input_is_refused():

@@ -19,9 +19,10 @@ x W^T + b, or a method's adapted layer when the adapter names that module):
 Backward runs the same list in reverse: each op's own backward (refpeft.model.*), each linear
 layer's backward (the base's dx = dy W, and dW = dy^T x when the weight is trained; an adapted
 layer's is its method's backward from the method table), and the residual stream adds the
-gradients of both branches (de = de + d(branch input)). Gradients are returned by name: the
-adapter's as "<module path>.<tensor>" ("model.layers.0.self_attn.q_proj.A"), the base weights'
-by their checkpoint names.
+gradients of both branches (de = de + d(branch input)). A frozen base layer's tape entry keeps no
+x (dx = dy W does not read it), and its products run on rows flattened to 2-D (one matmul each).
+Gradients are returned by name: the adapter's as "<module path>.<tensor>"
+("model.layers.0.self_attn.q_proj.A"), the base weights' by their checkpoint names.
 
 Which base tensors are trained is a set of checkpoint names (`trained_tensors`): every weight
 for full fine-tuning (train_base=True), any chosen ones, and always the adapter's saved modules
@@ -316,8 +317,10 @@ def _linear(model: Model, path: str, x: Any, tape: Tape) -> Any:
         tape.entries.append((f"adapted:{path}", cache))
         return y
     xp = namespace(x)
-    y = xp.matmul(x, xp.matrix_transpose(W))
-    tape.entries.append((f"linear:{path}", (x, W, bias is not None)))
+    y = xp.matmul(flatten_rows(x, xp=xp), xp.matrix_transpose(W))                     # (n, d): one 2-D product
+    y = xp.reshape(y, (*x.shape[:-1], W.shape[0]))
+    keep_x = _weight_name(model, path) in tape.trained                                 # only dW = dy^T x reads x
+    tape.entries.append((f"linear:{path}", (x if keep_x else None, W, bias is not None)))
     return y if bias is None else y + bias
 
 
@@ -330,16 +333,15 @@ def _linear_backward(model: Model, dy: Any, entry: tuple[str, Any], grads: dict,
         for name in module.spec.trainable:
             _accumulate(grads, f"{path}.{name}", getattr(g, f"d{name}"))
         return g.dx
-    x, W, has_bias = cache
+    x, W, has_bias = cache                                                             # x: None for a frozen W
     xp = namespace(dy)
     name = _weight_name(model, path)
-    if name in tape.trained or (has_bias and f"{path}.bias" in tape.trained):
-        dy2, x2 = flatten_rows(dy, xp=xp), flatten_rows(x, xp=xp)
-        if name in tape.trained:
-            _accumulate(grads, name, xp.matmul(xp.matrix_transpose(dy2), x2))         # dW = dy^T x
-        if has_bias and f"{path}.bias" in tape.trained:
-            _accumulate(grads, f"{path}.bias", xp.sum(dy2, axis=0))
-    return xp.matmul(dy, W)                                                            # dx = dy W
+    dy2 = flatten_rows(dy, xp=xp)                                                      # (n, d)
+    if name in tape.trained:
+        _accumulate(grads, name, xp.matmul(xp.matrix_transpose(dy2), flatten_rows(x, xp=xp)))  # dW = dy^T x
+    if has_bias and f"{path}.bias" in tape.trained:
+        _accumulate(grads, f"{path}.bias", xp.sum(dy2, axis=0))
+    return xp.reshape(xp.matmul(dy2, W), (*dy.shape[:-1], W.shape[1]))                # dx = dy W
 
 
 def _norm_backward(dy: Any, entry: tuple[str, Any], grads: dict, tape: Tape) -> Any:

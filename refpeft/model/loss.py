@@ -11,9 +11,16 @@ shifted inside the loss, so position i predicts token i + 1 and the last positio
 with N = sum(c) (reduction "mean", the default) or N = num_items_in_batch when that is passed
 (transformers then takes the sum and divides by it, so gradient-accumulation steps add up).
 
-Backward, for dL (a scalar), with softmax(z) = exp(logp) cached:
+Backward, for dL (a scalar), with softmax(z) = exp(logp) recomputed from the logits and the
+cached log-sum-exp of each row, lse = m + log(sum_v exp(z - m)) (so logp = z - lse):
 
     dz[b, i, v] = dL * c[b, i] / N * (softmax(z)[b, i, v] - [v = t[b, i]])      # (b, s, V)
+
+Memory: the logits are the only (n, V) array the loss keeps (by reference; n = b s rows, and the
+caller holds them anyway), and backward allocates only its result. Both passes go over the rows
+in chunks of about `_CHUNK_ELEMENTS` entries, so every (rows, V) temporary (z - m, its exponential,
+the one-hot of the targets) is a chunk's, never another (n, V) array. A row's max, sum and
+exponentials do not depend on the chunking, so the numbers are those of the whole-array formulas.
 
 When every label is ignored and no num_items_in_batch is given, transformers' mean is 0 / 0 = NaN
 (nn.functional.cross_entropy with reduction "mean" over no counted token). Here that raises an
@@ -36,11 +43,16 @@ from refpeft.errors import ConfigError, InputError, ShapeError
 from refpeft.model.checks import require_in_range, require_integer
 
 
+_CHUNK_ELEMENTS = 2**16  # entries of a chunk of rows (256 KiB in float32): its temporaries stay in cache
+
+
 @dataclass(frozen=True)
 class CausalLmLossCache:
-    """What `causal_lm_loss_backward` needs: softmax(z), the shifted targets, which count, N."""
+    """What `causal_lm_loss_backward` needs: the logits, each row's log-sum-exp, the shifted targets,
+    which count, N. No (n, V) array of its own: backward recomputes softmax(z) from z and lse."""
 
-    probs: Any        # (n, V)  n = b * s rows
+    logits: Any       # (n, V)  n = b * s rows, the caller's logits (a view)
+    lse: Any          # (n,)    log(sum_v exp(z)), as m + log(sum_v exp(z - m))
     targets: Any      # (n,)    the shifted labels, ignored ones replaced by 0
     counted: Any      # (n,)    bool
     denominator: float
@@ -71,28 +83,43 @@ def causal_lm_loss_forward(logits: Any, labels: Any, *, ignore_index: int = -100
     denominator = float(count if num_items_in_batch is None else num_items_in_batch)
     targets = xp.where(counted, t, xp.zeros_like(t))                                  # (n,)  safe index
     z = xp.reshape(logits, (-1, V))                                                   # (n, V)
-    m = xp.max(z, axis=-1, keepdims=True)
-    logp = z - (m + xp.log(xp.sum(xp.exp(z - m), axis=-1, keepdims=True)))           # (n, V)
+    lse = xp.concat([_log_sum_exp(z[rows, :], xp=xp) for rows in _row_chunks(b * s, V)])  # (n,)
     rows = xp.arange(b * s, dtype=targets.dtype, device=targets.device)
-    picked = xp.take(xp.reshape(logp, (-1,)), rows * V + targets)                     # (n,)  logp[t]
-    nll = xp.where(counted, -picked, xp.zeros_like(picked))                           # (n,)
+    picked = xp.take(xp.reshape(z, (-1,)), rows * V + targets)                        # (n,)  z[t]
+    nll = xp.where(counted, lse - picked, xp.zeros_like(picked))                      # (n,)  -logp[t]
     loss = xp.sum(nll) / denominator                                                  # ()
-    cache = CausalLmLossCache(probs=xp.exp(logp), targets=targets, counted=counted, denominator=denominator,
+    cache = CausalLmLossCache(logits=z, lse=lse, targets=targets, counted=counted, denominator=denominator,
                               shape=(b, s, V))
     return loss, cache
 
 
 def causal_lm_loss_backward(dloss: Any, cache: CausalLmLossCache) -> Any:
     """dlogits (b, s, V) from dL (a 0-d array or a Python number); see the module docstring."""
+    z = cache.logits
     if isinstance(dloss, (int, float)):
-        xp = namespace(cache.probs)
-        dloss = xp.asarray(dloss, dtype=cache.probs.dtype, device=cache.probs.device)
+        xp = namespace(z)
+        dloss = xp.asarray(dloss, dtype=z.dtype, device=z.device)
     else:
-        xp = namespace(dloss, cache.probs)
+        xp = namespace(dloss, z)
         check_float_array("dloss", dloss, xp=xp, shape=())
-    V = cache.shape[-1]
+    n, V = z.shape
     vocab = xp.arange(V, dtype=cache.targets.dtype, device=cache.targets.device)
-    onehot = vocab[None, :] == cache.targets[:, None]                                # (n, V)  bool
-    weight = xp.astype(cache.counted, cache.probs.dtype) / cache.denominator          # (n,)    c / N
-    dz = xp.where(onehot, cache.probs - 1.0, cache.probs) * (weight[:, None] * dloss) # (n, V)
+    weight = xp.astype(cache.counted, z.dtype) / cache.denominator * dloss          # (n,)    dL c / N
+    dz = xp.empty((n, V), dtype=z.dtype, device=z.device)
+    for rows in _row_chunks(n, V):
+        probs = xp.exp(z[rows, :] - cache.lse[rows, None])                           # (rows, V)  softmax(z)
+        onehot = xp.astype(vocab[None, :] == cache.targets[rows, None], z.dtype)      # (rows, V)  [v = t]
+        dz[rows, :] = (probs - onehot) * weight[rows, None]
     return xp.reshape(dz, cache.shape)
+
+
+def _log_sum_exp(z: Any, *, xp: Any) -> Any:
+    """m + log(sum_v exp(z - m)) of each row of z (rows, V), m the row's max: no exponential overflows."""
+    m = xp.max(z, axis=-1)                                                            # (rows,)
+    return m + xp.log(xp.sum(xp.exp(z - m[:, None]), axis=-1))
+
+
+def _row_chunks(n: int, V: int) -> list[slice]:
+    """Slices of the n rows, each about _CHUNK_ELEMENTS entries of a (n, V) array (at least one row)."""
+    step = max(1, _CHUNK_ELEMENTS // max(V, 1))
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)] or [slice(0, 0)]

@@ -8,13 +8,15 @@ Forward (I = intermediate size; "..." any leading axes):
     sig = 1 / (1 + exp(-gate))                          # (..., I)   the logistic sigmoid
     h   = gate * sig * up                               # (..., I)   silu(gate) = gate * sig
 
-Backward, for dh = dL/dh (..., I). With silu'(z) = sig + z sig (1 - sig) = sig (1 + z (1 - sig)),
+Backward, for dh = dL/dh (..., I), with sig recomputed from the cached gate (one (..., I) array
+fewer kept per layer). With silu'(z) = sig + z sig (1 - sig) = sig (1 + z (1 - sig)),
 
     dgate = dh * up * sig * (1 + gate * (1 - sig))      # (..., I)
     dup   = dh * gate * sig                             # (..., I)
 
 The sigmoid is evaluated from e = exp(-|gate|) <= 1 (sig = 1 / (1 + e) for gate >= 0, e / (1 + e)
-otherwise), so no exponential overflows for large |gate|.
+otherwise, computed for both signs at once as exp(min(gate, 0)) / (1 + e)), so no exponential
+overflows for large |gate|.
 """
 
 from __future__ import annotations
@@ -28,11 +30,10 @@ from refpeft.errors import ShapeError
 
 @dataclass(frozen=True)
 class SwigluCache:
-    """What `swiglu_backward` needs: both inputs (by reference) and the sigmoid of the gate."""
+    """What `swiglu_backward` needs: both inputs (by reference); the sigmoid is recomputed from gate."""
 
     gate: Any   # (..., I)
     up: Any     # (..., I)
-    sig: Any    # (..., I)
 
 
 @dataclass(frozen=True)
@@ -53,20 +54,22 @@ def swiglu_forward(gate: Any, up: Any) -> tuple[Any, SwigluCache]:
         raise ShapeError(f"gate has shape {tuple(gate.shape)} but up has {tuple(up.shape)}")
     sig = _sigmoid(gate, xp=xp)                                        # (..., I)
     h = gate * sig * up                                                # (..., I)
-    return h, SwigluCache(gate=gate, up=up, sig=sig)
+    return h, SwigluCache(gate=gate, up=up)
 
 
 def swiglu_backward(dh: Any, cache: SwigluCache) -> SwigluGrads:
     """dgate and dup from dh = dL/dh; see the module docstring."""
     xp = namespace(dh, cache.gate)
     check_float_array("dh", dh, xp=xp, shape=tuple(cache.gate.shape))
-    sig, gate = cache.sig, cache.gate
+    gate = cache.gate
+    sig = _sigmoid(gate, xp=xp)                                        # (..., I)   as in forward
     dgate = dh * cache.up * sig * (1.0 + gate * (1.0 - sig))           # (..., I)
     dup = dh * gate * sig                                              # (..., I)
     return SwigluGrads(dgate=dgate, dup=dup)
 
 
 def _sigmoid(z: Any, *, xp: Any) -> Any:
-    """1 / (1 + exp(-z)) without overflow: both branches use e = exp(-|z|) <= 1."""
-    e = xp.exp(-xp.abs(z))
-    return xp.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    """1 / (1 + exp(-z)) as exp(min(z, 0)) / (1 + e), e = exp(-|z|) <= 1: that is 1 / (1 + e) for z >= 0
+    and e / (1 + e) otherwise, so no exponential overflows, and no branch (`where`) is taken per entry."""
+    zero = xp.asarray(0.0, dtype=z.dtype, device=z.device)
+    return xp.exp(xp.minimum(z, zero)) / (1.0 + xp.exp(-xp.abs(z)))
