@@ -26,6 +26,7 @@ peft = pytest.importorskip("peft")
 
 from refpeft_onnx.adapter_files import read_onnx_adapter, write_onnx_adapter  # noqa: E402
 from refpeft_onnx.artifact_check import check_artifacts, name_key  # noqa: E402
+from tests.peft_peers import tiny_llama, write_adapters  # noqa: E402
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=96, rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -36,16 +37,6 @@ ADAPTER_CONFIGS = {
     "dora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True,
                                     init_lora_weights=False),
 }
-
-
-def _peer_base():
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, attn_implementation="eager")).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-    return model
 
 
 def _save_tokenizer(folder):
@@ -62,16 +53,11 @@ def _save_tokenizer(folder):
 def folders(tmp_path_factory):
     """base/, lora/, dora/ written by transformers and PEFT; onnx-NAME/ by `refpeft export --unmerged`."""
     root = tmp_path_factory.mktemp("artifacts")
-    _peer_base().save_pretrained(root / "base")
+    base = tiny_llama(TINY)
+    base.save_pretrained(root / "base")
     _save_tokenizer(root / "base")
-    for i, (name, make) in enumerate(ADAPTER_CONFIGS.items()):
-        torch.manual_seed(10 + i)
-        adapted = peft.get_peft_model(_peer_base(), make())
-        with torch.no_grad():
-            for n, p in adapted.named_parameters():
-                if p.requires_grad:
-                    p.copy_(0.3 * torch.randn_like(p) + (1.0 if "magnitude" in n else 0.0))
-        adapted.save_pretrained(root / name)
+    write_adapters(root, base, ADAPTER_CONFIGS)
+    for name in ADAPTER_CONFIGS:
         assert main(["export", str(root / name), "--base", str(root / "base"), "--unmerged",
                      "-o", str(root / f"onnx-{name}")]) == 0
     return root

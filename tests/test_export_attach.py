@@ -27,6 +27,7 @@ from refpeft_onnx.attach import attach  # noqa: E402
 from refpeft_onnx.decoder_export import load_base, read_adapters  # noqa: E402
 from refpeft_onnx.decoder_graph import decoder_layers  # noqa: E402
 from refpeft_onnx.genai_run import GenaiModel  # noqa: E402
+from tests.peft_peers import tiny_llama, write_adapters  # noqa: E402
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "refpeft" / "demo_base"
 TINY = dict(vocab_size=187, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -47,26 +48,12 @@ CONFIGS = {
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("attach")
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, attn_implementation="eager")).eval()
-    with torch.no_grad():
-        for n, p in base.named_parameters():
-            if n.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    base = tiny_llama(TINY)
     base.save_pretrained(root / "base")
     for f in ("tokenizer.json", "tokenizer_config.json"):      # a WordLevel tokenizer the genai builder accepts
         shutil.copy(DEMO_TOKENIZER / f, root / "base" / f)
     expected = {None: _greedy(base)}
-    for i, (name, make) in enumerate(CONFIGS.items()):
-        torch.manual_seed(10 + i)
-        adapted = peft.get_peft_model(base, make())
-        with torch.no_grad():
-            for n, p in adapted.named_parameters():
-                if p.requires_grad and "magnitude" not in n:
-                    p.copy_(0.3 * torch.randn_like(p))
-        adapted.save_pretrained(root / name)
-        expected[name] = _greedy(adapted.eval())
-        base = adapted.unload()
+    write_adapters(root, base, CONFIGS, visit=lambda name, adapted: expected.update({name: _greedy(adapted)}))
     assert len({tuple(t) for t in expected.values()}) == len(expected)
     return root, expected
 

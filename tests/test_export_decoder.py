@@ -29,6 +29,7 @@ peft = pytest.importorskip("peft")
 
 from refpeft_onnx.decoder_export import export_decoder, load_base, read_adapters  # noqa: E402
 from refpeft_onnx.genai_run import GenaiModel  # noqa: E402
+from tests.peft_peers import tiny_llama, write_adapters  # noqa: E402
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=96, rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -46,30 +47,13 @@ ADAPTER_CONFIGS = {
 }
 
 
-def _peer_base(seed: int = 0):
-    config = transformers.LlamaConfig(**TINY, attn_implementation="eager")
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-    return model
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """The base folder and one PEFT adapter folder per method, all written by transformers / PEFT."""
     root = tmp_path_factory.mktemp("decoder")
-    _peer_base().save_pretrained(root / "base")
-    for i, (name, make) in enumerate(ADAPTER_CONFIGS.items()):
-        torch.manual_seed(10 + i)
-        adapted = peft.get_peft_model(_peer_base(), make())
-        with torch.no_grad():
-            for n, p in adapted.named_parameters():
-                if p.requires_grad:
-                    p.copy_(0.3 * torch.randn_like(p) + (1.0 if "magnitude" in n else 0.0))
-        adapted.save_pretrained(root / name)
+    base = tiny_llama(TINY)
+    base.save_pretrained(root / "base")
+    write_adapters(root, base, ADAPTER_CONFIGS)
     return root
 
 

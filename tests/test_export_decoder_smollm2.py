@@ -27,6 +27,7 @@ peft = pytest.importorskip("peft")
 from refpeft_onnx.decoder_export import load_base  # noqa: E402
 from refpeft_onnx.decoder_verify import float64_model  # noqa: E402
 from refpeft_onnx.genai_run import GenaiModel  # noqa: E402
+from tests.peft_peers import write_adapters  # noqa: E402
 
 PROMPT = "Write a short poem about the sea."
 NEW_TOKENS = 32
@@ -49,16 +50,8 @@ def smollm2(tmp_path_factory):
     ids = prompt_ids(tokenizer, PROMPT)
     base = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=SMOLLM2, dtype=torch.float32).eval()
     expected = {None: _greedy(base, ids)}
-    for i, (name, make) in enumerate(CONFIGS.items()):
-        torch.manual_seed(20 + i)
-        adapted = peft.get_peft_model(base, make())
-        with torch.no_grad():
-            for n, p in adapted.named_parameters():
-                if p.requires_grad:
-                    _perturb(n, p)
-        adapted.save_pretrained(root / name)
-        expected[name] = _greedy(adapted.eval(), ids)
-        base = adapted.unload()
+    write_adapters(root, base, CONFIGS, perturb=_perturb, first_seed=20,
+                   visit=lambda name, adapted: expected.update({name: _greedy(adapted, ids)}))
     return path, root, Model(config, weights), tokenizer, ids, expected
 
 
