@@ -122,7 +122,7 @@ def test_the_folder_holds_what_genai_and_transformers_read(folders, tmp_path):
     config = json.loads((out / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_key_value_heads"] == TINY["num_key_value_heads"]
     assert config["search"]["past_present_share_buffer"] is False
-    assert sorted(p.name for p in out.iterdir()) == ["genai_config.json", "model.onnx"]     # no tokenizer: none written
+    assert sorted(p.name for p in out.iterdir()) == ["genai_config.json", "model.onnx", "model.onnx.data"]   # no tokenizer
 
 
 def test_bad_output_paths_write_nothing(folders, tmp_path):

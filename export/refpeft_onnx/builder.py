@@ -6,6 +6,7 @@ round to nearest even (NumPy's astype), at the moment it becomes an initializer 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,11 +31,41 @@ def check_opset(opset: int) -> None:
         raise ConfigError(f"opset {opset} is not supported; choose one of {', '.join(map(str, OPSETS))}")
 
 
-class GraphBuilder:
-    """Collects the pieces of one graph; `model()` assembles and returns the ModelProto."""
+class ExternalData:
+    """A file the builder streams large initializers into as it makes them (ONNX's external data),
+    so a model's weights exist once, on disk, instead of in the ModelProto and its serialisation."""
 
-    def __init__(self, dtype: str) -> None:
+    THRESHOLD = 1024       # bytes: smaller tensors stay inside the model file
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.file = open(self.path, "wb")       # closed by close(); the caller's staging folder owns it
+
+    def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        """`array` appended to the file, as a TensorProto that points at it."""
+        data = np.ascontiguousarray(array)
+        offset = self.file.tell()
+        self.file.write(data.tobytes())
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(data.dtype), dims=data.shape,
+                             data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(data.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        return tensor
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class GraphBuilder:
+    """Collects the pieces of one graph; `model()` assembles and returns the ModelProto.
+
+    external: stream initializers of THRESHOLD bytes or more into that file (the model must then be
+    saved in the file's folder, as its name is recorded relative to the model)."""
+
+    def __init__(self, dtype: str, external: ExternalData | None = None) -> None:
         check_dtype(dtype)
+        self.external = external
         self.dtype = dtype
         self.np_dtype, self.onnx_dtype = DTYPES[dtype]
         self.nodes: list[onnx.NodeProto] = []
@@ -54,8 +85,11 @@ class GraphBuilder:
         """A constant initializer; floating arrays are cast to the graph dtype unless cast=False."""
         a = np.asarray(array)
         if cast and a.dtype.kind == "f":
-            a = a.astype(self.np_dtype)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(a), self._claim(name)))
+            a = a.astype(self.np_dtype, copy=False)
+        if self.external is not None and a.nbytes >= ExternalData.THRESHOLD:
+            self.initializers.append(self.external.tensor(self._claim(name), a))
+        else:
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(a), self._claim(name)))
         return name
 
     def shared(self, name: str, array: Any) -> str:

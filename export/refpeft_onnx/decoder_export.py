@@ -34,11 +34,13 @@ from refpeft.model.tokenizer import Tokenizer
 
 from refpeft_onnx.adapter_files import check_against_model, write_onnx_adapter
 from refpeft_onnx.attach import attach, graph_dtype
-from refpeft_onnx.builder import DEFAULT_OPSET
+from refpeft_onnx.builder import DEFAULT_OPSET, ExternalData
 from refpeft_onnx.decoder_graph import build_decoder, decoder_layers
 from refpeft_onnx.decoder_verify import require_passed, verify_decoder
 from refpeft_onnx.exporter import PROTOBUF_LIMIT, read_model
 from refpeft_onnx.genai_files import ADAPTERS_FOLDER, MODEL_FILE, write_genai_config, write_tokenizer
+
+EXTERNAL_FILE = MODEL_FILE + ".data"   # the weights, beside model.onnx
 from refpeft_onnx.verify import VerificationError, VerificationReport, layer_feeds
 
 
@@ -90,15 +92,21 @@ def export_decoder(out: str | os.PathLike, model: Model, tokenizer: Tokenizer | 
     started = time.perf_counter()
     target = _check_output(out, inputs)
     adapters = dict(adapters or {})
-    proto = build_decoder(model, adapters, form=form, dtype=dtype, nf4_ops=nf4_ops, opset=opset)
-    feeds = _adapter_feeds(proto, model, adapters, dtype) if form == "unmerged" else {}
+
+    def build(staging: Path) -> onnx.ModelProto:      # the weights go straight to model.onnx.data
+        external = ExternalData(staging / EXTERNAL_FILE)
+        try:
+            return build_decoder(model, adapters, form=form, dtype=dtype, nf4_ops=nf4_ops, opset=opset,
+                                 external=external)
+        finally:
+            external.close()
 
     def extras(staging: Path) -> None:
         write_genai_config(staging, model.config, tokenizer)
         if tokenizer is not None:
             write_tokenizer(staging, tokenizer)
 
-    return _publish(target, proto, model, adapters, feeds, form=form, dtype=dtype, extras=extras, started=started)
+    return _publish(target, build, model, adapters, form=form, dtype=dtype, extras=extras, started=started)
 
 
 def attach_adapters(out: str | os.PathLike, onnx_model: str | os.PathLike, model: Model,
@@ -112,16 +120,16 @@ def attach_adapters(out: str | os.PathLike, onnx_model: str | os.PathLike, model
     target = _check_output(out, [*inputs, source])
     foreign = read_model(source)
     dtype = graph_dtype(foreign)
-    proto = attach(foreign, decoder_layers(model), adapters)
-    del foreign
-    feeds = _adapter_feeds(proto, model, adapters, dtype)
+
+    def build(staging: Path) -> onnx.ModelProto:
+        return attach(foreign, decoder_layers(model), adapters)
 
     def extras(staging: Path) -> None:
         for sibling in source.parent.iterdir():
             if sibling.is_file() and not sibling.name.startswith((source.name, ".")):
                 shutil.copyfile(sibling, staging / sibling.name)
 
-    return _publish(target, proto, model, adapters, feeds, form="unmerged", dtype=dtype, extras=extras,
+    return _publish(target, build, model, adapters, form="unmerged", dtype=dtype, extras=extras,
                     started=started, checker=False)
 
 
@@ -144,15 +152,17 @@ def _adapter_feeds(proto: onnx.ModelProto, model: Model, adapters: Mapping[str, 
     return feeds
 
 
-def _publish(target: Path, proto: onnx.ModelProto, model: Model, adapters: Mapping[str, Adapter], feeds: dict, *,
-             form: str, dtype: str, extras: Callable[[Path], None], started: float,
+def _publish(target: Path, build: Callable[[Path], onnx.ModelProto], model: Model, adapters: Mapping[str, Adapter],
+             *, form: str, dtype: str, extras: Callable[[Path], None], started: float,
              checker: bool = True) -> DecoderExport:
-    """Write the graph into a staging folder beside `target`, check (onnx.checker, unless `checker` is
-    False: graphs made elsewhere may use ONNX Runtime's contrib ops, which it does not know) and
-    verify it there, add the adapter files and `extras`, then rename the folder to `target`
-    (removed on any failure)."""
+    """Build the graph into a staging folder beside `target` (`build(staging)`), check it (onnx.checker,
+    unless `checker` is False: graphs made elsewhere may use ONNX Runtime's contrib ops, which it
+    does not know) and verify it there, add the adapter files and `extras`, then rename the folder
+    to `target` (removed on any failure)."""
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        proto = build(staging)
+        feeds = _adapter_feeds(proto, model, adapters, dtype) if form == "unmerged" else {}
         model_path = _save_model(proto, staging)
         del proto
         if checker:
@@ -191,10 +201,11 @@ def _check_output(out: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -
 
 
 def _save_model(proto: onnx.ModelProto, folder: Path) -> Path:
-    """model.onnx, with its initializers in model.onnx.data when one protobuf cannot hold them."""
+    """model.onnx; initializers held in the proto go to model.onnx.data when one protobuf cannot hold
+    them (refpeft's own graphs are built with theirs there already)."""
     path = folder / MODEL_FILE
     external = proto.ByteSize() > PROTOBUF_LIMIT
     onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=MODEL_FILE + ".data", size_threshold=1024)
+                    location=EXTERNAL_FILE, size_threshold=ExternalData.THRESHOLD)
     return path
 

@@ -42,7 +42,7 @@ from refpeft.model.decoder import Model, dense_weight
 from refpeft.model.rope import rope_inverse_frequencies, rope_tables
 from refpeft.quant import QuantState4bit
 
-from refpeft_onnx.builder import DEFAULT_OPSET, GraphBuilder
+from refpeft_onnx.builder import DEFAULT_OPSET, ExternalData, GraphBuilder
 from refpeft_onnx.graph import merged_linear, refuse_nf4_merge, unmerged_linear, vera_projections
 from refpeft_onnx.nf4 import NF4_OPS
 from refpeft_onnx.stack import BaseLinear, as_float64, with_nf4
@@ -117,8 +117,10 @@ def _check_shared_projections(adapters: Mapping[str, Adapter]) -> None:
 
 
 def build_decoder(model: Model, adapters: Mapping[str, Adapter] | None = None, *, form: str = "merged",
-                  dtype: str = "float32", nf4_ops: str = "bnb4", opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """The ONNX decoder of `model` (its own adapter is ignored; pass adapters by name).
+                  dtype: str = "float32", nf4_ops: str = "bnb4", opset: int = DEFAULT_OPSET,
+                  external: ExternalData | None = None) -> onnx.ModelProto:
+    """The ONNX decoder of `model` (its own adapter is ignored; pass adapters by name); with
+    `external`, its large initializers are streamed to that file as they are made.
 
     form "merged": exactly one adapter (or none), folded into the weights by its method's merge.
     form "unmerged": a swappable branch on every module any adapter adapts; no adapter fed gives
@@ -135,7 +137,7 @@ def build_decoder(model: Model, adapters: Mapping[str, Adapter] | None = None, *
     layers = decoder_layers(model, trained_biases=None if merged is None else merged.base_biases)
     plan = DecoderBranches({}, frozenset()) if form == "merged" else branches(adapters)
     _check_targets(layers, adapters, merged)
-    g = GraphBuilder(dtype)
+    g = GraphBuilder(dtype, external)
     body = _DecoderBody(g, model, layers, merged=merged, plan=plan, adapters=adapters, nf4_ops=nf4_ops)
     outputs = body.build()
     metadata = {"refpeft.version": __version__, "refpeft.graph": "decoder", "refpeft.form": form,

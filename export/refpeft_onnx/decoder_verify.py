@@ -24,7 +24,8 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from functools import partial
-from typing import Any, Callable, Mapping
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -84,15 +85,32 @@ def verify_decoder(model: str | os.PathLike, reference: Model, adapters: Mapping
     return VerificationReport(tuple(checks), dtype, "probabilistic")
 
 
+class Converted(Mapping):
+    """Tensors by name, each passed through `convert` when it is read: a float64 (or noisy) model
+    that never holds all its converted weights at once (with forward(..., record=False), one layer's)."""
+
+    def __init__(self, tensors: Mapping[str, Any], convert: Callable[[Any], Any]) -> None:
+        self.tensors, self.convert = tensors, convert
+
+    def __getitem__(self, name: str) -> Any:
+        return self.convert(self.tensors[name])
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
 def float64_model(model: Model) -> Model:
     """The reference decoder in float64: every linear layer as the graph computes it (4-bit bases
     dequantised to float32 values, refpeft_onnx.decoder_graph.decoder_layers), no adapter."""
-    weights = {name: as_float64(w) for name, w in model.weights.items() if name.endswith(("norm.weight", "bias"))
+    tensors = {name: w for name, w in model.weights.items() if name.endswith(("norm.weight", "bias"))
                or name == "model.embed_tokens.weight"}
     for path, layer in decoder_layers(model).items():
         if path != "lm_head" or not model.config.tie_word_embeddings:
-            weights[f"{path}.weight"] = as_float64(layer.weight)
-    return Model(model.config, weights)
+            tensors[f"{path}.weight"] = layer.weight
+    return Model(model.config, Converted(tensors, as_float64))
 
 
 def with_float64_adapter(model64: Model, adapter: Adapter) -> Model:
@@ -101,7 +119,9 @@ def with_float64_adapter(model64: Model, adapter: Adapter) -> Model:
                for path, module in adapter.modules.items()}
     shared = {n: as_float64(getattr(adapter, n)) for n in ("vera_A", "vera_B") if getattr(adapter, n) is not None}
     biases = {f"{path}.bias": as_float64(b) for path, b in adapter.base_biases.items()}
-    return Model(model64.config, {**model64.weights, **biases}, replace(adapter, modules=modules, **shared))
+    weights = Converted({**model64.weights.tensors, **biases}, as_float64) if isinstance(model64.weights, Converted) \
+        else {**model64.weights, **biases}
+    return Model(model64.config, weights, replace(adapter, modules=modules, **shared))
 
 
 def random_batch(vocab_size: int, *, seed: int, padding: int = PADDING) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -118,14 +138,14 @@ def reference_logits(model64: Model, ids: np.ndarray, mask: np.ndarray, position
                      dtype: str) -> tuple[np.ndarray, float]:
     """refpeft's float64 logits and the bound B(u) of refpeft.rounding for a `dtype` evaluation."""
     def run(wrap: Callable[[Any], Any]) -> Any:
-        return forward(_wrapped(model64, wrap), ids, attention_mask=mask, position_ids=positions)[0]
+        return forward(_wrapped(model64, wrap), ids, attention_mask=mask, position_ids=positions, record=False)[0]
 
     expected = np.asarray(run(lambda a: a))
     return expected, rounding_bound(run, dtype=dtype)
 
 
 def _wrapped(model: Model, wrap: Callable[[Any], Any]) -> Model:
-    weights = {name: wrap(w) for name, w in model.weights.items()}
+    weights = Converted(model.weights, wrap)
     adapter = model.adapter
     if adapter is not None:
         adapter = replace(adapter, modules={p: m.replace(**{n: wrap(t) for n, t in m.tensors.items() if t is not None})

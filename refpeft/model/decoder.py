@@ -135,6 +135,13 @@ class Tape:
     trained: frozenset[str] = frozenset()      # base tensors whose gradients backward returns (checkpoint names)
 
 
+class _Discarded(list):
+    """The entries of a tape that records nothing (forward(..., record=False))."""
+
+    def append(self, entry: Any) -> None:
+        pass
+
+
 def trained_tensors(model: Model, train_base: bool | Iterable[str] = False) -> frozenset[str]:
     """The base tensors a pass trains: the adapter's saved modules, plus every weight (train_base=True)
     or the named ones."""
@@ -178,14 +185,16 @@ def check_adapter_targets(model: Model) -> None:
 
 
 def forward(model: Model, ids: Any, *, attention_mask: Any = None, position_ids: Any = None,
-            past: list[tuple[Any, Any]] | None = None,
-            train_base: bool | Iterable[str] = False) -> tuple[Any, Tape, list]:
+            past: list[tuple[Any, Any]] | None = None, train_base: bool | Iterable[str] = False,
+            record: bool = True) -> tuple[Any, Tape, list]:
     """logits (b, s, V) of token ids (b, s); the tape for `backward`; each layer's (keys, values).
 
     attention_mask (b, past + s) of 0/1 as transformers takes it; position_ids default to
     past + 0 .. s - 1 (transformers' default, also with left padding). past: the keys and values
     of earlier positions (generation); backward is not offered through a past. train_base: True for
-    every base weight, or the checkpoint names of those to train (`trained_tensors`).
+    every base weight, or the checkpoint names of those to train (`trained_tensors`). record=False
+    keeps nothing for a backward (generation, evaluation): each layer's weights and activations can
+    go as soon as the next layer starts, and the returned tape is empty.
     """
     c = model.config
     xp = namespace(model.weights["model.embed_tokens.weight"])
@@ -196,7 +205,7 @@ def forward(model: Model, ids: Any, *, attention_mask: Any = None, position_ids:
     if offset + s > c.max_position_embeddings:
         raise InputError(f"{offset + s} positions exceed the model's max_position_embeddings "
                          f"({c.max_position_embeddings})")
-    tape = Tape(trained=trained_tensors(model, train_base))
+    tape = Tape(entries=[] if record else _Discarded(), trained=trained_tensors(model, train_base))
     dtype = model.weights["model.embed_tokens.weight"].dtype
     if position_ids is None:
         position_ids = xp.broadcast_to(xp.arange(offset, offset + s, dtype=xp.int64)[None, :], (b, s))

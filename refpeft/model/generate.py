@@ -144,7 +144,7 @@ def prefill(model: Model, ids: Any, *, attention_mask: Any = None) -> tuple[Any,
     else:
         counted = xp.cumulative_sum(xp.astype(attention_mask, xp.int64), axis=1) - 1            # (b, s)
         positions = xp.where(attention_mask == 1, counted, xp.zeros_like(counted))
-    logits, _, past = forward(model, ids, attention_mask=attention_mask, position_ids=positions)
+    logits, _, past = forward(model, ids, attention_mask=attention_mask, position_ids=positions, record=False)
     return logits[:, -1, :], DecodeState(past=past, mask=attention_mask, last_position=positions[:, -1:])
 
 
@@ -157,7 +157,7 @@ def decode_step(model: Model, tokens: Any, state: DecodeState) -> tuple[Any, Dec
         mask = xp.concat([mask, xp.ones((b, 1), dtype=mask.dtype, device=tokens.device)], axis=1)   # (b, t + 1)
     position = state.last_position + 1                                                             # (b, 1)
     logits, _, past = forward(model, xp.reshape(tokens, (b, 1)), attention_mask=mask, position_ids=position,
-                              past=state.past)
+                              past=state.past, record=False)
     return logits[:, -1, :], DecodeState(past=past, mask=mask, last_position=position)
 
 
