@@ -224,3 +224,12 @@ def test_an_adapter_file_with_trained_biases_generates_as_peft(tmp_path):
     assert generate(adapted, PROMPTS, max_new_tokens=10, pad_token_id=0) == theirs
     without_biases = Model(adapted.config, model.weights, adapted.adapter)
     assert generate(without_biases, PROMPTS, max_new_tokens=10, pad_token_id=0) != theirs
+
+
+def test_a_forward_that_records_nothing_gives_the_same_logits_and_keeps_no_weights():
+    model = refpeft_model(peer_model("llama-gqa-llama3"))
+    ids = np.asarray([PROMPTS[0]])
+    recorded, tape, past = forward(model, ids)
+    unrecorded, empty, past2 = forward(model, ids, record=False)
+    assert np.array_equal(recorded, unrecorded) and len(tape.entries) > 0 and list(empty.entries) == []
+    assert all(np.array_equal(a, b) for kv, kv2 in zip(past, past2) for a, b in zip(kv, kv2))
