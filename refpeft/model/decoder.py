@@ -48,6 +48,7 @@ from refpeft.model.config import ModelConfig
 from refpeft.model.embedding import embedding_backward, embedding_forward
 from refpeft.model.loss import causal_lm_loss_backward, causal_lm_loss_forward
 from refpeft.model.mlp import swiglu_backward, swiglu_forward
+from refpeft.model.prompt_tuning import prompt_backward, prompt_forward, prompt_labels, prompt_mask
 from refpeft.model.rmsnorm import rms_norm_backward, rms_norm_forward
 from refpeft.model.rope import rope_backward, rope_forward, rope_inverse_frequencies, rope_tables
 from refpeft.quant.state import QuantState4bit
@@ -65,6 +66,9 @@ class Model:
     adapter: Adapter | None = None
     # Per-method forward options, by method name: {"dora": {"gradient": "exact"}} (default: PEFT's detached).
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # Prompt tuning's virtual-token embeddings P (k, H), put in front of every sequence
+    # (refpeft.model.prompt_tuning); trained as "prompt_embeddings".
+    prompt: Any = None
 
     def linear_paths(self) -> list[str]:
         """Every linear layer's module path, in model order (the targets an adapter may name)."""
@@ -166,8 +170,8 @@ def check_adapter_targets(model: Model) -> None:
             raise ConfigError(f"the adapter targets {path!r}, which is not a linear layer of this "
                               f"{model.config.model_type} model" + (f" (for example {near})" if near else ""))
         W = model.linear_weight(path)
-        k = module.in_features
-        if module.out_features != W.shape[0] or (k is not None and k != W.shape[1]):
+        k, d = module.in_features, module.out_features                # None: the module does not tell (VeRA's k, IA3)
+        if (d is not None and d != W.shape[0]) or (k is not None and k != W.shape[1]):
             raise ConfigError(f"the adapter's {path!r} adapts a {module.out_features} x {k} layer; the model's is "
                               f"{W.shape[0]} x {W.shape[1]}")
     saved = model.adapter.saved_modules
@@ -202,17 +206,25 @@ def forward(model: Model, ids: Any, *, attention_mask: Any = None, position_ids:
         raise InputError(f"token ids have shape {tuple(ids.shape)}, expected (batch, sequence)")
     b, s = ids.shape
     offset = 0 if past is None else past[0][0].shape[2]
-    if offset + s > c.max_position_embeddings:
-        raise InputError(f"{offset + s} positions exceed the model's max_position_embeddings "
+    k = 0 if model.prompt is None or past is not None else int(model.prompt.shape[0])    # virtual tokens
+    if offset + k + s > c.max_position_embeddings:
+        raise InputError(f"{offset + k + s} positions exceed the model's max_position_embeddings "
                          f"({c.max_position_embeddings})")
+    if k and position_ids is not None:
+        raise ConfigError("position_ids with prompt tuning: the virtual tokens take positions 0 .. k - 1 and the "
+                          "sequence the ones after them; leave position_ids out")
     tape = Tape(entries=[] if record else _Discarded(), trained=trained_tensors(model, train_base))
     dtype = model.weights["model.embed_tokens.weight"].dtype
     if position_ids is None:
-        position_ids = xp.broadcast_to(xp.arange(offset, offset + s, dtype=xp.int64)[None, :], (b, s))
+        position_ids = xp.broadcast_to(xp.arange(offset, offset + k + s, dtype=xp.int64)[None, :], (b, k + s))
     inv = rope_inverse_frequencies(c.head_dim, **c.rope_parameters(), dtype="float64", xp=xp)
     cos, sin = (xp.astype(t, dtype) for t in rope_tables(position_ids, inv))
     e, cache = embedding_forward(ids, model.weight("model.embed_tokens.weight"))
     tape.entries.append(("embedding", cache))
+    if k:
+        e, cache = prompt_forward(e, model.prompt)                                         # (b, k + s, H)
+        tape.entries.append(("prompt", cache))
+        attention_mask = prompt_mask(attention_mask, k)
     presents = []
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}"
@@ -229,6 +241,8 @@ def loss_and_gradients(model: Model, ids: Any, labels: Any, *, attention_mask: A
                        num_items_in_batch: float | None = None) -> tuple[Any, Any, dict]:
     """The causal-LM loss (transformers' semantics), the logits and the gradient of every trained tensor."""
     logits, tape, _ = forward(model, ids, attention_mask=attention_mask, train_base=train_base)
+    if model.prompt is not None:
+        labels = prompt_labels(labels, int(model.prompt.shape[0]))
     loss, cache = causal_lm_loss_forward(logits, labels, num_items_in_batch=num_items_in_batch)
     xp = namespace(logits)
     dlogits = causal_lm_loss_backward(xp.asarray(1.0, dtype=logits.dtype), cache)
@@ -245,6 +259,9 @@ def backward(model: Model, dlogits: Any, tape: Tape) -> dict[str, Any]:
     for i in reversed(range(c.num_hidden_layers)):
         d = _layer_backward(model, f"model.layers.{i}", d, entries, grads, tape)
     name, cache = entries.pop()
+    if name == "prompt":
+        grads["prompt_embeddings"], d = prompt_backward(d, cache)
+        name, cache = entries.pop()
     if "model.embed_tokens.weight" in tape.trained:
         _accumulate(grads, "model.embed_tokens.weight", embedding_backward(d, cache))
     return grads

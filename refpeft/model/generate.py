@@ -112,6 +112,9 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
         raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if sampling is not None and rng is None:
         raise ConfigError("sampling needs an explicit random generator: rng=np.random.default_rng(seed)")
+    if model.prompt is not None:
+        raise ConfigError("generation with prompt tuning's virtual tokens is not implemented yet (forward, loss and "
+                          "gradients are: refpeft.model.prompt_tuning)")
     ids, mask = _left_pad(prompts, pad=pad, max_positions=model.config.max_position_embeddings,
                           max_new_tokens=max_new_tokens, xp=xp, device=_device(model))
     outputs: list[list[int]] = [[] for _ in prompts]

@@ -1,0 +1,134 @@
+"""Prompt tuning (PEFT's PROMPT_TUNING): k trained virtual-token embeddings P in front of every sequence.
+
+Forward, as PEFT's PeftModelForCausalLM computes it for a decoder (letters of refpeft.model.decoder;
+k virtual tokens):
+
+    e      = concat(P broadcast over the batch, embed_tokens[ids])     # (b, k + s, H)
+    mask   = concat(ones (b, k), attention_mask)                       # (b, k + s), when a mask is given
+    labels = concat(-100 (b, k), labels)                               # the virtual positions predict nothing
+    logits = the decoder on e                                          # (b, k + s, V): PEFT returns them all
+
+The virtual tokens take positions 0 .. k - 1 and the real ones k .. k + s - 1 (transformers numbers
+an inputs_embeds sequence from 0, left padding or not). Only P trains; the base is frozen.
+
+Backward: e's gradient de (b, k + s, H) splits at k:
+
+    dP   = sum over the batch of de[:, :k]                              # (k, H)
+    dx   = de[:, k:]                                                    # to the embedding's backward
+
+PEFT's initialisations: "RANDOM" (torch.nn.Embedding's N(0, 1)), "SAMPLE_VOCAB" (rows of the
+embedding at random token ids), "TEXT" (the embedding rows of a text's token ids, repeated or cut
+to k). Files: adapter_config.json (peft_type PROMPT_TUNING, num_virtual_tokens, token_dim,
+num_transformer_submodules 1 for a decoder) and adapter_model.safetensors with "prompt_embeddings"
+(k, H), as PEFT saves them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from refpeft.backend import namespace
+from refpeft.errors import ConfigError, FormatError, ShapeError
+from refpeft.io import read_json_object, read_safetensors, write_safetensors, atomic_write_bytes
+
+PEFT_TYPE = "PROMPT_TUNING"
+TENSOR = "prompt_embeddings"
+INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class PromptCache:
+    k: int          # virtual tokens
+
+
+def prompt_init(embed: Any, k: int, *, init: str = "RANDOM", text_ids: list[int] | None = None,
+                seed: int = 0) -> np.ndarray:
+    """P (k, H) as PEFT initialises it (module docstring), in the embedding's dtype, NumPy's generator."""
+    if init not in INITS:
+        raise ConfigError(f"prompt_tuning_init must be one of {', '.join(INITS)}, got {init!r}")
+    if not isinstance(k, int) or k < 1:
+        raise ConfigError(f"num_virtual_tokens must be a positive integer, got {k!r}")
+    embed = np.asarray(embed)
+    rng = np.random.default_rng(seed)
+    if init == "RANDOM":
+        return rng.standard_normal((k, embed.shape[1])).astype(embed.dtype)
+    if init == "SAMPLE_VOCAB":
+        return embed[rng.integers(0, embed.shape[0], size=k)].copy()
+    if not text_ids:
+        raise ConfigError("prompt_tuning_init TEXT needs the token ids of a non-empty text")
+    ids = (list(text_ids) * math.ceil(k / len(text_ids)))[:k]
+    return embed[np.asarray(ids)].copy()
+
+
+def prompt_forward(e: Any, prompt: Any) -> tuple[Any, PromptCache]:
+    """concat(P, e) over the sequence axis, P (k, H) shared by every row of e (b, s, H)."""
+    xp = namespace(e, prompt)
+    b, _, h = e.shape
+    if len(prompt.shape) != 2 or prompt.shape[1] != h:
+        raise ShapeError(f"prompt embeddings have shape {tuple(prompt.shape)}, expected (k, {h})")
+    virtual = xp.broadcast_to(xp.astype(prompt, e.dtype)[None, ...], (b, prompt.shape[0], h))
+    return xp.concat([virtual, e], axis=1), PromptCache(k=int(prompt.shape[0]))
+
+
+def prompt_backward(de: Any, cache: PromptCache) -> tuple[Any, Any]:
+    """(dP (k, H), the real tokens' de (b, s, H)) from de (b, k + s, H)."""
+    xp = namespace(de)
+    return xp.sum(de[:, :cache.k, :], axis=0), de[:, cache.k:, :]
+
+
+def prompt_mask(attention_mask: Any, k: int) -> Any:
+    """concat(ones (b, k), attention_mask), or None when there is no mask."""
+    if attention_mask is None:
+        return None
+    xp = namespace(attention_mask)
+    ones = xp.ones((attention_mask.shape[0], k), dtype=attention_mask.dtype)
+    return xp.concat([ones, attention_mask], axis=1)
+
+
+def prompt_labels(labels: Any, k: int) -> Any:
+    """concat(-100 (b, k), labels): the virtual positions carry no loss."""
+    xp = namespace(labels)
+    return xp.concat([xp.full((labels.shape[0], k), IGNORE_INDEX, dtype=labels.dtype), labels], axis=1)
+
+
+def read_prompt_tuning(directory: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+    """P and the config of a PEFT PROMPT_TUNING folder; FormatError / ConfigError naming what is wrong."""
+    folder = Path(directory)
+    config = read_json_object(folder / "adapter_config.json")
+    if config.get("peft_type") != PEFT_TYPE:
+        raise ConfigError(f"{folder}: peft_type is {config.get('peft_type')!r}, not {PEFT_TYPE!r}")
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise ConfigError(f"{folder}: num_transformer_submodules {config['num_transformer_submodules']} is for "
+                          "encoder-decoder models; a decoder has 1")
+    tensors, _ = read_safetensors(folder / "adapter_model.safetensors")
+    if TENSOR not in tensors:
+        raise FormatError(f"{folder / 'adapter_model.safetensors'}: no {TENSOR!r} tensor (it has {sorted(tensors)[:4]})")
+    prompt = tensors[TENSOR]
+    k, dim = config.get("num_virtual_tokens"), config.get("token_dim")
+    if prompt.ndim != 2 or prompt.shape[0] != k or (dim is not None and prompt.shape[1] != dim):
+        raise ShapeError(f"{folder}: {TENSOR} has shape {prompt.shape}, the config says ({k}, {dim})")
+    return prompt, config
+
+
+def write_prompt_tuning(directory: str | os.PathLike, prompt: Any, *, num_attention_heads: int, num_layers: int,
+                        base_model: str | None = None, init: str = "RANDOM") -> Path:
+    """P as a PEFT PROMPT_TUNING folder (weights, then config, each written atomically)."""
+    import json
+
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    prompt = np.ascontiguousarray(np.asarray(prompt))
+    write_safetensors(folder / "adapter_model.safetensors", {TENSOR: prompt})
+    config = {"peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "num_virtual_tokens": int(prompt.shape[0]),
+              "token_dim": int(prompt.shape[1]), "num_transformer_submodules": 1,
+              "num_attention_heads": num_attention_heads, "num_layers": num_layers, "prompt_tuning_init": init,
+              "base_model_name_or_path": base_model, "inference_mode": True}
+    atomic_write_bytes(folder / "adapter_config.json", (json.dumps(config, indent=2) + "\n").encode())
+    return folder
