@@ -83,7 +83,7 @@ def causal_lm_loss_forward(logits: Any, labels: Any, *, ignore_index: int = -100
     denominator = float(count if num_items_in_batch is None else num_items_in_batch)
     targets = xp.where(counted, t, xp.zeros_like(t))                                  # (n,)  safe index
     z = xp.reshape(logits, (-1, V))                                                   # (n, V)
-    lse = xp.concat([_log_sum_exp(z[rows, :], xp=xp) for rows in _row_chunks(b * s, V)])  # (n,)
+    lse = xp.concat([log_sum_exp(z[rows, :], xp=xp) for rows in row_chunks(b * s, V)])  # (n,)
     rows = xp.arange(b * s, dtype=targets.dtype, device=targets.device)
     picked = xp.take(xp.reshape(z, (-1,)), rows * V + targets)                        # (n,)  z[t]
     nll = xp.where(counted, lse - picked, xp.zeros_like(picked))                      # (n,)  -logp[t]
@@ -106,20 +106,20 @@ def causal_lm_loss_backward(dloss: Any, cache: CausalLmLossCache) -> Any:
     vocab = xp.arange(V, dtype=cache.targets.dtype, device=cache.targets.device)
     weight = xp.astype(cache.counted, z.dtype) / cache.denominator * dloss          # (n,)    dL c / N
     dz = xp.empty((n, V), dtype=z.dtype, device=z.device)
-    for rows in _row_chunks(n, V):
+    for rows in row_chunks(n, V):
         probs = xp.exp(z[rows, :] - cache.lse[rows, None])                           # (rows, V)  softmax(z)
         onehot = xp.astype(vocab[None, :] == cache.targets[rows, None], z.dtype)      # (rows, V)  [v = t]
         dz[rows, :] = (probs - onehot) * weight[rows, None]
     return xp.reshape(dz, cache.shape)
 
 
-def _log_sum_exp(z: Any, *, xp: Any) -> Any:
+def log_sum_exp(z: Any, *, xp: Any) -> Any:
     """m + log(sum_v exp(z - m)) of each row of z (rows, V), m the row's max: no exponential overflows."""
     m = xp.max(z, axis=-1)                                                            # (rows,)
     return m + xp.log(xp.sum(xp.exp(z - m[:, None]), axis=-1))
 
 
-def _row_chunks(n: int, V: int) -> list[slice]:
+def row_chunks(n: int, V: int) -> list[slice]:
     """Slices of the n rows, each about _CHUNK_ELEMENTS entries of a (n, V) array (at least one row)."""
     step = max(1, _CHUNK_ELEMENTS // max(V, 1))
     return [slice(start, min(start + step, n)) for start in range(0, n, step)] or [slice(0, 0)]
