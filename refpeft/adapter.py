@@ -30,6 +30,7 @@ class ModuleAdapter:
     alpha: float = 8.0                # scaled methods: s = alpha / r (alpha / sqrt(r) with rslora)
     rslora: bool = False
     fan_in_fan_out: bool = False
+    rank: int | None = None           # the config's r, for methods whose tensors may not show it (LoKr, full factors)
 
     def __post_init__(self) -> None:
         spec = self.spec
@@ -82,7 +83,7 @@ class ModuleAdapter:
     def replace(self, **tensors: Any) -> "ModuleAdapter":
         """The same module with some tensors replaced (a trained step, a cast)."""
         return ModuleAdapter(self.method, {**self.tensors, **tensors}, alpha=self.alpha, rslora=self.rslora,
-                             fan_in_fan_out=self.fan_in_fan_out)
+                             fan_in_fan_out=self.fan_in_fan_out, rank=self.rank)
 
 
 @dataclass(frozen=True)

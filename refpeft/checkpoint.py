@@ -276,7 +276,8 @@ def merge_into_checkpoint(adapter: Adapter, base: SafetensorsFile, out: str | os
     target = Path(out)
     check_outputs([target], inputs=[base.path])
     weights = {f"{path}.weight": path for path in adapter.modules}
-    biases = {f"{path}.bias": path for path, m in adapter.modules.items() if m.bias is not None}
+    biases = {f"{path}.bias": path for path, m in adapter.modules.items()
+              if m.bias is not None or (m.spec.merge_bias is not None and f"{path}.bias" in base)}
     biases.update({f"{path}.bias": path for path in adapter.base_biases})
     saved = adapter.saved_modules
     tied = "lm_head.weight" not in base and "model.embed_tokens.weight" in base
@@ -339,8 +340,8 @@ def merged_weight(module: ModuleAdapter, W0: np.ndarray, *, shared: Mapping[str,
         raise ConfigError(f"{spec.name} adapters do not fold into the weight; they cannot be merged")
 
     def part(name: str, a: Any) -> np.ndarray:
-        a = np.asarray(a, dtype=np.float64)
-        return a[rows] if name in spec.per_output else a
+        a = np.asarray(a, dtype=np.float64)       # a length-1 axis 0 broadcasts (IA3's input-side l, (1, k))
+        return a[rows] if name in spec.per_output and a.shape[0] != 1 else a
 
     tensors = {name: part(name, a) for name, a in module.tensors.items()}
     return spec.merge(W0, module.replace(**tensors), shared={n: part(n, a) for n, a in (shared or {}).items()})
@@ -374,11 +375,15 @@ def _rounded(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def merged_bias(adapter: Adapter, path: str, b0: np.ndarray) -> np.ndarray:
-    """The bias of layer `path` after merging: the trained one (if any) plus s * lora_B.bias (if any)."""
+    """The bias of layer `path` after merging: the trained one (if any) plus s * lora_B.bias (if any), then
+    its method's `merge_bias` (IA3's output scaling multiplies it by l)."""
     bias = np.asarray(adapter.base_biases[path], dtype=np.float64) if path in adapter.base_biases else b0
     module = adapter.modules.get(path)
     if module is not None and module.bias is not None:
         bias = bias + np.asarray(module.bias, dtype=np.float64) * module.scaling
+    if module is not None and module.spec.merge_bias is not None:          # IA3's output scaling: l * b
+        bias = module.spec.merge_bias(bias, module.replace(**{n: np.asarray(t, dtype=np.float64)
+                                                              for n, t in module.tensors.items()}))
     if bias.shape != b0.shape:
         raise ShapeError(f"the adapter's bias has shape {bias.shape}, the base's {b0.shape}")
     return bias

@@ -73,7 +73,20 @@ UNSUPPORTED_OPTIONS = {
 BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga", "mica")
 
 
-PEFT_TYPES = {"LORA": LORA_OPTIONS, "VERA": VERA_OPTIONS}
+IA3_OPTIONS = {"peft_type", "target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out",
+               "modules_to_save", "init_ia3_weights"}
+
+
+# LoHa and LoKr (PEFT's LycorisConfig): rank_dropout, module_dropout and rank_dropout_scale act only in
+# training and init_weights only at creation, so any value reads; use_effective_conv2d concerns conv layers only.
+LOHA_OPTIONS = {"peft_type", "r", "alpha", "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules",
+                "modules_to_save", "init_weights", "rank_dropout", "module_dropout", "use_effective_conv2d"}
+LOKR_OPTIONS = LOHA_OPTIONS | {"decompose_both", "decompose_factor", "rank_dropout_scale"}
+
+
+PEFT_TYPES = {"LORA": LORA_OPTIONS, "VERA": VERA_OPTIONS, "IA3": IA3_OPTIONS, "LOHA": LOHA_OPTIONS, "LOKR": LOKR_OPTIONS}
+# The peft_types scaled by alpha / r, and the config key of their alpha.
+ALPHA_KEYS = {"LORA": "lora_alpha", "LOHA": "alpha", "LOKR": "alpha"}
 
 
 PASSTHROUGH = ("base_model_name_or_path", "revision", "task_type")
@@ -118,6 +131,16 @@ def targets(config: Mapping[str, Any], path: str) -> bool:
     return any(path == t or path.endswith("." + t) for t in target)
 
 
+def feedforward(config: Mapping[str, Any], path: str) -> bool:
+    """Whether IA3's `feedforward_modules` selects module `path` (its l scales the inputs), PEFT's
+    `_check_target_module_feedforward`: a string is full-matched as a regular expression, a list
+    selects a path that ends with an entry (a plain suffix test, without the "." that targets need)."""
+    chosen = config.get("feedforward_modules")
+    if isinstance(chosen, str):
+        return matches(chosen, path, mode="fullmatch", where="feedforward_modules")
+    return any(path.endswith(entry) for entry in chosen or [])
+
+
 def peft_config(adapter: Adapter, *, save_projection: bool = True) -> dict[str, Any]:
     """The adapter_config.json PEFT needs to rebuild exactly `adapter`'s modules (see module docstring)."""
     if not adapter.modules:
@@ -138,6 +161,14 @@ def peft_config(adapter: Adapter, *, save_projection: bool = True) -> dict[str, 
         check_adapter_saved(modules, adapter.saved_modules, adapter.base_biases, source="the adapter")
         config["modules_to_save"] = written_entries(adapter.saved_modules)
     config.update(spec.peft_flags)
+    if spec.peft_type == "IA3":          # no r, no bias option; feedforward_modules names the input-scaled layers
+        if adapter.base_biases:
+            raise ConfigError("PEFT's IA3 has no bias option: these trained base biases cannot be saved with it")
+        del config["bias"]
+        inputs = sorted(p for p, m in modules.items() if m.in_features is not None)
+        config.update(peft_type="IA3", init_ia3_weights=True,
+                      feedforward_modules="(?:" + "|".join(re.escape(p) for p in inputs) + ")" if inputs else [])
+        return config
     if spec.peft_type == "VERA":
         if not save_projection and "projection_prng_key" not in adapter.config:
             raise ConfigError("save_projection=False needs Adapter.config['projection_prng_key'], the seed the "
@@ -151,6 +182,16 @@ def peft_config(adapter: Adapter, *, save_projection: bool = True) -> dict[str, 
     ranks = {p: m.r for p, m in modules.items()}
     alphas = {p: _plain_number(m.alpha) for p, m in modules.items()}
     r, alpha = _most_common(ranks), _most_common(alphas)
+    if spec.peft_type in ("LOHA", "LOKR"):      # PEFT's LycorisConfig: no bias or fan_in_fan_out option
+        if adapter.base_biases or fan_in_fan_out:
+            raise ConfigError(f"PEFT's {spec.peft_type} has no bias or fan_in_fan_out option: these trained base "
+                              "biases or transposed weights cannot be saved with it")
+        del config["bias"], config["fan_in_fan_out"]
+        config.update(peft_type=spec.peft_type, r=r, alpha=alpha, rank_pattern=_patterns(ranks, r),
+                      alpha_pattern=_patterns(alphas, alpha), init_weights=True, rank_dropout=0.0,
+                      module_dropout=0.0, use_effective_conv2d=False)
+        config.update(spec.config_options(modules, adapter.config) if spec.config_options else {})
+        return config
     has_bias = any(m.bias is not None for m in modules.values())
     if has_bias and config.get("use_dora"):
         raise ConfigError("PEFT does not support lora_bias with DoRA")
@@ -193,8 +234,8 @@ def _check_config_values(config: dict[str, Any], path: Path) -> None:
         if type(config.get(name, False)) is not bool:
             raise ConfigError(f"{path}: {name} must be true or false, got {config[name]!r}")
 
-    positive_int("r", config.get("r", 8 if config["peft_type"] == "LORA" else 256))
-    for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "save_projection"):
+    positive_int("r", config.get("r", 8 if config["peft_type"] in ALPHA_KEYS else 256))
+    for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "save_projection", "decompose_both"):
         flag(name)
     if config.get("modules_to_save") is not None:
         check_saved_entries(config["modules_to_save"], where=str(path))
@@ -210,10 +251,13 @@ def _check_config_values(config: dict[str, Any], path: Path) -> None:
             raise ConfigError(f"{path}: {name} must be a string or a list of strings, got {value!r}")
         if isinstance(value, str):
             check_pattern(value, where=f"{path}: {name}")
-    if config["peft_type"] == "LORA":
+    if config["peft_type"] in ALPHA_KEYS:
         config.setdefault("r", 8)
-        config.setdefault("lora_alpha", 8)
-        number("lora_alpha", config["lora_alpha"])
+        config.setdefault(ALPHA_KEYS[config["peft_type"]], 8)
+        number(ALPHA_KEYS[config["peft_type"]], config[ALPHA_KEYS[config["peft_type"]]])
+        factor = config.get("decompose_factor", -1)
+        if type(factor) is not int or not (factor == -1 or factor > 0):
+            raise ConfigError(f"{path}: decompose_factor must be -1 or a positive integer, got {_shown(factor)}")
         for name, check in (("rank_pattern", positive_int), ("alpha_pattern", number)):
             patterns = config.get(name) or {}
             if not isinstance(patterns, dict):
@@ -232,6 +276,17 @@ def _check_config_values(config: dict[str, Any], path: Path) -> None:
                 "save_pretrained(..., path_initial_model_for_weight_conversion=...)")
         if config.get("lora_bias") and config.get("use_dora"):
             raise ConfigError(f"{path}: lora_bias with use_dora is not a combination PEFT supports")
+    elif config["peft_type"] == "IA3":
+        chosen = config.get("feedforward_modules")
+        if chosen is not None and not (isinstance(chosen, str) or
+                                       (isinstance(chosen, list) and all(isinstance(v, str) for v in chosen))):
+            raise ConfigError(f"{path}: feedforward_modules must be a string or a list of strings, got {chosen!r}")
+        if isinstance(chosen, str):
+            check_pattern(chosen, where=f"{path}: feedforward_modules")
+        target = config.get("target_modules")
+        if isinstance(chosen, list) and isinstance(target, list) and not set(chosen) <= set(target):
+            raise ConfigError(f"{path}: feedforward_modules {chosen!r} must be a subset of target_modules {target!r} "
+                              "(PEFT refuses it too)")
     else:
         config.setdefault("r", 256)
         config.setdefault("save_projection", True)

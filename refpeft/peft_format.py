@@ -9,6 +9,7 @@ as "model.layers.0.self_attn.q_proj", the name of the adapted linear layer in th
     base_model.model.<p>.lora_magnitude_vector  (d,)     use_dora=True (no ".weight" suffix)
     base_model.model.<p>.vera_lambda_d          (r,)     VeRA
     base_model.model.<p>.vera_lambda_b          (d,)
+    base_model.model.<p>.ia3_l                  (d, 1)   IA3, output scaling; (1, k) on feedforward_modules
     base_model.vera_A, base_model.vera_B        (r, k_max), (d_max, r)   VeRA with save_projection=True
     base_model.model.<p>.base_layer.bias        (d,)     bias="lora_only"/"all"/"vera_only": the
                                                          trained bias of an adapted layer
@@ -50,8 +51,11 @@ from refpeft.errors import ConfigError, DTypeError, FormatError, NonFiniteError,
 from refpeft.init import as_parameter
 from refpeft.io import atomic_write_bytes, write_safetensors
 from refpeft.methods import METHODS, method_spec, peft_methods
-from refpeft.peft_config import CONFIG_NAME, config_method, pattern_value, peft_config, read_config, targets
+from refpeft.peft_config import ALPHA_KEYS, CONFIG_NAME, config_method, feedforward, pattern_value, peft_config, read_config, \
+    targets
 from refpeft.methods.linear import LinearShape
+from refpeft.methods.loha import LOHA
+from refpeft.methods.lokr import LOKR
 from refpeft.methods.vera import VERA, largest_layer, vera_projections
 from refpeft.saved_modules import (EMBEDDING, TIED_HEAD, check_adapter_saved, check_saved_against_base,
                                    excluded_from_targets, saved_module, select_saved)
@@ -65,6 +69,8 @@ PREFIX = "base_model.model."
 OPTIONAL_FLAGS = {"bias": "lora_bias"}
 ADAPTED_BIAS_SUFFIX = "base_layer.bias"
 FACTORS = ("A", "B")   # a low-rank factor pair, (r, k) and (d, r); every other per-module tensor is 1-D
+MATRICES = (*FACTORS, "l")   # ... but IA3's l, which keeps PEFT's (d, 1) / (1, k): its shape says which side it scales
+MATRICES += (*LOHA.tensors, *LOKR.optional)   # and LoHa's and LoKr's factors, all 2-D
 
 CONVERT_PICKLE = (
     "refpeft never unpickles files. Convert it where torch and peft are installed, e.g.\n"
@@ -192,19 +198,19 @@ def check_adapter(adapter: Adapter, *, config: Mapping[str, Any], source: str | 
         key = lambda field: f"{source}: {tensor_key(path, field)}"  # noqa: E731
         spec = m.spec
         for name, tensor in m.tensors.items():           # the factor pair is 2-D, every other tensor a vector
-            _require_ndim(tensor, 2 if name in FACTORS else 1, key(name))
+            _require_ndim(tensor, 2 if name in MATRICES else 1, key(name))
         if set(FACTORS) <= set(m.tensors) and m.B.shape[1] != m.A.shape[0]:
             raise RankError(f"{key('B')} has shape {tuple(m.B.shape)}: its rank {m.B.shape[1]} disagrees "
                             f"with lora_A's {m.A.shape[0]}")
-        expected_r, r_key = pattern_value(config.get("rank_pattern") or {}, path, config["r"])
-        if m.r != expected_r:
-            named = next((n for n in spec.tensors if n not in spec.per_output), next(iter(spec.tensors)))
+        expected_r, r_key = pattern_value(config.get("rank_pattern") or {}, path, config.get("r"))
+        if "r" in config and m.r != expected_r:                # IA3 has no rank
+            named = next((n for n in m.tensors if n not in spec.per_output), next(iter(m.tensors)))
             origin = f"rank_pattern[{r_key!r}]" if r_key is not None else "r"
             raise RankError(f"{key(named)} has rank {m.r} but {CONFIG_NAME} gives {origin} = {expected_r} for "
                             f"module {path!r} (shape {tuple(m.tensors[named].shape)})")
         d = m.out_features
         for name in spec.per_output:
-            if name in m.tensors and name not in FACTORS:
+            if name in m.tensors and name not in MATRICES:
                 _require_shape(m.tensors[name], (d,), key(name), f"one value per output of the layer (d = {d})")
         if path in adapter.base_biases:
             _require_shape(adapter.base_biases[path], (d,), f"{source}: {PREFIX}{path}.{ADAPTED_BIAS_SUFFIX}",
@@ -218,6 +224,8 @@ def module_shape(module: ModuleAdapter) -> LinearShape | None:
     """(k, d) of an adapted layer as far as the adapter alone tells: VeRA files do not record k."""
     if module.A is not None:
         return LinearShape(k=module.A.shape[1], d=module.B.shape[0])
+    if module.in_features is not None and module.out_features is not None:   # tensors that give both (LoHa, LoKr)
+        return LinearShape(k=module.in_features, d=module.out_features)
     return None
 
 
@@ -341,15 +349,17 @@ def _check_targets(config: dict[str, Any], paths: list[str], *, source: Path) ->
 def _adapter_from_tensors(config: dict[str, Any], tensors: dict[str, np.ndarray], *, source: Path) -> Adapter:
     """The Adapter a config and its file's tensors describe, every module of the config's method."""
     spec = config_method(config, source=source)
-    fields = tuple(spec.tensors) + tuple(f for f in spec.optional if config.get(OPTIONAL_FLAGS[f]))
+    # optional tensors with a flag (lora_bias) are there when it is set; those without (LoKr's) may be
+    fields = tuple(spec.tensors) + tuple(f for f in spec.optional if config.get(OPTIONAL_FLAGS.get(f), f not in OPTIONAL_FLAGS))
     modules, base_biases, shared, saved = _split_keys(tensors, fields=fields, shared=spec.shared, source=source,
                                                       bias=config.get("bias", "none"),
                                                       saved_entries=config.get("modules_to_save") or [])
     flags = " and ".join(f"{flag} is true" for flag, value in spec.peft_flags.items() if value)
     plain = {name for m in peft_methods(spec.peft_type) if not any(m.peft_flags.values()) for name in m.tensors}
     why = {**{f: flags for f in spec.tensors if flags and f not in plain},
-           **{f: f"{OPTIONAL_FLAGS[f]} is true" for f in spec.optional}}
-    _require_fields(modules, fields, source=source, why=why)
+           **{f: f"{OPTIONAL_FLAGS[f]} is true" for f in spec.optional if f in OPTIONAL_FLAGS}}
+    _require_fields(modules, tuple(f for f in fields if f not in spec.optional or f in OPTIONAL_FLAGS), source=source,
+                    why=why)
     if not modules:
         raise FormatError(f"{source}: no {spec.name} tensors ({'/'.join(spec.tensors.values())}) found")
     if spec.shared and config["save_projection"]:
@@ -361,16 +371,33 @@ def _adapter_from_tensors(config: dict[str, Any], tensors: dict[str, np.ndarray]
     _check_targets(config, list(modules), source=source)
 
     def alpha(path: str) -> float:
-        return float(pattern_value(config.get("alpha_pattern") or {}, path, config["lora_alpha"])[0]) if spec.scaled else 8.0
+        return float(pattern_value(config.get("alpha_pattern") or {}, path, config[ALPHA_KEYS[spec.peft_type]])[0]) \
+            if spec.scaled else 8.0
 
     adapter = Adapter(
         modules={path: ModuleAdapter(spec.name, found, alpha=alpha(path), rslora=bool(config.get("use_rslora")),
-                                     fan_in_fan_out=bool(config.get("fan_in_fan_out")))
+                                     fan_in_fan_out=bool(config.get("fan_in_fan_out")),
+                                     rank=pattern_value(config.get("rank_pattern") or {}, path, config.get("r"))[0])
                  for path, found in sorted(modules.items())},
         vera_A=shared.get("vera_A"), vera_B=shared.get("vera_B"), config=config, base_biases=base_biases,
         saved_modules=dict(sorted(saved.items())))
     check_adapter(adapter, config=config, source=source)
+    if config.get("feedforward_modules") is not None:
+        _check_feedforward(adapter, config, source=source)
     return adapter
+
+
+def _check_feedforward(adapter: Adapter, config: Mapping[str, Any], *, source: Path) -> None:
+    """IA3: each l's shape, (1, k) for input scaling or (d, 1) for output scaling, against the side
+    `feedforward_modules` gives its module (PEFT builds the layer from the config, then loads l)."""
+    for path, m in adapter.modules.items():
+        if m.in_features is None and m.out_features is None:      # a 1 x 1 layer's (1, 1): either side
+            continue
+        inputs = m.in_features is not None
+        if inputs != feedforward(config, path):
+            raise ShapeError(f"{source}: {tensor_key(path, 'l')} has shape {tuple(m.l.shape)}, which scales the layer's "
+                             f"{'inputs' if inputs else 'outputs'}, but {CONFIG_NAME}'s feedforward_modules "
+                             f"{config['feedforward_modules']!r} {'does not select' if inputs else 'selects'} {path!r}")
 
 
 def _check_projections(adapter: Adapter, r: int, *, source: str | os.PathLike,
@@ -402,16 +429,17 @@ def fit_to_base(adapter: Adapter, shapes: Mapping[str, LinearShape], *, source: 
             raise ShapeError(f"{source}: module {path!r} is adapted but the base model has no linear layer "
                              f"{path + '.weight'!r}")
         base = shapes[path]
-        if m.spec.in_features(m) is None:                   # the file does not record k (VeRA)
-            out = next(n for n in m.spec.per_output if n in m.spec.tensors)
-            if m.out_features != base.d:
-                raise ShapeError(f"{source}: {tensor_key(path, out)} has {m.out_features} entries but the base layer "
-                                 f"has d = {base.d} outputs")
+        if m.in_features is None or m.out_features is None:   # the file does not record k (VeRA) or one side (IA3)
+            named = next(n for n in (*m.spec.per_output, *m.spec.tensors) if n in m.spec.tensors)
+            for size, wanted, side in ((m.out_features, base.d, "d = {} outputs"), (m.in_features, base.k, "k = {} inputs")):
+                if size is not None and size != wanted:
+                    raise ShapeError(f"{source}: {tensor_key(path, named)} has {size} entries but the base layer "
+                                     f"has {side.format(wanted)}")
             continue
         if module_shape(m) != base:
             ours = module_shape(m)
-            raise ShapeError(f"{source}: {tensor_key(path, 'A')} {tuple(m.A.shape)} and {tensor_key(path, 'B')} "
-                             f"{tuple(m.B.shape)} adapt a layer of k = {ours.k} inputs and d = {ours.d} outputs; "
+            raise ShapeError(f"{source}: {', '.join(f'{tensor_key(path, n)} {tuple(t.shape)}' for n, t in m.tensors.items())} "
+                             f"adapt a layer of k = {ours.k} inputs and d = {ours.d} outputs; "
                              f"the base layer {path + '.weight'!r} has k = {base.k}, d = {base.d}")
     if not method_spec(adapter.method).shared:
         return adapter

@@ -193,7 +193,7 @@ CONFIG_DEFECTS = {
                                      "modules_to_save entry 'lm_head' selects no module with tensors"),
     "unknown option": (lambda c: c.update(use_magic=True), "option 'use_magic'"),
     "base-rewriting init": (lambda c: c.update(init_lora_weights="pissa_niter_4"), "pissa_niter_4"),
-    "other method": (lambda c: c.update(peft_type="IA3"), "peft_type 'IA3'"),
+    "other method": (lambda c: c.update(peft_type="ADALORA"), "peft_type 'ADALORA'"),
     "bad rank": (lambda c: c.update(r=0), "r must be a positive integer"),
     "bad alpha": (lambda c: c.update(lora_alpha="8"), "lora_alpha must be a finite number"),
     "bad regex": (lambda c: c.update(rank_pattern={"(": 2}), "not a valid regular expression"),

@@ -5,6 +5,7 @@ one dtype T (float32 or float16). Per layer, for an input h (shapes at line ends
 
 merged (the adapter folded into the weight initializer; refpeft's own merge of each method):
     y = MatMul(h, W^T) + b          W = lora.merge | dora.dora_merge | vera.vera_merge     # (..., d)
+    (IA3: W = ia3_merge, and b = l * b on output-scaled layers, its row's merge_bias; IA3 has no unmerged branch)
 
 unmerged (the base and the adapter branch as separate nodes; every adapter tensor is a graph input
 with an initializer default of the same name, so ONNX Runtime can swap it per run):
@@ -30,6 +31,7 @@ Between layers: Relu, Gelu (approximate="none") or Tanh; none after the last lay
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -61,7 +63,10 @@ BRANCH_INPUTS = {
 
 def adapter_input_names(layer: str, method: str) -> tuple[str, ...]:
     """The swappable inputs of one layer's branch, in the order the unmerged graph declares them."""
-    return tuple(f"{layer}.{name}" for name in BRANCH_INPUTS[method_spec(method).onnx_branch])
+    kind = method_spec(method).onnx_branch
+    if kind not in BRANCH_INPUTS:
+        raise ConfigError(f"{method} adapters have no unmerged ONNX branch yet (kind {kind!r}); export them merged")
+    return tuple(f"{layer}.{name}" for name in BRANCH_INPUTS[kind])
 
 
 def bias_input_name(layer: str) -> str:
@@ -192,6 +197,8 @@ def merged_linear(g: GraphBuilder, h: str, layer: BaseLinear, module: ModuleAdap
         return _add_bias(g, base or _base_matmul(g, h, layer, None, nf4_ops=nf4_ops), layer)
     W = merged_weight(layer, module, adapter)
     weight_t = W if layer.fan_in_fan_out else W.T                     # (k, d)
+    if module.spec.merge_bias is not None and layer.bias is not None:  # IA3's output scaling scales b too
+        layer = replace(layer, bias=module.spec.merge_bias(as_float64(layer.bias), as_float64_module(module)))
     return _add_bias(g, _base_matmul(g, h, layer, weight_t, nf4_ops=nf4_ops), layer)
 
 

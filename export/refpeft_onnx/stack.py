@@ -32,7 +32,7 @@ import numpy as np
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.backend import to_numpy
 from refpeft.errors import ConfigError, FormatError, ShapeError
-from refpeft.io import metadata_json, read_safetensors, write_safetensors
+from refpeft.io import metadata_json, read_safetensors, require_float, write_safetensors
 from refpeft.methods.linear import base_forward, linear_shape
 from refpeft.quant import QuantState4bit, dequantize_blockwise_4bit, from_state_dict
 from refpeft.quant.bnb_layout import quantized_prefixes
@@ -123,7 +123,7 @@ def check_adapter(stack: LinearStack, adapter: Adapter | None) -> None:
             raise ConfigError(f"{name}: the adapter says fan_in_fan_out={module.fan_in_fan_out}, "
                               f"the base layer {layer.fan_in_fan_out}")
         k, d = module.in_features, module.out_features
-        if (k is not None and k != layer.k) or d != layer.d:
+        if (k is not None and k != layer.k) or (d is not None and d != layer.d):
             shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in module.tensors.items())
             raise ShapeError(f"{name}: {shapes} do not fit a layer with k = {layer.k} inputs and d = {layer.d} outputs")
         missing = [n for n in module.spec.shared if n not in adapter.shared]
@@ -240,12 +240,14 @@ def load_stack(path: str | Path, *, layers: list[str] | None = None, activation:
         raise FormatError(f"{path}: no weight for layer(s) {missing}; the file has {weights}")
     transposed = set(stored.get("fan_in_fan_out", []))
 
+    def float64(key: str) -> np.ndarray:  # float8, integer and bool tensors are refused by name
+        return np.asarray(require_float(tensors[key], name=key, source=path), dtype=np.float64)
+
     def layer(name: str) -> BaseLinear:
-        bias = None if f"{name}.bias" not in tensors else np.asarray(tensors[f"{name}.bias"], dtype=np.float64)
+        bias = None if f"{name}.bias" not in tensors else float64(f"{name}.bias")
         if name in states:
             return with_nf4(BaseLinear(name, np.zeros(states[name].shape), bias), states[name])
-        return BaseLinear(name, np.asarray(tensors[f"{name}.weight"], dtype=np.float64), bias,
-                          fan_in_fan_out=name in transposed)
+        return BaseLinear(name, float64(f"{name}.weight"), bias, fan_in_fan_out=name in transposed)
 
     built = tuple(layer(name) for name in order)
     return LinearStack(built, activation=activation or stored.get("activation", "relu"))

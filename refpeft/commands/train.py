@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="FILE", help="training text, or .jsonl instruction/chat data")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT_DIR", help="folder for the adapter and checkpoints")
     a = p.add_argument_group("what to train")
-    a.add_argument("--method", default="lora", help="lora, rslora, dora, vera or full (default lora)")
+    a.add_argument("--method", default="lora", help="lora, rslora, dora, vera, ia3 or full (default lora)")
     a.add_argument("--targets", default="q_proj,v_proj",
                    help="comma-separated layer names as PEFT's target_modules, or all-linear (default q_proj,v_proj)")
     a.add_argument("--rank", type=int, default=8, help="rank r (default 8)")

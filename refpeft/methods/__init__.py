@@ -4,6 +4,8 @@
     spec.py     `Method`: what the rest of refpeft reads about a method
     lora.py     LoRA and rsLoRA            dora.py   DoRA (detached and exact norm gradient)
     vera.py     VeRA                        qlora.py  LoRA/DoRA on a frozen NF4/FP4 base
+    ia3.py      (IA)^3: a learned vector scales a layer's outputs or inputs
+    loha.py     LoHa (Hadamard product)     lokr.py   LoKr (Kronecker product)
 
 `METHODS` maps a method's name to its row. File formats, checkpoint merging, fusion, the
 exporter, the conformance families, the model and the demo look a method up here instead of
@@ -14,11 +16,14 @@ from __future__ import annotations
 
 from refpeft.errors import ConfigError
 from refpeft.methods.dora import DORA
+from refpeft.methods.ia3 import IA3
+from refpeft.methods.loha import LOHA
+from refpeft.methods.lokr import LOKR
 from refpeft.methods.lora import LORA
 from refpeft.methods.spec import Method
 from refpeft.methods.vera import VERA
 
-METHODS: dict[str, Method] = {m.name: m for m in (LORA, DORA, VERA)}
+METHODS: dict[str, Method] = {m.name: m for m in (LORA, DORA, VERA, IA3, LOHA, LOKR)}
 
 
 def method_spec(name: str) -> Method:

@@ -49,6 +49,12 @@ class Method:
     per_output: tuple[str, ...] = ()                             # tensors (module or shared) whose axis 0 is the d outputs
     shared: Mapping[str, str] = field(default_factory=dict)      # adapter-wide frozen tensors -> PEFT key
     optional: Mapping[str, str] = field(default_factory=dict)    # per-module tensors a module may have -> PEFT key suffix
+    # (b0, module, *, unmerge=False) -> the merged layer's bias, for a method whose merge changes it (IA3's output
+    # scaling: l * b); None: merging leaves the bias alone
+    merge_bias: Callable[..., Any] | None = None
+    # (modules by path, the adapter's config) -> the adapter_config.json keys PEFT needs to rebuild these modules'
+    # shapes (LoKr's decompose_both, decompose_factor); None: the table's fields say it all
+    config_options: Callable[..., dict] | None = None
 
     def suffixes(self) -> dict[str, str]:
         """Every per-module tensor name -> PEFT key suffix, required ones first."""

@@ -357,7 +357,8 @@ def _linear_backward(model: Model, dy: Any, entry: tuple[str, Any], grads: dict,
         module = model.adapter.modules[path]
         g = module.spec.backward(dy, cache)
         for name in module.spec.trainable:
-            _accumulate(grads, f"{path}.{name}", getattr(g, f"d{name}"))
+            if name in module.tensors:                      # LoKr: each module has some of its factors
+                _accumulate(grads, f"{path}.{name}", getattr(g, f"d{name}"))
         return g.dx
     x, W, has_bias = cache                                                             # x: None for a frozen W
     xp = namespace(dy)

@@ -16,6 +16,8 @@ Initialisation (PEFT's `init_lora_weights=True` and VeRA's defaults):
     dora           the same A and B, magnitude m = ||W0 + s B A|| = ||W0|| row norms (dora_init)
     vera           vera_A, vera_B from projection_prng_key on torch's CPU generator, sized to the
                    largest targeted layer (bit for bit PEFT's); lambda_d = d_initial, lambda_b = 0
+    ia3            l = ones, (1, k) on layers named down_proj (PEFT's feed-forward default for these
+                   decoders: input scaling), (d, 1) on the others; rank and alpha do not apply
 
 LoRA's A is drawn per module, module i (model order) from seed + i, on NumPy's generator or, with
 generator="torch-cpu", exactly as PEFT draws one fresh layer after `torch.manual_seed(seed + i)`.
@@ -57,7 +59,7 @@ from refpeft.saved_modules import check_adapter_saved, select_saved
 # The adapters `refpeft train` makes: a training name -> (the method table's row, its init options);
 # rsLoRA is LoRA with s = alpha / sqrt(r). FULL trains every weight and has no adapter.
 TRAINING_METHODS = {"lora": ("lora", {}), "rslora": ("lora", {"rslora": True}), "dora": ("dora", {}),
-                    "vera": ("vera", {})}
+                    "vera": ("vera", {}), "ia3": ("ia3", {})}
 FULL = "full"
 ALL_LINEAR = "all-linear"
 
