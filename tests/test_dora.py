@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 
 from refpeft.methods import dora
 from refpeft.methods.dora import (
@@ -105,6 +105,9 @@ def test_exact_gradient_for_one_input_feature_has_no_A_or_B_part(case):
 
 @FAST
 @given(layer_cases())
+# a magnitude of 65 (||W0|| of a 48-wide row): finite differences with a step not scaled to the input
+# measured the forward's rounding (1.2e-7), not the gradient (refpeft.gradcheck)
+@example(LayerCase(batch=(), k=48, d=1, r=1, bias=False, rslora=False, fan_in_fan_out=False, dropout=False, seed=5308))
 def test_detached_gradient_is_the_gradient_with_the_norm_frozen(case):
     a = layer(case)
     _, grads = run(a, case, "detached")
