@@ -3,12 +3,21 @@
 - `atomic_write_bytes` (and `atomic_open`, its streaming form, and `atomic_path` for writers that
   take a file name) writes to a temporary file in the target's directory, flushes and fsyncs it,
   then renames it over the target (`os.replace`, atomic on POSIX): an interrupted write leaves the
-  previous file intact and never a partial one.
+  previous file intact and never a partial one. Replacing a file keeps its permission mode; a new
+  file gets 0666 less the umask, as open() would give it.
+- One run writes an output at a time: `atomic_path` holds an exclusive lock (`flock` on the hidden
+  file `.NAME.refpeft.lock` beside it, which the kernel releases when the holder exits, even by
+  SIGKILL) and a second run writing the same output is an OutputError saying so. The temporary file
+  is named `.NAME.refpeft-XXXXXXXX.tmp`; one whose run was killed outright is abandoned, and the
+  next write into that folder removes it (and its lock file) once it holds that output's lock, so a
+  live run's temporary file is never touched and an abandoned one is never taken for an output.
 - An output that cannot be written (a folder, under a file, on a read-only or full file system)
   is an OutputError naming it, and `check_outputs` refuses an output that is one of the run's
   inputs (the same path, or the same file through a link) before anything is read or written.
 - `read_safetensors` turns every way a file can be wrong (missing, truncated, a corrupt header,
-  data that does not fit its declared shape) into a FormatError naming the file; `parse_json` does
+  data that does not fit its declared shape) into a FormatError naming the file, and reads every
+  dtype the format has (float8 too); `require_float` refuses, by name, a tensor that is not a float
+  weight where one is expected; `parse_json` does
   the same for JSON, including what Python's parser cannot hold (nesting deeper than its recursion
   limit, integers of more than 4300 digits).
 """
@@ -18,17 +27,24 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import stat
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, so safetensors can read and write it)
+import ml_dtypes  # (registers bfloat16 with NumPy, so safetensors can write it)
 import numpy as np
-import safetensors
 import safetensors.numpy
 
 from refpeft.errors import FormatError, OutputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; outputs are written without the lock
+    fcntl = None
 
 # What only writing can fail with: the output's file system is full, over quota, read-only, or the
 # file too large for it. Raised from inside an atomic_open block, these are the output's fault.
@@ -39,24 +55,102 @@ WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file name in the target's folder to write `path` through (for writers that take
     a file name): renamed over `path` when the block ends normally, deleted (leaving any previous
-    `path` untouched) when the block raises or is interrupted. A write the file system refuses
-    (full, read-only) is an OutputError naming `path`."""
+    `path` untouched) when the block raises or is interrupted. The block holds `path`'s lock
+    (`output_lock`); a write the file system refuses (full, read-only) is an OutputError naming
+    `path`."""
     target = output_file(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(handle)
     except OSError as exc:
         raise OutputError(f"{target}: cannot be written ({exc.strerror or exc})") from None
+    with output_lock(target):
+        remove_abandoned_temporaries(target.parent, writing=target.name)
+        try:
+            handle, tmp = tempfile.mkstemp(prefix=f".{target.name}{TEMPORARY_MARK}", suffix=".tmp", dir=target.parent)
+            os.close(handle)
+        except OSError as exc:
+            raise OutputError(f"{target}: cannot be written ({exc.strerror or exc})") from None
+        try:
+            yield Path(tmp)
+            if target.exists():  # a replaced file keeps its mode; a new one gets open()'s
+                os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+            else:
+                usual_permissions(tmp)
+            os.replace(tmp, target)
+        except BaseException as exc:
+            Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+                raise OutputError(f"{target}: cannot be written ({exc.strerror}); it was left as it was") from None
+            raise
+
+
+# The hidden files beside an output being written: `.NAME.refpeft-XXXXXXXX.tmp` (mkstemp's eight
+# random characters) and `.NAME.refpeft.lock`.
+TEMPORARY_MARK, LOCK_SUFFIX = ".refpeft-", ".refpeft.lock"
+BESIDE_OUTPUT = re.compile(r"\.(?P<name>.+)(?:(?P<tmp>\.refpeft-[a-z0-9_]{8}\.tmp)|\.refpeft\.lock)")
+LOCK_GRACE_S = 0.1  # how long a busy lock is retried: another run's clean-up holds it only for an instant
+
+
+@contextmanager
+def output_lock(target: Path, *, grace_s: float = LOCK_GRACE_S) -> Iterator[None]:
+    """Hold the exclusive lock on writing `target` for the block; OutputError if another run still
+    holds it after `grace_s` seconds.
+
+    The lock is `flock` on `.NAME.refpeft.lock`, removed when the block ends. A run that opened that
+    file just before its holder removed it would hold a lock nobody else sees, so after locking it
+    checks that the name still leads to the file it locked, and starts again if not."""
+    lock = target.with_name(f".{target.name}{LOCK_SUFFIX}")
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise OutputError(f"{target}: cannot be written ({exc.strerror or exc})") from None
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() < deadline:
+                time.sleep(grace_s / 10)
+                continue
+            raise OutputError(f"{target}: another run is writing it; wait for that run to end or choose "
+                              "another output") from None
+        except OSError:  # a file system without flock (ENOLCK, EOPNOTSUPP): write without the lock
+            pass
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
     try:
-        yield Path(tmp)
-        usual_permissions(tmp)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
-            raise OutputError(f"{target}: cannot be written ({exc.strerror}); it was left as it was") from None
-        raise
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def remove_abandoned_temporaries(folder: Path, *, writing: str) -> None:
+    """Remove the temporary and lock files of runs killed outright (SIGKILL, power loss) in `folder`.
+
+    Those of the output `writing` (whose lock the caller holds) are abandoned by definition; another
+    output's are removed only if its lock can be taken now, so a live run's files are left alone."""
+    left: dict[str, list[Path]] = {}  # output name -> its temporary files
+    with os.scandir(folder) as entries:
+        for found in filter(None, (BESIDE_OUTPUT.fullmatch(entry.name) for entry in entries)):
+            left.setdefault(found["name"], []).extend([folder / found[0]] if found["tmp"] else [])
+    for name, temporaries in left.items():
+        if name == writing:
+            for tmp in temporaries:
+                tmp.unlink(missing_ok=True)
+            continue
+        try:
+            with output_lock(folder / name, grace_s=0):  # removes the lock file as it ends
+                for tmp in temporaries:
+                    tmp.unlink(missing_ok=True)
+        except OutputError:  # that output is being written now, or its folder refuses us
+            pass
 
 
 @contextmanager
@@ -116,19 +210,30 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file; FormatError on any defect."""
-    source = Path(path)
-    if not source.is_file():
-        raise FormatError(f"{source}: no such file")
-    try:
-        with safetensors.safe_open(str(source), framework="numpy") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except FormatError:
-        raise
-    except Exception as exc:  # safetensors raises several foreign types for corrupt files
-        raise not_safetensors(source, f"not a readable safetensors file ({exc})") from None
-    return tensors, metadata
+    """All tensors (in memory) and the metadata of a safetensors file; FormatError on any defect.
+    The header is checked by `refpeft.checkpoint.SafetensorsFile`, so float8 tensors read as their
+    ml_dtypes types (the safetensors package's NumPy reader cannot make them)."""
+    from refpeft.checkpoint import SafetensorsFile  # it builds on this module
+
+    checkpoint = SafetensorsFile(path)
+    return {name: np.array(checkpoint.read(name)) for name in checkpoint.keys()}, dict(checkpoint.metadata)
+
+
+# The dtypes a float weight may be stored in. float8 weights (they come with scales a reader must
+# apply), integers and bools are refused by name where a weight is expected, never converted.
+FLOAT_WEIGHTS = (np.dtype(np.float64), np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+
+
+def require_float(array: np.ndarray, *, name: str, source: str | os.PathLike,
+                  accepted: Iterable[np.dtype] = FLOAT_WEIGHTS, hint: str = "") -> np.ndarray:
+    """`array` (tensor `name` of `source`) if its dtype is one of `accepted`; FormatError naming the
+    tensor and its dtype (and `hint`, what to do) otherwise."""
+    accepted = tuple(map(np.dtype, accepted))
+    if array.dtype not in accepted:
+        *others, last = map(str, accepted)
+        raise FormatError(f"{source}: tensor {name!r} has dtype {array.dtype}; a weight here must be "
+                          f"{', '.join(others)} or {last}{hint}")
+    return array
 
 
 # Files often given where safetensors is expected, known by their first bytes or, for ONNX's

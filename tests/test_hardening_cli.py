@@ -159,3 +159,11 @@ def test_a_reader_that_goes_away_ends_the_command_without_a_traceback(files):
     err = process.stderr.read().decode()
     assert process.wait(timeout=120) == 1
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_quantize_takes_its_output_as_dash_o_like_every_writer(files, capsys):
+    base, out = files / "base.safetensors", files / "q.safetensors"
+    refused(["quantize", base, files / "other.safetensors", "-o", out], capsys, names="give the output once")
+    refused(["quantize", base], capsys, names="-o/--output")
+    assert main(["quantize", str(base), "-o", str(out), "--no-progress"]) == 0 and out.is_file()
+    assert main(["quantize", str(base), str(files / "p.safetensors"), "--no-progress"]) == 0  # the old form still works

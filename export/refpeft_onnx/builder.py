@@ -1,7 +1,9 @@
 """A small ONNX graph builder: nodes, constant initializers, and swappable inputs (inputs with a default).
 
 Numeric choices: every tensor is cast from float64 to the graph's dtype (float32 or float16) once,
-round to nearest even (NumPy's astype), at the moment it becomes an initializer or adapter value.
+round to nearest even (NumPy's astype), at the moment it becomes an initializer or adapter value
+(`to_graph_dtype`); a finite value past the dtype's range (65504 in float16) is refused, naming
+the tensor, rather than stored as infinity.
 """
 
 from __future__ import annotations
@@ -24,6 +26,20 @@ MICROSOFT_DOMAIN = "com.microsoft"
 def check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise ConfigError(f"graphs are exported in {' or '.join(DTYPES)}, got {dtype!r}")
+
+
+def to_graph_dtype(array: Any, np_dtype: type, *, name: str) -> np.ndarray:
+    """`array` rounded to `np_dtype` (nearest even); ConfigError naming the tensor `name` when a
+    finite value overflows that dtype (becomes infinity)."""
+    a = np.asarray(array)
+    with np.errstate(over="ignore"):
+        cast = a.astype(np_dtype, copy=False)
+    overflow = np.isinf(cast) & np.isfinite(a)
+    if overflow.any():
+        raise ConfigError(f"{name}: {int(overflow.sum())} value(s), up to {float(np.max(np.abs(a[overflow]))):.4g} in "
+                          f"magnitude, overflow {np.dtype(np_dtype)} (largest {float(np.finfo(np_dtype).max):.6g}); "
+                          "export in float32")
+    return cast
 
 
 def check_opset(opset: int) -> None:
@@ -85,7 +101,7 @@ class GraphBuilder:
         """A constant initializer; floating arrays are cast to the graph dtype unless cast=False."""
         a = np.asarray(array)
         if cast and a.dtype.kind == "f":
-            a = a.astype(self.np_dtype, copy=False)
+            a = to_graph_dtype(a, self.np_dtype, name=name)
         if self.external is not None and a.nbytes >= ExternalData.THRESHOLD:
             self.initializers.append(self.external.tensor(self._claim(name), a))
         else:
@@ -104,7 +120,8 @@ class GraphBuilder:
     def swappable(self, name: str, default: np.ndarray, shape: list[int | str]) -> str:
         """An input with an initializer default of the same name: ONNX Runtime's adapter convention."""
         self.input(name, shape)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(default.astype(self.np_dtype)), name))
+        self.initializers.append(numpy_helper.from_array(
+            np.ascontiguousarray(to_graph_dtype(default, self.np_dtype, name=name)), name))
         self.swappable_names.append(name)
         return name
 

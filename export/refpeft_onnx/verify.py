@@ -45,7 +45,7 @@ from refpeft.errors import RefpeftError
 from refpeft.tolerance import Bounded, Comparison, Precision, add, compare, exact, matmul, multiply, rows, stored, \
     with_reference
 
-from refpeft_onnx.builder import DTYPES
+from refpeft_onnx.builder import DTYPES, to_graph_dtype
 from refpeft_onnx.graph import bias_input_name, branch_values, graph_metadata, merged_weight
 from refpeft_onnx.stack import BaseLinear, LinearStack, activation, as_float64, check_adapter, reference_forward, \
     with_trained_biases
@@ -179,9 +179,10 @@ def layer_feeds(layer_of: Callable[[str], BaseLinear], adapter: Adapter, dtype: 
     feeds = {}
     for name, module in adapter.modules.items():
         for key, value in branch_values(layer_of(name), module).items():
-            feeds[key] = np.ascontiguousarray(value.astype(np_dtype))
+            feeds[key] = np.ascontiguousarray(to_graph_dtype(value, np_dtype, name=key))
     for name, bias in adapter.base_biases.items():
-        feeds[bias_input_name(name)] = np.ascontiguousarray(as_float64(bias).astype(np_dtype))
+        key = bias_input_name(name)
+        feeds[key] = np.ascontiguousarray(to_graph_dtype(as_float64(bias), np_dtype, name=key))
     return feeds
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from refpeft.errors import NonFiniteError
-from refpeft.io import check_outputs, read_safetensors, write_safetensors
+from refpeft.errors import ConfigError, NonFiniteError
+from refpeft.io import check_outputs, read_safetensors, require_float, write_safetensors
 from refpeft.patterns import matches
 from refpeft.quant.blockwise import BLOCKSIZES
 from refpeft.quant.bnb_layout import to_state_dict
@@ -21,11 +21,13 @@ from refpeft.quant.state import dequantize_4bit, nominal_bits_per_parameter, qua
 HELP = "quantise a safetensors file's weights to NF4/FP4 in the bitsandbytes layout and report the error"
 
 DESCRIPTION = """\
-Reads a safetensors file, quantises every 2-D float32/float16/bfloat16 tensor whose name matches
---include (default: names ending in "weight", except embeddings and lm_head, as bitsandbytes
-leaves them) to 4 bits, and writes all tensors to OUTPUT in the layout bitsandbytes and
-transformers load (weight, weight.absmax, weight.quant_map, [weight.nested_absmax,
-weight.nested_quant_map], weight.quant_state.bitsandbytes__nf4). Other tensors are copied as they are.
+Reads a safetensors file, quantises every 2-D tensor whose name matches --include (default: names
+ending in "weight", except embeddings and lm_head, as bitsandbytes leaves them) to 4 bits, and
+writes all tensors to OUTPUT in the layout bitsandbytes and transformers load (weight,
+weight.absmax, weight.quant_map, [weight.nested_absmax, weight.nested_quant_map],
+weight.quant_state.bitsandbytes__nf4). Other tensors (float8 ones too) are copied as they are.
+A selected tensor must be float32, float16 or bfloat16: any other dtype (float8, an integer, an
+already quantised weight) is refused by name; leave it out with --exclude.
 
 Per tensor it reports the RMS error, the relative Frobenius error ||W - Q(W)|| / ||W|| and the
 largest absolute error, then the bits per quantised parameter measured from the stored bytes.
@@ -45,7 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("quantize", help=HELP, description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", type=Path, help="safetensors file with float weights")
-    p.add_argument("output", type=Path, help="safetensors file to write (bitsandbytes 4-bit layout)")
+    p.add_argument("-o", "--output", type=Path, help="safetensors file to write (bitsandbytes 4-bit layout)")
+    p.add_argument("positional_output", nargs="?", type=Path, metavar="OUTPUT", help="the same, given positionally")
     p.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4", help="4-bit code (default: %(default)s)")
     p.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=64, help="block size (default: %(default)s)")
     p.add_argument("--double-quant", action="store_true", help="also quantise the absmaxes to 8 bits (QLoRA's recipe)")
@@ -60,12 +63,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    if (args.output is None) == (args.positional_output is None):
+        problem = "give the output once" if args.output else "say where to write"
+        raise ConfigError(f"{problem}: -o/--output OUTPUT.safetensors (or OUTPUT after the input)")
+    args.output = args.output or args.positional_output
     check_outputs([args.output], inputs=[args.input])
     tensors, _ = read_safetensors(args.input)
     selected = [name for name, a in tensors.items()
-                if a.dtype in _FLOAT_NAMES and a.ndim == 2 and _named(args.include, name, "--include")
+                if a.ndim == 2 and _named(args.include, name, "--include")
                 and not (args.exclude and _named(args.exclude, name, "--exclude"))]
     for name in selected:  # refuse before quantising or writing anything
+        require_float(tensors[name], name=name, source=args.input, accepted=_FLOAT_NAMES,
+                      hint="; leave it out with --exclude (it is then copied as it is)")
         bad = int(np.count_nonzero(~np.isfinite(tensors[name].astype(np.float32))))
         if bad:
             raise NonFiniteError(f"{args.input}: tensor {name!r} holds {bad} non-finite value(s); nothing was written")
