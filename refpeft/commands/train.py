@@ -70,6 +70,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--block-size", type=int, default=256, help="tokens per text block / longest example (default 256)")
     o.add_argument("--seed", type=options.seed, default=0, help="seed of the adapter's init and the data order (default 0)")
     o.add_argument("--dtype", default="float32", help="float32 or float64 (default float32)")
+    k = p.add_argument_group("keeping what the base knew (refpeft.train.objective)")
+    k.add_argument("--general", metavar="FILE", help="general text or .jsonl: the EWC reference set, the rehearsal "
+                                                     "data and (its last examples, held out) the drift report")
+    k.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
+                   help="add ALPHA x KL(base || adapted) on the batch's tokens (default 0)")
+    k.add_argument("--temperature", type=float, default=2.0, help="the distillation temperature T (default 2)")
+    k.add_argument("--ewc", type=float, default=0.0, metavar="LAMBDA",
+                   help="add the EWC penalty LAMBDA/2 sum F (change)^2, F from --general (default 0)")
+    k.add_argument("--ewc-examples", type=int, default=32, metavar="N", help="examples for the Fisher (default 32)")
+    k.add_argument("--rehearsal-fraction", type=float, default=0.0, metavar="F",
+                   help="replace this fraction of every batch with --general examples (default 0)")
+    k.add_argument("--prior", metavar="FILE", help="class-prior data: a second batch each micro-batch")
+    k.add_argument("--prior-weight", type=float, default=0.0, metavar="LAMBDA", help="its weight (default 0)")
     r = p.add_argument_group("checkpoints")
     r.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default 0: only at the end)")
     r.add_argument("--resume", action="store_true", help="continue the run in OUTPUT_DIR from its latest checkpoint")
@@ -112,14 +125,56 @@ def run(args: argparse.Namespace) -> int:
     model = base if args.method == FULL else replace(base, adapter=_new_adapter(base, args))
     check_adapter_targets(model)
     dataset = read_dataset(args.data, tokenizer, block_size=args.block_size)
+    forgetting, held_out = forgetting_settings(args, model, tokenizer)
     state = resume(output, model, config, data_fingerprint=dataset.fingerprint()) if args.resume else None
-    final = _train_with_progress(model, dataset, config, state=state, output=output, args=args)
+    final, last = _train_with_progress(model, dataset, config, state=state, output=output, args=args,
+                                       forgetting=forgetting)
     if final.step < config.steps:
         print(f"stopped after step {final.step} of {config.steps}; checkpoint in {latest_checkpoint(output)} "
               "(--resume continues)")
         return 0
     print(_write_result(final.model, output, source=args.base))
+    if last is not None and len(last.terms) > 1:
+        print("  last step: " + ", ".join(f"{name} {value:.4f}" for name, value in last.terms.items()))
+    if held_out is not None:
+        from refpeft.train.objective import drift
+
+        nats = drift(final.model, held_out, base_weights=None if final.model.adapter else weights)
+        print(f"  drift from the base: KL(base || trained) = {nats:.4g} nats per token on {len(held_out)} held-out "
+              f"--general examples")
     return 0
+
+
+def forgetting_settings(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """(the Forgetting of the --general/--distill/... options or None, the held-out general examples or None)."""
+    from refpeft.train.data import TokenDataset, read_dataset
+    from refpeft.train.ewc import diagonal_fisher, fisher_names
+    from refpeft.train.objective import Forgetting
+
+    general = held_out = None
+    if args.general is not None:
+        data = read_dataset(args.general, tokenizer, block_size=args.block_size)
+        keep = max(1, len(data) // 10) if len(data) > 1 else 0           # the last tenth is held out for the drift
+        general = TokenDataset(data.examples[:len(data) - keep], pad_id=data.pad_id, block_size=data.block_size)
+        held_out = TokenDataset(data.examples[len(data) - keep:], pad_id=data.pad_id, block_size=data.block_size) \
+            if keep else None
+    needs_general = [flag for flag, on in (("--ewc", args.ewc), ("--rehearsal-fraction", args.rehearsal_fraction))
+                     if on]
+    if needs_general and general is None:
+        raise ConfigError(f"{' and '.join(needs_general)} need general data: --general FILE")
+    prior = None if args.prior is None else read_dataset(args.prior, tokenizer, block_size=args.block_size)
+    if not (args.distill or args.ewc or args.rehearsal_fraction or args.prior_weight):
+        return None, held_out
+    fisher = None
+    if args.ewc:
+        names = fisher_names(model)
+        examples = [(e.ids[None, :], e.labels[None, :], None) for e in general.examples[:args.ewc_examples]]
+        fisher = diagonal_fisher(model, examples, names)
+    settings = Forgetting(distill=args.distill, temperature=args.temperature, ewc=args.ewc, fisher=fisher,
+                          rehearsal=general if args.rehearsal_fraction else None,
+                          rehearsal_fraction=args.rehearsal_fraction, prior=prior, prior_weight=args.prior_weight,
+                          base_weights=None if model.adapter is not None else dict(model.weights))
+    return settings, held_out
 
 
 def _new_adapter(base: Any, args: argparse.Namespace) -> Any:
@@ -136,19 +191,23 @@ def _new_adapter(base: Any, args: argparse.Namespace) -> Any:
 
 
 def _train_with_progress(model: Any, dataset: Any, config: Any, *, state: Any, output: Path,
-                         args: argparse.Namespace) -> Any:
+                         args: argparse.Namespace, forgetting: Any) -> tuple[Any, Any]:
+    """The final state and the last step's report (None when no step ran)."""
     from tqdm import tqdm
 
     from refpeft.train.loop import train
 
     start = 0 if state is None else state.step
+    reports = []
     with tqdm(total=config.steps, initial=start, desc="train", unit="step", file=sys.stderr) as bar:
         def progress(report: Any) -> None:
             bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.lr:.3g}", tok_s=f"{report.tokens_per_second:.0f}")
             bar.update(1)
+            reports[:] = [report]
 
-        return train(model, dataset, config, state=state, checkpoint_dir=output, save_every=args.save_every,
-                     stop_after=args.stop_after, progress=progress)
+        final = train(model, dataset, config, state=state, checkpoint_dir=output, save_every=args.save_every,
+                      stop_after=args.stop_after, progress=progress, forgetting=forgetting)
+    return final, (reports[0] if reports else None)
 
 
 def _write_result(model: Any, output: Path, *, source: str) -> str:

@@ -13,7 +13,10 @@ One optimiser step t (0-based; G = grad_accum micro-batches of batch_size exampl
     model   = with_parameters(model, params)                     ModuleAdapter.replace / new weights
 
 which is transformers' Trainer order (clip, optimizer.step(), scheduler.step()). The step's loss
-is sum_j L_j / G ("mean"; what Trainer logs) or the token-weighted mean ("tokens").
+is sum_j L_j / G ("mean"; what Trainer logs) or the token-weighted mean ("tokens"). With a
+`Forgetting`, each micro-batch also carries its distillation and class-prior terms, rehearsal
+mixes general examples into the batches, and the EWC penalty's gradient joins before clipping
+(refpeft.train.objective); the report gives each term.
 
 `train` runs steps until `config.steps` (or `stop_after`, as if interrupted), calls `progress`
 with a StepReport after each, and when given a directory saves a checkpoint every `save_every`
@@ -23,19 +26,18 @@ steps and at the end (refpeft.train.checkpoints), from which `resume` continues 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from refpeft.backend import from_numpy, namespace
 from refpeft.errors import ConfigError
-from refpeft.model.decoder import Model, backward, forward
-from refpeft.model.loss import causal_lm_loss_backward, causal_lm_loss_forward
+from refpeft.model.decoder import Model
 from refpeft.optim import ParamGroup, adam_step
 from refpeft.train.adapters import optimizer_groups, trainable_parameters, with_parameters
 from refpeft.train.checkpoints import save_checkpoint
-from refpeft.train.data import Batch, TokenDataset, micro_batch
+from refpeft.train.data import TokenDataset
 from refpeft.train.gradients import add_gradients, clip_by_global_norm, global_norm
+from refpeft.train.objective import Forgetting, add_terms, micro_batch_terms, prior_terms, step_batches, step_penalty
 from refpeft.train.schedules import lr_multiplier
 from refpeft.train.state import TrainingConfig, TrainingState
 
@@ -51,44 +53,38 @@ class StepReport:
     grad_norm: float          # the global norm before clipping
     tokens: int               # tokens read (padding excluded)
     seconds: float
+    terms: dict[str, float] = field(default_factory=dict)   # the loss's parts: task, distill, prior, ewc
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
-def micro_batch_gradients(model: Model, batch: Batch, *, loss_weight: float,
-                          num_items_in_batch: int | None = None) -> tuple[float, dict[str, Any]]:
-    """(loss_weight * L, gradients of loss_weight * L) for one micro-batch: `(loss * w).backward()`.
-
-    L is the causal-LM loss of the batch (its mean over counted tokens, or its sum over
-    num_items_in_batch when given); a model without an adapter trains every weight.
-    """
-    embed = model.weights["model.embed_tokens.weight"]
-    xp = namespace(embed)
-    ids, labels, mask = (from_numpy(a, xp=xp, like=embed) for a in (batch.ids, batch.labels, batch.attention_mask))
-    logits, tape, _ = forward(model, ids, attention_mask=mask, train_base=model.adapter is None)
-    loss, cache = causal_lm_loss_forward(logits, labels, num_items_in_batch=num_items_in_batch)
-    grads = backward(model, causal_lm_loss_backward(loss_weight, cache), tape)
-    return float(loss) * loss_weight, grads
-
-
 def training_step(state: TrainingState, dataset: TokenDataset, config: TrainingConfig,
-                  groups: list[ParamGroup]) -> tuple[TrainingState, StepReport]:
-    """One optimiser step (module docstring): the next state and its report."""
+                  groups: list[ParamGroup], forgetting: Forgetting | None = None) -> tuple[TrainingState, StepReport]:
+    """One optimiser step (module docstring; with `forgetting`, refpeft.train.objective's terms too):
+    the next state and its report."""
     started = time.perf_counter()
     b, G = config.batch_size, config.grad_accum
-    batches = [micro_batch(dataset, start=state.data_position + j * b, size=b, seed=config.seed) for j in range(G)]
+    batches = step_batches(dataset, forgetting, position=state.data_position, size=b, count=G, seed=config.seed)
     if config.accumulation == "mean":
         weight, num_items = 1.0 / G, None
     else:
         weight, num_items = 1.0, sum(batch.targets for batch in batches)
         if num_items == 0:
             raise ConfigError(f"step {state.step + 1} has no counted target token in its {G * b} examples")
-    loss, grads = 0.0, None
-    for batch in batches:
-        loss_j, grads_j = micro_batch_gradients(state.model, batch, loss_weight=weight, num_items_in_batch=num_items)
-        loss, grads = loss + loss_j, add_gradients(grads, grads_j)
+    terms, grads = {}, None
+    for j, batch in enumerate(batches):
+        terms_j, grads_j = micro_batch_terms(state.model, batch, forgetting, loss_weight=weight, count=G,
+                                             num_items_in_batch=num_items)
+        terms, grads = add_terms(terms, terms_j), add_gradients(grads, grads_j)
+        if forgetting is not None and forgetting.prior_weight:
+            terms_j, grads_j = prior_terms(state.model, forgetting, position=state.data_position + j * b, size=b,
+                                           count=G, seed=config.seed)
+            terms, grads = add_terms(terms, terms_j), add_gradients(grads, grads_j)
+    penalty, penalty_grads = step_penalty(state.model, forgetting)
+    terms, grads = add_terms(terms, penalty), add_gradients(grads, penalty_grads) if penalty_grads else grads
+    loss = sum(terms.values())
     if config.max_grad_norm is not None:
         grads, norm = clip_by_global_norm(grads, config.max_grad_norm)
     else:
@@ -99,13 +95,14 @@ def training_step(state: TrainingState, dataset: TokenDataset, config: TrainingC
     new_state = TrainingState(model=with_parameters(state.model, params), adam=adam, step=state.step + 1,
                               data_position=state.data_position + G * b)
     report = StepReport(step=new_state.step, total=config.steps, loss=loss, lr=config.lr * f, grad_norm=float(norm),
-                        tokens=sum(batch.tokens for batch in batches), seconds=time.perf_counter() - started)
+                        tokens=sum(batch.tokens for batch in batches), seconds=time.perf_counter() - started,
+                        terms=terms)
     return new_state, report
 
 
 def train(model: Model, dataset: TokenDataset, config: TrainingConfig, *, state: TrainingState | None = None,
           checkpoint_dir: str | Path | None = None, save_every: int = 0, stop_after: int | None = None,
-          progress: Callable[[StepReport], None] | None = None) -> TrainingState:
+          progress: Callable[[StepReport], None] | None = None, forgetting: Forgetting | None = None) -> TrainingState:
     """Train `model` (its adapter, or every weight when it has none) on `dataset`; the final state.
 
     state: continue from it (refpeft.train.checkpoints.resume) instead of from step 0.
@@ -123,7 +120,7 @@ def train(model: Model, dataset: TokenDataset, config: TrainingConfig, *, state:
     last = config.steps if stop_after is None else min(stop_after, config.steps)
     fingerprint = None if checkpoint_dir is None else dataset.fingerprint()
     while state.step < last:
-        state, report = training_step(state, dataset, config, groups)
+        state, report = training_step(state, dataset, config, groups, forgetting)
         if progress is not None:
             progress(report)
         if checkpoint_dir is not None and (state.step == last or (save_every and state.step % save_every == 0)):
