@@ -34,7 +34,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -229,14 +229,28 @@ def write_safetensors_streaming(path: str | os.PathLike, entries: Iterable[tuple
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for name, code, shape in planned:
-            array = produce(name)
-            if array.dtype != DTYPES[code] or tuple(array.shape) != shape:
-                raise FormatError(f"{path}: tensor {name!r} was produced as {array.dtype} {tuple(array.shape)}, "
-                                  f"declared {code} {shape}")
-            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+            nbytes = _write_one(f, path, name, code, shape, produce)   # the tensor is gone before the next is made
             if progress is not None:
-                progress(name, array.nbytes)
+                progress(name, nbytes)
     return Path(path)
+
+
+def _write_one(f: Any, path: Any, name: str, code: str, shape: tuple[int, ...],
+               produce: Callable[[str], np.ndarray | Iterator[np.ndarray]]) -> int:
+    """Produce tensor `name` (an array, or its consecutive row-major pieces one at a time), check it
+    against its declaration, write its bytes; the byte count."""
+    produced = produce(name)
+    pieces = [produced] if isinstance(produced, np.ndarray) else produced
+    written, wanted = 0, math.prod(shape) * DTYPES[code].itemsize
+    for piece in pieces:
+        if piece.dtype != DTYPES[code] or (isinstance(produced, np.ndarray) and tuple(piece.shape) != shape):
+            raise FormatError(f"{path}: tensor {name!r} was produced as {piece.dtype} {tuple(piece.shape)}, "
+                              f"declared {code} {shape}")
+        f.write(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
+        written += piece.nbytes
+    if written != wanted:
+        raise FormatError(f"{path}: tensor {name!r} was produced with {written} bytes, declared {code} {shape}")
+    return written
 
 
 @dataclass(frozen=True)
@@ -299,7 +313,13 @@ def merge_into_checkpoint(adapter: Adapter, base: SafetensorsFile, out: str | os
         if base.info(key).dtype not in FLOAT_DTYPES:
             raise DTypeError(f"{base.path}: {key} has dtype {base.info(key).dtype}; merging needs a floating weight")
 
-    def produce(key: str) -> np.ndarray:
+    def named(key: str, pieces: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        try:
+            yield from pieces
+        except RefpeftError as exc:
+            raise type(exc)(f"{base.path}: {key}: {exc}") from None
+
+    def produce(key: str) -> np.ndarray | Iterator[np.ndarray]:
         stored = base.read(key)
         if key not in weights and key not in biases and key not in saved:
             return stored
@@ -307,7 +327,8 @@ def merge_into_checkpoint(adapter: Adapter, base: SafetensorsFile, out: str | os
             if key in saved:
                 return _rounded(np.asarray(saved[key], dtype=np.float64), stored.dtype)
             if key in weights:
-                return _merged_in_blocks(adapter, weights[key], stored, block_elements=block_elements)
+                merged = _merged_in_blocks(adapter, weights[key], stored, block_elements=block_elements)
+                return merged if isinstance(merged, np.ndarray) else named(key, merged)
             return _rounded(merged_bias(adapter, biases[key], np.asarray(stored, dtype=np.float64)), stored.dtype)
         except RefpeftError as exc:
             raise type(exc)(f"{base.path}: {key}: {exc}") from None
@@ -347,21 +368,30 @@ def merged_weight(module: ModuleAdapter, W0: np.ndarray, *, shared: Mapping[str,
     return spec.merge(W0, module.replace(**tensors), shared={n: part(n, a) for n, a in (shared or {}).items()})
 
 
-def _merged_in_blocks(adapter: Adapter, path: str, stored: np.ndarray, *, block_elements: int) -> np.ndarray:
-    """The merged weight of module `path` in the stored dtype, computed block of output rows by block."""
+def _merged_in_blocks(adapter: Adapter, path: str, stored: np.ndarray, *,
+                      block_elements: int) -> np.ndarray | Iterator[np.ndarray]:
+    """The merged weight of module `path` in the stored dtype, computed block of output rows by block:
+    for a (d, k) weight the blocks themselves, in file order (the whole merged weight never exists);
+    for a fan_in_fan_out (k, d) one, whose row blocks are column blocks of the file, the assembled array."""
     module = adapter.modules[path]
     fif = module.fan_in_fan_out
     d, k = (stored.shape[1], stored.shape[0]) if fif else stored.shape
-    merged = np.empty(stored.shape, dtype=stored.dtype)
     # At least r rows per block: refpeft.methods.lora refuses a factor B with fewer rows than its rank.
-    step = max(module.r, block_elements // max(k, 1))
+    step = max(module.r or 1, block_elements // max(k, 1))
     count = max(1, d // step)
     bounds = [d * i // count for i in range(count + 1)]  # `count` blocks of at least `step` rows
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        rows = slice(start, stop)
+
+    def block(rows: slice) -> np.ndarray:
         where = (slice(None), rows) if fif else (rows, slice(None))
-        block = merged_weight(module, np.asarray(stored[where], dtype=np.float64), shared=adapter.shared, rows=rows)
-        merged[where] = _rounded(block, stored.dtype)
+        merged = merged_weight(module, np.asarray(stored[where], dtype=np.float64), shared=adapter.shared, rows=rows)
+        return _rounded(merged, stored.dtype)
+
+    blocks = (block(slice(start, stop)) for start, stop in zip(bounds[:-1], bounds[1:]))
+    if not fif:
+        return blocks
+    merged = np.empty(stored.shape, dtype=stored.dtype)
+    for (start, stop), values in zip(zip(bounds[:-1], bounds[1:]), blocks):
+        merged[:, start:stop] = values
     return merged
 
 

@@ -261,3 +261,24 @@ def test_bfloat16_checkpoints_merge_to_the_nearest_bfloat16(tmp_path):
     exact = lora_merge(W0.double().numpy(), module.A, module.B, scaling=1.0)
     # within half a bfloat16 ulp (2^-8 relative), plus float32's rounding on the way (see docs/peft_files.md)
     assert np.all(np.abs(merged.astype(np.float64) - exact) <= np.abs(exact) * (2.0**-8 + 2.0**-23))
+
+
+def test_the_streaming_writer_holds_one_produced_tensor_at_a_time(tmp_path):
+    """merge's memory bound: when the next tensor is produced, the previous one is gone."""
+    import gc
+    import weakref
+
+    from refpeft.checkpoint import write_safetensors_streaming
+
+    alive = []
+
+    def produce(name: str) -> np.ndarray:
+        gc.collect()
+        assert [ref() is None for ref in alive] == [True] * len(alive), f"{name}: an earlier tensor is still held"
+        array = np.full((64, 64), float(len(alive)), dtype=np.float32)
+        alive.append(weakref.ref(array))
+        return array
+
+    entries = [(f"t{i}", "F32", (64, 64)) for i in range(4)]
+    write_safetensors_streaming(tmp_path / "out.safetensors", entries, produce)
+    assert len(alive) == 4
