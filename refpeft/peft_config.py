@@ -33,7 +33,7 @@ from refpeft.errors import ConfigError
 from refpeft.io import read_json_object
 from refpeft.methods import method_spec, peft_methods
 from refpeft.methods.spec import Method
-from refpeft.patterns import check_pattern, matches
+from refpeft.patterns import MATCH_SECONDS, check_pattern, matches
 from refpeft.saved_modules import check_adapter_saved, check_saved_entries, excluded_from_targets, written_entries
 
 CONFIG_NAME = "adapter_config.json"
@@ -84,7 +84,14 @@ LOHA_OPTIONS = {"peft_type", "r", "alpha", "rank_pattern", "alpha_pattern", "tar
 LOKR_OPTIONS = LOHA_OPTIONS | {"decompose_both", "decompose_factor", "rank_dropout_scale"}
 
 
-PEFT_TYPES = {"LORA": LORA_OPTIONS, "VERA": VERA_OPTIONS, "IA3": IA3_OPTIONS, "LOHA": LOHA_OPTIONS, "LOKR": LOKR_OPTIONS}
+# OFT: module_dropout acts only in training; num_cayley_neumann_terms and coft are checked in _check_config_values.
+OFT_OPTIONS = {"peft_type", "r", "oft_block_size", "target_modules", "exclude_modules", "modules_to_save", "init_weights",
+               "module_dropout", "use_cayley_neumann", "num_cayley_neumann_terms", "coft", "eps", "block_share",
+               "fan_in_fan_out", "bias"}
+
+
+PEFT_TYPES = {"LORA": LORA_OPTIONS, "VERA": VERA_OPTIONS, "IA3": IA3_OPTIONS, "LOHA": LOHA_OPTIONS, "LOKR": LOKR_OPTIONS,
+              "OFT": OFT_OPTIONS}
 # The peft_types scaled by alpha / r, and the config key of their alpha.
 ALPHA_KEYS = {"LORA": "lora_alpha", "LOHA": "alpha", "LOKR": "alpha"}
 
@@ -113,7 +120,7 @@ def targets(config: Mapping[str, Any], path: str) -> bool:
     """Whether PEFT's `target_modules` (minus `exclude_modules` and `modules_to_save`) selects the module `path`.
 
     A string is a regular expression full-matched against the path; a list selects a path equal
-    to an entry or ending in "." + entry. "all-linear" selects every linear layer and so cannot be
+    to an entry, or ending in "." + entry within `layers_to_transform` (`_in_layers`). "all-linear" selects every linear layer and so cannot be
     judged from the adapter alone (True).
     """
     if excluded_from_targets(path, config.get("modules_to_save") or []):
@@ -128,7 +135,29 @@ def targets(config: Mapping[str, Any], path: str) -> bool:
         return True
     if isinstance(target, str):
         return matches(target, path, mode="fullmatch", where="target_modules")
-    return any(path == t or path.endswith("." + t) for t in target)
+    if path in target:               # named in full: PEFT applies no layer restriction
+        return True
+    return any(path.endswith("." + t) for t in target) and _in_layers(config, path)
+
+
+def _in_layers(config: Mapping[str, Any], path: str) -> bool:
+    """PEFT's `layers_to_transform` rule (check_target_module_exists, list targets only): the path's
+    layer index is the number after the first `<layers_pattern>.` (`(?:^|.*?\\.)P\\.(\\d+)\\.`, each
+    pattern P in order, the first that matches), or without layers_pattern after the first
+    `<prefix>.<name>.` (`.*?\\.[^.]*\\.(\\d+)\\.`: the first number, not an expert's further in);
+    a path without one is not selected. An empty list selects every layer, as in PEFT."""
+    wanted = config.get("layers_to_transform")
+    if wanted is None or wanted == []:
+        return True
+    patterns = config.get("layers_pattern") or []
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    for regex_ in regexes:
+        found = check_pattern(regex_, where="layers_pattern").match(path, timeout=MATCH_SECONDS)
+        if found:
+            index = int(found.group("idx"))
+            return index == wanted if isinstance(wanted, int) else index in wanted
+    return False
 
 
 def feedforward(config: Mapping[str, Any], path: str) -> bool:
@@ -179,6 +208,9 @@ def peft_config(adapter: Adapter, *, save_projection: bool = True) -> dict[str, 
                       d_initial=adapter.config.get("d_initial", 0.1),
                       vera_dropout=adapter.config.get("vera_dropout", 0.0))
         return config
+    if spec.peft_type == "OFT":
+        config.update(peft_type="OFT", **spec.config_options(modules, adapter.config))
+        return config
     ranks = {p: m.r for p, m in modules.items()}
     alphas = {p: _plain_number(m.alpha) for p, m in modules.items()}
     r, alpha = _most_common(ranks), _most_common(alphas)
@@ -198,13 +230,18 @@ def peft_config(adapter: Adapter, *, save_projection: bool = True) -> dict[str, 
     config.update(peft_type="LORA", r=r, lora_alpha=alpha, rank_pattern=_patterns(ranks, r),
                   alpha_pattern=_patterns(alphas, alpha),
                   use_rslora=_one_value({p: m.rslora for p, m in modules.items()}, "rslora"),
-                  lora_bias=has_bias, init_lora_weights=True,
+                  lora_bias=has_bias, init_lora_weights=_init_lora_weights(adapter.config),
                   lora_dropout=adapter.config.get("lora_dropout", 0.0))
     return config
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    config = read_json_object(path)
+    return checked_config(read_json_object(path), source=path)
+
+
+def checked_config(config: dict[str, Any], *, source: str | os.PathLike) -> dict[str, Any]:
+    """An adapter_config.json's contents checked as `read_config` checks a file (defaults filled in place)."""
+    path = source
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str) or peft_type not in PEFT_TYPES:
         raise ConfigError(f"{path}: peft_type {peft_type!r} is not supported; refpeft reads "
@@ -234,7 +271,12 @@ def _check_config_values(config: dict[str, Any], path: Path) -> None:
         if type(config.get(name, False)) is not bool:
             raise ConfigError(f"{path}: {name} must be true or false, got {config[name]!r}")
 
-    positive_int("r", config.get("r", 8 if config["peft_type"] in ALPHA_KEYS else 256))
+    if config["peft_type"] == "OFT":          # r = 0 with oft_block_size is PEFT's default; the tensors give both
+        if config.get("coft") or config.get("num_cayley_neumann_terms", 5) != 5:
+            raise ConfigError(f"{path}: refpeft reads OFT with coft false and num_cayley_neumann_terms 5, got "
+                              f"coft={config.get('coft')!r}, num_cayley_neumann_terms={config.get('num_cayley_neumann_terms')!r}")
+    else:
+        positive_int("r", config.get("r", 8 if config["peft_type"] in ALPHA_KEYS else 256))
     for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "save_projection", "decompose_both"):
         flag(name)
     if config.get("modules_to_save") is not None:
@@ -251,6 +293,7 @@ def _check_config_values(config: dict[str, Any], path: Path) -> None:
             raise ConfigError(f"{path}: {name} must be a string or a list of strings, got {value!r}")
         if isinstance(value, str):
             check_pattern(value, where=f"{path}: {name}")
+    _check_layer_options(config, path)
     if config["peft_type"] in ALPHA_KEYS:
         config.setdefault("r", 8)
         config.setdefault(ALPHA_KEYS[config["peft_type"]], 8)
@@ -273,7 +316,8 @@ def _check_config_values(config: dict[str, Any], path: Path) -> None:
             raise ConfigError(
                 f"{path}: init_lora_weights = {init!r} rewrites the base weights, so these A and B only apply "
                 "to that rewritten base. Convert the adapter to a plain LoRA first with PEFT's "
-                "save_pretrained(..., path_initial_model_for_weight_conversion=...)")
+                "save_pretrained(..., path_initial_model_for_weight_conversion=...) or refpeft's "
+                "refpeft.methods.lora_init.convert_to_plain_lora")
         if config.get("lora_bias") and config.get("use_dora"):
             raise ConfigError(f"{path}: lora_bias with use_dora is not a combination PEFT supports")
     elif config["peft_type"] == "IA3":
@@ -295,6 +339,34 @@ def _check_config_values(config: dict[str, Any], path: Path) -> None:
             raise ConfigError(f"{path}: projection_prng_key must be an integer, got {config['projection_prng_key']!r}")
         if config.get("bias", "none") not in ("none", "vera_only", "all"):
             raise ConfigError(f"{path}: bias must be 'none', 'vera_only' or 'all', got {config['bias']!r}")
+
+
+def _check_layer_options(config: dict[str, Any], path: str | os.PathLike) -> None:
+    """layers_to_transform (an int or a list of them) and layers_pattern (a string or a list of them),
+    refused where PEFT's LoraConfig refuses them: with a regular-expression target_modules (which
+    they would not restrict), and layers_pattern without layers_to_transform."""
+    layers, pattern = config.get("layers_to_transform"), config.get("layers_pattern")
+    if layers is not None and not (type(layers) is int or (isinstance(layers, list) and
+                                                            all(type(i) is int for i in layers))):
+        raise ConfigError(f"{path}: layers_to_transform must be an integer or a list of integers, got {_shown(layers)}")
+    if pattern is not None and not (isinstance(pattern, str) or (isinstance(pattern, list) and
+                                                                 all(isinstance(p, str) for p in pattern))):
+        raise ConfigError(f"{path}: layers_pattern must be a string or a list of strings, got {_shown(pattern)}")
+    for name, value in (("layers_to_transform", layers), ("layers_pattern", pattern)):
+        if value is not None and isinstance(config.get("target_modules"), str):
+            raise ConfigError(f"{path}: {name} cannot be used when target_modules is a regular expression "
+                              "(PEFT refuses it: the pattern alone selects the modules)")
+    if pattern and layers is None:
+        raise ConfigError(f"{path}: layers_pattern needs layers_to_transform (PEFT refuses it too)")
+
+
+def _init_lora_weights(config: Mapping[str, Any]) -> bool | str:
+    """True, or the PiSSA/OLoRA init the adapter records it was made with: PEFT then rewrites the
+    original base the same way when it loads the file (refpeft.methods.lora_init). LoftQ's base is a
+    quantised weight saved on its own, so its adapter is written as a plain LoRA on that base, as
+    PEFT's LoftQ recipe saves it."""
+    init = config.get("init_lora_weights", True)
+    return init if isinstance(init, str) and init.lower().startswith(("pissa", "olora")) else True
 
 
 def _finite_float64(value: int | float) -> bool:

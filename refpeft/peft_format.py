@@ -70,7 +70,7 @@ OPTIONAL_FLAGS = {"bias": "lora_bias"}
 ADAPTED_BIAS_SUFFIX = "base_layer.bias"
 FACTORS = ("A", "B")   # a low-rank factor pair, (r, k) and (d, r); every other per-module tensor is 1-D
 MATRICES = (*FACTORS, "l")   # ... but IA3's l, which keeps PEFT's (d, 1) / (1, k): its shape says which side it scales
-MATRICES += (*LOHA.tensors, *LOKR.optional)   # and LoHa's and LoKr's factors, all 2-D
+MATRICES += (*LOHA.tensors, *LOKR.optional, "oft_R")   # and LoHa's and LoKr's factors and OFT's oft_R, all 2-D
 
 CONVERT_PICKLE = (
     "refpeft never unpickles files. Convert it where torch and peft are installed, e.g.\n"
@@ -203,7 +203,7 @@ def check_adapter(adapter: Adapter, *, config: Mapping[str, Any], source: str | 
             raise RankError(f"{key('B')} has shape {tuple(m.B.shape)}: its rank {m.B.shape[1]} disagrees "
                             f"with lora_A's {m.A.shape[0]}")
         expected_r, r_key = pattern_value(config.get("rank_pattern") or {}, path, config.get("r"))
-        if "r" in config and m.r != expected_r:                # IA3 has no rank
+        if "r" in config and expected_r != 0 and m.r != expected_r:   # IA3 has no rank; OFT's r = 0: from oft_block_size
             named = next((n for n in m.tensors if n not in spec.per_output), next(iter(m.tensors)))
             origin = f"rank_pattern[{r_key!r}]" if r_key is not None else "r"
             raise RankError(f"{key(named)} has rank {m.r} but {CONFIG_NAME} gives {origin} = {expected_r} for "

@@ -6,6 +6,8 @@
     vera.py     VeRA                        qlora.py  LoRA/DoRA on a frozen NF4/FP4 base
     ia3.py      (IA)^3: a learned vector scales a layer's outputs or inputs
     loha.py     LoHa (Hadamard product)     lokr.py   LoKr (Kronecker product)
+    lora_init.py  PiSSA, OLoRA, LoftQ (inits that rewrite the base) and their rank-2r conversion
+    oft.py      OFT: block-diagonal Cayley rotation of the input (Neumann and exact variants)
 
 `METHODS` maps a method's name to its row. File formats, checkpoint merging, fusion, the
 exporter, the conformance families, the model and the demo look a method up here instead of
@@ -20,10 +22,11 @@ from refpeft.methods.ia3 import IA3
 from refpeft.methods.loha import LOHA
 from refpeft.methods.lokr import LOKR
 from refpeft.methods.lora import LORA
+from refpeft.methods.oft import OFT
 from refpeft.methods.spec import Method
 from refpeft.methods.vera import VERA
 
-METHODS: dict[str, Method] = {m.name: m for m in (LORA, DORA, VERA, IA3, LOHA, LOKR)}
+METHODS: dict[str, Method] = {m.name: m for m in (LORA, DORA, VERA, IA3, LOHA, LOKR, OFT)}
 
 
 def method_spec(name: str) -> Method:

@@ -31,6 +31,11 @@ forward (`Model.weight`), and its gradients are returned under the same names. W
 embeddings the head multiplies by the embedding and its dW adds to "model.embed_tokens.weight";
 a saved "lm_head.weight" is a head of its own, and a saved embedding leaves the head on the
 frozen base embedding (PEFT's deep copies).
+
+Prompt learning: `prompt` (k, H) is put in front of e (refpeft.model.prompt_tuning; P-tuning's
+encoder computes one, refpeft.model.p_tuning); `prefix` is every layer's past keys and values
+(refpeft.model.prefix_tuning), its gradient attention's dk, dv at the past key positions. Both
+are returned as "prompt_embeddings", the name PEFT saves them under.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from refpeft.model.config import ModelConfig
 from refpeft.model.embedding import embedding_backward, embedding_forward
 from refpeft.model.loss import causal_lm_loss_backward, causal_lm_loss_forward
 from refpeft.model.mlp import swiglu_backward, swiglu_forward
+from refpeft.model.prefix_tuning import prefix_backward, prefix_forward
 from refpeft.model.prompt_tuning import prompt_backward, prompt_forward, prompt_labels, prompt_mask
 from refpeft.model.rmsnorm import rms_norm_backward, rms_norm_forward
 from refpeft.model.rope import rope_backward, rope_forward, rope_inverse_frequencies, rope_tables
@@ -69,6 +75,9 @@ class Model:
     # Prompt tuning's virtual-token embeddings P (k, H), put in front of every sequence
     # (refpeft.model.prompt_tuning); trained as "prompt_embeddings".
     prompt: Any = None
+    # Prefix tuning's per-layer keys and values as PEFT's table T (k, layers 2 kv_heads head_dim), the past
+    # of every layer (refpeft.model.prefix_tuning); trained as "prompt_embeddings", PEFT's name for it.
+    prefix: Any = None
 
     def linear_paths(self) -> list[str]:
         """Every linear layer's module path, in model order (the targets an adapter may name)."""
@@ -195,7 +204,10 @@ def forward(model: Model, ids: Any, *, attention_mask: Any = None, position_ids:
 
     attention_mask (b, past + s) of 0/1 as transformers takes it; position_ids default to
     past + 0 .. s - 1 (transformers' default, also with left padding). past: the keys and values
-    of earlier positions (generation); backward is not offered through a past. train_base: True for
+    of earlier positions (generation); backward returns no gradient for a given past. When none is
+    given, a model's prefix is the past, and its gradient is returned; the mask and positions are
+    then the s tokens' own, as PEFT takes them (it puts k ones in front of the mask and adds k to
+    given positions: refpeft.model.prefix_tuning). train_base: True for
     every base weight, or the checkpoint names of those to train (`trained_tensors`). record=False
     keeps nothing for a backward (generation, evaluation): each layer's weights and activations can
     go as soon as the next layer starts, and the returned tape is empty.
@@ -205,6 +217,17 @@ def forward(model: Model, ids: Any, *, attention_mask: Any = None, position_ids:
     if len(ids.shape) != 2:
         raise InputError(f"token ids have shape {tuple(ids.shape)}, expected (batch, sequence)")
     b, s = ids.shape
+    if model.prompt is not None and model.prefix is not None:
+        raise ConfigError("a model has prompt tuning's virtual tokens or a prefix, not both (PEFT trains one "
+                          "prompt-learning method at a time)")
+    tape = Tape(entries=[] if record else _Discarded(), trained=trained_tensors(model, train_base))
+    if model.prefix is not None and past is None:
+        table = xp.astype(model.prefix, model.weights["model.embed_tokens.weight"].dtype)   # PEFT casts it too
+        past, cache = prefix_forward(table, b, c)                                      # L x (K_i, V_i)
+        tape.entries.append(("prefix", cache))                                          # first: popped last
+        attention_mask = prompt_mask(attention_mask, int(model.prefix.shape[0]))
+        if position_ids is not None:                                                    # PEFT adds k to them
+            position_ids = position_ids + int(model.prefix.shape[0])
     offset = 0 if past is None else past[0][0].shape[2]
     k = 0 if model.prompt is None or past is not None else int(model.prompt.shape[0])    # virtual tokens
     if offset + k + s > c.max_position_embeddings:
@@ -213,7 +236,6 @@ def forward(model: Model, ids: Any, *, attention_mask: Any = None, position_ids:
     if k and position_ids is not None:
         raise ConfigError("position_ids with prompt tuning: the virtual tokens take positions 0 .. k - 1 and the "
                           "sequence the ones after them; leave position_ids out")
-    tape = Tape(entries=[] if record else _Discarded(), trained=trained_tensors(model, train_base))
     dtype = model.weights["model.embed_tokens.weight"].dtype
     if position_ids is None:
         position_ids = xp.broadcast_to(xp.arange(offset, offset + k + s, dtype=xp.int64)[None, :], (b, k + s))
@@ -256,14 +278,18 @@ def backward(model: Model, dlogits: Any, tape: Tape) -> dict[str, Any]:
     entries = list(tape.entries)
     d = _linear_backward(model, dlogits, entries.pop(), grads, tape)
     d = _norm_backward(d, entries.pop(), grads, tape)
+    dpast = []                                                                         # each layer's (dK, dV)
     for i in reversed(range(c.num_hidden_layers)):
-        d = _layer_backward(model, f"model.layers.{i}", d, entries, grads, tape)
+        d, dkv = _layer_backward(model, f"model.layers.{i}", d, entries, grads, tape)
+        dpast.insert(0, dkv)
     name, cache = entries.pop()
     if name == "prompt":
         grads["prompt_embeddings"], d = prompt_backward(d, cache)
         name, cache = entries.pop()
     if "model.embed_tokens.weight" in tape.trained:
         _accumulate(grads, "model.embed_tokens.weight", embedding_backward(d, cache))
+    if entries:                                                                        # ("prefix", cache)
+        grads["prompt_embeddings"] = prefix_backward(dpast, entries.pop()[1])
     return grads
 
 
@@ -303,7 +329,9 @@ def _layer_forward(model: Model, p: str, e: Any, cos: Any, sin: Any, mask: Any, 
     return e + _linear(model, f"{p}.mlp.down_proj", h, tape), (k, v)
 
 
-def _layer_backward(model: Model, p: str, de: Any, entries: list, grads: dict, tape: Tape) -> Any:
+def _layer_backward(model: Model, p: str, de: Any, entries: list, grads: dict, tape: Tape) -> tuple[Any, tuple]:
+    """d(layer input) and (dK, dV) of the past keys and values: attention's dk, dv at the first
+    sk - s key positions (after rope, so no rope to undo; refpeft.model.prefix_tuning)."""
     c, xp = model.config, namespace(de)
     b, s, _ = de.shape
     dh = _linear_backward(model, de, entries.pop(), grads, tape)                      # down_proj
@@ -314,7 +342,8 @@ def _layer_backward(model: Model, p: str, de: Any, entries: list, grads: dict, t
     da = _linear_backward(model, de, entries.pop(), grads, tape)                       # o_proj
     da = xp.permute_dims(xp.reshape(da, (b, s, c.num_attention_heads, c.head_dim)), (0, 2, 1, 3))
     att = attention_backward(da, entries.pop()[1])
-    d = {"q": att.dq, "k": att.dk, "v": att.dv}
+    n = att.dk.shape[2] - s                                                            # past keys
+    d = {"q": att.dq, "k": att.dk[:, :, n:, :], "v": att.dv[:, :, n:, :]}
     for name in ("k", "q"):                                                            # reverse of q, k
         d[name] = rope_backward(d[name], entries.pop()[1])
         if c.qk_norm:
@@ -324,7 +353,7 @@ def _layer_backward(model: Model, p: str, de: Any, entries: list, grads: dict, t
         flat = xp.reshape(xp.permute_dims(d[name], (0, 2, 1, 3)), (b, s, -1))
         dx = _linear_backward(model, flat, entries.pop(), grads, tape)
         dn = dx if dn is None else dn + dx
-    return de + _norm_backward(dn, entries.pop(), grads, tape)
+    return de + _norm_backward(dn, entries.pop(), grads, tape), (att.dk[:, :, :n, :], att.dv[:, :, :n, :])
 
 
 # --- linear layers and norms ----------------------------------------------------------------------

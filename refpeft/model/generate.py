@@ -115,6 +115,9 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     if model.prompt is not None:
         raise ConfigError("generation with prompt tuning's virtual tokens is not implemented yet (forward, loss and "
                           "gradients are: refpeft.model.prompt_tuning)")
+    if model.prefix is not None:
+        raise ConfigError("generation with a prefix is not implemented yet (forward, loss and gradients are: "
+                          "refpeft.model.prefix_tuning)")
     ids, mask = _left_pad(prompts, pad=pad, max_positions=model.config.max_position_embeddings,
                           max_new_tokens=max_new_tokens, xp=xp, device=_device(model))
     outputs: list[list[int]] = [[] for _ in prompts]

@@ -18,7 +18,7 @@ Backward: e's gradient de (b, k + s, H) splits at k:
 
 PEFT's initialisations: "RANDOM" (torch.nn.Embedding's N(0, 1)), "SAMPLE_VOCAB" (rows of the
 embedding at random token ids), "TEXT" (the embedding rows of a text's token ids, repeated or cut
-to k). Files: adapter_config.json (peft_type PROMPT_TUNING, num_virtual_tokens, token_dim,
+to k). Files (refpeft.model.prompt_files): adapter_config.json (peft_type PROMPT_TUNING, num_virtual_tokens, token_dim,
 num_transformer_submodules 1 for a decoder) and adapter_model.safetensors with "prompt_embeddings"
 (k, H), as PEFT saves them.
 """
@@ -34,11 +34,10 @@ from typing import Any
 import numpy as np
 
 from refpeft.backend import namespace
-from refpeft.errors import ConfigError, FormatError, ShapeError
-from refpeft.io import read_json_object, read_safetensors, write_safetensors, atomic_write_bytes
+from refpeft.errors import ConfigError, ShapeError
+from refpeft.model.prompt_files import read_prompt_learning, write_prompt_learning
 
 PEFT_TYPE = "PROMPT_TUNING"
-TENSOR = "prompt_embeddings"
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 IGNORE_INDEX = -100
 
@@ -99,36 +98,13 @@ def prompt_labels(labels: Any, k: int) -> Any:
 
 
 def read_prompt_tuning(directory: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
-    """P and the config of a PEFT PROMPT_TUNING folder; FormatError / ConfigError naming what is wrong."""
-    folder = Path(directory)
-    config = read_json_object(folder / "adapter_config.json")
-    if config.get("peft_type") != PEFT_TYPE:
-        raise ConfigError(f"{folder}: peft_type is {config.get('peft_type')!r}, not {PEFT_TYPE!r}")
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise ConfigError(f"{folder}: num_transformer_submodules {config['num_transformer_submodules']} is for "
-                          "encoder-decoder models; a decoder has 1")
-    tensors, _ = read_safetensors(folder / "adapter_model.safetensors")
-    if TENSOR not in tensors:
-        raise FormatError(f"{folder / 'adapter_model.safetensors'}: no {TENSOR!r} tensor (it has {sorted(tensors)[:4]})")
-    prompt = tensors[TENSOR]
-    k, dim = config.get("num_virtual_tokens"), config.get("token_dim")
-    if prompt.ndim != 2 or prompt.shape[0] != k or (dim is not None and prompt.shape[1] != dim):
-        raise ShapeError(f"{folder}: {TENSOR} has shape {prompt.shape}, the config says ({k}, {dim})")
-    return prompt, config
+    """P and the config of a PEFT PROMPT_TUNING folder (refpeft.model.prompt_files)."""
+    return read_prompt_learning(directory, peft_type=PEFT_TYPE, width=lambda config: config.get("token_dim"))
 
 
 def write_prompt_tuning(directory: str | os.PathLike, prompt: Any, *, num_attention_heads: int, num_layers: int,
                         base_model: str | None = None, init: str = "RANDOM") -> Path:
-    """P as a PEFT PROMPT_TUNING folder (weights, then config, each written atomically)."""
-    import json
-
-    folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    prompt = np.ascontiguousarray(np.asarray(prompt))
-    write_safetensors(folder / "adapter_model.safetensors", {TENSOR: prompt})
-    config = {"peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "num_virtual_tokens": int(prompt.shape[0]),
-              "token_dim": int(prompt.shape[1]), "num_transformer_submodules": 1,
-              "num_attention_heads": num_attention_heads, "num_layers": num_layers, "prompt_tuning_init": init,
-              "base_model_name_or_path": base_model, "inference_mode": True}
-    atomic_write_bytes(folder / "adapter_config.json", (json.dumps(config, indent=2) + "\n").encode())
-    return folder
+    """P as a PEFT PROMPT_TUNING folder (refpeft.model.prompt_files)."""
+    return write_prompt_learning(directory, prompt, {
+        "peft_type": PEFT_TYPE, "token_dim": int(np.shape(prompt)[1]), "num_attention_heads": num_attention_heads,
+        "num_layers": num_layers, "prompt_tuning_init": init, "base_model_name_or_path": base_model})
