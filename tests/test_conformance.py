@@ -75,8 +75,14 @@ def test_manifest_describes_every_tensor(fresh):
         assert set(m["inputs"]) == set(case.inputs) and set(m["results"]) == set(case.expected)
         for result, spec in m["results"].items():
             assert (spec["check"] == "bound") == (result in case.bounds)
+            if spec["check"] == "json":                 # a JSON value in the manifest, no tensor
+                assert case.expected[result] == spec["value"] and "tensor" not in spec
+                continue
             assert list(case.expected[result].shape) == spec["shape"]
         for inp, spec in m["inputs"].items():
+            if "json" in spec:
+                assert case.inputs[inp] == spec["json"] and "tensor" not in spec
+                continue
             assert str(case.inputs[inp].dtype) == spec["dtype"]
             if m["method"] not in ("quant", "qlora") and not spec["dtype"].startswith("int"):
                 # 4-bit states (uint8 codes, float32 scales), QLoRA's float32 adapters and the slot

@@ -18,6 +18,7 @@ import numpy as np
 from refpeft.conformance.check import Unsupported
 from refpeft.methods import method_spec
 from refpeft_peers import Runner, require
+from refpeft_peers.peft_adapter_config import adapter_config
 from refpeft_peers.peft_mixed import multi_adapter
 
 
@@ -325,6 +326,7 @@ HANDLERS = {
     "qlora_forward": _qlora, "qlora_backward": _qlora,
     "fusion_cat": _fusion_cat, "adam_step": _adam,
     "multi_adapter_bgmv": multi_adapter, "multi_adapter_sgmv": multi_adapter,
+    "adapter_config": adapter_config,
 }
 
 

@@ -108,6 +108,19 @@ def _multi_adapter(manifest: dict, inputs: dict) -> dict:
 INDEX_INPUTS = ("token_slots", "segment_starts", "segment_slots")
 
 
+def _adapter_config(manifest: dict, inputs: dict) -> dict:
+    """refpeft.peft_resolve.resolve_modules; a ConfigError is the result `refused`."""
+    import json
+
+    from refpeft.errors import ConfigError
+    from refpeft.peft_resolve import resolve_modules
+
+    try:
+        return {"modules": resolve_modules(json.loads(inputs["adapter_config"]), inputs["modules"])}
+    except ConfigError:
+        return {"refused": True}
+
+
 def _adam(manifest: dict, inputs: dict) -> dict:
     o, p = manifest["options"], manifest["parameters"]
     t = p["step"]
@@ -153,6 +166,7 @@ HANDLERS = {
     "quantize_4bit": _quantize, "dequantize_4bit": _dequantize,
     "fusion_cat": _fusion_cat, "adam_step": _adam,
     "multi_adapter_bgmv": _multi_adapter, "multi_adapter_sgmv": _multi_adapter,
+    "adapter_config": _adapter_config,
 }
 
 

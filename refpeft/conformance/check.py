@@ -13,6 +13,7 @@ lists, by name, as arrays of any float dtype (bit-exact results in their exact d
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import sys
@@ -25,6 +26,7 @@ import numpy as np
 
 from refpeft.conformance.vectors import LoadedCase, read_case, read_index
 from refpeft.errors import ConfigError
+from refpeft.io import read_json_object
 from refpeft.tolerance import compare
 
 Implementation = Callable[[dict, dict], "dict[str, Any] | None"]
@@ -36,10 +38,10 @@ class Unsupported(Exception):
 
 @dataclass(frozen=True)
 class ResultCheck:
-    """One result of one case: by bound (ratio) or bit for bit (differing bytes)."""
+    """One result of one case: by bound (ratio), bit for bit (differing bytes) or as a JSON value."""
 
     name: str
-    check: str                       # "bound" or "bytes"
+    check: str                       # "bound", "bytes" or "json"
     passed: bool
     ratio: float | None = None       # max |actual - expected| / bound
     max_error: float | None = None
@@ -71,10 +73,13 @@ class CaseReport:
 
 
 def check_result(name: str, spec: dict[str, Any], actual: Any, loaded: LoadedCase) -> ResultCheck:
-    """Compare one returned result with the expected tensor of the case."""
+    """Compare one returned result with the expected tensor (or JSON value) of the case."""
     expected = loaded.expected[name]
     if actual is None:
         return ResultCheck(name, spec["check"], False, message="not returned")
+    if spec["check"] == "json":
+        difference = json_difference(actual, expected)
+        return ResultCheck(name, "json", difference is None, message=difference or "")
     actual = np.asarray(actual)
     if tuple(actual.shape) != tuple(expected.shape):
         return ResultCheck(name, spec["check"], False,
@@ -95,12 +100,46 @@ def check_result(name: str, spec: dict[str, Any], actual: Any, loaded: LoadedCas
                        message="" if c.passed else c.describe())
 
 
+def json_difference(actual: Any, expected: Any, where: str = "") -> str | None:
+    """None when `actual` equals the JSON value `expected`, else where they first differ and how.
+
+    Objects compare key by key (the same keys), arrays element by element, numbers as float64
+    (16 == 16.0), true/false only with booleans (not with 1/0), strings and null exactly."""
+    at = f"at {where}: " if where else ""
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict):
+            return f"{at}{_short(actual)}, expected an object"
+        for key in sorted(set(expected) | set(actual), key=str):
+            if key not in actual or key not in expected:
+                return f"{at}key {key!r} {'missing' if key not in actual else 'not expected'}"
+            found = json_difference(actual[key], expected[key], f"{where}[{key!r}]")
+            if found:
+                return found
+        return None
+    if isinstance(expected, list):
+        if not isinstance(actual, (list, tuple)) or len(actual) != len(expected):
+            return f"{at}{_short(actual)}, expected a list of {len(expected)}"
+        return next((d for i, (a, e) in enumerate(zip(actual, expected))
+                     if (d := json_difference(a, e, f"{where}[{i}]"))), None)
+    numbers = (int, float, np.integer, np.floating)
+    same = (isinstance(actual, (bool, np.bool_)) and isinstance(expected, bool) and bool(actual) == expected) or (
+        isinstance(expected, numbers) and not isinstance(expected, bool) and isinstance(actual, numbers)
+        and not isinstance(actual, (bool, np.bool_)) and float(actual) == float(expected)) or (
+        (expected is None or isinstance(expected, str)) and type(actual) is type(expected) and actual == expected)
+    return None if same else f"{at}{_short(actual)}, expected {_short(expected)}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def check_case(impl: Implementation, loaded: LoadedCase, *, implementation: str,
                known_deviations: dict[str, str] | None = None) -> CaseReport:
     """Run `impl` on one case and compare every result; exceptions become an `error` status."""
     m = loaded.manifest
     base = dict(implementation=implementation, case=loaded.name, dtype=m["dtype"])
-    inputs = {name: array.copy() for name, array in loaded.inputs.items()}
+    inputs = {name: copy.deepcopy(value) for name, value in loaded.inputs.items()}   # arrays and JSON values
     try:
         outputs = impl(m, inputs)
     except Unsupported as exc:
@@ -132,8 +171,9 @@ def check_directory(impl: Implementation, directory: str | Path, *, implementati
 
 def results_directory(directory: str | Path) -> Implementation:
     """The files-only protocol: an implementation in any language writes, for each case NAME it
-    covers, `DIRECTORY/NAME.safetensors` holding one tensor per result name; cases without a file
-    are unsupported. `refpeft conformance check --results DIRECTORY` reads them."""
+    covers, `DIRECTORY/NAME.safetensors` holding one tensor per result name, and for JSON results
+    (the adapter_config family) `DIRECTORY/NAME.json`, an object {result name: value}; cases with
+    neither file are unsupported. `refpeft conformance check --results DIRECTORY` reads them."""
     from refpeft.checkpoint import SafetensorsFile
 
     root = Path(directory)
@@ -141,11 +181,14 @@ def results_directory(directory: str | Path) -> Implementation:
         raise ConfigError(f"--results {root}: no such directory")
 
     def read_results(manifest: dict, inputs: dict) -> dict[str, Any]:
-        path = root / f"{manifest['case']}.safetensors"
-        if not path.is_file():
-            raise Unsupported(f"no {path.name} in {root}")
-        results = SafetensorsFile(path)
-        return {name: np.array(results.read(name)) for name in results.keys()}
+        path, text = root / f"{manifest['case']}.safetensors", root / f"{manifest['case']}.json"
+        if not path.is_file() and not text.is_file():
+            raise Unsupported(f"no {path.name} or {text.name} in {root}")
+        found = read_json_object(text) if text.is_file() else {}
+        if path.is_file():
+            results = SafetensorsFile(path)
+            found.update({name: np.array(results.read(name)) for name in results.keys()})
+        return found
 
     return read_results
 

@@ -26,6 +26,7 @@ import numpy as np
 from refpeft import tolerance
 from refpeft.conformance.batch_families import SUMMARY as MULTI_ADAPTER_SUMMARY, multi_adapter_vectors
 from refpeft.conformance.case import Case, Family, Vectors, draw, exact_inputs, plain_results
+from refpeft.conformance.config_families import SUMMARY as ADAPTER_CONFIG_SUMMARY, adapter_config_vectors
 from refpeft.conformance.exact import exact_array, plain
 from refpeft.conformance.optim_quant_families import absmax_tensors, adam_step_vectors, dequantize_4bit_vectors, \
     quant_weight, quantize_4bit_vectors
@@ -391,6 +392,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            multi_adapter_vectors),
     Family("multi_adapter_sgmv", "multi_adapter", "SGMV layout (segment_starts, segment_slots): "
            + MULTI_ADAPTER_SUMMARY, multi_adapter_vectors),
+    Family("adapter_config", "config", ADAPTER_CONFIG_SUMMARY, adapter_config_vectors),
     Family("adam_step", "optim", "one torch.optim.Adam/AdamW step per parameter group (LoRA+: B at lr * ratio)",
            adam_step_vectors),
     Family("quantize_4bit", "quant", "NF4/FP4 blockwise codes of W packed two per byte (first element high "

@@ -6,6 +6,9 @@ Layout of a vectors directory (conformance/README.md is the specification for ot
     NAME.json               the manifest of case NAME (sizes, options, parameters, tensors, tolerance)
     NAME.safetensors        tensors "input.X", "expected.Y", "bound.Y"; metadata {"format": FORMAT}
 
+An input or result that is JSON rather than a tensor (the adapter-config cases) lives in the
+manifest itself: an input as {"json": VALUE}, a result as {"check": "json", "value": VALUE}.
+
 Both files are written byte-deterministically: JSON with sorted keys, two-space indent, a final
 newline and Python's shortest round-trip float repr; safetensors with a single metadata key (the
 format orders tensors by dtype then name, so the bytes depend only on the contents).
@@ -42,16 +45,24 @@ def _describe(array: np.ndarray) -> dict[str, Any]:
     return {"dtype": str(array.dtype), "shape": list(array.shape)}
 
 
+def _is_tensor(value: Any) -> bool:
+    """Whether a Vectors entry is a tensor (to the safetensors file) or a JSON value (to the manifest)."""
+    return isinstance(value, np.ndarray)
+
+
 def case_files(case: Case, vectors: Vectors) -> tuple[bytes, dict[str, Any]]:
     """The safetensors bytes and the manifest of one case."""
-    tensors = {INPUT + n: a for n, a in vectors.inputs.items()}
-    tensors.update({EXPECTED + n: a for n, a in vectors.expected.items()})
+    tensors = {INPUT + n: a for n, a in vectors.inputs.items() if _is_tensor(a)}
+    tensors.update({EXPECTED + n: a for n, a in vectors.expected.items() if _is_tensor(a)})
     tensors.update({BOUND + n: a for n, a in vectors.bounds.items()})
     data = safetensors.numpy.save({n: np.ascontiguousarray(a) for n, a in tensors.items()}, metadata={"format": FORMAT})
     family = FAMILIES[case.family]
     precision = Precision(case.dtype)
     results = {}
     for name, array in vectors.expected.items():
+        if not _is_tensor(array):
+            results[name] = {"check": "json", "value": array}
+            continue
         entry = {"tensor": EXPECTED + name, **_describe(array)}
         if name in vectors.bounds:
             entry.update(check="bound", bound=BOUND + name)
@@ -71,7 +82,8 @@ def case_files(case: Case, vectors: Vectors) -> tuple[bytes, dict[str, Any]]:
         "parameters": vectors.parameters,
         "file": f"{case.name}.safetensors",
         "sha256": hashlib.sha256(data).hexdigest(),
-        "inputs": {n: {"tensor": INPUT + n, **_describe(a)} for n, a in vectors.inputs.items()},
+        "inputs": {n: {"tensor": INPUT + n, **_describe(a)} if _is_tensor(a) else {"json": a}
+                   for n, a in vectors.inputs.items()},
         "results": results,
         "tolerance": {
             "model": precision.model,
@@ -150,7 +162,12 @@ def read_case(directory: Path, name: str) -> LoadedCase:
         if head + dot not in groups:
             raise FormatError(f"{data_path}: unexpected tensor {key!r}")
         groups[head + dot][rest] = array
+    groups[INPUT].update({name: spec["json"] for name, spec in manifest.get("inputs", {}).items()
+                          if isinstance(spec, dict) and "json" in spec})
     for result, spec in manifest["results"].items():
+        if spec["check"] == "json":
+            groups[EXPECTED][result] = spec.get("value")
+            continue
         needed = [EXPECTED] + ([BOUND] if spec["check"] == "bound" else [])
         missing = [prefix + result for prefix in needed if result not in groups[prefix]]
         if missing:
@@ -158,7 +175,7 @@ def read_case(directory: Path, name: str) -> LoadedCase:
     return LoadedCase(manifest, groups[INPUT], groups[EXPECTED], groups[BOUND])
 
 
-CHECKS = ("bytes", "bound")   # how a result is compared (refpeft.conformance.check.check_result)
+CHECKS = ("bytes", "bound", "json")   # how a result is compared (refpeft.conformance.check.check_result)
 
 
 def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
