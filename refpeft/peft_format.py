@@ -124,8 +124,12 @@ def write_peft_adapter(directory: str | os.PathLike, adapter: Adapter, *, save_p
     LoRA and DoRA modules are written as peft_type "LORA" (all modules one method: PEFT's use_dora
     is per config), VeRA as "VERA" with the projections saved unless save_projection=False (then
     Adapter.config must hold the `projection_prng_key` they were drawn from). Arrays keep their
-    dtype. Returns the directory.
+    dtype. Returns the directory. Methods PEFT does not have (Pre-Diag, SORA) are refused.
     """
+    foreign = sorted({m.method for m in adapter.modules.values() if m.spec.peft_type is None})
+    if foreign:
+        raise ConfigError(f"{', '.join(foreign)} adapters have no PEFT file format (PEFT has no such method); "
+                          "keep them as refpeft objects or merge them into the weights")
     folder = Path(directory)
     source, config_path = adapter_files(folder)
     config = peft_config(adapter, save_projection=save_projection)

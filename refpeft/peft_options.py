@@ -49,6 +49,12 @@ OFT_OPTIONS = {"peft_type", "r", "oft_block_size", "target_modules", "exclude_mo
                "fan_in_fan_out", "bias"}
 
 
+# AdaLoRA (PEFT's AdaLoraConfig, a LoraConfig): read by refpeft.adalora_format, not the generic reader,
+# since its rank_pattern holds boolean masks. The schedule fields only drive training; r is unused.
+ADALORA_OPTIONS = LORA_OPTIONS - {"use_dora", "use_rslora", "lora_bias", "alpha_pattern"} | {
+    "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step"}
+
+
 PEFT_TYPES = {"LORA": LORA_OPTIONS, "VERA": VERA_OPTIONS, "IA3": IA3_OPTIONS, "LOHA": LOHA_OPTIONS, "LOKR": LOKR_OPTIONS,
               "OFT": OFT_OPTIONS}
 # The peft_types scaled by alpha / r, and the config key of their alpha.

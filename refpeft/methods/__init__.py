@@ -8,6 +8,7 @@
     loha.py     LoHa (Hadamard product)     lokr.py   LoKr (Kronecker product)
     lora_init.py  PiSSA, OLoRA, LoftQ (inits that rewrite the base) and their rank-2r conversion
     oft.py      OFT: block-diagonal Cayley rotation of the input (Neumann and exact variants)
+    prediag.py  Pre-Diag: diag(D) W0 + s B A   sora.py  SORA: diag(s) R W0 + s B A  (refpeft-only: peft_type None)
 
 `METHODS` maps a method's name to its row. File formats, checkpoint merging, fusion, the
 exporter, the conformance families, the model and the demo look a method up here instead of
@@ -23,10 +24,12 @@ from refpeft.methods.loha import LOHA
 from refpeft.methods.lokr import LOKR
 from refpeft.methods.lora import LORA
 from refpeft.methods.oft import OFT
+from refpeft.methods.prediag import PREDIAG
+from refpeft.methods.sora import SORA
 from refpeft.methods.spec import Method
 from refpeft.methods.vera import VERA
 
-METHODS: dict[str, Method] = {m.name: m for m in (LORA, DORA, VERA, IA3, LOHA, LOKR, OFT)}
+METHODS: dict[str, Method] = {m.name: m for m in (LORA, DORA, VERA, IA3, LOHA, LOKR, OFT, PREDIAG, SORA)}
 
 
 def method_spec(name: str) -> Method:

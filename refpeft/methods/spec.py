@@ -26,7 +26,7 @@ class Method:
 
     name: str                          # "lora": the key of the method table and ModuleAdapter.method
     summary: str                       # one line for listings (`refpeft inspect`)
-    peft_type: str                     # PEFT's peft_type of the files it is saved in ("LORA", "VERA")
+    peft_type: str | None              # PEFT's peft_type of its files ("LORA", "VERA"); None: refpeft-only (prediag, sora)
     peft_flags: Mapping[str, Any]      # adapter_config.json keys that select it within peft_type
     tensors: Mapping[str, str]         # per-module tensor name -> PEFT key suffix after "base_model.model.<p>."
     trainable: tuple[str, ...]         # the tensors training updates
