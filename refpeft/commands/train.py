@@ -1,4 +1,4 @@
-"""`refpeft train`: fine-tune a LoRA, rsLoRA, DoRA or VeRA adapter (or every weight) and write it as a PEFT folder."""
+"""`refpeft train`: fine-tune an adapter, virtual tokens (prompt, P-tuning, prefix) or every weight; write a PEFT folder."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ tokenizer's chat template, with the loss on the response only (refpeft.train.dat
 --modules-to-save lm_head (PEFT's modules_to_save) also trains the modules it names in full,
 each starting as a copy of the base's, and saves them in the adapter.
 
+--method prompt, p-tuning or prefix trains --virtual-tokens virtual tokens on the frozen base
+(PEFT's PROMPT_TUNING, P_TUNING with --encoder mlp|lstm, PREFIX_TUNING with --projection) and
+writes PEFT's folder of the method: the virtual tokens (or per-layer keys and values) themselves.
+
 Writes OUTPUT_DIR/adapter_model.safetensors + adapter_config.json, which PEFT's
 PeftModel.from_pretrained loads (--method full writes config.json + model.safetensors instead; the
 tokenizer stays with BASE), and checkpoints in OUTPUT_DIR/checkpoints (every --save-every steps and
@@ -41,7 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="FILE", help="training text, or .jsonl instruction/chat data")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT_DIR", help="folder for the adapter and checkpoints")
     a = p.add_argument_group("what to train")
-    a.add_argument("--method", default="lora", help="lora, rslora, dora, vera, ia3 or full (default lora)")
+    a.add_argument("--method", default="lora",
+                   help="lora, rslora, dora, vera, ia3, full, or prompt, p-tuning, prefix (default lora)")
     a.add_argument("--targets", default="q_proj,v_proj",
                    help="comma-separated layer names as PEFT's target_modules, or all-linear (default q_proj,v_proj)")
     a.add_argument("--rank", type=int, default=8, help="rank r (default 8)")
@@ -53,6 +58,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="modules trained in full and saved whole, PEFT's modules_to_save (e.g. lm_head)")
     a.add_argument("--nf4", action="store_true",
                    help="QLoRA: store every projection as bitsandbytes' NF4 (block 64, double quantised) under the adapter")
+    v = p.add_argument_group("prompt learning (--method prompt, p-tuning, prefix; refpeft.train.prompt_learning)")
+    v.add_argument("--virtual-tokens", type=int, default=8, metavar="K", help="virtual tokens k (default 8)")
+    v.add_argument("--prompt-init", default="random",
+                   help="prompt: random, sample-vocab or text, PEFT's prompt_tuning_init (default random)")
+    v.add_argument("--prompt-init-text", default=None, metavar="TEXT", help="the text of --prompt-init text")
+    v.add_argument("--projection", action="store_true", help="prefix: train through PEFT's reparameterisation MLP")
+    v.add_argument("--encoder", default="mlp", help="p-tuning: the prompt encoder, mlp or lstm (default mlp)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, required=True, help="optimiser steps")
     o.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
@@ -95,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from refpeft.model.decoder import Model, check_adapter_targets, quantize_linear_layers
     from refpeft.model.load import load_model
     from refpeft.train.adapters import FULL
+    from refpeft.train.prompt_learning import PROMPT_METHODS
     from refpeft.train.checkpoints import latest_checkpoint, resume
     from refpeft.train.data import read_dataset
     from refpeft.train.state import TrainingConfig
@@ -122,7 +135,10 @@ def run(args: argparse.Namespace) -> int:
     if args.method == FULL and args.modules_to_save.strip():
         raise ConfigError("--modules-to-save trains whole modules next to an adapter; --method full trains every "
                           "weight already")
-    model = base if args.method == FULL else replace(base, adapter=_new_adapter(base, args))
+    if args.method in PROMPT_METHODS:
+        model = _new_prompt_learning(base, args, tokenizer)
+    else:
+        model = base if args.method == FULL else replace(base, adapter=_new_adapter(base, args))
     check_adapter_targets(model)
     dataset = read_dataset(args.data, tokenizer, block_size=args.block_size)
     forgetting, held_out = forgetting_settings(args, model, tokenizer)
@@ -177,6 +193,26 @@ def forgetting_settings(args: argparse.Namespace, model: Any, tokenizer: Any) ->
     return settings, held_out
 
 
+def _new_prompt_learning(base: Any, args: argparse.Namespace, tokenizer: Any) -> Any:
+    """The base with a fresh prompt-learning encoder (refpeft.train.prompt_learning), after refusing
+    the options that do not apply to it."""
+    from refpeft.train.prompt_learning import new_prompt_learning
+
+    refused = [flag for flag, on in (("--modules-to-save", args.modules_to_save.strip()),
+                                     ("--loraplus-ratio", args.loraplus_ratio is not None), ("--ewc", args.ewc))
+               if on]
+    if args.method != "prefix":      # k virtual positions in front of the logits: no base logits to compare with
+        refused += [flag for flag, on in (("--distill", args.distill), ("--general", args.general)) if on]
+    if refused:
+        raise ConfigError(f"{', '.join(refused)} do not apply to --method {args.method}")
+    init = args.prompt_init.upper().replace("-", "_")
+    if init != "TEXT" and args.prompt_init_text is not None:
+        raise ConfigError("--prompt-init-text is the text of --prompt-init text")
+    text_ids = None if init != "TEXT" else tokenizer.encode(args.prompt_init_text or "")
+    return new_prompt_learning(base, args.method, k=args.virtual_tokens, init=init, text_ids=text_ids,
+                               projection=args.projection, encoder=args.encoder.upper(), seed=args.seed)
+
+
 def _new_adapter(base: Any, args: argparse.Namespace) -> Any:
     from refpeft.train.adapters import ALL_LINEAR, new_adapter
 
@@ -216,6 +252,13 @@ def _write_result(model: Any, output: Path, *, source: str) -> str:
     from refpeft.train.adapters import trainable_parameters
 
     count = sum(int(t.size) for t in trainable_parameters(model).values())
+    if model.prompt_encoder is not None:
+        from refpeft.train.prompt_learning import prompt_method, write_prompt_folder
+
+        write_prompt_folder(output, model, base_model=source)
+        k = int((model.prompt if model.prefix is None else model.prefix).shape[0])
+        return (f"wrote {output}: {prompt_method(model)} tuning's {k} virtual tokens ({count} trained parameters) "
+                f"on {source}, for PeftModel.from_pretrained")
     if model.adapter is None:
         save_model_folder(output, model.config, dict(model.weights))
         return f"wrote {output}: the fully fine-tuned model ({count} parameters trained), a model folder"

@@ -78,6 +78,9 @@ class Model:
     # Prefix tuning's per-layer keys and values as PEFT's table T (k, layers 2 kv_heads head_dim), the past
     # of every layer (refpeft.model.prefix_tuning); trained as "prompt_embeddings", PEFT's name for it.
     prefix: Any = None
+    # The tensors (PEFT's names) of the encoder that computes `prompt` or `prefix` while they train
+    # (refpeft.train.prompt_learning); the decoder reads only prompt / prefix.
+    prompt_encoder: Mapping[str, Any] | None = None
 
     def linear_paths(self) -> list[str]:
         """Every linear layer's module path, in model order (the targets an adapter may name)."""

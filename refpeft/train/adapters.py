@@ -55,6 +55,7 @@ from refpeft.patterns import matches
 from refpeft.peft_format import PREFIX, tensor_key
 from refpeft.quant.state import QuantState4bit
 from refpeft.saved_modules import check_adapter_saved, select_saved
+from refpeft.train.prompt_learning import encoder_parameters, with_encoder
 
 # The adapters `refpeft train` makes: a training name -> (the method table's row, its init options);
 # rsLoRA is LoRA with s = alpha / sqrt(r). FULL trains every weight and has no adapter.
@@ -136,9 +137,16 @@ def saved_module_copies(model: Model, modules_to_save: Sequence[str]) -> dict[st
     return copies
 
 
+def full_fine_tuning(model: Model) -> bool:
+    """Whether a run trains every weight: no adapter and no prompt-learning encoder."""
+    return model.adapter is None and model.prompt_encoder is None
+
+
 def trainable_parameters(model: Model) -> dict[str, Any]:
-    """The trained tensors by the decoder's gradient names: the adapter's and its saved modules', or
-    every weight when it has none."""
+    """The trained tensors by the decoder's gradient names: the adapter's and its saved modules', a
+    prompt-learning encoder's (refpeft.train.prompt_learning), or every weight when it has neither."""
+    if model.prompt_encoder is not None:
+        return encoder_parameters(model)
     if model.adapter is None:
         return dict(model.weights)
     params = {f"{path}.{name}": module.tensors[name]
@@ -153,6 +161,8 @@ def with_parameters(model: Model, params: Mapping[str, Any]) -> Model:
         unknown, missing = sorted(set(params) - set(expected)), sorted(set(expected) - set(params))
         raise ConfigError(f"parameters do not match the model's trained tensors (unknown {unknown[:3]}, "
                           f"missing {missing[:3]})")
+    if model.prompt_encoder is not None:
+        return with_encoder(model, params)
     if model.adapter is None:
         return replace(model, weights={**model.weights, **params})
     updates: dict[str, dict[str, Any]] = {}

@@ -5,6 +5,7 @@ Layout, under the run's directory:
     checkpoints/step-000005/
         adapter/                  the trained adapter as a PEFT folder (refpeft.peft_format.write_peft_adapter),
         model/                    or, for full fine-tuning, a model folder (refpeft.model.weights.save_model_folder)
+        prompt_encoder.safetensors  or, for prompt learning, the encoder's tensors (refpeft.train.prompt_learning)
         optimizer.safetensors     moments, step counts and parameter groups (refpeft.optim.save_adam_state)
         trainer_state.json        format, step, data_position, the TrainingConfig, the data's fingerprint
     checkpoints/latest.json       {"checkpoint": "step-000005"}
@@ -41,6 +42,7 @@ from refpeft.model.weights import load_model_folder, save_model_folder
 from refpeft.optim import ParamGroup, load_adam_state, save_adam_state
 from refpeft.peft_format import read_peft_adapter, write_peft_adapter
 from refpeft.train.adapters import optimizer_groups, trainable_parameters, with_parameters
+from refpeft.train.prompt_learning import ENCODER_FILE, read_encoder, save_encoder
 from refpeft.train.state import TrainingConfig, TrainingState
 
 STATE_FORMAT = "refpeft-training-state/1"
@@ -59,13 +61,15 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainingState, config: 
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
         model = state.model
-        if model.adapter is None:
+        if model.prompt_encoder is not None:
+            save_encoder(staging / ENCODER_FILE, model)
+        elif model.adapter is None:
             save_model_folder(staging / "model", model.config, dict(model.weights))
         else:
             write_peft_adapter(staging / "adapter", model.adapter)
         save_adam_state(str(staging / "optimizer.safetensors"), state.adam, groups)
         record = {"format": STATE_FORMAT, "step": state.step, "data_position": state.data_position,
-                  "mode": "full" if model.adapter is None else "adapter", "config": _plain(config),
+                  "mode": _mode(model), "config": _plain(config),
                   "data_fingerprint": data_fingerprint}
         atomic_write_bytes(staging / "trainer_state.json", (json.dumps(record, indent=2) + "\n").encode())
         final = root / name
@@ -109,7 +113,7 @@ def resume(directory: str | os.PathLike, model: Model, config: TrainingConfig, *
     _same_config(record.get("config", {}), _plain(config), where=folder)
     if record.get("data_fingerprint") != data_fingerprint:
         raise ConfigError(f"{folder}: the checkpoint was trained on other data (or another tokenizer or block size)")
-    mode = "full" if model.adapter is None else "adapter"
+    mode = _mode(model)
     if record.get("mode") != mode:
         raise ConfigError(f"{folder}: the checkpoint is of {record.get('mode')!r} training, this run is {mode!r}")
     expected = trainable_parameters(model)
@@ -134,6 +138,8 @@ def resume(directory: str | os.PathLike, model: Model, config: TrainingConfig, *
 
 def _saved_parameters(folder: Path, model: Model) -> dict[str, np.ndarray]:
     """The checkpoint's trained tensors by the decoder's names, after checking the adapter's settings."""
+    if model.prompt_encoder is not None:
+        return read_encoder(folder / ENCODER_FILE)
     if model.adapter is None:
         embed = model.weights["model.embed_tokens.weight"]
         _, weights = load_model_folder(folder / "model", dtype=dtype_name(embed.dtype, xp=namespace(embed)))
@@ -157,6 +163,10 @@ def _saved_parameters(folder: Path, model: Model) -> dict[str, np.ndarray]:
     return {**{f"{path}.{name}": to_numpy(module.tensors[name])
                for path, module in adapter.modules.items() for name in module.spec.trainable},
             **{name: to_numpy(value) for name, value in adapter.saved_modules.items()}}
+
+
+def _mode(model: Model) -> str:
+    return "prompt" if model.prompt_encoder is not None else "full" if model.adapter is None else "adapter"
 
 
 def _plain(config: TrainingConfig) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from refpeft.train.checkpoints import save_checkpoint
 from refpeft.train.data import TokenDataset
 from refpeft.train.gradients import add_gradients, clip_by_global_norm, global_norm
 from refpeft.train.objective import Forgetting, add_terms, micro_batch_terms, prior_terms, step_batches, step_penalty
+from refpeft.train.prompt_learning import encoder_gradients
 from refpeft.train.schedules import lr_multiplier
 from refpeft.train.state import TrainingConfig, TrainingState
 
@@ -82,6 +83,7 @@ def training_step(state: TrainingState, dataset: TokenDataset, config: TrainingC
             terms_j, grads_j = prior_terms(state.model, forgetting, position=state.data_position + j * b, size=b,
                                            count=G, seed=config.seed)
             terms, grads = add_terms(terms, terms_j), add_gradients(grads, grads_j)
+    grads = encoder_gradients(state.model, grads)          # prompt learning: d(prompt) -> the encoder's tensors
     penalty, penalty_grads = step_penalty(state.model, forgetting)
     terms, grads = add_terms(terms, penalty), add_gradients(grads, penalty_grads) if penalty_grads else grads
     loss = sum(terms.values())

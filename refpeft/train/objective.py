@@ -31,6 +31,8 @@ from refpeft.errors import ConfigError
 from refpeft.model.decoder import Model, backward, forward
 from refpeft.model.distillation import distillation_backward, distillation_forward
 from refpeft.model.loss import causal_lm_loss_backward, causal_lm_loss_forward
+from refpeft.model.prompt_tuning import prompt_labels
+from refpeft.train.adapters import full_fine_tuning
 from refpeft.train.data import Batch, TokenDataset, micro_batch, pad_batch, stream_indices
 from refpeft.train.ewc import ewc_penalty
 
@@ -81,7 +83,7 @@ def step_batches(dataset: TokenDataset, forgetting: Forgetting | None, *, positi
 
 def base_of(model: Model, forgetting: Forgetting) -> Model:
     """The frozen base: the adapter disabled, or theta0 for full fine-tuning."""
-    if model.adapter is not None:
+    if not full_fine_tuning(model):
         return Model(model.config, model.weights)
     if forgetting.base_weights is None:
         raise ConfigError("distillation during full fine-tuning needs the base weights theta0")
@@ -92,7 +94,7 @@ def micro_batch_terms(model: Model, batch: Batch, forgetting: Forgetting | None,
                       count: int, num_items_in_batch: int | None = None) -> tuple[dict[str, float], dict[str, Any]]:
     """The micro-batch's weighted loss terms ({"task": ..., "distill": ...}) and their summed gradients."""
     ids, labels, mask = _arrays(model, batch)
-    logits, tape, _ = forward(model, ids, attention_mask=mask, train_base=model.adapter is None)
+    logits, tape, _ = forward(model, ids, attention_mask=mask, train_base=full_fine_tuning(model))
     loss, cache = causal_lm_loss_forward(logits, labels, num_items_in_batch=num_items_in_batch)
     dlogits = causal_lm_loss_backward(loss_weight, cache)
     terms = {"task": float(loss) * loss_weight}
@@ -111,7 +113,7 @@ def prior_terms(model: Model, forgetting: Forgetting, *, position: int, size: in
     """lambda_p / G times the task loss of the prior set's micro-batch at `position`, and its gradients."""
     batch = micro_batch(forgetting.prior, start=position, size=size, seed=seed + 2)
     ids, labels, mask = _arrays(model, batch)
-    logits, tape, _ = forward(model, ids, attention_mask=mask, train_base=model.adapter is None)
+    logits, tape, _ = forward(model, ids, attention_mask=mask, train_base=full_fine_tuning(model))
     loss, cache = causal_lm_loss_forward(logits, labels)
     weight = forgetting.prior_weight / count
     return {"prior": float(loss) * weight}, backward(model, causal_lm_loss_backward(weight, cache), tape)
@@ -146,6 +148,8 @@ def drift(model: Model, general: TokenDataset, *, batch_size: int = 4, base_weig
 
 
 def _arrays(model: Model, batch: Batch) -> tuple[Any, Any, Any]:
+    """ids, labels, mask as the model's arrays; prompt tuning's k virtual positions get labels -100."""
     embed = model.weights["model.embed_tokens.weight"]
     xp = namespace(embed)
-    return tuple(from_numpy(a, xp=xp, like=embed) for a in (batch.ids, batch.labels, batch.attention_mask))
+    ids, labels, mask = (from_numpy(a, xp=xp, like=embed) for a in (batch.ids, batch.labels, batch.attention_mask))
+    return ids, labels if model.prompt is None else prompt_labels(labels, int(model.prompt.shape[0])), mask
