@@ -20,7 +20,14 @@ import numpy as np
 from hypothesis import strategies as st
 
 from refpeft.quant.blockwise import BLOCKSIZES
-from refpeft.quant.codebooks import FP4_THRESHOLDS_CUDA, NF4_CODE, NF4_THRESHOLDS_CUDA, thresholds
+from refpeft.quant.codebooks import (
+    FP4_THRESHOLDS_CUDA,
+    NF4_CODE,
+    NF4_THRESHOLDS_CUDA,
+    TORCHAO_NF4_CODE,
+    midpoints,
+    thresholds,
+)
 
 DTYPES = ("float32", "float16", "bfloat16")
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -84,7 +91,8 @@ def _plant_boundaries(x: np.ndarray, start: int, stop: int, rng: np.random.Gener
         int(np.clip(round(case.log10_scale * 3.32), -14, 14))
     absmax = np.float32(2.0**exponent)
     t = np.asarray(sorted({*NF4_THRESHOLDS_CUDA, *FP4_THRESHOLDS_CUDA, *thresholds("nf4", "bnb-cpu"),
-                           *thresholds("fp4", "bnb-cpu"), *NF4_CODE}), dtype=np.float32)
+                           *thresholds("fp4", "bnb-cpu"), *NF4_CODE, *midpoints(TORCHAO_NF4_CODE)}),
+                   dtype=np.float32)
     t = np.concatenate([t, -t])
     near = np.concatenate([t, np.nextafter(t, np.float32(2)), np.nextafter(t, np.float32(-2))])
     values = (near * absmax).astype(np.float64)
@@ -92,3 +100,22 @@ def _plant_boundaries(x: np.ndarray, start: int, stop: int, rng: np.random.Gener
     x[start:stop] = rng.choice(values, size=count)
     x[start + int(rng.integers(count))] = absmax * rng.choice([-1.0, 1.0])
     x[start:stop] = np.clip(x[start:stop], -absmax, absmax)
+
+
+@st.composite
+def torchao_cases(draw, *, max_n: int = 2**15) -> tuple[QuantCase, int]:
+    """(case, scaler_block_size) for the shapes torchao's to_nf4 accepts: n a multiple of
+    block_size * scaler_block_size, even, 1-D or 2-D. Planted boundaries include the midpoints
+    of torchao's table (argmin ties)."""
+    blocksize = draw(st.sampled_from([16, 32, 64]))
+    scaler_block_size = draw(st.sampled_from([8, 16, 64, 256]))
+    unit = blocksize * scaler_block_size
+    n = unit * draw(st.integers(1, max(1, max_n // unit)))
+    dtype = draw(st.sampled_from(DTYPES))
+    low, high = (-7.0, 4.0) if dtype == "float16" else (-30.0, 30.0)
+    cols = draw(st.sampled_from([c for c in (1, 2, 16, 64, 96, 320) if n % c == 0]))
+    case = QuantCase(n=n, cols=cols, blocksize=blocksize, dtype=dtype,
+                     log10_scale=draw(st.one_of(st.just(0.0), st.floats(low, high))),
+                     zero_blocks=draw(st.booleans()), boundaries=draw(st.booleans()),
+                     seed=draw(st.integers(0, 2**32 - 1)))
+    return case, scaler_block_size

@@ -108,6 +108,23 @@ def _multi_adapter(manifest: dict, inputs: dict) -> dict:
 INDEX_INPUTS = ("token_slots", "segment_starts", "segment_slots")
 
 
+def _moe_lora(manifest: dict, inputs: dict) -> dict:
+    """refpeft.methods.moe_lora in the case's dtype (bfloat16 cases in float32)."""
+    from refpeft.methods.moe_lora import moe_lora_backward, moe_lora_forward, moe_lora_merge
+
+    dtype = np.float32 if manifest["dtype"] == "bfloat16" else manifest["dtype"]
+    f = {name: np.asarray(a, dtype=dtype) for name, a in inputs.items() if name != "top_k_index"}
+    s, layout = manifest["parameters"]["scaling"], manifest["options"]["layout"]
+    if manifest["family"] == "moe_lora_merge":
+        return {"W_merged": moe_lora_merge(f["W"], f["A"], f["B"], scaling=s, layout=layout)}
+    y, cache = moe_lora_forward(f["x"], f["W"], f["A"], f["B"], top_k_index=inputs["top_k_index"],
+                                top_k_weights=f["top_k_weights"], scaling=s, layout=layout)
+    if manifest["family"] == "moe_lora_forward":
+        return {"y": y}
+    g = moe_lora_backward(f["dy"], cache)
+    return {"dx": g.dx, "dA": g.dA, "dB": g.dB, "dtop_k_weights": g.dtop_k_weights}
+
+
 def _adapter_config(manifest: dict, inputs: dict) -> dict:
     """refpeft.peft_resolve.resolve_modules; a ConfigError is the result `refused`."""
     import json
@@ -167,6 +184,7 @@ HANDLERS = {
     "fusion_cat": _fusion_cat, "adam_step": _adam,
     "multi_adapter_bgmv": _multi_adapter, "multi_adapter_sgmv": _multi_adapter,
     "adapter_config": _adapter_config,
+    "moe_lora_forward": _moe_lora, "moe_lora_backward": _moe_lora, "moe_lora_merge": _moe_lora,
 }
 
 

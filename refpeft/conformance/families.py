@@ -28,6 +28,8 @@ from refpeft.conformance.batch_families import SUMMARY as MULTI_ADAPTER_SUMMARY,
 from refpeft.conformance.case import Case, Family, Vectors, draw, exact_inputs, plain_results
 from refpeft.conformance.config_families import SUMMARY as ADAPTER_CONFIG_SUMMARY, adapter_config_vectors
 from refpeft.conformance.exact import exact_array, plain
+from refpeft.conformance.moe_families import BACKWARD as MOE_BACKWARD, FORWARD as MOE_FORWARD, \
+    MERGE as MOE_MERGE, moe_lora_vectors
 from refpeft.conformance.optim_quant_families import absmax_tensors, adam_step_vectors, dequantize_4bit_vectors, \
     quant_weight, quantize_4bit_vectors
 from refpeft.errors import ConfigError
@@ -392,6 +394,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            multi_adapter_vectors),
     Family("multi_adapter_sgmv", "multi_adapter", "SGMV layout (segment_starts, segment_slots): "
            + MULTI_ADAPTER_SUMMARY, multi_adapter_vectors),
+    Family("moe_lora_forward", "moe_lora", MOE_FORWARD, moe_lora_vectors),
+    Family("moe_lora_backward", "moe_lora", MOE_BACKWARD, moe_lora_vectors),
+    Family("moe_lora_merge", "moe_lora", MOE_MERGE, moe_lora_vectors),
     Family("adapter_config", "config", ADAPTER_CONFIG_SUMMARY, adapter_config_vectors),
     Family("adam_step", "optim", "one torch.optim.Adam/AdamW step per parameter group (LoRA+: B at lr * ratio)",
            adam_step_vectors),

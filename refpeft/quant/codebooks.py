@@ -77,6 +77,11 @@ NF4_CODE = (
     1.0,
 )
 
+# torchao's NF4Tensor table: NF4_CODE written to four decimals (torchao 0.18, nf4_tensor.py), stored
+# in the weight's dtype (Python float -> float32 -> bfloat16/float16: two roundings, as torch does).
+TORCHAO_NF4_CODE = (-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
+                    0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0)
+
 NF4_THRESHOLDS_CUDA = tuple(
     f32_from_hex(h)
     for h in (

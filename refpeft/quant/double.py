@@ -9,11 +9,18 @@
     absmax'      = f32(f32(map[code] * nested_absmax[c]) + offset)  # dequantised, two roundings
 
 Numeric choices:
-- offset: bitsandbytes takes `absmax.mean()` in float32, whose summation order is the device's
-  (torch's CPU cascade sum, a CUDA tree), so no order reproduces "bitsandbytes" in general.
-  refpeft uses the float32 value nearest the mean accumulated in float64 (almost always the
-  correctly rounded mean), and accepts an explicit `offset=` to reproduce a stored state.
-  Dequantisation always reads the stored offset, so it is exact either way.
+- offset: bitsandbytes takes `absmax.mean()` in float32, whose summation order is the device's.
+  "bnb-cpu" reproduces torch's CPU order (refpeft.quant.torch_sum.torch_cpu_mean, identical on
+  every x86 CPU) with one thread. That is bitsandbytes' offset, bit for bit, whenever
+  n_blocks < 32768 (torch sums those in one piece) or torch ran single-threaded; for larger
+  absmaxes torch splits the sum across its T threads, so pass
+  `offset=torch_cpu_mean(absmax, threads=T)` to match a T-thread run (conformance/FINDINGS.md F-7).
+  If that float32 sum overflows (bitsandbytes stores offset = inf, FINDINGS F-12) refpeft keeps
+  the float64 mean below instead, so the weight stays recoverable.
+  "bnb-cuda": CUDA's reduction tree is not reproduced; refpeft uses the float32 value nearest
+  the mean accumulated in float64 (almost always the correctly rounded mean).
+  An explicit `offset=` reproduces any stored state; dequantisation always reads the stored
+  offset, so it is exact either way.
 - the nearest code, by `rounding=`:
   "bnb-cuda": the CUDA kernel's search (`dQuantize`): seven halving steps from index 127 compare
   vn > map[pivot]; the final pivot is always even, and the value goes to whichever neighbour lies
@@ -32,6 +39,7 @@ Numeric choices:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +47,7 @@ from refpeft.backend import check_float_array, namespace, require_shape
 from refpeft.errors import ConfigError, DTypeError, ShapeError
 from refpeft.quant.blockwise import RECIPROCAL_OVERFLOW, split_blocks
 from refpeft.quant.codebooks import ROUNDINGS, dynamic_map, midpoints
+from refpeft.quant.torch_sum import torch_cpu_mean
 
 NESTED_BLOCKSIZE = 256
 _CPU_BINS = 65536
@@ -64,7 +73,9 @@ def quantize_absmax(absmax: Any, *, rounding: str = "bnb-cuda", offset: float | 
     if absmax.shape[0] == 0:
         raise ShapeError("absmax is empty: nothing to quantise")
     if offset is None:
-        offset = float(xp.astype(xp.mean(xp.astype(absmax, xp.float64)), xp.float32))
+        offset = torch_cpu_mean(absmax) if rounding == "bnb-cpu" else math.inf
+        if not math.isfinite(offset):  # bnb-cuda, or torch's float32 sum overflowed (F-12)
+            offset = float(xp.astype(xp.mean(xp.astype(absmax, xp.float64)), xp.float32))
     n = absmax.shape[0]
     v = split_blocks(absmax - xp.asarray(offset, dtype=xp.float32), NESTED_BLOCKSIZE, xp=xp)  # (nc, 256)
     nested_absmax = xp.max(xp.abs(v), axis=1)                                               # (nc,)
