@@ -86,3 +86,23 @@ def test_trained_base_biases_replace_the_frozen_ones(tmp_path) -> None:
     result = compare(y, reference_forward(stack, trained, x), graph_bound(stack, trained, x, form="unmerged",
                                                                          dtype="float32"))
     assert result.passed
+
+
+def test_load_stack_reads_only_the_layers_it_builds(tmp_path, monkeypatch):
+    """Issue 17: exporting one layer of a large base must not load the others."""
+    from refpeft.checkpoint import SafetensorsFile
+    from refpeft.quant import quantize_4bit, to_state_dict
+
+    rng = np.random.default_rng(0)
+    tensors = {"a.weight": rng.standard_normal((4, 8)).astype(np.float32), "a.bias": np.zeros(4, np.float32),
+               "b.weight": rng.standard_normal((4, 4)).astype(np.float32),
+               **to_state_dict(quantize_4bit(rng.standard_normal((4, 64)).astype(np.float32)), prefix="c.weight")}
+    write_safetensors(tmp_path / "base.safetensors", tensors)
+    read = []
+    original = SafetensorsFile.read
+    monkeypatch.setattr(SafetensorsFile, "read", lambda self, name: read.append(name) or original(self, name))
+    stack = load_stack(tmp_path / "base.safetensors", layers=["a"])
+    assert [layer.name for layer in stack.layers] == ["a"] and sorted(read) == ["a.bias", "a.weight"]
+    read.clear()
+    assert load_stack(tmp_path / "base.safetensors", layers=["c"]).layers[0].nf4 is not None
+    assert all(name.startswith("c.weight") for name in read) and read

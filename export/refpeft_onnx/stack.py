@@ -31,8 +31,9 @@ import numpy as np
 
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.backend import to_numpy
+from refpeft.checkpoint import SafetensorsFile
 from refpeft.errors import ConfigError, FormatError, ShapeError
-from refpeft.io import metadata_json, read_safetensors, require_float, write_safetensors
+from refpeft.io import metadata_json, require_float, write_safetensors
 from refpeft.methods.linear import base_forward, linear_shape
 from refpeft.quant import QuantState4bit, dequantize_blockwise_4bit, from_state_dict
 from refpeft.quant.bnb_layout import quantized_prefixes
@@ -224,33 +225,53 @@ def load_stack(path: str | Path, *, layers: list[str] | None = None, activation:
     (refpeft.quant.bnb_layout: `<layer>.weight` uint8 plus its absmax and quant_state record) are
     read as NF4 layers.
     """
-    tensors, metadata = read_safetensors(path)
-    states = {p[: -len(".weight")]: from_state_dict(tensors, prefix=p, source=str(path))
-              for p in quantized_prefixes(tensors) if p.endswith(".weight")}
-    stored = stack_metadata(metadata, source=path)
-    weights = sorted(name[: -len(".weight")] for name in tensors if name.endswith(".weight"))
+    base = SafetensorsFile(path)     # the header only: each tensor is read when a layer needs it
+    tensors = _MappedTensors(base)
+    stored = stack_metadata(base.metadata, source=path)
+    weights = sorted(name[: -len(".weight")] for name in base.keys() if name.endswith(".weight"))
     order = layers or stored.get("layers")
     if order is None:
         if len(weights) != 1:
             raise FormatError(f"{path}: {len(weights)} weights ({weights}) and no layer order in the metadata "
                               f"key {STACK_METADATA_KEY!r}; give the order (--layers)")
         order = weights
-    missing = [name for name in order if f"{name}.weight" not in tensors]
+    missing = [name for name in order if f"{name}.weight" not in base]
     if missing:
         raise FormatError(f"{path}: no weight for layer(s) {missing}; the file has {weights}")
+    quantized = set(quantized_prefixes(dict.fromkeys(base.keys())))
+    states = {name: from_state_dict(tensors, prefix=f"{name}.weight", source=str(path))
+              for name in order if f"{name}.weight" in quantized}
     transposed = set(stored.get("fan_in_fan_out", []))
 
     def float64(key: str) -> np.ndarray:  # float8, integer and bool tensors are refused by name
         return np.asarray(require_float(tensors[key], name=key, source=path), dtype=np.float64)
 
     def layer(name: str) -> BaseLinear:
-        bias = None if f"{name}.bias" not in tensors else float64(f"{name}.bias")
+        bias = None if f"{name}.bias" not in base else float64(f"{name}.bias")
         if name in states:
             return with_nf4(BaseLinear(name, np.zeros(states[name].shape), bias), states[name])
         return BaseLinear(name, float64(f"{name}.weight"), bias, fan_in_fan_out=name in transposed)
 
     built = tuple(layer(name) for name in order)
     return LinearStack(built, activation=activation or stored.get("activation", "relu"))
+
+
+class _MappedTensors(Mapping):
+    """A safetensors file as a read-only mapping whose values are read (memory-mapped) on access."""
+
+    def __init__(self, base: SafetensorsFile):
+        self.base = base
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self.base:
+            raise KeyError(key)
+        return self.base.read(key)
+
+    def __iter__(self):
+        return iter(self.base.keys())
+
+    def __len__(self) -> int:
+        return len(self.base.tensors)
 
 
 def stack_metadata(metadata: Mapping[str, str], *, source: str | os.PathLike) -> dict[str, Any]:

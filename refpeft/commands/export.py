@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from refpeft.commands import options
+
 HELP = "export an adapter and its base to ONNX (merged, or unmerged with swappable adapter inputs; NF4 bases)"
 
 DESCRIPTION = """\
@@ -68,9 +70,8 @@ def add_base_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="the graph's dtype (default: %(default)s)")
     p.add_argument("--nf4", action="store_true", help="store the frozen weights as NF4")
-    p.add_argument("--blocksize", type=int, default=64, help="NF4 block size (default: %(default)s)")
-    p.add_argument("--no-double-quant", action="store_true",
-                   help="NF4: keep the absmax in float32 (4.5 bits/parameter at block 64) instead of 8-bit codes")
+    p.add_argument("--blocksize", type=options.blocksize, default=64, help="NF4 block size (default: %(default)s)")
+    options.add_double_quant(p)
 
 
 def load(args: argparse.Namespace):
@@ -81,7 +82,7 @@ def load(args: argparse.Namespace):
     layers = args.layers.split(",") if args.layers else None
     stack, adapter = load_inputs(args.base, args.adapter, layers=layers, activation=args.activation)
     if args.nf4:
-        stack = quantize_stack(stack, blocksize=args.blocksize, double_quant=not args.no_double_quant)
+        stack = quantize_stack(stack, blocksize=args.blocksize, double_quant=args.double_quant)
     return stack, adapter
 
 
@@ -131,7 +132,7 @@ def run_decoder(args: argparse.Namespace) -> int:
     if stack_only:
         raise ConfigError(f"{', '.join(stack_only)} apply to a stack of linear layers, not to a whole model")
     model, tokenizer = load_base(args.base, nf4_blocksize=args.blocksize if args.nf4 else None,
-                                 double_quant=not args.no_double_quant)
+                                 double_quant=args.double_quant)
     adapters = read_adapters(model, args.adapters)
     inputs = [args.base, *(spec.rpartition("=")[2] for spec in args.adapters)]
     result = export_decoder(args.output, model, tokenizer, adapters, form=args.form, dtype=args.dtype,

@@ -60,7 +60,7 @@ def run_decoder(args: argparse.Namespace) -> int:
     if args.model is None:
         raise ConfigError("a whole model's adapter file needs --model: the decoder graph it is for")
     model, _ = load_base(args.base, nf4_blocksize=args.blocksize if args.nf4 else None,
-                         double_quant=not args.no_double_quant)
+                         double_quant=args.double_quant)
     [(name, adapter)] = read_adapters(model, [args.adapter]).items()
     path = export_decoder_adapter(args.output, args.model, model, adapter)
     print(f"refpeft export-adapter: {name} ({adapter.method}, {len(adapter.modules)} modules), checked against "

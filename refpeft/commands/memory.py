@@ -7,7 +7,6 @@ import argparse
 from refpeft.commands import options
 from refpeft.errors import ConfigError
 from refpeft.memory import BYTES, LINEARS, PRESETS, ModelShape, format_table, memory_table
-from refpeft.quant.blockwise import BLOCKSIZES
 
 HELP = "memory of full fine-tuning vs LoRA vs QLoRA for a model's dimensions (formulas in docs/memory.md)"
 
@@ -36,8 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="precision of the (non-quantised) weights and of full fine-tuning (default: %(default)s)")
     p.add_argument("--adapter-precision", choices=sorted(BYTES), default="float32",
                    help="precision of adapter weights and gradients (default: %(default)s, PEFT's)")
-    p.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=64, help="4-bit block size (default: %(default)s)")
-    p.add_argument("--no-double-quant", action="store_true", help="QLoRA without double quantisation")
+    p.add_argument("--blocksize", type=options.blocksize, default=64, help="4-bit block size (default: %(default)s)")
+    options.add_double_quant(p)
     p.set_defaults(func=run, command="memory")
 
 
@@ -53,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     rows = memory_table(model, rank=args.rank, targets=targets, precision=args.precision,
                         adapter_precision=args.adapter_precision, blocksize=args.blocksize,
-                        double_quant=not args.no_double_quant)
+                        double_quant=args.double_quant)
     name = args.model or f"h={model.hidden} f={model.intermediate} L={model.layers} V={model.vocab}"
     print(f"{name}: {model.parameters():,} parameters; rank {args.rank} on {', '.join(targets)}; "
           f"{args.precision} weights, {args.adapter_precision} adapters, NF4 block {args.blocksize}"
-          f"{'' if args.no_double_quant else ' + double quantisation'}")
+          f"{' + double quantisation' if args.double_quant else ''}")
     print(format_table(rows))
     return 0

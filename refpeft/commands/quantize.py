@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from pathlib import Path
@@ -10,13 +11,15 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from refpeft.checkpoint import SafetensorsFile, dtype_code, write_safetensors_streaming
+from refpeft.commands import options
 from refpeft.errors import ConfigError, NonFiniteError
-from refpeft.io import check_outputs, read_safetensors, require_float, write_safetensors
+from refpeft.io import check_outputs, require_float
 from refpeft.patterns import matches
-from refpeft.quant.blockwise import BLOCKSIZES
 from refpeft.quant.bnb_layout import to_state_dict
+from refpeft.quant.chunked import flat_chunks, quantization_error, quantize_4bit_chunked
 from refpeft.quant.codebooks import QUANT_TYPES, ROUNDINGS
-from refpeft.quant.state import dequantize_4bit, nominal_bits_per_parameter, quantize_4bit, stored_bytes
+from refpeft.quant.state import QuantState4bit, nominal_bits_per_parameter, stored_bytes
 
 HELP = "quantise a safetensors file's weights to NF4/FP4 in the bitsandbytes layout and report the error"
 
@@ -33,15 +36,19 @@ Per tensor it reports the RMS error, the relative Frobenius error ||W - Q(W)|| /
 largest absolute error, then the bits per quantised parameter measured from the stored bytes.
 A NaN or infinity anywhere is refused before anything is written; the output is written
 atomically (temporary file, then rename).
+
+Memory: the input is memory-mapped and read one tensor at a time, each weight quantised in chunks
+of 2^18 elements, and the output streamed to disk: the peak is about one tensor above the baseline,
+whatever the checkpoint's size. Each weight is quantised twice (the file's header, written first,
+holds the double-quantisation offset, known only once a weight is quantised); it costs ~0.1 s per
+64 MiB.
 """
 
 DEFAULT_INCLUDE = r"weight$"
 DEFAULT_EXCLUDE = r"(embed|lm_head|wte|wpe)"
 
-# The float formats a weight may be stored in. Importing ml_dtypes registers "bfloat16" with NumPy,
-# which is what lets safetensors' NumPy reader and writer (refpeft.io) handle bfloat16 tensors.
-_FLOAT_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16",
-                np.dtype(ml_dtypes.bfloat16): "bfloat16"}
+# The float formats bitsandbytes quantises (a float64 weight is refused by name, not rounded silently).
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("quantize", help=HELP, description=DESCRIPTION,
@@ -50,8 +57,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, help="safetensors file to write (bitsandbytes 4-bit layout)")
     p.add_argument("positional_output", nargs="?", type=Path, metavar="OUTPUT", help="the same, given positionally")
     p.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4", help="4-bit code (default: %(default)s)")
-    p.add_argument("--blocksize", type=int, choices=BLOCKSIZES, default=64, help="block size (default: %(default)s)")
-    p.add_argument("--double-quant", action="store_true", help="also quantise the absmaxes to 8 bits (QLoRA's recipe)")
+    p.add_argument("--blocksize", type=options.blocksize, default=64, help="block size (default: %(default)s)")
+    options.add_double_quant(p)
     p.add_argument("--rounding", choices=ROUNDINGS, default="bnb-cuda",
                    help="which bitsandbytes implementation to reproduce bit for bit (default: %(default)s)")
     p.add_argument("--include", default=DEFAULT_INCLUDE, help="regex of tensor names to quantise (default: %(default)s)")
@@ -68,36 +75,48 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{problem}: -o/--output OUTPUT.safetensors (or OUTPUT after the input)")
     args.output = args.output or args.positional_output
     check_outputs([args.output], inputs=[args.input])
-    tensors, _ = read_safetensors(args.input)
-    selected = [name for name, a in tensors.items()
-                if a.ndim == 2 and _named(args.include, name, "--include")
-                and not (args.exclude and _named(args.exclude, name, "--exclude"))]
-    for name in selected:  # refuse before quantising or writing anything
-        require_float(tensors[name], name=name, source=args.input, accepted=_FLOAT_NAMES,
-                      hint="; leave it out with --exclude (it is then copied as it is)")
-        bad = int(np.count_nonzero(~np.isfinite(tensors[name].astype(np.float32))))
-        if bad:
-            raise NonFiniteError(f"{args.input}: tensor {name!r} holds {bad} non-finite value(s); nothing was written")
-    out = {n: v for n, v in tensors.items() if n not in selected}
-    print(f"refpeft quantize: {len(selected)} of {len(tensors)} tensors to {args.quant_type} (block {args.blocksize}"
+    base = SafetensorsFile(args.input)
+    names = base.keys()
+    selected = {name for name in names
+                if len(base.info(name).shape) == 2 and _named(args.include, name, "--include")
+                and not (args.exclude and _named(args.exclude, name, "--exclude"))}
+    quantize = functools.partial(_quantize, base, quant_type=args.quant_type, blocksize=args.blocksize,
+                                 double_quant=args.double_quant, rounding=args.rounding)
+    # Pass 1 (nothing written): refuse what cannot be quantised, and learn each weight's layout (the
+    # quant_state record holds the double-quantisation offset, known only once quantised).
+    entries = []
+    for name in tqdm(names, desc="checking", unit="tensor", disable=args.no_progress, file=sys.stderr):
+        if name in selected:
+            entries += [(key, dtype_code(a.dtype), a.shape) for key, a in to_state_dict(quantize(name), prefix=name).items()]
+        else:
+            entries.append((name, base.info(name).dtype, base.info(name).shape))
+    print(f"refpeft quantize: {len(selected)} of {len(names)} tensors to {args.quant_type} (block {args.blocksize}"
           f"{', double quantisation' if args.double_quant else ''}, rounding {args.rounding})")
     print(f"{'tensor':<48}{'shape':>16}{'rms err':>12}{'rel err':>10}{'max err':>12}")
+    # Pass 2: quantise again, one weight at a time, as the writer asks for its tensors.
+    held: dict[str, np.ndarray] = {}   # the other tensors of the weight being written
     total_sq = total_ref = 0.0
     stored = params = 0
-    for name in tqdm(selected, desc="quantising", unit="tensor", disable=args.no_progress, file=sys.stderr):
-        array = tensors[name]
-        dtype = _FLOAT_NAMES[array.dtype]
-        weight = array if dtype == "float16" else array.astype(np.float32)
-        state = quantize_4bit(weight, quant_type=args.quant_type, blocksize=args.blocksize,
-                              double_quant=args.double_quant, rounding=args.rounding, dtype=dtype)
-        error = np.asarray(dequantize_4bit(state), dtype=np.float64) - weight.astype(np.float64)
-        sq, ref = float(np.sum(error**2)), float(np.sum(weight.astype(np.float64) ** 2))
-        total_sq, total_ref = total_sq + sq, total_ref + ref
+
+    def produce(key: str) -> np.ndarray:
+        nonlocal total_sq, total_ref, stored, params
+        if key in held:
+            return held.pop(key)
+        if key not in selected:
+            return base.read(key)
+        state = quantize(key)
+        error = quantization_error(base.read(key), state)
+        total_sq, total_ref = total_sq + error.squared_error, total_ref + error.squared_norm
         stored, params = stored + sum(stored_bytes(state).values()), params + state.numel
-        print(f"{name:<48}{str(state.shape):>16}{math.sqrt(sq / state.numel):>12.4e}"
-              f"{math.sqrt(sq / ref) if ref else 0.0:>10.4f}{float(np.max(np.abs(error))):>12.4e}")
-        out.update(to_state_dict(state, prefix=name))
-    write_safetensors(args.output, out)
+        tqdm.write(f"{key:<48}{str(state.shape):>16}{error.rms:>12.4e}{error.relative:>10.4f}"
+                   f"{error.max_abs_error:>12.4e}", file=sys.stdout)
+        held.update(to_state_dict(state, prefix=key))
+        return held.pop(key)
+
+    with tqdm(total=sum(base.info(n).nbytes for n in names), desc="writing", unit="B", unit_scale=True,
+              disable=args.no_progress, file=sys.stderr) as bar:
+        write_safetensors_streaming(args.output, entries, produce, metadata=base.metadata or None,
+                                    progress=lambda key, _: bar.update(base.info(key).nbytes if key in base else 0))
     if params:
         print(f"total: relative error {math.sqrt(total_sq / total_ref) if total_ref else 0.0:.4f}, "
               f"{8 * stored / params:.4f} bits per quantised parameter from the stored codes and constants "
@@ -105,6 +124,17 @@ def run(args: argparse.Namespace) -> int:
               "without partial blocks)")
     print(f"wrote {args.output}")
     return 0
+
+
+def _quantize(base: SafetensorsFile, name: str, **options) -> QuantState4bit:
+    """Weight `name` of `base` quantised a chunk at a time; a weight that is not float32, float16 or
+    bfloat16, or holds a NaN or infinity, is refused by name."""
+    weight = require_float(base.read(name), name=name, source=base.path, accepted=_FLOAT_DTYPES,
+                           hint="; leave it out with --exclude (it is then copied as it is)")
+    bad = sum(int(np.count_nonzero(~np.isfinite(piece.astype(np.float32)))) for piece in flat_chunks(weight))
+    if bad:
+        raise NonFiniteError(f"{base.path}: tensor {name!r} holds {bad} non-finite value(s); nothing was written")
+    return quantize_4bit_chunked(weight, **options)
 
 
 def _named(pattern: str, name: str, option: str) -> bool:
