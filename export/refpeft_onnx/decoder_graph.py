@@ -40,6 +40,7 @@ from refpeft.errors import ConfigError
 from refpeft.methods import method_spec
 from refpeft.model.decoder import Model, dense_weight
 from refpeft.model.rope import rope_inverse_frequencies, rope_tables
+from refpeft.model.weights import LazyTensors
 from refpeft.quant import QuantState4bit
 
 from refpeft_onnx.builder import DEFAULT_OPSET, ExternalData, GraphBuilder
@@ -65,20 +66,21 @@ class DecoderBranches:
     biases: frozenset[str]
 
 
-def decoder_layers(model: Model, *, trained_biases: Mapping[str, object] | None = None) -> dict[str, BaseLinear]:
-    """Every linear layer of `model` as a frozen BaseLinear (module path -> layer); 4-bit bases keep
+def decoder_layers(model: Model, *, trained_biases: Mapping[str, object] | None = None) -> Mapping[str, BaseLinear]:
+    """Every linear layer of `model` as a frozen BaseLinear (module path -> layer), made when it is
+    looked up (the weights may be read lazily: refpeft.model.weights.LazyTensors); 4-bit bases keep
     their NF4 state and `weight` is its dequantised float32 values (refpeft_onnx.stack.with_nf4).
     trained_biases: an adapter's trained base biases (PEFT's bias="lora_only"/"all"), in place of the model's."""
-    layers = {}
-    for path in model.linear_paths() + (["lm_head"] if model.config.tie_word_embeddings else []):
+    def layer(path: str) -> BaseLinear:
         W = model.linear_weight(path)
         bias = (trained_biases or {}).get(path, model.bias(path))
         bias = None if bias is None else as_float64(bias)
         if isinstance(W, QuantState4bit):       # with_nf4 puts the dequantised values in place of the placeholder
-            layers[path] = with_nf4(BaseLinear(path, np.broadcast_to(np.float32(0.0), tuple(W.shape)), bias), W)
-        else:
-            layers[path] = BaseLinear(path, dense_weight(model, path), bias)
-    return layers
+            return with_nf4(BaseLinear(path, np.broadcast_to(np.float32(0.0), tuple(W.shape)), bias), W)
+        return BaseLinear(path, dense_weight(model, path), bias)
+
+    paths = model.linear_paths() + (["lm_head"] if model.config.tie_word_embeddings else [])
+    return LazyTensors(paths, layer)
 
 
 def branches(adapters: Mapping[str, Adapter]) -> DecoderBranches:

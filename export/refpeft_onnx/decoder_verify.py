@@ -32,6 +32,7 @@ import onnx
 
 from refpeft.adapter import Adapter
 from refpeft.model.decoder import Model, forward
+from refpeft.model.weights import LazyTensors
 from refpeft.rounding import rounding_bound
 from refpeft.tolerance import compare
 
@@ -85,32 +86,20 @@ def verify_decoder(model: str | os.PathLike, reference: Model, adapters: Mapping
     return VerificationReport(tuple(checks), dtype, "probabilistic")
 
 
-class Converted(Mapping):
-    """Tensors by name, each passed through `convert` when it is read: a float64 (or noisy) model
-    that never holds all its converted weights at once (with forward(..., record=False), one layer's)."""
-
-    def __init__(self, tensors: Mapping[str, Any], convert: Callable[[Any], Any]) -> None:
-        self.tensors, self.convert = tensors, convert
-
-    def __getitem__(self, name: str) -> Any:
-        return self.convert(self.tensors[name])
-
-    def __iter__(self):
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-
 def float64_model(model: Model) -> Model:
     """The reference decoder in float64: every linear layer as the graph computes it (4-bit bases
-    dequantised to float32 values, refpeft_onnx.decoder_graph.decoder_layers), no adapter."""
-    tensors = {name: w for name, w in model.weights.items() if name.endswith(("norm.weight", "bias"))
-               or name == "model.embed_tokens.weight"}
-    for path, layer in decoder_layers(model).items():
-        if path != "lm_head" or not model.config.tie_word_embeddings:
-            tensors[f"{path}.weight"] = layer.weight
-    return Model(model.config, Converted(tensors, as_float64))
+    dequantised to float32 values, refpeft_onnx.decoder_graph.decoder_layers), no adapter. Each
+    tensor is read and converted when forward looks it up (LazyTensors): with forward(...,
+    record=False) the float64 model is never held whole."""
+    layers = decoder_layers(model)
+    tied = model.config.tie_word_embeddings
+
+    def read(name: str) -> np.ndarray:
+        path = name.removesuffix(".weight")
+        linear = name.endswith(".weight") and path in layers and not (tied and path == "lm_head")
+        return as_float64(layers[path].weight if linear else model.weights[name])
+
+    return Model(model.config, LazyTensors(list(model.weights), read))
 
 
 def with_float64_adapter(model64: Model, adapter: Adapter) -> Model:
@@ -119,8 +108,8 @@ def with_float64_adapter(model64: Model, adapter: Adapter) -> Model:
                for path, module in adapter.modules.items()}
     shared = {n: as_float64(getattr(adapter, n)) for n in ("vera_A", "vera_B") if getattr(adapter, n) is not None}
     biases = {f"{path}.bias": as_float64(b) for path, b in adapter.base_biases.items()}
-    weights = Converted({**model64.weights.tensors, **biases}, as_float64) if isinstance(model64.weights, Converted) \
-        else {**model64.weights, **biases}
+    base = model64.weights
+    weights = LazyTensors(list(dict.fromkeys([*base, *biases])), lambda n: biases[n] if n in biases else base[n])
     return Model(model64.config, weights, replace(adapter, modules=modules, **shared))
 
 
@@ -145,7 +134,7 @@ def reference_logits(model64: Model, ids: np.ndarray, mask: np.ndarray, position
 
 
 def _wrapped(model: Model, wrap: Callable[[Any], Any]) -> Model:
-    weights = Converted(model.weights, wrap)
+    weights = LazyTensors(list(model.weights), lambda name: wrap(model.weights[name]))
     adapter = model.adapter
     if adapter is not None:
         adapter = replace(adapter, modules={p: m.replace(**{n: wrap(t) for n, t in m.tensors.items() if t is not None})

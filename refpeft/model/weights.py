@@ -40,7 +40,8 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -107,6 +108,25 @@ def read_config(folder: str | os.PathLike) -> ModelConfig:
         return config_from_dict(raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+class LazyTensors(Mapping):
+    """Tensors by name, each made by `read(name)` when it is looked up and not kept: weights seen
+    through a conversion (float64, noise, a dequantised layer) without holding them all at once."""
+
+    def __init__(self, names: list[str], read: Callable[[str], Any]) -> None:
+        self.names, self.read = names, read
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def load_model_folder(folder: str | os.PathLike, *, dtype: str = "float32",
