@@ -20,14 +20,14 @@ rounding. Deletes everything it wrote. Not a test: run it by hand,
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 import zlib
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import child_peak_rss  # noqa: E402
 
 import numpy as np
 
@@ -93,14 +93,8 @@ def build(folder: Path, layers: int) -> tuple[Path, Path, int]:
 
 
 def peak_rss(command: list[str]) -> tuple[int, float]:
-    """Peak resident set size (bytes) and wall time of one child process."""
-    start = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    pid = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL).pid
-    _, status, usage = os.wait4(pid, 0)
-    if status != 0:
-        raise SystemExit(f"{command[:3]} failed with status {status}")
-    return usage.ru_maxrss * 1024, time.perf_counter() - start  # ru_maxrss is in KiB on Linux
+    """Peak resident set size (bytes) and wall time of one child process importing this checkout."""
+    return child_peak_rss(command, pythonpath=str(ROOT))
 
 
 def main() -> None:

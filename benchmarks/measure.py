@@ -32,3 +32,17 @@ def reset_peak() -> None:
     """Reset VmHWM to the current RSS (/proc/self/clear_refs, Linux >= 4.0)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def child_peak_rss(command: list[str], *, pythonpath: str | None = None) -> tuple[int, float]:
+    """Peak resident set size (bytes) and wall time of one child process (its own ru_maxrss)."""
+    import os
+    import subprocess
+
+    start = time.perf_counter()
+    env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
+    pid = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL).pid
+    _, status, usage = os.wait4(pid, 0)
+    if status != 0:
+        raise SystemExit(f"{' '.join(command[:4])} failed with status {status}")
+    return usage.ru_maxrss * 1024, time.perf_counter() - start  # ru_maxrss is in KiB on Linux
