@@ -58,6 +58,20 @@ def test_layers_must_chain() -> None:
         LinearStack((BaseLinear("a", np.ones((4, 3))), BaseLinear("b", np.ones((2, 5)))))
 
 
+def test_an_order_that_leaves_a_layer_out_says_so(tmp_path) -> None:
+    """--layers naming layers the file has, in an order that does not chain, names what it left out,
+    repeated or reordered: the layer is in the file, not missing from it."""
+    stack = LinearStack((BaseLinear("a", np.ones((5, 4))), BaseLinear("b", np.ones((6, 5))), BaseLinear("c", np.ones((3, 6)))))
+    path = save_stack(tmp_path / "base.safetensors", stack)
+    with pytest.raises(ShapeError, match=r"'a' has 5 outputs but 'c' takes 6 inputs; --layers a,c leaves out b "
+                                         r"\(the file's layers, in order: a,b,c\)"):
+        load_stack(path, layers=["a", "c"])
+    with pytest.raises(ConfigError, match="--layers a,a names a more than once"):
+        load_stack(path, layers=["a", "a"])
+    with pytest.raises(ShapeError, match=r"--layers c,b,a reorders the file's layers \(a,b,c\)"):
+        load_stack(path, layers=["c", "b", "a"])
+
+
 def test_adapters_that_do_not_fit_are_refused() -> None:
     stack = build_stack(StackCase((6, 4), 1, "lora", False, "relu", 0))
     with pytest.raises(ConfigError, match="not layers of the base"):

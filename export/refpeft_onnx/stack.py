@@ -253,7 +253,25 @@ def load_stack(path: str | Path, *, layers: list[str] | None = None, activation:
         return BaseLinear(name, float64(f"{name}.weight"), bias, fan_in_fan_out=name in transposed)
 
     built = tuple(layer(name) for name in order)
-    return LinearStack(built, activation=activation or stored.get("activation", "relu"))
+    try:
+        return LinearStack(built, activation=activation or stored.get("activation", "relu"))
+    except (ConfigError, ShapeError) as error:
+        if not layers:
+            raise
+        # Every layer given is in the file (checked above): what is wrong is the order --layers gives.
+        raise type(error)(f"{path}: {error}; {_layers_hint(order, stored.get('layers') or weights)}") from None
+
+
+def _layers_hint(order: list[str], file_layers: list[str]) -> str:
+    """What an order given by --layers did to the file's layers: named one twice, left some out, or reordered them."""
+    given = f"--layers {','.join(order)}"
+    twice = sorted({name for name in order if order.count(name) > 1})
+    left_out = [name for name in file_layers if name not in order]
+    if twice:
+        return f"{given} names {', '.join(twice)} more than once"
+    if left_out:
+        return f"{given} leaves out {', '.join(left_out)} (the file's layers, in order: {','.join(file_layers)})"
+    return f"{given} reorders the file's layers ({','.join(file_layers)})"
 
 
 class _MappedTensors(Mapping):

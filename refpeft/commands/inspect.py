@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from typing import Any
 
 HELP = "list a PEFT adapter's modules with their ranks, alphas, scalings and parameter counts"
@@ -45,11 +46,15 @@ def run(args: argparse.Namespace) -> int:
 
         require_matplotlib()
         check_outputs([args.plot], inputs=[args.adapter, *([args.base] if args.base else [])])
+    base_shapes = None
     if args.base is None:
         adapter = read_peft_adapter(args.adapter)
     else:
-        adapter = read_peft_adapter_with_base(args.adapter, SafetensorsFile(args.base))
-    print(describe(adapter, source=args.adapter))
+        base = SafetensorsFile(args.base)
+        adapter = read_peft_adapter_with_base(args.adapter, base)
+        # VeRA's tensors do not give k: the base's header does (every layer is there, checked above).
+        base_shapes = base.linear_shapes(adapter.modules, fan_in_fan_out=bool(adapter.config.get("fan_in_fan_out")))
+    print(describe(adapter, source=args.adapter, base_shapes=base_shapes))
     if args.spectrum or args.plot:
         from refpeft.plots import format_spectra, plot_spectra
         from refpeft.spectrum import adapter_spectra
@@ -61,10 +66,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe(adapter: Any, *, source: str, columns: list[tuple[str, str]] = COLUMNS) -> str:
-    """The report `refpeft inspect` prints: a header line, the module table and the totals."""
+def describe(adapter: Any, *, source: str, columns: list[tuple[str, str]] = COLUMNS,
+             base_shapes: Mapping[str, Any] | None = None) -> str:
+    """The report `refpeft inspect` prints: a header line, the module table and the totals.
+    base_shapes: each layer's LinearShape from the base (--base), for the sizes the file does not record."""
     config = adapter.config
-    rows = module_rows(adapter)
+    rows = module_rows(adapter, base_shapes=base_shapes)
     lines = [f"{source}: {config['peft_type']} adapter ({adapter.method}), {len(rows)} modules"
              + (", rsLoRA" if config.get("use_rslora") else "")
              + (", fan_in_fan_out" if config.get("fan_in_fan_out") else "")
@@ -88,12 +95,16 @@ def describe(adapter: Any, *, source: str, columns: list[tuple[str, str]] = COLU
     return "\n".join(lines)
 
 
-def module_rows(adapter: Any) -> list[dict[str, str]]:
-    """One dict per module with a string for each key of COLUMNS."""
+def module_rows(adapter: Any, *, base_shapes: Mapping[str, Any] | None = None) -> list[dict[str, str]]:
+    """One dict per module with a string for each key of COLUMNS; a size the file does not record
+    (VeRA's k) comes from base_shapes when given, else is shown as the bound <= k_max or "?"."""
     rows = []
     k_max = adapter.vera_A.shape[1] if adapter.vera_A is not None else None
     for path, m in adapter.modules.items():
         d, k = m.out_features, m.in_features
+        if base_shapes is not None and path in base_shapes:   # sizes the file does not record (VeRA's k)
+            k = base_shapes[path].k if k is None else k
+            d = base_shapes[path].d if d is None else d
         size = f"{d} x {k}" if k is not None else f"{d} x " + (f"<={k_max}" if k_max is not None else "?")
         params = m.spec.parameter_count(k, d, m)
         alpha, scaling = (f"{m.alpha:g}", f"{m.scaling:.6g}") if m.spec.scaled else ("-", "-")
