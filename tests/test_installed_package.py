@@ -14,7 +14,6 @@ PACKAGES = {"refpeft": ROOT / "refpeft", "refpeft_onnx": ROOT / "export" / "refp
 
 PROBE = '''
 import refpeft, refpeft_onnx, refpeft_peers
-import tests.support  # the helpers still import as tests.*
 
 def test_the_packages_come_from_the_installed_copy():
     print("IMPORTED", refpeft.__file__, refpeft_onnx.__file__, refpeft_peers.__file__)

@@ -18,6 +18,7 @@ from refpeft.model.generate import generate
 from refpeft.model.prefix_tuning import (prefix_init, prefix_table, prefix_table_backward, read_prefix_tuning,
                                          write_prefix_tuning)
 from tests.support import vjp_check
+from tests.test_prompt_tuning import PROMPTS, cached_logits, peft_greedy_recomputed
 from tests.test_model_decoder import TINY, float64_transformers, padded_batch, peer_model, refpeft_model, rel_err
 
 torch = pytest.importorskip("torch", reason="transformers + PEFT on torch are the peers checked here")
@@ -130,6 +131,21 @@ def test_given_positions_are_shifted_by_the_prefix_as_peft_shifts_them():
     assert not np.allclose(forward(prefixed, ids, position_ids=np.arange(1, 5)[None, :])[0], default)
 
 
+@pytest.mark.parametrize("name", ["llama-gqa-llama3", "qwen2-bias"])
+def test_greedy_generation_equals_peft_recomputed(name):
+    family = FAMILY[name]
+    base = peer_model(name)
+    weights = refpeft_model(base).weights
+    peer = _peft_prefix(base, projection=False)
+    table = peer.prompt_encoder["default"].embedding.weight.detach().numpy().copy()
+    model = Model(config_from_dict(base.config.to_dict()), weights, prefix=table)
+    for prompts in (PROMPTS[:1], PROMPTS):                               # one prompt; a left-padded batch
+        theirs, their_logits = peft_greedy_recomputed(peer, family, prompts, max_new_tokens=10, prefix_k=K)
+        assert generate(model, prompts, max_new_tokens=10, pad_token_id=0) == theirs
+        assert rel_err(np.stack(cached_logits(model, prompts, theirs)), np.stack(their_logits)) < 1e-10
+    assert theirs != generate(Model(model.config, weights), PROMPTS, max_new_tokens=10, pad_token_id=0)
+
+
 def test_bad_input_is_refused(tmp_path):
     model = refpeft_model(peer_model("llama-tied"))
     table = np.zeros((K, 4))
@@ -142,8 +158,8 @@ def test_bad_input_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="not both"):
         forward(Model(model.config, model.weights, prompt=np.zeros((K, TINY["hidden_size"])), prefix=table),
                 np.asarray([[1, 2]]))
-    with pytest.raises(ConfigError, match="generation with a prefix"):
-        generate(Model(model.config, model.weights, prefix=table), [[1, 2]], max_new_tokens=2)
+    with pytest.raises(InputError, match="after 3 virtual tokens"):
+        generate(Model(model.config, model.weights, prefix=table), [[1] * 60], max_new_tokens=3)   # 65 > 64 positions
     with pytest.raises(ConfigError, match="peft_type is 'PROMPT_TUNING'"):
         (tmp_path / "adapter_config.json").write_text('{"peft_type": "PROMPT_TUNING"}')
         read_prefix_tuning(tmp_path)

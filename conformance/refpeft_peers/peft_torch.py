@@ -20,6 +20,7 @@ from refpeft.methods import method_spec
 from refpeft_peers import Runner, require
 from refpeft_peers.peft_adapter_config import adapter_config
 from refpeft_peers.peft_mixed import multi_adapter
+from refpeft_peers.peft_model import model_lora
 from refpeft_peers.peft_moe import moe_lora
 
 
@@ -329,6 +330,7 @@ HANDLERS = {
     "multi_adapter_bgmv": multi_adapter, "multi_adapter_sgmv": multi_adapter,
     "adapter_config": adapter_config,
     "moe_lora_forward": moe_lora, "moe_lora_backward": moe_lora, "moe_lora_merge": moe_lora,
+    "model_lora": model_lora,
 }
 
 

@@ -175,6 +175,14 @@ def _dequantize(manifest: dict, inputs: dict) -> dict:
     return {"W": dequantize_4bit(state)}
 
 
+def _model_lora(manifest: dict, inputs: dict) -> dict:
+    """refpeft.model's decoder in float64 (BLAS reductions, not the generator's correctly rounded ones)."""
+    from refpeft.conformance.model_families import run_case
+
+    o = manifest["options"]
+    return run_case(inputs, alpha=o["alpha"], rslora=o.get("rslora", False))
+
+
 HANDLERS = {
     "lora_forward": _lora, "lora_backward": _lora, "lora_merge": _lora,
     "dora_forward": _dora, "dora_backward": _dora, "dora_merge": _dora,
@@ -185,6 +193,7 @@ HANDLERS = {
     "multi_adapter_bgmv": _multi_adapter, "multi_adapter_sgmv": _multi_adapter,
     "adapter_config": _adapter_config,
     "moe_lora_forward": _moe_lora, "moe_lora_backward": _moe_lora, "moe_lora_merge": _moe_lora,
+    "model_lora": _model_lora,
 }
 
 

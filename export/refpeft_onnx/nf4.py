@@ -30,7 +30,7 @@ Both reproduce f32(code * absmax) bit for bit; the tests check it against refpef
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -165,3 +165,67 @@ def weight_bytes(model: onnx.ModelProto, layer: str) -> int:
 def bits_per_parameter(model: onnx.ModelProto, layer: BaseLinear) -> float:
     """8 * (stored weight bytes) / (d k): ~4.127 for NF4 with double quantisation at block 64."""
     return 8 * weight_bytes(model, layer.name) / (layer.d * layer.k)
+
+
+# ---------------------------------------------------------------- what MatMulBnb4's storage loses
+
+MATMULBNB4_STORAGES = ("nf4-double-quant", "nf4-float32-absmax", "matmulbnb4-float16-absmax",
+                       "matmulbnb4-float16-from-double-quant")
+
+
+@dataclass(frozen=True)
+class StorageError:
+    """One storage of a weight: stored bits per parameter and the dequantised weight's error against W."""
+
+    storage: str
+    bits_per_parameter: float       # codes + absmax (+ nested absmax and offset), per weight element
+    relative_error: float           # ||W - W_hat|| / ||W||, Frobenius, float64
+    rms_error: float
+    max_abs_error: float
+
+
+def matmulbnb4_storage_errors(W: np.ndarray, *, blocksize: int = 64) -> dict[str, StorageError]:
+    """Bits per parameter and dequantisation error of W (d, k) in each NF4 storage an export meets.
+
+    - nf4-double-quant: bitsandbytes' NF4 with double quantisation (refpeft's default, what the
+      exporter stores): 4 + 8/bs + 32/(256 bs) bits; the graph rebuilds the float32 absmax.
+    - nf4-float32-absmax: NF4 with the float32 absmax of every block: 4 + 32/bs bits.
+    - matmulbnb4-float16-absmax: ONNX Runtime's MatMulBnb4 in a float16 graph stores the absmax in
+      the activation dtype and has no double quantisation: the same codes with f16(absmax),
+      4 + 16/bs bits; W_hat = f32(code * f16(absmax)) (the product's own rounding to float16 in
+      the kernel is the graph's compute precision, not storage, and is left out).
+    - matmulbnb4-float16-from-double-quant: a bitsandbytes double-quantised checkpoint converted to
+      MatMulBnb4: its dequantised float32 absmax rounded to float16 (both losses).
+    The codes are bitsandbytes' "bnb-cuda" rounding against the float32 absmax in every storage.
+    """
+    from refpeft.quant.state import absmax_values, bits_per_parameter as state_bits
+
+    W32 = np.ascontiguousarray(W, dtype=np.float32)
+    plain = quantize_4bit(W32, quant_type="nf4", blocksize=blocksize)
+    double = quantize_4bit(W32, quant_type="nf4", blocksize=blocksize, double_quant=True)
+    f16 = np.float16
+    storages = {
+        "nf4-double-quant": (double, state_bits(double)),
+        "nf4-float32-absmax": (plain, state_bits(plain)),
+        "matmulbnb4-float16-absmax": (replace(plain, absmax=np.asarray(plain.absmax).astype(f16).astype(np.float32)),
+                                      4 + 16 * len(plain.absmax) / plain.numel),
+        "matmulbnb4-float16-from-double-quant": (
+            replace(plain, packed=double.packed, absmax=np.asarray(absmax_values(double)).astype(f16).astype(np.float32)),
+            4 + 16 * len(plain.absmax) / plain.numel),
+    }
+    W64 = W32.astype(np.float64)
+    norm = float(np.linalg.norm(W64))
+    out = {}
+    for name, (state, bits) in storages.items():
+        err = np.asarray(dequantize_4bit_float32(state), dtype=np.float64).reshape(W64.shape) - W64
+        sq = float(np.sum(err * err))
+        out[name] = StorageError(name, float(bits), float(np.sqrt(sq)) / norm if norm else 0.0,
+                                 float(np.sqrt(sq / err.size)), float(np.max(np.abs(err))))
+    return out
+
+
+def dequantize_4bit_float32(state: QuantState4bit) -> np.ndarray:
+    """f32(code * absmax) of a state (refpeft.quant's dequantisation, kept in float32)."""
+    from refpeft.quant.state import dequantize_4bit
+
+    return dequantize_4bit(state, dtype="float32")

@@ -13,7 +13,9 @@ Loads BASE (a Hugging Face model folder with tokenizer.json, or a .gguf file) an
 continuation of --prompt, computed by refpeft's decoder with a KV cache (refpeft.model.generate).
 With --adapter, the PEFT adapter directory is read and checked against the model (every adapted
 module must be one of its linear layers, of the right size; every saved module, PEFT's
-modules_to_save, one of its modules) and runs unmerged on top of it.
+modules_to_save, one of its modules) and runs unmerged on top of it. A PROMPT_TUNING or P_TUNING
+folder's virtual tokens go in front of the prompt, a PREFIX_TUNING folder's keys and values are
+every layer's initial cache, as PEFT's generate means them (refpeft.model.generate).
 
 Decoding is greedy unless a sampling option is given; sampling takes transformers' defaults
 (temperature 1, top-k 50, top-p 1), applied in transformers' order, and draws from NumPy's
@@ -76,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.base}: the model has no tokenizer (tokenizer.json) to encode the prompt with")
     model = Model(config, weights)
     if args.adapter is not None:
-        model = with_adapter(model, args.adapter, dtype=args.dtype)
+        model = with_prompt_learning(model, args.adapter, dtype=args.dtype) or \
+            with_adapter(model, args.adapter, dtype=args.dtype)
     sampling, rng = None, None
     if chosen:
         options = {**SAMPLING_DEFAULTS, **chosen}
@@ -87,6 +90,33 @@ def run(args: argparse.Namespace) -> int:
                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     print(tokenizer.decode(new, skip_special_tokens=True))
     return 0
+
+
+def with_prompt_learning(model, directory: str, *, dtype: str):
+    """`model` with the PROMPT_TUNING / P_TUNING virtual tokens or PREFIX_TUNING table of `directory`,
+    read by refpeft.model.prompt_files' readers; None when the folder holds another kind of adapter."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from refpeft.io import read_json_object
+    from refpeft.model.p_tuning import PEFT_TYPE as P_TUNING, read_p_tuning
+    from refpeft.model.prefix_tuning import PEFT_TYPE as PREFIX_TUNING, read_prefix_tuning
+    from refpeft.model.prompt_tuning import PEFT_TYPE as PROMPT_TUNING, read_prompt_tuning
+
+    config_file = Path(directory) / "adapter_config.json"
+    if not config_file.is_file():
+        return None                                    # with_adapter names what is missing
+    peft_type = read_json_object(config_file).get("peft_type")
+    readers = {PROMPT_TUNING: read_prompt_tuning, P_TUNING: read_p_tuning, PREFIX_TUNING: read_prefix_tuning}
+    if peft_type not in readers:
+        return None
+    table, _ = readers[peft_type](directory)
+    from refpeft.backend import namespace
+
+    xp_table = namespace(model.weights["model.embed_tokens.weight"]).asarray(table.astype(dtype))
+    if peft_type == PREFIX_TUNING:
+        return replace(model, prefix=xp_table)
+    return replace(model, prompt=xp_table)
 
 
 def run_onnx(args: argparse.Namespace, chosen: dict) -> int:

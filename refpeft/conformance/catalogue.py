@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from refpeft.conformance.families import Case
 from refpeft.conformance.config_families import adapter_config_cases
+from refpeft.conformance.model_families import model_lora_cases
 from refpeft.conformance.moe_families import moe_lora_cases
 
 SMALL = {"batch": [2, 3], "k": 32, "d": 24, "r": 4}
@@ -167,4 +168,4 @@ def _quant() -> list[Case]:
     return cases
 
 
-CASES: tuple[Case, ...] = tuple(_lora() + _dora_vera() + _qlora() + _fusion() + _export() + _multi_adapter() + moe_lora_cases() + adapter_config_cases() + _adam() + _quant())
+CASES: tuple[Case, ...] = tuple(_lora() + _dora_vera() + _qlora() + _fusion() + _export() + _multi_adapter() + moe_lora_cases() + adapter_config_cases() + model_lora_cases() + _adam() + _quant())

@@ -28,6 +28,7 @@ from refpeft.conformance.batch_families import SUMMARY as MULTI_ADAPTER_SUMMARY,
 from refpeft.conformance.case import Case, Family, Vectors, draw, exact_inputs, plain_results
 from refpeft.conformance.config_families import SUMMARY as ADAPTER_CONFIG_SUMMARY, adapter_config_vectors
 from refpeft.conformance.exact import exact_array, plain
+from refpeft.conformance.model_families import SUMMARY as MODEL_LORA_SUMMARY, model_lora_vectors
 from refpeft.conformance.moe_families import BACKWARD as MOE_BACKWARD, FORWARD as MOE_FORWARD, \
     MERGE as MOE_MERGE, moe_lora_vectors
 from refpeft.conformance.optim_quant_families import absmax_tensors, adam_step_vectors, dequantize_4bit_vectors, \
@@ -398,6 +399,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("moe_lora_backward", "moe_lora", MOE_BACKWARD, moe_lora_vectors),
     Family("moe_lora_merge", "moe_lora", MOE_MERGE, moe_lora_vectors),
     Family("adapter_config", "config", ADAPTER_CONFIG_SUMMARY, adapter_config_vectors),
+    Family("model_lora", "model", MODEL_LORA_SUMMARY, model_lora_vectors),
     Family("adam_step", "optim", "one torch.optim.Adam/AdamW step per parameter group (LoRA+: B at lr * ratio)",
            adam_step_vectors),
     Family("quantize_4bit", "quant", "NF4/FP4 blockwise codes of W packed two per byte (first element high "

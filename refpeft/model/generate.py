@@ -25,6 +25,21 @@ pad id and masked out (mask 0); a prompt's positions count its real tokens only:
 
 so a padded prompt sees exactly the positions, keys and values it would see alone.
 
+Prompt learning (PEFT's PeftModelForCausalLM.prepare_inputs_for_generation), k virtual tokens:
+
+    prompt tuning, P-tuning:  prefill runs on concat(P, embed(ids)) (b, k + s) with mask concat(1 (b, k), mask);
+                              PEFT drops position_ids, so the model numbers 0 .. k + s - 1 and each step
+                              the cache's length, whatever the padding (a padded row's real tokens sit
+                              later than they would alone)
+    prefix tuning:            the prefix is every layer's initial cache (refpeft.model.prefix_tuning), the
+                              mask gains k ones in front, and the positions above are shifted by k
+
+and every step after the prefill is the plain cached step, the state's mask holding the k ones.
+PEFT 0.21.2's own generate does not do this under transformers 5.24, whose models take the cache
+as `cache` where PEFT still reads and writes `past_key_values`: it re-injects the virtual tokens at
+every step and drops a prefix. The tests take PEFT's forward on the whole sequence at every step
+as the peer (tests/test_prompt_tuning.py, tests/test_prefix_tuning.py).
+
 Choosing the next token, from z (b, V), in the order of transformers' `_get_logits_processor`:
 
     greedy:       next = argmax_v z_v                        (the first index on ties, as torch.argmax)
@@ -67,6 +82,7 @@ import numpy as np
 from refpeft.backend import namespace
 from refpeft.errors import ConfigError, InputError
 from refpeft.model.decoder import Model, forward
+from refpeft.model.prompt_tuning import prompt_mask
 
 
 @dataclass(frozen=True)
@@ -112,14 +128,8 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
         raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if sampling is not None and rng is None:
         raise ConfigError("sampling needs an explicit random generator: rng=np.random.default_rng(seed)")
-    if model.prompt is not None:
-        raise ConfigError("generation with prompt tuning's virtual tokens is not implemented yet (forward, loss and "
-                          "gradients are: refpeft.model.prompt_tuning)")
-    if model.prefix is not None:
-        raise ConfigError("generation with a prefix is not implemented yet (forward, loss and gradients are: "
-                          "refpeft.model.prefix_tuning)")
     ids, mask = _left_pad(prompts, pad=pad, max_positions=model.config.max_position_embeddings,
-                          max_new_tokens=max_new_tokens, xp=xp, device=_device(model))
+                          max_new_tokens=max_new_tokens, virtual=_virtual_tokens(model), xp=xp, device=_device(model))
     outputs: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens == 0:
         return outputs
@@ -142,16 +152,26 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
 
 
 def prefill(model: Model, ids: Any, *, attention_mask: Any = None) -> tuple[Any, DecodeState]:
-    """The next-token logits (b, V) of left-padded prompts ids (b, s), and the state to continue from."""
+    """The next-token logits (b, V) of left-padded prompts ids (b, s), and the state to continue from.
+
+    With prompt tuning's k virtual tokens (model.prompt) or a prefix (model.prefix) the state's mask
+    gains k ones in front, as PEFT's prepare_inputs_for_generation puts them (module docstring)."""
     xp = namespace(ids)
     b, s = ids.shape
+    k = _virtual_tokens(model)
+    if model.prompt is not None:                       # PEFT drops position_ids: 0 .. k + s - 1, padding or not
+        logits, _, past = forward(model, ids, attention_mask=attention_mask, record=False)
+        last = xp.full((b, 1), k + s - 1, dtype=xp.int64, device=ids.device)
+        return logits[:, -1, :], DecodeState(past=past, mask=prompt_mask(attention_mask, k), last_position=last)
     if attention_mask is None:
         positions = xp.broadcast_to(xp.arange(s, dtype=xp.int64, device=ids.device)[None, :], (b, s))
     else:
         counted = xp.cumulative_sum(xp.astype(attention_mask, xp.int64), axis=1) - 1            # (b, s)
         positions = xp.where(attention_mask == 1, counted, xp.zeros_like(counted))
+    # With a prefix, forward makes it the past, puts k ones in front of the mask and adds k to the positions.
     logits, _, past = forward(model, ids, attention_mask=attention_mask, position_ids=positions, record=False)
-    return logits[:, -1, :], DecodeState(past=past, mask=attention_mask, last_position=positions[:, -1:])
+    mask = prompt_mask(attention_mask, k) if k else attention_mask
+    return logits[:, -1, :], DecodeState(past=past, mask=mask, last_position=positions[:, -1:] + k)
 
 
 def decode_step(model: Model, tokens: Any, state: DecodeState) -> tuple[Any, DecodeState]:
@@ -231,8 +251,14 @@ def _softmax(z: Any, *, xp: Any) -> Any:
     return e / xp.sum(e, axis=-1, keepdims=True)
 
 
+def _virtual_tokens(model: Model) -> int:
+    """k: the rows of prompt tuning's virtual tokens or of a prefix, which take the first k positions; else 0."""
+    table = model.prompt if model.prompt is not None else model.prefix
+    return 0 if table is None else int(table.shape[0])
+
+
 def _left_pad(prompts: Sequence[Sequence[int]], *, pad: int, max_positions: int, max_new_tokens: int,
-              xp: Any, device: Any) -> tuple[Any, Any]:
+              virtual: int = 0, xp: Any, device: Any) -> tuple[Any, Any]:
     """ids (b, s) left-padded with `pad`, and the mask (b, s), or None when no prompt is padded."""
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
         raise InputError("prompts must be a non-empty list of token-id lists")
@@ -245,11 +271,14 @@ def _left_pad(prompts: Sequence[Sequence[int]], *, pad: int, max_positions: int,
             raise InputError(f"prompt {i} is empty; generation continues a prompt of at least one token")
         rows.append([int(t) for t in prompt])
     s = max(len(r) for r in rows)
-    if s > max_positions:
-        raise InputError(f"the prompt has {s} tokens, more than the model's max_position_embeddings ({max_positions})")
-    if s + max_new_tokens - 1 > max_positions:
-        raise InputError(f"a {s}-token prompt and max_new_tokens {max_new_tokens} need {s + max_new_tokens - 1} "
-                         f"positions; the model has max_position_embeddings {max_positions}")
+    after = f" after {virtual} virtual tokens" if virtual else ""
+    if virtual + s > max_positions:
+        raise InputError(f"the prompt has {s} tokens{after}, more than the model's max_position_embeddings "
+                         f"({max_positions})")
+    if virtual + s + max_new_tokens - 1 > max_positions:
+        raise InputError(f"a {s}-token prompt{after} and max_new_tokens {max_new_tokens} need "
+                         f"{virtual + s + max_new_tokens - 1} positions; the model has max_position_embeddings "
+                         f"{max_positions}")
     ids = xp.asarray([[pad] * (s - len(r)) + r for r in rows], dtype=xp.int64, device=device)
     if all(len(r) == s for r in rows):
         return ids, None
