@@ -137,8 +137,14 @@ def write_peft_adapter(directory: str | os.PathLike, adapter: Adapter, *, save_p
     check_adapter(adapter, config=config, source=source)
     for key, array in tensors.items():
         _check_values(array, key=key, source=source)
-    write_safetensors(source, tensors, metadata={"format": "pt"})
-    atomic_write_bytes(config_path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    created = not folder.exists()
+    try:
+        write_safetensors(source, tensors, metadata={"format": "pt"})
+        atomic_write_bytes(config_path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    except BaseException:
+        if created and folder.is_dir() and not any(folder.iterdir()):   # a full disk leaves no empty folder
+            folder.rmdir()
+        raise
     return folder
 
 

@@ -120,3 +120,18 @@ def test_load_stack_reads_only_the_layers_it_builds(tmp_path, monkeypatch):
     read.clear()
     assert load_stack(tmp_path / "base.safetensors", layers=["c"]).layers[0].nf4 is not None
     assert all(name.startswith("c.weight") for name in read) and read
+
+
+def test_an_adapted_layer_that_layers_leaves_out_is_named(tmp_path) -> None:
+    """export --layers a with an adapter on b: the adapter's layer was left out, not missing from the base."""
+    from refpeft.peft_format import write_peft_adapter
+    from refpeft_onnx.exporter import load_inputs
+
+    stack = LinearStack((BaseLinear("a", np.ones((5, 4))), BaseLinear("b", np.ones((6, 5)))))
+    path = save_stack(tmp_path / "base.safetensors", stack)
+    write_peft_adapter(tmp_path / "adapter", Adapter({"b": ModuleAdapter("lora", {"A": np.ones((1, 5)),
+                                                                                   "B": np.zeros((6, 1))})}))
+    with pytest.raises(ConfigError, match="the adapter adapts b, which --layers a leaves out"):
+        load_inputs(path, tmp_path / "adapter", layers=["a"])
+    loaded, adapter = load_inputs(path, tmp_path / "adapter")
+    assert [layer.name for layer in loaded.layers] == ["a", "b"] and set(adapter.modules) == {"b"}

@@ -98,3 +98,28 @@ def test_replacing_an_output_keeps_its_permission_mode(tmp_path):
         os.chmod(target, mode)
         atomic_write_bytes(target, b"new")
         assert target.read_bytes() == b"new" and target.stat().st_mode & 0o777 == mode
+
+
+def test_a_failed_adapter_write_leaves_no_empty_folder(tmp_path, monkeypatch):
+    """fuse/train/demo on a full disk: the folder write_peft_adapter made is gone, one that was there stays."""
+    import numpy as np
+
+    import refpeft.peft_format as peft_format
+    from refpeft.adapter import Adapter, ModuleAdapter
+    from refpeft.errors import OutputError
+
+    adapter = Adapter({"layer": ModuleAdapter("lora", {"A": np.ones((2, 3)), "B": np.zeros((4, 2))}, alpha=2.0)})
+
+    def full_disk(path, tensors, metadata=None):       # as refpeft.io.atomic_path does: the folder, then ENOSPC
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        raise OutputError(f"{path}: no space left on device")
+
+    monkeypatch.setattr(peft_format, "write_safetensors", full_disk)
+    with pytest.raises(OutputError, match="no space left"):
+        peft_format.write_peft_adapter(tmp_path / "fused", adapter)
+    assert not (tmp_path / "fused").exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("x")
+    with pytest.raises(OutputError):
+        peft_format.write_peft_adapter(tmp_path / "run", adapter)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["keep.txt"]

@@ -43,13 +43,17 @@ def load_inputs(base: str | os.PathLike, adapter_dir: str | os.PathLike | None =
     """The base stack (refpeft_onnx.stack.load_stack) and a PEFT adapter directory read against it
     (refpeft.peft_format; refpeft writes adapters in that format too), in float64."""
     from refpeft.methods.linear import LinearShape
-    from refpeft.peft_format import read_peft_adapter
+    from refpeft.peft_format import WEIGHTS_NAME, fit_to_base, read_peft_adapter
 
     stack = load_stack(base, layers=layers, activation=activation)
     if adapter_dir is None:
         return stack, None
+    adapter = read_peft_adapter(adapter_dir, dtype="float64")
+    left_out = sorted(set(adapter.modules) - {layer.name for layer in stack.layers})
+    if left_out and layers is not None:
+        raise ConfigError(f"the adapter adapts {', '.join(left_out)}, which --layers {','.join(layers)} leaves out")
     shapes = {layer.name: LinearShape(k=layer.k, d=layer.d) for layer in stack.layers}
-    return stack, read_peft_adapter(adapter_dir, base_shapes=shapes, dtype="float64")
+    return stack, fit_to_base(adapter, shapes, source=Path(adapter_dir) / WEIGHTS_NAME, dtype="float64")
 
 
 def export_model(path: str | os.PathLike, stack: LinearStack, adapter: Adapter | None = None, *,
