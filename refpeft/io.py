@@ -31,9 +31,9 @@ import re
 import stat
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 
 import ml_dtypes  # (registers bfloat16 with NumPy, so safetensors can write it)
 import numpy as np
@@ -193,6 +193,25 @@ def usual_permissions(path: str | os.PathLike) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
+
+
+def write_files_together(folder: str | os.PathLike, files: Mapping[str, bytes]) -> None:
+    """Write every file of `files` (name -> bytes) into `folder`, or none of them: each goes to its
+    temporary file first (`atomic_path`), and only when all are written are they renamed into
+    place, which needs no space. A full disk midway leaves the folder as it was."""
+    with ExitStack() as stack:
+        for name, data in files.items():
+            tmp = stack.enter_context(atomic_path(Path(folder) / name))
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as exc:
+                if exc.errno in WRITE_ERRNOS:
+                    raise OutputError(f"{Path(folder) / name}: cannot be written ({exc.strerror}); nothing was "
+                                      "written") from None
+                raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -123,3 +123,31 @@ def test_a_failed_adapter_write_leaves_no_empty_folder(tmp_path, monkeypatch):
     with pytest.raises(OutputError):
         peft_format.write_peft_adapter(tmp_path / "run", adapter)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["keep.txt"]
+
+
+def test_conformance_generate_on_a_full_disk_leaves_the_old_vectors_whole(tmp_path, monkeypatch):
+    """`conformance generate` writes every file or none: a failure on the third file changes nothing."""
+    import refpeft.io as io_module
+    from refpeft.conformance.catalogue import CASES
+    from refpeft.conformance.generate import generate
+    from refpeft.errors import OutputError
+
+    vectors = tmp_path / "vectors"
+    cases = [c for c in CASES if c.name.startswith(("lora-forward", "dora-forward"))][:3]
+    generate(vectors, cases=cases)
+    first = vectors / f"{cases[0].name}.json"
+    first.write_bytes(first.read_bytes() + b" ")               # a run that got as far as this file would rewrite it
+    before = {p.name: p.read_bytes() for p in vectors.iterdir()}
+    real_open, opened = open, []
+
+    def failing_open(path, mode="r", *args, **kwargs):
+        if "w" in mode and ".refpeft-" in str(path):
+            opened.append(path)
+            if len(opened) == 3:
+                raise OSError(28, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(io_module, "open", failing_open, raising=False)
+    with pytest.raises(OutputError, match="No space left on device"):
+        generate(vectors, cases=cases)
+    assert {p.name: p.read_bytes() for p in vectors.iterdir()} == before      # no half set, no temporaries

@@ -7,8 +7,8 @@ from typing import Iterable
 
 from refpeft.conformance.catalogue import CASES
 from refpeft.conformance.families import Case, make_vectors, missing_requirements
-from refpeft.conformance.vectors import write_case, write_index
-from refpeft.io import read_json_object
+from refpeft.conformance.vectors import case_files, index_bytes, json_bytes
+from refpeft.io import read_json_object, write_files_together
 
 
 def generate(directory: str | Path, *, cases: Iterable[Case] = CASES, progress: bool = False) -> list[dict]:
@@ -33,19 +33,25 @@ def generate_available(directory: str | Path, *, cases: Iterable[Case] = CASES, 
     skipped = {c.name: missing_requirements(c) for c in cases} if skip_missing else {}
     skipped = {name: missing for name, missing in skipped.items() if missing}
     kept = [m for m in (_previous_manifest(directory, name) for name in skipped) if m is not None]
-    if (directory / "index.json").is_file():
-        keep = {f"{c.name}{suffix}" for c in cases for suffix in (".json", ".safetensors")} | {"index.json"}
-        for stale in [*directory.glob("*.json"), *directory.glob("*.safetensors")]:
-            if stale.name not in keep:
-                stale.unlink()
     iterator = [c for c in cases if c.name not in skipped]
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(iterator, desc="generating cases", unit="case")
-    manifests = [write_case(directory, case, make_vectors(case)) for case in iterator]
+    files: dict[str, bytes] = {}                 # every case first, in memory (a few MB): then one write
+    manifests = []
+    for case in iterator:
+        data, manifest = case_files(case, make_vectors(case))
+        files.update({manifest["file"]: data, f"{case.name}.json": json_bytes(manifest)})
+        manifests.append(manifest)
     order = {c.name: i for i, c in enumerate(cases)}
-    write_index(directory, sorted(manifests + kept, key=lambda m: order[m["case"]]))
+    files["index.json"] = index_bytes(sorted(manifests + kept, key=lambda m: order[m["case"]]))
+    write_files_together(directory, files)       # all or none: a full disk leaves the old set whole
+    if (directory / "index.json").is_file():
+        keep = {f"{c.name}{suffix}" for c in cases for suffix in (".json", ".safetensors")} | {"index.json"}
+        for stale in [*directory.glob("*.json"), *directory.glob("*.safetensors")]:
+            if stale.name not in keep:
+                stale.unlink()
     return manifests, skipped
 
 

@@ -29,7 +29,7 @@ from refpeft.backend import UNIT_ROUNDOFF
 from refpeft.conformance.families import FAMILIES, Case, Vectors
 from refpeft.errors import FormatError
 from refpeft.checkpoint import SafetensorsFile
-from refpeft.io import atomic_write_bytes, read_json_object
+from refpeft.io import read_json_object
 from refpeft.tolerance import Precision
 
 FORMAT = "refpeft-conformance/1"
@@ -98,18 +98,11 @@ def case_files(case: Case, vectors: Vectors) -> tuple[bytes, dict[str, Any]]:
     return data, manifest
 
 
-def write_case(directory: Path, case: Case, vectors: Vectors) -> dict[str, Any]:
-    """Write NAME.safetensors and NAME.json; returns the manifest."""
-    data, manifest = case_files(case, vectors)
-    atomic_write_bytes(directory / manifest["file"], data)
-    atomic_write_bytes(directory / f"{case.name}.json", json_bytes(manifest))
-    return manifest
-
-
-def write_index(directory: Path, manifests: list[dict[str, Any]]) -> None:
+def index_bytes(manifests: list[dict[str, Any]]) -> bytes:
+    """index.json's content for the cases of `manifests`, in their order."""
     entries = [{"case": m["case"], "family": m["family"], "dtype": m["dtype"], "manifest": f"{m['case']}.json",
                 "sha256": m["sha256"]} for m in manifests]
-    atomic_write_bytes(directory / "index.json", json_bytes({"format": FORMAT, "cases": entries}))
+    return json_bytes({"format": FORMAT, "cases": entries})
 
 
 @dataclass(frozen=True)
