@@ -8,52 +8,21 @@ less its float32 upcast (`causal_lm_loss`), the gradients torch autograd.
 Stock transformers is not float64 end to end: LlamaRMSNorm computes in float32 (`.to(float32)`),
 the rotary embedding computes its angles in float32 (`.float()`, and `inv_freq` is made in float32),
 eager attention's softmax runs in float32. Those casts alone would use the whole float64 bound, so
-this runner removes exactly them while it runs (`float64_llama`: each function is transformers'
-own code less the cast, as tests/test_model_decoder.py's `float64_transformers` does, re-derived
-here because an installed runner cannot import the tests) and recomputes `inv_freq` in float64
-(the default rope: 1 / theta^(2i / D)).
+this runner removes exactly them while it runs (`float64_llama`, refpeft_peers.transformers_float64,
+which the tests use too) and recomputes `inv_freq` in float64 (the default rope: 1 / theta^(2i / D)).
 """
 
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 
 
-@contextlib.contextmanager
 def float64_llama():
-    """transformers' LlamaRMSNorm, LlamaRotaryEmbedding and eager attention with their float32 casts removed."""
-    import torch
-    from transformers.models.llama import modeling_llama as mod
+    """transformers' Llama with its float32 casts removed (refpeft_peers.transformers_float64)."""
+    from refpeft_peers.transformers_float64 import float64_transformers
 
-    norm, rotary = mod.LlamaRMSNorm, mod.LlamaRotaryEmbedding
-    saved = norm.forward, rotary.forward, mod.eager_attention_forward
-
-    def norm_forward(self, hidden_states):                          # less `.to(torch.float32)`
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-
-    def rotary_forward(self, x, position_ids):                      # less `.float()`
-        freqs = position_ids[..., None].to(x.dtype) * self.inv_freq.to(device=x.device, dtype=x.dtype)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
-
-    def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):   # softmax less float32
-        key_states = mod.repeat_kv(key, module.num_key_value_groups)
-        value_states = mod.repeat_kv(value, module.num_key_value_groups)
-        attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
-        if attention_mask is not None:
-            attn_weights = attn_weights + attention_mask
-        attn_weights = torch.nn.functional.softmax(attn_weights, dim=-1)
-        attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
-        return attn_output, attn_weights
-
-    norm.forward, rotary.forward, mod.eager_attention_forward = norm_forward, rotary_forward, eager
-    try:
-        yield
-    finally:
-        norm.forward, rotary.forward, mod.eager_attention_forward = saved
+    return float64_transformers("llama")
 
 
 def causal_lm_loss(logits, labels):
