@@ -42,8 +42,9 @@ from typing import Any, Callable, Sequence
 from refpeft.adapter import ModuleAdapter
 from refpeft.backend import check_float_array, namespace
 from refpeft.errors import ConfigError, InputError, ShapeError
+from refpeft.methods import method_spec
 from refpeft.methods.dora import dora_error_chain, dora_forward
-from refpeft.methods.linear import base_forward, flatten_rows
+from refpeft.methods.linear import base_forward
 from refpeft.methods.lora import lora_error_chain, lora_forward
 from refpeft.tolerance import Bounded, Precision, exact, exact_or_none, matmul, rows, transpose, with_reference
 
@@ -95,8 +96,8 @@ def stack_slots(modules: Sequence[ModuleAdapter], *, xp: Any = None) -> SlotStac
     dtype = modules[0].A.dtype
     A = [xp.concat([m.A, xp.zeros((r_max - m.r, k), dtype=dtype)], axis=0) for m in modules]
     B = [xp.concat([m.B, xp.zeros((d, r_max - m.r), dtype=dtype)], axis=1) for m in modules]
-    dora = any(m.method == "dora" for m in modules)
-    magnitude = xp.stack([m.magnitude if m.method == "dora" else xp.zeros((d,), dtype=dtype) for m in modules]) \
+    dora = any(m.spec.rescaled for m in modules)
+    magnitude = xp.stack([m.magnitude if m.spec.rescaled else xp.zeros((d,), dtype=dtype) for m in modules]) \
         if dora else None
     return SlotStack(A=xp.stack(A), B=xp.stack(B), magnitude=magnitude, scalings=tuple(m.scaling for m in modules),
                      ranks=tuple(m.r for m in modules), methods=tuple(m.method for m in modules))
@@ -119,7 +120,7 @@ def check_slot_stack(slots: SlotStack, *, d: int, k: int) -> None:
             raise ConfigError(f"slot {j}: rank {r} outside [1, {r_max}]")
         if bool(xp.any(slots.A[j, r:, :] != 0)) or bool(xp.any(slots.B[j, :, r:] != 0)):
             raise ConfigError(f"slot {j} (rank {r}): the padding beyond its rank must be zero")
-    if "dora" in slots.methods:
+    if any(method_spec(method).rescaled for method in slots.methods):
         if slots.magnitude is None:
             raise ConfigError("DoRA slots need the stacked magnitude (S, d)")
         check_float_array("magnitude", slots.magnitude, xp=xp, shape=(S, d))
@@ -201,7 +202,7 @@ def _dora_scales(W0: Any, slots: SlotStack, *, xp: Any) -> Any:
     probe = W0[:1, :] * 0                                  # one zero token, in W0's array type
     scales = []
     for j, method in enumerate(slots.methods):
-        if method != "dora":
+        if not method_spec(method).rescaled:
             scales.append(xp.ones((d,), dtype=W0.dtype))
             continue
         A, B = slots.factors(j)
@@ -269,7 +270,7 @@ def _scale_chain(W0: Any, slots: SlotStack, p: Precision, *, xp: Any) -> Bounded
     d = W0.shape[0]
     values, errors = [], []
     for j, method in enumerate(slots.methods):
-        if method != "dora":
+        if not method_spec(method).rescaled:
             values.append(xp.ones((d,), dtype=xp.float64))
             errors.append(xp.zeros((d,), dtype=xp.float64))
             continue

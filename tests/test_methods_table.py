@@ -124,3 +124,9 @@ def test_every_method_row_has_the_same_parts_and_prefixed_names():
         module = importlib.import_module(f"refpeft.methods.{name}")
         for part in ("init", "forward", "backward", "delta_weight", "merge", "unmerge", "parameter_count"):
             assert callable(getattr(module, f"{name}_{part}")), f"{name}_{part}"
+
+
+def test_only_dora_rescales_the_whole_output_by_a_magnitude():
+    from refpeft.methods import METHODS
+
+    assert {name for name, spec in METHODS.items() if spec.rescaled} == {"dora"}

@@ -26,10 +26,11 @@ def multi_adapter(manifest: dict, inputs: dict, device: str) -> dict:
     import torch
 
     from refpeft.conformance.batch_families import token_slots_of
+    from refpeft.methods import method_spec
     from refpeft_peers.peft_torch import _one_layer_model
 
     s, o = manifest["sizes"], manifest["options"]
-    if "dora" in o["methods"]:
+    if any(method_spec(m).rescaled for m in o["methods"]):
         raise Unsupported("PEFT 0.21 refuses DoRA in mixed batches (Cannot pass `adapter_names` when DoRA is enabled)")
     dtype = getattr(torch, manifest["dtype"])
     layer = torch.nn.Linear(s["k"], s["d"], bias="bias" in inputs)

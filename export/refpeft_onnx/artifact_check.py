@@ -162,9 +162,9 @@ def reference_hypotheses(adapter: Adapter) -> dict[str, Adapter | None]:
         default = lora_scaling(float(config["lora_alpha"]), int(config["r"]), rslora=bool(config.get("use_rslora")))
         if any(m.scaling != default for m in scaled.values()):
             found[f"rank/alpha pattern ignored (s = {default:g} everywhere)"] = rescaled(adapter, lambda m: default)
-    if any(m.method == "dora" for m in adapter.modules.values()):
+    if any(m.spec.rescaled for m in adapter.modules.values()):
         found["DoRA magnitude dropped (DoRA modules as plain LoRA)"] = replace(adapter, modules={
-            p: _as_lora(m) if m.method == "dora" else m for p, m in adapter.modules.items()})
+            p: _as_lora(m) if m.spec.rescaled else m for p, m in adapter.modules.items()})
     return found
 
 

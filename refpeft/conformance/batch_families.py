@@ -16,6 +16,7 @@ import numpy as np
 
 from refpeft.conformance.case import Case, Vectors, draw, plain_results
 from refpeft.conformance.exact import exact_array
+from refpeft.methods import method_spec
 from refpeft.methods.lora import lora_scaling
 from refpeft.multi_adapter import SlotStack, mixed_forward, mixed_forward_bound, segment_token_slots
 
@@ -48,10 +49,10 @@ def _slot_inputs(case: Case, rng: np.random.Generator) -> dict[str, np.ndarray]:
         A[j, :r, :] = _in_dtype(rng, (r, k), dtype, 0.25)
         B[j, :, :r] = _in_dtype(rng, (d, r), dtype, 0.5)
     inputs = {"A_stack": _cast(A, dtype), "B_stack": _cast(B, dtype)}
-    if "dora" in case.options["methods"]:
+    if any(method_spec(m).rescaled for m in case.options["methods"]):
         magnitude = np.zeros((len(ranks), d))
         for j, method in enumerate(case.options["methods"]):
-            if method == "dora":
+            if method_spec(method).rescaled:
                 magnitude[j] = rng.random(d) + 0.5
         inputs["magnitude"] = _cast(magnitude, dtype)
     return inputs
@@ -114,7 +115,7 @@ def multi_adapter_vectors(case: Case) -> Vectors:
     out = mixed_forward(e["x"], e["W0"], stack, token_slots, bias=e.get("bias"))
     bounds = mixed_forward_bound(e["x"], e["W0"], stack, token_slots, bias=e.get("bias"), dtype=case.dtype)
     expected = {"y": out.y, "shrink": out.shrink, "expand": out.expand}
-    if "dora" in case.options["methods"]:
+    if any(method_spec(m).rescaled for m in case.options["methods"]):
         expected["dora_scale"] = out.dora_scale
     else:
         bounds.pop("dora_scale")

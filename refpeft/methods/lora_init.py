@@ -66,7 +66,7 @@ from refpeft.backend import check_float_array, dtype_name, from_numpy, namespace
 from refpeft.errors import ConfigError, RankError, ShapeError
 from refpeft.init import normal
 from refpeft.methods.linear import LinearShape, check_rank
-from refpeft.methods.lora import lora_delta_weight
+from refpeft.methods.lora import LORA, lora_delta_weight
 from refpeft.quant.state import dequantize_4bit, quantize_4bit
 
 # PEFT's init_lora_weights values handled here; "pissa_niter_K" for any K >= 0 as well.
@@ -211,7 +211,7 @@ def convert_to_plain_lora(trained: Adapter, initial: Adapter) -> Adapter:
     modules = {}
     for path, module in trained.modules.items():
         start = initial.modules[path]
-        if module.method != "lora" or start.method != "lora":
+        if module.spec is not LORA or start.spec is not LORA:
             raise ConfigError(f"{path}: only LoRA converts to a plain LoRA, got {module.method}/{start.method}")
         if (module.alpha, module.rslora) != (start.alpha, start.rslora):
             raise ConfigError(f"{path}: alpha/rslora changed between the initial and the trained adapter")

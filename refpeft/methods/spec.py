@@ -56,6 +56,11 @@ class Method:
     # shapes (LoKr's decompose_both, decompose_factor); None: the table's fields say it all
     config_options: Callable[..., dict] | None = None
 
+    @property
+    def rescaled(self) -> bool:
+        """Whether a per-row magnitude rescales the layer's whole output (DoRA's m / ||W0 + s B A||)."""
+        return "magnitude" in self.tensors
+
     def suffixes(self) -> dict[str, str]:
         """Every per-module tensor name -> PEFT key suffix, required ones first."""
         return {**self.tensors, **self.optional}
