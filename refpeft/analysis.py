@@ -29,6 +29,17 @@ the frozen W onto those directions and compare:
 A large factor says Delta W mostly amplifies directions that W itself barely uses. For reference the
 report also gives ||U_W^T W V_W||_F = sqrt(sum_{i <= rank} sigma_i(W)^2), the projection on W's own top
 directions (the largest any rank-`rank` projection can be), as the paper's table does.
+
+Magnitude and direction change (the DoRA paper, Liu et al. 2024, section 2.2). Write a weight by rows
+(PEFT's layout (d, k): row i feeds output i) as magnitude times direction, W_i = m_i W_i / ||W_i||. A
+tuned weight W' (LoRA's W0 + s B A, DoRA's merged m V / ||V||, any method's merge) moves each row's
+magnitude and turns its direction:
+
+    Delta M = (1 / d) sum_i | ||W'_i|| - ||W0_i|| |
+    Delta D = (1 / d) sum_i (1 - cos(W'_i, W0_i)),   cos(a, b) = a . b / (||a|| ||b||)
+
+Full fine-tuning shows a negative correlation between the two across steps; LoRA a positive one
+(it cannot change magnitude without turning the direction); DoRA, which trains m apart, the former.
 """
 
 from __future__ import annotations
@@ -118,3 +129,26 @@ def random_orthonormal(n: int, m: int, *, seed: int) -> np.ndarray:
         raise RankError(f"cannot fit {m} orthonormal columns in R^{n}")
     Q, R = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, m)))
     return Q * np.sign(np.diag(R))                                              # Haar: fix QR's sign choice
+
+
+@dataclass(frozen=True)
+class DecompositionChange:
+    """The DoRA paper's per-module change of a tuned weight against its base (module docstring)."""
+
+    magnitude_change: float   # Delta M: mean | ||W'_i|| - ||W0_i|| | over the d rows
+    direction_change: float   # Delta D: mean (1 - cos(W'_i, W0_i)) over the d rows
+
+
+def decomposition_change(W0: Any, W: Any) -> DecompositionChange:
+    """Delta M and Delta D of the tuned W (d, k) against the base W0 (d, k); ShapeError on a size
+    mismatch, RankError when a row of W0 or W is zero (it has no direction)."""
+    xp = namespace(W0, W)
+    check_float_array("W0", W0, xp=xp, shape=(None, None))
+    check_float_array("W", W, xp=xp, shape=tuple(W0.shape))
+    norm0 = xp.linalg.vector_norm(W0, axis=1)
+    norm = xp.linalg.vector_norm(W, axis=1)
+    if bool(xp.any(norm0 == 0)) or bool(xp.any(norm == 0)):
+        raise RankError("a row of the weight is zero: its direction, and so Delta D, is undefined")
+    cosine = xp.sum(W * W0, axis=1) / (norm * norm0)
+    return DecompositionChange(magnitude_change=float(xp.mean(xp.abs(norm - norm0))),
+                               direction_change=float(xp.mean(1 - cosine)))

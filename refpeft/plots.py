@@ -1,4 +1,5 @@
-"""Reports of singular spectra, per layer: a text summary and a matplotlib figure (spectra + energy).
+"""Reports of singular spectra, per layer: a text summary and a matplotlib figure (spectra + energy);
+and the LoRA paper's subspace-similarity heatmaps (refpeft.analysis).
 
 Both take {module path: singular values} as refpeft.spectrum.adapter_spectra returns, and use the
 energy curve E(r) and `rank_for_energy` of refpeft.spectrum (the math lives there). matplotlib is
@@ -43,12 +44,7 @@ def plot_spectra(spectra: Mapping[str, Any], path: str | os.PathLike, *, fractio
     """Write a PNG: singular values per layer (log scale) and the energy curves with the fractions marked."""
     if not spectra:
         raise ConfigError("no LoRA/DoRA layers to plot")
-    require_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, S in spectra.items():
         values = np.asarray(to_numpy(S), dtype=np.float64)
@@ -64,14 +60,53 @@ def plot_spectra(spectra: Mapping[str, Any], path: str | os.PathLike, *, fractio
         ax_e.legend(fontsize=7, loc="lower right")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
-    return atomic_write_bytes(path, png.getvalue())
+    return _save_png(plt, fig, path)
+
+
+def plot_similarity(grids: Mapping[str, Any], path: str | os.PathLike, *, labels: tuple[str, str],
+                    title: str | None = None) -> Path:
+    """Write a PNG: one heatmap of phi(A1, A2, i, j) per layer (rows i, columns j), as the LoRA paper's figure 3."""
+    if not grids:
+        raise ConfigError("no layers to plot")
+    plt = _pyplot()
+    columns = min(len(grids), 4)
+    rows = -(-len(grids) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.2 * rows), squeeze=False)
+    for ax, (name, grid) in zip(axes.flat, grids.items()):
+        values = np.asarray(to_numpy(grid), dtype=np.float64)
+        image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", origin="upper",
+                          extent=(0.5, values.shape[1] + 0.5, values.shape[0] + 0.5, 0.5))
+        ax.set(xlabel=f"j ({labels[1]})", ylabel=f"i ({labels[0]})", title=name)
+        ax.title.set_fontsize(7)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    for ax in list(axes.flat)[len(grids):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    return _save_png(plt, fig, path)
 
 
 def require_matplotlib() -> None:
     """ConfigError saying what to install when matplotlib (the `plot` extra) is missing."""
     if importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("drawing a plot needs matplotlib, which is not installed: pip install 'refpeft[plot]'")
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(plt: Any, fig: Any, path: str | os.PathLike) -> Path:
+    """Lay out `fig`, write it atomically to `path` as a PNG and close it."""
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
+    return atomic_write_bytes(path, png.getvalue())

@@ -16,6 +16,10 @@ adapted module: its method, layer size (d x k: outputs x inputs), rank r, alpha,
 saved in full (PEFT's modules_to_save) with their tensors' shapes, and the totals.
 VeRA files do not record a layer's input size k; it is shown when the projections are saved
 (as k_max) or with --base. Exit status 2 and a message naming the file and key if anything is wrong.
+
+--compare OTHER and --amplification (with --base) add the LoRA paper's section 7 analyses
+(refpeft.analysis, docs/lora_analyses.md): the subspace similarity of two adapters' A matrices, and
+how much an update amplifies directions the base weight barely uses.
 """
 
 # Columns of the module table, in order: (row key, heading). A command option that adds a column
@@ -32,7 +36,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="base checkpoint: also check every adapted layer's size against it")
     p.add_argument("--spectrum", action="store_true",
                    help="also print each layer's singular values of s B A and energy curve E(r) (refpeft.plots)")
-    p.add_argument("--plot", metavar="FILE.png", help="write the spectra and energy curves as a PNG (matplotlib)")
+    p.add_argument("--plot", metavar="FILE.png", help="write the spectra and energy curves as a PNG (matplotlib); "
+                   "with --compare, the subspace-similarity heatmaps instead")
+    p.add_argument("--compare", metavar="OTHER_ADAPTER_DIR",
+                   help="the LoRA paper's subspace similarity phi(A1, A2, i, j) against another adapter of the "
+                        "same layers (any ranks), beside the random baseline max(i, j) / k")
+    p.add_argument("--amplification", action="store_true",
+                   help="with --base: the LoRA paper's amplification factor ||dW|| / ||U^T W V|| per layer, and "
+                        "the DoRA paper's magnitude and direction change of the merged weight")
     p.set_defaults(func=run, command="inspect")
 
 
@@ -40,12 +51,16 @@ def run(args: argparse.Namespace) -> int:
     from refpeft.checkpoint import SafetensorsFile
     from refpeft.peft_format import read_peft_adapter, read_peft_adapter_with_base
 
+    if args.amplification and args.base is None:
+        from refpeft.errors import ConfigError
+
+        raise ConfigError("--amplification compares the adapter with its base weights: give --base MODEL.safetensors")
     if args.plot:
         from refpeft.io import check_outputs
         from refpeft.plots import require_matplotlib
 
         require_matplotlib()
-        check_outputs([args.plot], inputs=[args.adapter, *([args.base] if args.base else [])])
+        check_outputs([args.plot], inputs=[args.adapter, *(p for p in (args.base, args.compare) if p)])
     base_shapes = None
     if args.base is None:
         adapter = read_peft_adapter(args.adapter)
@@ -55,7 +70,14 @@ def run(args: argparse.Namespace) -> int:
         # VeRA's tensors do not give k: the base's header does (every layer is there, checked above).
         base_shapes = base.linear_shapes(adapter.modules, fan_in_fan_out=bool(adapter.config.get("fan_in_fan_out")))
     print(describe(adapter, source=args.adapter, base_shapes=base_shapes))
-    if args.spectrum or args.plot:
+    if args.compare:
+        _print_similarity(adapter, args)
+    if args.amplification:
+        from refpeft.commands.inspect_analyses import AMPLIFICATION_COLUMNS, amplification_rows
+
+        print("amplification (LoRA paper, section 7.3) and magnitude/direction change (DoRA paper):")
+        print(format_table(amplification_rows(adapter, base), AMPLIFICATION_COLUMNS))
+    if args.spectrum or (args.plot and not args.compare):
         from refpeft.plots import format_spectra, plot_spectra
         from refpeft.spectrum import adapter_spectra
 
@@ -64,6 +86,19 @@ def run(args: argparse.Namespace) -> int:
         if args.plot:
             print(f"plot: {plot_spectra(spectra, args.plot, title=str(args.adapter))}")
     return 0
+
+
+def _print_similarity(adapter: Any, args: argparse.Namespace) -> None:
+    from refpeft.commands.inspect_analyses import SIMILARITY_COLUMNS, similarity_rows
+    from refpeft.peft_format import read_peft_adapter
+
+    rows, grids = similarity_rows(adapter, read_peft_adapter(args.compare))
+    print(f"subspace similarity against {args.compare} (LoRA paper, section 7.2; m = min(r1, r2)):")
+    print(format_table(rows, SIMILARITY_COLUMNS))
+    if args.plot:
+        from refpeft.plots import plot_similarity
+
+        print(f"plot: {plot_similarity(grids, args.plot, labels=(str(args.adapter), str(args.compare)))}")
 
 
 def describe(adapter: Any, *, source: str, columns: list[tuple[str, str]] = COLUMNS,
