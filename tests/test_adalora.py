@@ -176,3 +176,9 @@ def test_files_refuse_masks_that_disagree_with_the_tensors_and_unknown_options(t
         (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(error):
             read_adalora_adapter(tmp_path)
+
+
+def test_a_budget_larger_than_the_rank_is_refused_when_the_schedule_is_made():
+    with pytest.raises(ConfigError, match=r"target_r = 12 .* init_r = 8"):
+        AdaloraSchedule(init_r=8, target_r=12, total_step=100, tinit=10, tfinal=10)
+    assert AdaloraSchedule(init_r=8, target_r=8, total_step=100).target_r == 8

@@ -57,6 +57,9 @@ class AdaloraSchedule:
         for name in ("init_r", "target_r", "total_step", "tinit", "tfinal", "deltaT"):
             if type(getattr(self, name)) is not int or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if self.target_r > self.init_r:
+            raise ConfigError(f"target_r = {self.target_r} is larger than init_r = {self.init_r}: the budget can "
+                              "only prune the ranks each layer starts with")
         if self.total_step < 1 or self.deltaT < 1:
             raise ConfigError(f"total_step and deltaT must be at least 1, got {self.total_step}, {self.deltaT}")
         if self.tinit >= self.total_step - self.tfinal:
