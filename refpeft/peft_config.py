@@ -119,6 +119,9 @@ def peft_config(adapter: Adapter, *, save_projection: bool = True) -> dict[str, 
     if len(adapter.methods) != 1:
         raise ConfigError(f"PEFT stores one method per adapter: these modules mix {sorted(adapter.methods)}")
     spec = method_spec(adapter.method)
+    if adapter.token_values is not None and spec.peft_type != "LORA":
+        raise ConfigError(f"PEFT keeps trainable token rows beside LoRA only (LoraConfig.trainable_token_indices), "
+                          f"not {spec.name}")
     modules = adapter.modules
     fan_in_fan_out = _one_value({p: m.fan_in_fan_out for p, m in modules.items()}, "fan_in_fan_out")
     config: dict[str, Any] = {k: adapter.config[k] for k in PASSTHROUGH if k in adapter.config}
@@ -150,8 +153,8 @@ def peft_config(adapter: Adapter, *, save_projection: bool = True) -> dict[str, 
                       d_initial=adapter.config.get("d_initial", 0.1),
                       vera_dropout=adapter.config.get("vera_dropout", 0.0))
         return config
-    if spec.peft_type == "OFT":
-        config.update(peft_type="OFT", **spec.config_options(modules, adapter.config))
+    if spec.peft_type in ("OFT", "BOFT"):      # no r or alpha: the row's config_options give the shape keys
+        config.update(peft_type=spec.peft_type, **spec.config_options(modules, adapter.config))
         return config
     ranks = {p: m.r for p, m in modules.items()}
     alphas = {p: _plain_number(m.alpha) for p, m in modules.items()}
@@ -174,6 +177,8 @@ def peft_config(adapter: Adapter, *, save_projection: bool = True) -> dict[str, 
                   use_rslora=_one_value({p: m.rslora for p, m in modules.items()}, "rslora"),
                   lora_bias=has_bias, init_lora_weights=_init_lora_weights(adapter.config),
                   lora_dropout=adapter.config.get("lora_dropout", 0.0))
+    if adapter.token_values is not None:          # the input embedding's rows (refpeft.model.trainable_tokens)
+        config["trainable_token_indices"] = list(adapter.token_indices)
     return config
 
 
@@ -262,6 +267,14 @@ def _check_config_values(config: dict[str, Any], path: Path) -> None:
                 "refpeft.methods.lora_init.convert_to_plain_lora")
         if config.get("lora_bias") and config.get("use_dora"):
             raise ConfigError(f"{path}: lora_bias with use_dora is not a combination PEFT supports")
+    elif config["peft_type"] == "BOFT":           # no r: boft_R's shape gives factors, blocks and block size
+        sizes = {n: config.get(n, d) for n, d in (("boft_block_size", 4), ("boft_block_num", 0))}
+        if any(type(v) is not int or v < 0 for v in sizes.values()) or list(sizes.values()).count(0) != 1:
+            raise ConfigError(f"{path}: BOFT needs exactly one of boft_block_size and boft_block_num, a positive "
+                              f"integer (PEFT's BOFTConfig), got {sizes}")
+        positive_int("boft_n_butterfly_factor", config.get("boft_n_butterfly_factor", 1))
+        if config.get("bias", "none") not in ("none", "boft_only", "all"):
+            raise ConfigError(f"{path}: bias must be 'none', 'boft_only' or 'all', got {config['bias']!r}")
     elif config["peft_type"] == "IA3":
         chosen = config.get("feedforward_modules")
         if chosen is not None and not (isinstance(chosen, str) or

@@ -4,7 +4,7 @@
 # Config options refpeft reads, and those it refuses when set (value other than None/False/empty).
 LORA_OPTIONS = {"peft_type", "r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "bias", "lora_bias",
                 "rank_pattern", "alpha_pattern", "target_modules", "exclude_modules", "init_lora_weights",
-                "modules_to_save"}
+                "modules_to_save", "trainable_token_indices"}
 
 
 VERA_OPTIONS = {"peft_type", "r", "projection_prng_key", "save_projection", "d_initial", "fan_in_fan_out", "bias",
@@ -20,7 +20,6 @@ IGNORED_OPTIONS = {"task_type", "auto_mapping", "peft_version", "base_model_name
 
 
 UNSUPPORTED_OPTIONS = {
-    "trainable_token_indices": "trainable token embeddings",
     "layer_replication": "layers duplicated in the base model",
     "use_qalora": "QA-LoRA's pooled inputs", "use_bdlora": "block-diagonal LoRA",
     "alora_invocation_tokens": "activated LoRA", "arrow_config": "Arrow routing",
@@ -47,16 +46,20 @@ LOKR_OPTIONS = LOHA_OPTIONS | {"decompose_both", "decompose_factor", "rank_dropo
 OFT_OPTIONS = {"peft_type", "r", "oft_block_size", "target_modules", "exclude_modules", "modules_to_save", "init_weights",
                "module_dropout", "use_cayley_neumann", "num_cayley_neumann_terms", "coft", "eps", "block_share",
                "fan_in_fan_out", "bias"}
+# BOFT: boft_dropout acts only in training; the tensors' shape gives the factors, blocks and block size.
+BOFT_OPTIONS = {"peft_type", "boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "target_modules",
+                "exclude_modules", "modules_to_save", "init_weights", "boft_dropout", "fan_in_fan_out", "bias"}
 
 
 # AdaLoRA (PEFT's AdaLoraConfig, a LoraConfig): read by refpeft.adalora_format, not the generic reader,
 # since its rank_pattern holds boolean masks. The schedule fields only drive training; r is unused.
-ADALORA_OPTIONS = LORA_OPTIONS - {"use_dora", "use_rslora", "lora_bias", "alpha_pattern"} | {
+ADALORA_OPTIONS = LORA_OPTIONS - {"use_dora", "use_rslora", "lora_bias", "alpha_pattern",
+                                  "trainable_token_indices"} | {
     "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step"}
 
 
 PEFT_TYPES = {"LORA": LORA_OPTIONS, "VERA": VERA_OPTIONS, "IA3": IA3_OPTIONS, "LOHA": LOHA_OPTIONS, "LOKR": LOKR_OPTIONS,
-              "OFT": OFT_OPTIONS}
+              "OFT": OFT_OPTIONS, "BOFT": BOFT_OPTIONS}
 # The peft_types scaled by alpha / r, and the config key of their alpha.
 ALPHA_KEYS = {"LORA": "lora_alpha", "LOHA": "alpha", "LOKR": "alpha"}
 

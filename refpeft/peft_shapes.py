@@ -24,6 +24,8 @@ ADAPTED_BIAS_SUFFIX = "base_layer.bias"
 FACTORS = ("A", "B")   # a low-rank factor pair, (r, k) and (d, r); every other per-module tensor is 1-D
 MATRICES = (*FACTORS, "l")   # ... but IA3's l, which keeps PEFT's (d, 1) / (1, k): its shape says which side it scales
 MATRICES += (*LOHA.tensors, *LOKR.optional, "oft_R")   # and LoHa's and LoKr's factors and OFT's oft_R, all 2-D
+MATRICES += ("boft_s",)   # BOFT's (d, 1) scale; its boft_R is (factors, blocks, H, H):
+NDIM = {"boft_R": 4}
 
 
 def tensor_key(path: str, field: str) -> str:
@@ -45,7 +47,7 @@ def check_adapter(adapter: Adapter, *, config: Mapping[str, Any], source: str | 
         key = lambda field: f"{source}: {tensor_key(path, field)}"  # noqa: E731
         spec = m.spec
         for name, tensor in m.tensors.items():           # the factor pair is 2-D, every other tensor a vector
-            _require_ndim(tensor, 2 if name in MATRICES else 1, key(name))
+            _require_ndim(tensor, NDIM.get(name, 2 if name in MATRICES else 1), key(name))
         if set(FACTORS) <= set(m.tensors) and m.B.shape[1] != m.A.shape[0]:
             raise RankError(f"{key('B')} has shape {tuple(m.B.shape)}: its rank {m.B.shape[1]} disagrees "
                             f"with lora_A's {m.A.shape[0]}")

@@ -8,7 +8,10 @@
     loha.py     LoHa (Hadamard product)     lokr.py   LoKr (Kronecker product)
     lora_init.py  PiSSA, OLoRA, LoftQ (inits that rewrite the base) and their rank-2r conversion
     oft.py      OFT: block-diagonal Cayley rotation of the input (Neumann and exact variants)
+    boft.py     BOFT: a butterfly product of block-diagonal Cayley rotations, and an output scale
     prediag.py  Pre-Diag: diag(D) W0 + s B A   sora.py  SORA: diag(s) R W0 + s B A  (refpeft-only: peft_type None)
+    bottleneck.py  Houlsby / Pfeiffer bottleneck adapters: a residual-stream module, not a linear layer's, so
+                no row here (model-level, like prompt tuning: refpeft.model.bottleneck_adapters)
 
 `METHODS` maps a method's name to its row. File formats, checkpoint merging, fusion, the
 exporter, the conformance families, the model and the demo look a method up here instead of
@@ -18,6 +21,7 @@ comparing names; `register_method` adds one (docs/adding_a_method.md walks throu
 from __future__ import annotations
 
 from refpeft.errors import ConfigError
+from refpeft.methods.boft import BOFT
 from refpeft.methods.dora import DORA
 from refpeft.methods.ia3 import IA3
 from refpeft.methods.loha import LOHA
@@ -29,7 +33,7 @@ from refpeft.methods.sora import SORA
 from refpeft.methods.spec import Method
 from refpeft.methods.vera import VERA
 
-METHODS: dict[str, Method] = {m.name: m for m in (LORA, DORA, VERA, IA3, LOHA, LOKR, OFT, PREDIAG, SORA)}
+METHODS: dict[str, Method] = {m.name: m for m in (LORA, DORA, VERA, IA3, LOHA, LOKR, OFT, BOFT, PREDIAG, SORA)}
 
 
 def method_spec(name: str) -> Method:
