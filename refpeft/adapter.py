@@ -9,8 +9,10 @@ paths ("model.layers.0.q_proj") to them, so file formats (refpeft.peft_format), 
 (refpeft.fusion), checkpoint merging and export all speak one type. Modules of one adapter may
 mix methods (PEFT's LoRA files with DoRA on some modules only); each module says its own.
 Besides the adapted modules an Adapter may carry trained base tensors: biases (`base_biases`,
-PEFT's bias="lora_only"/"all") and whole modules trained in full (`saved_modules`, PEFT's
-`modules_to_save`: refpeft.saved_modules).
+PEFT's bias="lora_only"/"all"), whole modules trained in full (`saved_modules`, PEFT's
+`modules_to_save`: refpeft.saved_modules) and chosen rows of the embedding (`token_indices`,
+`token_values`: PEFT's trainable tokens, refpeft.model.trainable_tokens), which are also an adapter
+on their own (no modules: PEFT's TRAINABLE_TOKENS).
 """
 
 from __future__ import annotations
@@ -100,6 +102,18 @@ class Adapter:
     # Fully trained copies of whole base modules (PEFT's modules_to_save), by the checkpoint name of each
     # tensor ("lm_head.weight", "model.norm.weight"): they replace the base's tensors (refpeft.saved_modules).
     saved_modules: dict[str, Any] = field(default_factory=dict)
+    # Trainable tokens (PEFT's trainable_token_indices / TRAINABLE_TOKENS): the embedding's rows t_j are
+    # replaced by token_values R (n, H), the rows' values (refpeft.model.trainable_tokens); None: no rows.
+    token_indices: tuple[int, ...] = ()
+    token_values: Any = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "token_indices", tuple(int(i) for i in self.token_indices))
+        if (self.token_values is None) != (not self.token_indices):
+            raise ConfigError("trainable tokens need both their indices and their values (token_indices, token_values)")
+        if self.token_values is not None and tuple(self.token_values.shape[:1]) != (len(self.token_indices),):
+            raise ConfigError(f"{len(self.token_indices)} trainable token indices but values of shape "
+                              f"{tuple(self.token_values.shape)}")
 
     @property
     def shared(self) -> dict[str, Any]:

@@ -294,6 +294,8 @@ def merge_into_checkpoint(adapter: Adapter, base: SafetensorsFile, out: str | os
               if m.bias is not None or (m.spec.merge_bias is not None and f"{path}.bias" in base)}
     biases.update({f"{path}.bias": path for path in adapter.base_biases})
     saved = adapter.saved_modules
+    if adapter.token_values is not None:
+        raise ConfigError("the adapter trains embedding rows (trainable tokens), which merging does not write yet")
     tied = "lm_head.weight" not in base and "model.embed_tokens.weight" in base
     if tied and ("lm_head.weight" in saved or "model.embed_tokens.weight" in saved):
         raise FormatError(f"{base.path}: the checkpoint's output layer is tied to its embedding (it stores no "

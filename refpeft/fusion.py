@@ -121,6 +121,8 @@ def combine_adapters(adapters: Sequence[Adapter], weights: Sequence[float], *, c
         if adapter.saved_modules:
             raise ConfigError(f"adapter {i} saves whole modules ({', '.join(adapter.saved_module_paths)}, PEFT's "
                               "modules_to_save); refpeft does not combine them")
+        if adapter.token_values is not None:
+            raise ConfigError(f"adapter {i} trains embedding rows (trainable tokens); refpeft does not combine them")
     paths = list(dict.fromkeys(path for adapter in adapters for path in adapter.modules))
     modules, reports = {}, {}
     for path in paths:

@@ -17,6 +17,12 @@ as "model.layers.0.self_attn.q_proj", the name of the adapted linear layer in th
     base_model.model.<t>                        any      modules_to_save: tensor t of a module trained in
                                                          full, by its checkpoint name ("lm_head.weight";
                                                          refpeft.saved_modules)
+    base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta
+                                                (n, H)   trainable_token_indices: the rows' values
+                                                         (refpeft.model.trainable_tokens)
+
+A TRAINABLE_TOKENS folder (trainable tokens alone) reads as an Adapter without modules, and such an
+Adapter is written as one (refpeft.model.trainable_tokens: read_trainable_tokens, write_trainable_tokens).
 
 Which tensors a module has, and their key suffixes, come from its method's row of the method
 table. adapter_config.json gives the rest (refpeft.peft_config: options, patterns, the method).
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -48,9 +55,11 @@ from refpeft.backend import FLOAT_NAMES, to_numpy
 from refpeft.checkpoint import FLOAT_DTYPES, SafetensorsFile
 from refpeft.errors import ConfigError, DTypeError, FormatError, NonFiniteError, ShapeError
 from refpeft.init import as_parameter
-from refpeft.io import atomic_write_bytes, write_safetensors
+from refpeft.io import atomic_write_bytes, read_json_object, write_safetensors
 from refpeft.methods import method_spec, peft_methods
 from refpeft.methods.linear import LinearShape
+from refpeft.model.trainable_tokens import (EMBED, check_token_indices, is_tokens_folder, lora_token_tensors,
+                                            read_trainable_tokens, split_lora_tokens, write_trainable_tokens)
 from refpeft.peft_config import ALPHA_KEYS, CONFIG_NAME, config_method, feedforward, pattern_value, peft_config, \
     read_config, targets
 from refpeft.peft_shapes import (ADAPTED_BIAS_SUFFIX, PREFIX, check_adapter, fit_to_base, module_shape,
@@ -90,10 +99,15 @@ def read_peft_adapter(directory: str | os.PathLike, *, base_shapes: Mapping[str,
         raise DTypeError(f"unknown float format {dtype!r}; choose one of {', '.join(FLOAT_NAMES)}")
     folder = _adapter_folder(directory)
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if is_tokens_folder(read_json_object(config_path)):
+        indices, values, config = read_trainable_tokens(folder)
+        values = values if dtype is None else as_parameter(values, dtype=dtype, xp=None)
+        return Adapter({}, config=config, token_indices=tuple(indices), token_values=values)
     config = read_config(config_path)
     checkpoint = SafetensorsFile(weights_path)
     tensors = {name: _read_checked(checkpoint, name, dtype=dtype) for name in checkpoint.keys()}
-    adapter = _adapter_from_tensors(config, tensors, source=weights_path)
+    tensors, tokens = split_lora_tokens(config, tensors, source=weights_path)
+    adapter = replace(_adapter_from_tensors(config, tensors, source=weights_path), **tokens)
     if base_shapes is not None:
         adapter = fit_to_base(adapter, base_shapes, source=weights_path, dtype=dtype)
     return adapter
@@ -115,17 +129,33 @@ def read_peft_adapter_with_base(directory: str | os.PathLike, base: SafetensorsF
     shapes = base.linear_shapes(adapter.modules, fan_in_fan_out=bool(adapter.config.get("fan_in_fan_out")))
     source = f"{_adapter_folder(directory) / WEIGHTS_NAME} (base {base.path})"
     check_saved_against_base(adapter.saved_modules, checkpoint_shapes(base), source=source)
+    if adapter.token_values is not None:
+        vocab, hidden = base.info(EMBED).shape
+        check_token_indices(adapter.token_indices, vocab)
+        if adapter.token_values.shape[1] != hidden:
+            raise ShapeError(f"{source}: the trainable token rows are {adapter.token_values.shape[1]} wide, the "
+                             f"base's embedding {hidden}")
     return fit_to_base(adapter, shapes, source=source, dtype=dtype)
 
 
-def write_peft_adapter(directory: str | os.PathLike, adapter: Adapter, *, save_projection: bool = True) -> Path:
+def write_peft_adapter(directory: str | os.PathLike, adapter: Adapter, *, save_projection: bool = True,
+                       tied_embeddings: bool | None = None) -> Path:
     """Write `adapter` as a PEFT adapter directory (weights, then config, each atomically).
 
     LoRA and DoRA modules are written as peft_type "LORA" (all modules one method: PEFT's use_dora
     is per config), VeRA as "VERA" with the projections saved unless save_projection=False (then
     Adapter.config must hold the `projection_prng_key` they were drawn from). Arrays keep their
     dtype. Returns the directory. Methods PEFT does not have (Pre-Diag, SORA) are refused.
+    Trainable token rows go beside LoRA modules (trainable_token_indices); an adapter of rows alone
+    is a TRAINABLE_TOKENS folder, which for a tied head holds the rows twice: tied_embeddings
+    (the base's tie_word_embeddings) must then be given.
     """
+    if not adapter.modules and adapter.token_values is not None:
+        if tied_embeddings is None:
+            raise ConfigError("a trainable-tokens folder saves the rows for a tied head too: pass tied_embeddings")
+        _check_values(to_numpy(adapter.token_values), key="trainable_tokens_delta", source=directory)
+        return write_trainable_tokens(directory, adapter.token_indices, adapter.token_values, tied=tied_embeddings,
+                                      base_model=adapter.config.get("base_model_name_or_path"))
     foreign = sorted({m.method for m in adapter.modules.values() if m.spec.peft_type is None})
     if foreign:
         raise ConfigError(f"{', '.join(foreign)} adapters have no PEFT file format (PEFT has no such method); "
@@ -172,6 +202,7 @@ def peft_tensors(adapter: Adapter, *, save_projection: bool = True) -> dict[str,
         tensors[f"{PREFIX}{path}.{suffix}"] = to_numpy(bias)
     for name, value in adapter.saved_modules.items():
         tensors[PREFIX + name] = to_numpy(value)
+    tensors.update(lora_token_tensors(adapter))
     shared = method_spec(adapter.method).shared if len(adapter.methods) == 1 else {}
     if shared and save_projection:
         if set(adapter.shared) != set(shared):

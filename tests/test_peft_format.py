@@ -188,7 +188,9 @@ def test_tensor_defects_name_file_and_key(defect, tmp_path):
 
 
 CONFIG_DEFECTS = {
-    "unsupported option": (lambda c: c.update(trainable_token_indices=[1, 2]), "option 'trainable_token_indices'"),
+    "unsupported option": (lambda c: c.update(layer_replication=[[0, 1]]), "option 'layer_replication'"),
+    "token indices without rows": (lambda c: c.update(trainable_token_indices=[1, 2]),
+                                   "trainable_token_indices, but there is no"),
     "saved module without tensors": (lambda c: c.update(modules_to_save=["lm_head"]),
                                      "modules_to_save entry 'lm_head' selects no module with tensors"),
     "unknown option": (lambda c: c.update(use_magic=True), "option 'use_magic'"),

@@ -36,6 +36,11 @@ tensors (its method's `spec.trainable`: "model.layers.0.self_attn.q_proj.A"), an
 for base tensors: an adapter's saved modules ("lm_head.weight"), or every weight for full
 fine-tuning, where the model has no adapter. `trainable_parameters` and `with_parameters` map a
 Model to and from it.
+
+`trainable_tokens` (PEFT's trainable_token_indices, refpeft.model.trainable_tokens) adds chosen rows
+of the embedding, beside the modules or alone (method TOKENS_ONLY: PEFT's TRAINABLE_TOKENS), each
+starting as a copy of the base's row (PEFT's init_weights=True) and trained as
+"model.embed_tokens.trainable_tokens_delta" (n, H), PEFT's name for the rows' values.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from refpeft.backend import namespace
 from refpeft.errors import ConfigError
 from refpeft.methods import method_spec
 from refpeft.model.decoder import Model, dense_weight
+from refpeft.model.trainable_tokens import EMBED, LORA_KEY, TOKENS, has_tokens, tokens_init
 from refpeft.optim import AdamConfig, ParamGroup, loraplus_groups
 from refpeft.peft_config import pattern_value
 from refpeft.patterns import matches
@@ -62,6 +68,7 @@ from refpeft.train.prompt_learning import encoder_parameters, with_encoder
 TRAINING_METHODS = {"lora": ("lora", {}), "rslora": ("lora", {"rslora": True}), "dora": ("dora", {}),
                     "vera": ("vera", {}), "ia3": ("ia3", {})}
 FULL = "full"
+TOKENS_ONLY = "trainable-tokens"        # no modules: only the trainable token rows (PEFT's TRAINABLE_TOKENS)
 ALL_LINEAR = "all-linear"
 
 
@@ -92,10 +99,19 @@ def select_targets(model: Model, targets: Sequence[str] | str) -> list[str]:
 def new_adapter(model: Model, *, method: str, targets: Sequence[str] | str, rank: int = 8, alpha: float = 8.0,
                 rank_pattern: Mapping[str, int] | None = None, alpha_pattern: Mapping[str, float] | None = None,
                 seed: int = 0, generator: str = "numpy", projection_prng_key: int = 0,
-                d_initial: float = 0.1, modules_to_save: Sequence[str] = ()) -> Adapter:
+                d_initial: float = 0.1, modules_to_save: Sequence[str] = (),
+                trainable_tokens: Sequence[int] = ()) -> Adapter:
     """A freshly initialised adapter of `method` (lora, rslora, dora, vera) on the targeted layers,
     in the dtype and namespace of the model's weights: its method's `init_modules`, with copies of
-    the modules `modules_to_save` selects (module docstring)."""
+    the modules `modules_to_save` selects and the rows `trainable_tokens` names (module docstring).
+    Method TOKENS_ONLY: the rows alone (targets, rank and the rest do not apply)."""
+    tokens = _token_rows(model, trainable_tokens)
+    if method == TOKENS_ONLY:
+        if not trainable_tokens:
+            raise ConfigError(f"method {TOKENS_ONLY!r} trains token rows: name them (trainable_tokens)")
+        if modules_to_save:
+            raise ConfigError(f"method {TOKENS_ONLY!r} trains token rows only: modules_to_save does not apply")
+        return Adapter({}, **tokens)
     if method not in TRAINING_METHODS:
         raise ConfigError(f"unsupported adapter method {method!r}; choose one of {', '.join(TRAINING_METHODS)} "
                           f"(or {FULL!r} fine-tuning)")
@@ -117,7 +133,16 @@ def new_adapter(model: Model, *, method: str, targets: Sequence[str] | str, rank
     saved = saved_module_copies(model, modules_to_save)
     check_adapter_saved(paths, saved, {}, source="targets and modules_to_save")
     modules, shared, config = spec.init_modules(W0s, ranks=ranks, alphas=alphas, **options)
-    return Adapter(modules, **shared, config=config, saved_modules=saved)
+    if tokens and spec.peft_type != "LORA":
+        raise ConfigError(f"trainable tokens go beside LoRA (PEFT's LoraConfig.trainable_token_indices), not {method}")
+    return Adapter(modules, **shared, config=config, saved_modules=saved, **tokens)
+
+
+def _token_rows(model: Model, indices: Sequence[int]) -> dict[str, Any]:
+    """Adapter fields of fresh trainable token rows: copies of the embedding's rows; {} for none."""
+    if not indices:
+        return {}
+    return {"token_indices": tuple(indices), "token_values": tokens_init(model.weights[EMBED], indices)}
 
 
 def saved_module_copies(model: Model, modules_to_save: Sequence[str]) -> dict[str, Any]:
@@ -151,7 +176,8 @@ def trainable_parameters(model: Model) -> dict[str, Any]:
         return dict(model.weights)
     params = {f"{path}.{name}": module.tensors[name]
               for path, module in model.adapter.modules.items() for name in module.spec.trainable}
-    return {**params, **model.adapter.saved_modules}
+    tokens = {TOKENS: model.adapter.token_values} if has_tokens(model.adapter) else {}
+    return {**params, **model.adapter.saved_modules, **tokens}
 
 
 def with_parameters(model: Model, params: Mapping[str, Any]) -> Model:
@@ -168,11 +194,11 @@ def with_parameters(model: Model, params: Mapping[str, Any]) -> Model:
     updates: dict[str, dict[str, Any]] = {}
     saved = model.adapter.saved_modules
     for name, value in params.items():
-        if name not in saved:
+        if name not in saved and name != TOKENS:
             path, _, tensor = name.rpartition(".")
             updates.setdefault(path, {})[tensor] = value
     modules = {path: module.replace(**updates[path]) for path, module in model.adapter.modules.items()}
-    return replace(model, adapter=replace(model.adapter, modules=modules,
+    return replace(model, adapter=replace(model.adapter, modules=modules, token_values=params.get(TOKENS),
                                           saved_modules={name: params[name] for name in saved}))
 
 
@@ -191,7 +217,9 @@ def optimizer_groups(model: Model, params: Mapping[str, Any], config: AdamConfig
     `loraplus_weight_decay`), which classify by PEFT's parameter names ("lora_B"), so each decoder
     name is looked up under its PEFT file key and the groups are mapped back. A saved module's
     tensor is PEFT's "<module>.modules_to_save.default.<tensor>" (a matrix joins the A group, a
-    vector the B group); the decoder's norms are RMSNorm, which PEFT's LoRA+ does not exempt from decay.
+    vector the B group); trainable token rows are PEFT's 2-D "token_adapter.trainable_tokens_delta"
+    of no embedding layer, so the A group; the decoder's norms are RMSNorm, which PEFT's LoRA+ does
+    not exempt from decay.
     """
     if loraplus_ratio is None:
         no_decay = [n for n in params if any(re.search(p, n.lower()) for p in NO_DECAY_PATTERNS)]
@@ -206,6 +234,8 @@ def optimizer_groups(model: Model, params: Mapping[str, Any], config: AdamConfig
         path, _, tensor = name.rpartition(".")
         if name in model.adapter.saved_modules:
             peft_names[f"{PREFIX}{path}.modules_to_save.default.{tensor}"] = name
+        elif name == TOKENS:                    # a 2-D parameter of no embedding layer: the A group
+            peft_names[LORA_KEY] = name
         else:
             peft_names[tensor_key(path, tensor)] = name
     groups = loraplus_groups({key: params[name] for key, name in peft_names.items()}, config, lr_ratio=loraplus_ratio,

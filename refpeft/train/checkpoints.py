@@ -38,6 +38,7 @@ from refpeft.backend import dtype_name, from_numpy, namespace, to_numpy
 from refpeft.errors import ConfigError, FormatError
 from refpeft.io import atomic_write_bytes, read_json_object, usual_permissions
 from refpeft.model.decoder import Model
+from refpeft.model.trainable_tokens import TOKENS
 from refpeft.model.weights import load_model_folder, save_model_folder
 from refpeft.optim import ParamGroup, load_adam_state, save_adam_state
 from refpeft.peft_format import read_peft_adapter, write_peft_adapter
@@ -66,7 +67,7 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainingState, config: 
         elif model.adapter is None:
             save_model_folder(staging / "model", model.config, dict(model.weights))
         else:
-            write_peft_adapter(staging / "adapter", model.adapter)
+            write_peft_adapter(staging / "adapter", model.adapter, tied_embeddings=model.config.tie_word_embeddings)
         save_adam_state(str(staging / "optimizer.safetensors"), state.adam, groups)
         record = {"format": STATE_FORMAT, "step": state.step, "data_position": state.data_position,
                   "mode": _mode(model), "config": _plain(config),
@@ -160,9 +161,13 @@ def _saved_parameters(folder: Path, model: Model) -> dict[str, np.ndarray]:
     if set(adapter.saved_modules) != set(model.adapter.saved_modules):
         differ = sorted(set(adapter.saved_modules) ^ set(model.adapter.saved_modules))
         raise ConfigError(f"{folder}: the checkpoint saves modules {differ[:3]} differently from this run")
+    if adapter.token_indices != model.adapter.token_indices:
+        raise ConfigError(f"{folder}: the checkpoint trains token rows {list(adapter.token_indices)[:8]}, this run "
+                          f"{list(model.adapter.token_indices)[:8]}")
+    tokens = {} if adapter.token_values is None else {TOKENS: to_numpy(adapter.token_values)}
     return {**{f"{path}.{name}": to_numpy(module.tensors[name])
                for path, module in adapter.modules.items() for name in module.spec.trainable},
-            **{name: to_numpy(value) for name, value in adapter.saved_modules.items()}}
+            **{name: to_numpy(value) for name, value in adapter.saved_modules.items()}, **tokens}
 
 
 def _mode(model: Model) -> str:
