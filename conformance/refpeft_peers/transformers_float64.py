@@ -68,8 +68,9 @@ def float64_inv_freq(model, family: str) -> None:
     saved = rope_utils.torch, mod.torch
     rope_utils.torch, mod.torch = proxy, proxy
     try:
-        init = rotary.compute_default_rope_parameters if rotary.rope_type == "default" else \
-            rope_utils.ROPE_INIT_FUNCTIONS[rotary.rope_type]
+        # transformers 4.57 (the adapters peer's) lists "default" in ROPE_INIT_FUNCTIONS; 5 has it on the class
+        init = rope_utils.ROPE_INIT_FUNCTIONS[rotary.rope_type] if rotary.rope_type in rope_utils.ROPE_INIT_FUNCTIONS \
+            else rotary.compute_default_rope_parameters
         inv_freq, _ = init(model.config)
     finally:
         rope_utils.torch, mod.torch = saved

@@ -30,12 +30,15 @@ for full fine-tuning (train_base=True), any chosen ones, and always the adapter'
 forward (`Model.weight`), and its gradients are returned under the same names. With tied
 embeddings the head multiplies by the embedding and its dW adds to "model.embed_tokens.weight";
 a saved "lm_head.weight" is a head of its own, and a saved embedding leaves the head on the
-frozen base embedding (PEFT's deep copies).
+frozen base embedding (PEFT's deep copies). An adapter's trainable token rows replace rows of the
+embedding (and so of a tied head) and are trained through its gradient, returned as their own
+(refpeft.model.trainable_tokens).
 
 Prompt learning: `prompt` (k, H) is put in front of e (refpeft.model.prompt_tuning; P-tuning's
 encoder computes one, refpeft.model.p_tuning); `prefix` is every layer's past keys and values
 (refpeft.model.prefix_tuning), its gradient attention's dk, dv at the past key positions. Both
-are returned as "prompt_embeddings", the name PEFT saves them under.
+are returned as "prompt_embeddings", the name PEFT saves them under. Bottleneck adapters (`bottleneck`)
+replace the two residual additions of a layer (refpeft.model.bottleneck_adapters).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from refpeft.errors import ConfigError, InputError
 from refpeft.methods.linear import flatten_rows
 from refpeft.methods.qlora import base_weight, quantize_base
 from refpeft.model.attention import attention_backward, attention_forward
+from refpeft.model.bottleneck_adapters import BottleneckAdapters, residual_add, residual_add_backward
 from refpeft.model.config import ModelConfig
 from refpeft.model.embedding import embedding_backward, embedding_forward
 from refpeft.model.loss import causal_lm_loss_backward, causal_lm_loss_forward
@@ -58,6 +62,7 @@ from refpeft.model.prompt_tuning import prompt_backward, prompt_forward, prompt_
 from refpeft.model.rmsnorm import rms_norm_backward, rms_norm_forward
 from refpeft.model.rope import rope_backward, rope_forward, rope_inverse_frequencies, rope_tables
 from refpeft.quant.state import QuantState4bit
+from refpeft.model.trainable_tokens import EMBED, check_adapter_tokens, has_tokens, token_gradients, tokens_forward
 from refpeft.saved_modules import check_adapter_saved, check_entries, check_saved_against_base, written_entries
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -81,6 +86,8 @@ class Model:
     # The tensors (PEFT's names) of the encoder that computes `prompt` or `prefix` while they train
     # (refpeft.train.prompt_learning); the decoder reads only prompt / prefix.
     prompt_encoder: Mapping[str, Any] | None = None
+    # Bottleneck adapters in the residual stream (refpeft.model.bottleneck_adapters), trained by their full names.
+    bottleneck: BottleneckAdapters | None = None
 
     def linear_paths(self) -> list[str]:
         """Every linear layer's module path, in model order (the targets an adapter may name)."""
@@ -93,7 +100,10 @@ class Model:
         return {} if self.adapter is None else self.adapter.saved_modules
 
     def weight(self, name: str) -> Any:
-        """Base tensor `name` as the model uses it: the adapter's saved copy, or the stored tensor."""
+        """Base tensor `name` as the model uses it: the adapter's saved copy, or the stored tensor (the
+        embedding with the adapter's trainable token rows in place: refpeft.model.trainable_tokens)."""
+        if name == EMBED and has_tokens(self.adapter):
+            return tokens_forward(self.weights[EMBED], self.adapter.token_indices, self.adapter.token_values)
         return self.saved[name] if name in self.saved else self.weights[name]
 
     def bias(self, path: str) -> Any:
@@ -161,7 +171,7 @@ class _Discarded(list):
 def trained_tensors(model: Model, train_base: bool | Iterable[str] = False) -> frozenset[str]:
     """The base tensors a pass trains: the adapter's saved modules, plus every weight (train_base=True)
     or the named ones."""
-    names = set(model.saved)
+    names = set(model.saved) | ({EMBED} if has_tokens(model.adapter) else set())     # token rows: from dW'
     if train_base is True:
         return frozenset(names | set(model.weights))
     chosen = set(train_base or ())
@@ -187,6 +197,8 @@ def check_adapter_targets(model: Model) -> None:
             raise ConfigError(f"the adapter's {path!r} adapts a {module.out_features} x {k} layer; the model's is "
                               f"{W.shape[0]} x {W.shape[1]}")
     saved = model.adapter.saved_modules
+    check_adapter_tokens(model.adapter, vocab_size=model.config.vocab_size, hidden_size=model.config.hidden_size,
+                         saved=saved, source="the adapter")
     if saved:
         shapes = {name: tuple(model.weights[name].shape) for name in model.weights}
         if model.config.tie_word_embeddings:
@@ -293,7 +305,7 @@ def backward(model: Model, dlogits: Any, tape: Tape) -> dict[str, Any]:
         _accumulate(grads, "model.embed_tokens.weight", embedding_backward(d, cache))
     if entries:                                                                        # ("prefix", cache)
         grads["prompt_embeddings"] = prefix_backward(dpast, entries.pop()[1])
-    return grads
+    return token_gradients(model.adapter, grads)                                       # dR = dW'[t]
 
 
 # --- one decoder layer ----------------------------------------------------------------------------
@@ -322,14 +334,16 @@ def _layer_forward(model: Model, p: str, e: Any, cos: Any, sin: Any, mask: Any, 
     a, cache = attention_forward(heads["q"], k, v, attention_mask=mask)
     tape.entries.append(("attention", cache))
     a = xp.reshape(xp.permute_dims(a, (0, 2, 1, 3)), (b, s, c.num_attention_heads * c.head_dim))
-    e = e + _linear(model, f"{p}.self_attn.o_proj", a, tape)
+    o = _linear(model, f"{p}.self_attn.o_proj", a, tape)
+    e = residual_add(model.bottleneck, p, "attention", e, o, tape.entries)          # e + o, or a bottleneck
     m, cache = rms_norm_forward(e, model.weight(f"{p}.post_attention_layernorm.weight"), eps=c.rms_norm_eps)
     tape.entries.append((f"norm:{p}.post_attention_layernorm", cache))
     gate = _linear(model, f"{p}.mlp.gate_proj", m, tape)
     up = _linear(model, f"{p}.mlp.up_proj", m, tape)
     h, cache = swiglu_forward(gate, up)
     tape.entries.append(("swiglu", cache))
-    return e + _linear(model, f"{p}.mlp.down_proj", h, tape), (k, v)
+    o = _linear(model, f"{p}.mlp.down_proj", h, tape)
+    return residual_add(model.bottleneck, p, "output", e, o, tape.entries), (k, v)
 
 
 def _layer_backward(model: Model, p: str, de: Any, entries: list, grads: dict, tape: Tape) -> tuple[Any, tuple]:
@@ -337,12 +351,14 @@ def _layer_backward(model: Model, p: str, de: Any, entries: list, grads: dict, t
     sk - s key positions (after rope, so no rope to undo; refpeft.model.prefix_tuning)."""
     c, xp = model.config, namespace(de)
     b, s, _ = de.shape
-    dh = _linear_backward(model, de, entries.pop(), grads, tape)                      # down_proj
+    de, do = residual_add_backward(de, entries, grads)                                 # e = r + o, or a bottleneck
+    dh = _linear_backward(model, do, entries.pop(), grads, tape)                      # down_proj
     sw = swiglu_backward(dh, entries.pop()[1])
     dm = _linear_backward(model, sw.dup, entries.pop(), grads, tape)                   # up_proj
     dm = dm + _linear_backward(model, sw.dgate, entries.pop(), grads, tape)            # gate_proj
     de = de + _norm_backward(dm, entries.pop(), grads, tape)                           # residual
-    da = _linear_backward(model, de, entries.pop(), grads, tape)                       # o_proj
+    de, do = residual_add_backward(de, entries, grads)
+    da = _linear_backward(model, do, entries.pop(), grads, tape)                       # o_proj
     da = xp.permute_dims(xp.reshape(da, (b, s, c.num_attention_heads, c.head_dim)), (0, 2, 1, 3))
     att = attention_backward(da, entries.pop()[1])
     n = att.dk.shape[2] - s                                                            # past keys
