@@ -3,10 +3,15 @@
 The file (onnxruntime.AdapterFormat, FlatBuffers) maps names to tensors. Its names are exactly the
 unmerged graph's swappable inputs (refpeft_onnx.graph.adapter_input_names), its dtypes the graph's:
 
-    LoRA  {layer}.lora_A_t (k, r)   {layer}.lora_B_t (r, d)   {layer}.lora_scaling (1,)
+    LoRA  {layer}.lora_A_t (k, r)   {layer}.lora_B_t (r, d)   {layer}.lora_scaling (1,)   (LoHa: its Khatri-Rao factors)
     DoRA  the same, and {layer}.dora_scale (d,) = m / ||W0 + s B A|| (fixed per adapter)
+    Pre-Diag  the same, and {layer}.prediag_D (d,)
     VeRA  {layer}.vera_lambda_d (r,)   {layer}.vera_lambda_b (d,)   (the projections stay in the graph)
+    IA3   {layer}.ia3_input_scale (k,)   {layer}.ia3_output_scale (d,)   (ones on the side l does not scale)
+    OFT   {layer}.oft_rotation (m, b, b)   the Cayley blocks R_i, computed in float64 when the file is written
+    LoKr  {layer}.lokr_w1 (d1, k1)   {layer}.lokr_w2_t (k2, d2)   {layer}.lokr_scaling (1,)
     and   {layer}.bias (d,) for each base bias the adapter trains (PEFT's bias="lora_only"/"all")
+(refpeft_onnx.branches has each kind's graph.)
 
 ONNX Runtime appends a loaded adapter's tensors to a run's feeds, so every name must be an input of
 the graph it is used with and every dtype must match; `check_against_model` says so before writing.

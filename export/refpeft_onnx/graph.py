@@ -3,23 +3,17 @@
 Every graph maps x (batch, sequence, k) to y (batch, sequence, d), both leading axes symbolic, in
 one dtype T (float32 or float16). Per layer, for an input h (shapes at line ends):
 
-merged (the adapter folded into the weight initializer; refpeft's own merge of each method):
-    y = MatMul(h, W^T) + b          W = lora.merge | dora.dora_merge | vera.vera_merge     # (..., d)
-    (IA3: W = ia3_merge, and b = l * b on output-scaled layers, its row's merge_bias; IA3 has no unmerged branch)
+merged (the adapter folded into the weight initializer by refpeft's own merge of its method; every
+mergeable method of the table exports this way):
+    y = MatMul(h, W^T) + b          W = the row's merge (W0 + delta in W0's layout)        # (..., d)
+    (IA3: b = l * b on output-scaled layers too, its row's merge_bias)
 
 unmerged (the base and the adapter branch as separate nodes; every adapter tensor is a graph input
-with an initializer default of the same name, so ONNX Runtime can swap it per run):
-    base = MatMul(h, W0^T)                                                                 # (..., d)
-    LoRA  v = MatMul(Mul(MatMul(h, A^T), s), B^T)     y = base + v + b
-          (s scales the rank-r activations, r multiplies per row instead of d; PEFT scales after
-          B^T, which is the same product up to rounding and inside the same bound)
-    DoRA  v as LoRA                                   y = g * (base + v) + b
-          g = m / ||W0 + s B A|| per output row (refpeft.methods.dora.dora_weight_norm), fixed per adapter:
-          the eval-time DoRA output g (x W0^T + s (x A^T) B^T) + b, with no norm in the graph
-    VeRA  v = lambda_b * MatMul(lambda_d * MatMul(h, A^T), B^T)                 y = base + v + b
-          A^T, B^T are slices of the shared projections (initializers); only lambda_d, lambda_b swap
-The defaults give the base output: LoRA/DoRA factors of rank 0 on a symbolic rank axis
-(A^T (k, 0), B^T (0, d), s = 1, g = 1), VeRA's lambda_b = 0. Adapters of any rank share a session.
+with an initializer default of the same name, so ONNX Runtime can swap it per run): the branch of
+the method's `onnx_branch` kind, refpeft_onnx.branches (its docstring has every kind's nodes,
+inputs and defaults: low-rank LoRA/LoHa, DoRA, Pre-Diag, VeRA, IA3, OFT, LoKr). The defaults give
+the base output, and symbolic rank / block / factor axes let adapters of any size share a session.
+A method whose kind has no branch (SORA's "merged-only") is refused with a ConfigError.
 When the adapter trains base biases (PEFT's bias="lora_only"/"all"), those layers' b becomes a
 swappable input too ({layer}.bias, default: the frozen bias).
 
@@ -43,6 +37,7 @@ from refpeft.methods import method_spec
 from refpeft.quant import quantize_4bit
 from refpeft.errors import ConfigError
 
+from refpeft_onnx.branches import BRANCHES, Branch
 from refpeft_onnx.builder import DEFAULT_OPSET, GraphBuilder
 from refpeft_onnx.nf4 import NF4_OPS, nf4_matmul
 from refpeft_onnx.stack import BaseLinear, LinearStack, as_float64, as_float64_module, check_adapter, \
@@ -52,21 +47,19 @@ FORMS = ("merged", "unmerged")
 ONNX_ACTIVATIONS = {"relu": "Relu", "gelu": "Gelu", "tanh": "Tanh"}
 
 
-# The swappable inputs of each branch kind (a method's `onnx_branch`), in the order the unmerged
-# graph declares them and the method's `branch_values` gives their values.
-BRANCH_INPUTS = {
-    "low-rank": ("lora_A_t", "lora_B_t", "lora_scaling"),
-    "low-rank-rescaled": ("lora_A_t", "lora_B_t", "lora_scaling", "dora_scale"),
-    "shared-projections": ("vera_lambda_d", "vera_lambda_b"),
-}
-
-
 def adapter_input_names(layer: str, method: str) -> tuple[str, ...]:
-    """The swappable inputs of one layer's branch, in the order the unmerged graph declares them."""
-    kind = method_spec(method).onnx_branch
-    if kind not in BRANCH_INPUTS:
-        raise ConfigError(f"{method} adapters have no unmerged ONNX branch yet (kind {kind!r}); export them merged")
-    return tuple(f"{layer}.{name}" for name in BRANCH_INPUTS[kind])
+    """The swappable inputs of one layer's branch, in the order the unmerged graph declares them
+    (and the method's `branch_values` gives their values)."""
+    return tuple(f"{layer}.{name}" for name in method_branch(method).inputs)
+
+
+def method_branch(method: str) -> Branch:
+    """The branch of `method`'s onnx_branch kind; ConfigError for a method that exports merged only."""
+    spec = method_spec(method)
+    if spec.onnx_branch not in BRANCHES:
+        raise ConfigError(f"{method} adapters have no unmerged ONNX branch (kind {spec.onnx_branch!r}: "
+                          f"{spec.summary}); export them merged (without --unmerged)")
+    return BRANCHES[spec.onnx_branch]
 
 
 def bias_input_name(layer: str) -> str:
@@ -205,36 +198,28 @@ def merged_linear(g: GraphBuilder, h: str, layer: BaseLinear, module: ModuleAdap
 def unmerged_linear(g: GraphBuilder, h: str, layer: BaseLinear, method: str | None, *,
                     vera_t: tuple[str, str, int] | None, nf4_ops: str, swappable_bias: bool,
                     base: str | None = None) -> str:
-    """The layer's base product (`base`, when the caller already has h W0^T) plus `method`'s swappable branch."""
-    base = base or _base_matmul(g, h, layer, None, nf4_ops=nf4_ops)
+    """The layer's base product plus `method`'s swappable branch (refpeft_onnx.branches).
+
+    base: h W0^T when the caller already has it (a tied head, a graph exported elsewhere); a branch
+    that transforms the layer's input (IA3's input scale, OFT's rotation) needs the layer's own
+    MatMul and is refused there with a ConfigError.
+    """
+    def base_of(x: str) -> str:
+        if base is None:
+            return _base_matmul(g, x, layer, None, nf4_ops=nf4_ops)
+        if x != h:
+            raise ConfigError(f"{layer.name}: the {method} branch transforms the layer's input, so it needs the "
+                              "layer's own MatMul, not a given x W0^T (a tied lm_head, a graph exported elsewhere); "
+                              "export this adapter merged")
+        return base
+
+    def add_bias(total: str) -> str:
+        return _add_bias(g, total, layer, swappable=swappable_bias)
+
     if method is None:
-        return _add_bias(g, base, layer, swappable=swappable_bias)
-    name, k, d = layer.name, layer.k, layer.d
-    names = adapter_input_names(name, method)
-    kind = method_spec(method).onnx_branch
-    if kind == "shared-projections":
-        lambda_d = g.swappable(names[0], np.zeros(vera_t[2]), [vera_t[2]])
-        lambda_b = g.swappable(names[1], np.zeros(d), [d])
-        starts, k_end, d_end, axis0, axis1 = (g.const(f"{name}.slice.{s}", np.asarray(v, dtype=np.int64))
-                                              for s, v in (("start", [0]), ("k", [k]), ("d", [d]),
-                                                           ("axis0", [0]), ("axis1", [1])))
-        a_t = g.op("Slice", [vera_t[0], starts, k_end, axis0], f"{name}.vera_A_t")          # (k, r)
-        b_t = g.op("Slice", [vera_t[1], starts, d_end, axis1], f"{name}.vera_B_t")          # (r, d)
-        xa = g.op("MatMul", [h, a_t], f"{name}.xa")                                          # (..., r)
-        scaled = g.op("Mul", [xa, lambda_d], f"{name}.lambda_d_xa")
-        v = g.op("Mul", [g.op("MatMul", [scaled, b_t], f"{name}.xb"), lambda_b], f"{name}.branch")
-        return _add_bias(g, g.op("Add", [base, v], f"{name}.sum"), layer, swappable=swappable_bias)
-    rank = f"{name}.rank"
-    a_t = g.swappable(names[0], np.zeros((k, 0)), [k, rank])
-    b_t = g.swappable(names[1], np.zeros((0, d)), [rank, d])
-    s = g.swappable(names[2], np.ones(1), [1])
-    xa = g.op("MatMul", [h, a_t], f"{name}.xa")                                              # (..., r)
-    scaled = g.op("Mul", [xa, s], f"{name}.scaled_xa")                                       # s xa: r columns, not d
-    v = g.op("MatMul", [scaled, b_t], f"{name}.branch")                                      # (..., d)
-    total = g.op("Add", [base, v], f"{name}.sum")
-    if kind == "low-rank-rescaled":
-        total = g.op("Mul", [g.swappable(names[3], np.ones(d), [d]), total], f"{name}.dora")
-    return _add_bias(g, total, layer, swappable=swappable_bias)
+        return add_bias(base_of(h))
+    return method_branch(method).build(g, h, layer, adapter_input_names(layer.name, method), base_of=base_of,
+                                 add_bias=add_bias, vera_t=vera_t)
 
 
 def graph_metadata(model: onnx.ModelProto) -> dict[str, str]:

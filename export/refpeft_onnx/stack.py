@@ -6,7 +6,7 @@
 
     layer_l(h) = h W_l^T + b_l + (the adapter's branch, when the adapter names layer l)
 
-The branch is refpeft's own forward (refpeft.methods.lora / refpeft.methods.dora / refpeft.methods.vera), evaluated in
+The branch is refpeft's own forward of the module's method (its table row's `forward`), evaluated in
 float64: that is the reference every exported graph is checked against. A layer may hold its frozen
 weight as NF4 (a refpeft.quant QuantState4bit): its `weight` is then refpeft's dequantised weight
 (float32 values f32(code * absmax)), exactly what the 4-bit graph computes with, so the reference
@@ -114,6 +114,8 @@ def check_adapter(stack: LinearStack, adapter: Adapter | None) -> None:
     if adapter.saved_modules:
         raise ConfigError(f"the adapter saves whole modules ({', '.join(adapter.saved_module_paths)}, PEFT's "
                           "modules_to_save); ONNX export does not carry them")
+    if adapter.token_values is not None:
+        raise ConfigError("the adapter trains embedding rows (trainable tokens); ONNX export does not carry them")
     names = {layer.name for layer in stack.layers}
     unknown = sorted(set(adapter.modules) - names)
     if unknown:

@@ -42,13 +42,13 @@ import onnx
 
 from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.errors import RefpeftError
-from refpeft.tolerance import Bounded, Comparison, Precision, add, compare, exact, matmul, multiply, rows, stored, \
+from refpeft.tolerance import Bounded, Comparison, Precision, add, compare, exact, matmul, rows, stored, \
     with_reference
 
 from refpeft_onnx.builder import DTYPES, to_graph_dtype
-from refpeft_onnx.graph import bias_input_name, branch_values, graph_metadata, merged_weight
-from refpeft_onnx.stack import BaseLinear, LinearStack, activation, as_float64, check_adapter, reference_forward, \
-    with_trained_biases
+from refpeft_onnx.graph import bias_input_name, branch_values, graph_metadata, merged_weight, method_branch
+from refpeft_onnx.stack import BaseLinear, LinearStack, activation, as_float64, as_float64_module, check_adapter, \
+    reference_forward, with_trained_biases
 
 # name -> (Lipschitz constant L, runtime accuracy c in units of u (|f| + |h|)); see the module docstring.
 ACTIVATION_ERROR = {"relu": (1.0, 0.0), "identity": (1.0, 0.0), "tanh": (1.0, 8.0), "gelu": (1.13, 8.0)}
@@ -102,23 +102,16 @@ def _layer_bound(h: Bounded, layer: BaseLinear, module: ModuleAdapter | None, ad
     if form == "merged":
         W = merged_weight(layer, module, adapter)
         Wt = W if layer.fan_in_fan_out else W.T
-        return matmul(h, stored(Wt, p), p, bias=_optional_stored(layer.bias, p))
-    base = _base_bound(h, layer, p, nf4_ops=nf4_ops, bias=False)
+        bias = layer.bias                                     # IA3's output scaling merges l * b (merge_bias)
+        if bias is not None and module.spec.merge_bias is not None:
+            bias = module.spec.merge_bias(as_float64(bias), as_float64_module(module))
+        return matmul(h, stored(Wt, p), p, bias=_optional_stored(bias, p))
     values = list(branch_values(layer, module).values())
-    kind = module.spec.onnx_branch
-    if kind == "shared-projections":
-        A_t, B_t = as_float64(adapter.vera_A)[:, : layer.k].T, as_float64(adapter.vera_B)[: layer.d, :].T
-        xa = matmul(h, stored(A_t, p), p)                                                  # (n, r)
-        scaled = multiply(xa, stored(values[0], p), p)                                     # lambda_d * xa
-        total = add(base, multiply(matmul(scaled, stored(B_t, p), p), stored(values[1], p), p), p)
-    else:
-        xa = matmul(h, stored(values[0], p), p)                                            # (n, r)
-        scaled = multiply(xa, stored(values[2], p), p)                                     # s xa
-        total = add(base, matmul(scaled, stored(values[1], p), p), p)                      # + (s xa) B^T
-        if kind == "low-rank-rescaled":
-            total = multiply(stored(values[3], p), total, p)                               # g * (...)
     b = _optional_stored(layer.bias, p)
-    return total if b is None else add(total, b, p)
+    return method_branch(module.method).bound(
+        h, layer, values, p, adapter=adapter,
+        base_of=lambda x: _base_bound(x, layer, p, nf4_ops=nf4_ops, bias=False),
+        add_bias=lambda total: total if b is None else add(total, b, p))
 
 
 def graph_bound(stack: LinearStack, adapter: Adapter | None, x: Any, *, form: str, dtype: str,

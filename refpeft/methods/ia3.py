@@ -307,12 +307,22 @@ def _module_init(W0s: Mapping[str, Any], *, ranks: Mapping[str, int], alphas: Ma
     return modules, {}, {}
 
 
+def _module_branch(W0: Any, m: Any, *, shared: Any = None) -> tuple[Any, Any]:
+    """The exporter's "ia3-scaling" inputs (l_in (k,), l_out (d,)), y = ((x * l_in) W0^T + b) * l_out:
+    l on its own side, ones (an exact factor) on the other."""
+    xp = namespace(m.l)
+    shape = linear_shape(W0, fan_in_fan_out=m.fan_in_fan_out)
+    if ia3_feedforward(m.l, shape):
+        return m.l[0, :], xp.ones(shape.d, dtype=m.l.dtype)
+    return xp.ones(shape.k, dtype=m.l.dtype), m.l[:, 0]
+
+
 IA3 = Method(
     name="ia3", summary="one learned vector scales each layer's outputs, or its inputs on feed-forward layers "
                         "(Liu et al. 2022)",
     peft_type="IA3", peft_flags={}, tensors={"l": "ia3_l"},
     trainable=("l",), per_output=("l",), scaled=False, mergeable=True,
-    onnx_branch="ia3-scaling",           # no unmerged builder in export/ yet: export IA3 merged
+    onnx_branch="ia3-scaling",
     rank=lambda m: 1, out_features=lambda m: _side(m)[1], in_features=lambda m: _side(m)[0],
     forward=_module_forward, backward=ia3_backward,
     delta_weight=lambda W0, m, *, shared=None: ia3_delta_weight(W0, m.l, fan_in_fan_out=m.fan_in_fan_out),
@@ -320,5 +330,5 @@ IA3 = Method(
     unmerge=lambda W, m, *, shared=None: ia3_unmerge(W, m.l, fan_in_fan_out=m.fan_in_fan_out),
     merge_bias=lambda b, m, *, unmerge=False: ia3_merge_bias(b, m.l, unmerge=unmerge),
     parameter_count=lambda k, d, m: int(m.l.shape[0]) * int(m.l.shape[1]),
-    branch_values=lambda W0, m, *, shared=None: (m.l,), init_modules=_module_init,
+    branch_values=_module_branch, init_modules=_module_init,
 )

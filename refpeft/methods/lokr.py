@@ -52,8 +52,8 @@ from refpeft.errors import ConfigError, RankError, ShapeError
 from refpeft.init import GENERATORS, as_parameter, kaiming_uniform_bound, torch_cpu_generator, torch_cpu_uniform, uniform
 from refpeft.methods.linear import base_forward, base_input_grad, check_linear_inputs, flatten_rows, linear_shape
 from refpeft.methods.spec import Method
-from refpeft.tolerance import Bounded, Precision, add, either, exact, exact_or_none, matmul, multiply, output_bound, \
-    rows, scale, transpose, with_reference
+from refpeft.tolerance import Bounded, Precision, add, either, exact, exact_or_none, gradient_bounds, matmul, \
+    multiply, output_bound, row_sum, rows, scale, transpose, with_reference
 
 FACTOR_NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
@@ -302,6 +302,47 @@ def lokr_forward_bound(x: Any, W0: Any, tensors: Mapping[str, Any], *, scaling: 
     return output_bound(chain, Precision(dtype, accumulation, model), x_shape=tuple(x.shape))
 
 
+def lokr_backward_bound(dy: Any, x: Any, W0: Any, tensors: Mapping[str, Any], *, scaling: float,
+                        fan_in_fan_out: bool = False, bias_trainable: bool = False, dtype: str = "float32",
+                        accumulation: str | None = None, model: str = "rigorous") -> dict[str, Any]:
+    """Per-element bounds on `lokr_backward`'s gradients, each the larger of refpeft's reshaped order and
+    PEFT's autograd (dDelta = s dy^T x formed, then torch.kron's backward: dw1[i, j] = sum_pq dDelta
+    block (i, j) ⊙ w2, dw2 = sum_ij of the blocks times w1[i, j]; dx = dy W0 + dy Delta)."""
+    tensors = {n: t for n, t in tensors.items() if t is not None}
+
+    def chain(p: Precision) -> dict[str, Bounded]:
+        x2, g2 = rows(exact(x)), rows(exact(dy))
+        w1, w2 = _factor_bound(tensors, "1", p), _factor_bound(tensors, "2", p)
+        (d1, k1), (d2, k2) = w1.value.shape, w2.value.shape
+        X = _reshaped(x2, (-1, k1, k2))
+        dY = _reshaped(scale(g2, scaling, p), (-1, d1, d2))                                   # (n, d1, d2)
+        Z = matmul(X, transpose(w2), p)                                                       # (n, k1, d2)
+        Ut = matmul(_permuted(dY, (0, 2, 1)), w1, p)                                          # (n, d2, k1)  U^T
+        ours = {"dx": _reshaped(matmul(_permuted(Ut, (0, 2, 1)), w2, p), (-1, k1 * k2)),
+                "w1": matmul(_reshaped(_permuted(dY, (1, 0, 2)), (d1, -1)),
+                             transpose(_reshaped(_permuted(Z, (1, 0, 2)), (k1, -1))), p),
+                "w2": matmul(transpose(_reshaped(_permuted(Ut, (0, 2, 1)), (-1, d2))), _reshaped(X, (-1, k2)), p)}
+        D = _reshaped(matmul(transpose(g2), x2, p, scale=scaling), (d1, d2, k1, k2))          # s dy^T x
+        blocks = _reshaped(_permuted(D, (1, 3, 0, 2)), (d2 * k2, d1 * k1))                    # [(p, q), (i, j)]
+        peft = {"dx": matmul(g2, _lokr_delta_bound(tensors, scaling, p), p),
+                "w1": _reshaped(row_sum(multiply(blocks, _reshaped(w2, (-1, 1)), p), p), (d1, k1)),
+                "w2": _reshaped(row_sum(multiply(transpose(blocks), _reshaped(w1, (-1, 1)), p), p), (d2, k2))}
+        W0_rows = transpose(exact(W0)) if fan_in_fan_out else exact(W0)
+        grads = {"dx": add(matmul(g2, W0_rows, p), either(ours["dx"], peft["dx"]), p)}
+        for i in ("1", "2"):
+            dw = either(ours[f"w{i}"], peft[f"w{i}"])
+            if f"lokr_w{i}" in tensors:
+                grads[f"dlokr_w{i}"] = dw
+            else:
+                grads[f"dlokr_w{i}_a"] = matmul(dw, transpose(exact(tensors[f"lokr_w{i}_b"])), p)
+                grads[f"dlokr_w{i}_b"] = matmul(transpose(exact(tensors[f"lokr_w{i}_a"])), dw, p)
+        if bias_trainable:
+            grads["dbias"] = row_sum(g2, p)
+        return grads
+
+    return gradient_bounds(chain, Precision(dtype, accumulation, model), x_shape=tuple(x.shape))
+
+
 def lokr_merge_bound(W0: Any, tensors: Mapping[str, Any], *, scaling: float, fan_in_fan_out: bool = False,
                      dtype: str = "float32", accumulation: str | None = None, model: str = "rigorous",
                      unmerge: bool = False) -> Any:
@@ -374,10 +415,17 @@ def lokr_config_options(modules: Mapping[str, Any], config: Mapping[str, Any]) -
     return {"decompose_both": decompose_both, "decompose_factor": factor}
 
 
+def _module_branch(W0: Any, m: Any, *, shared: Any = None) -> tuple[Any, Any, Any]:
+    """The exporter's "kronecker" inputs: w1 (d1, k1), w2^T (k2, d2) (low-rank factors multiplied out) and s (1,)."""
+    w1, w2 = lokr_factors(m.tensors)
+    xp = namespace(w1, w2)
+    return w1, xp.matrix_transpose(w2), xp.asarray([m.scaling], dtype=w1.dtype)
+
+
 LOKR = Method(
     name="lokr", summary="Kronecker product of two small factors, s kron(w1, w2), each full or low-rank (LyCORIS)",
     peft_type="LOKR", peft_flags={}, tensors={}, optional={name: name for name in FACTOR_NAMES},
-    trainable=FACTOR_NAMES, per_output=(), scaled=True, mergeable=True, onnx_branch="merged-only",
+    trainable=FACTOR_NAMES, per_output=(), scaled=True, mergeable=True, onnx_branch="kronecker",
     rank=_module_rank, out_features=lambda m: _module_size(m, 0), in_features=lambda m: _module_size(m, 1),
     forward=_module_forward, backward=lokr_backward,
     delta_weight=lambda W0, m, *, shared=None: lokr_delta_weight(m.tensors, scaling=m.scaling,
@@ -386,6 +434,6 @@ LOKR = Method(
     unmerge=lambda W, m, *, shared=None: lokr_unmerge(W, m.tensors, scaling=m.scaling,
                                                       fan_in_fan_out=m.fan_in_fan_out),
     parameter_count=lambda k, d, m: sum(int(np.prod(t.shape)) for t in m.tensors.values()),
-    branch_values=lambda W0, m, *, shared=None: tuple(m.tensors.values()), init_modules=_module_init,
+    branch_values=_module_branch, init_modules=_module_init,
     config_options=lokr_config_options,
 )

@@ -66,8 +66,8 @@ from refpeft.errors import ConfigError, ShapeError
 from refpeft.init import as_parameter
 from refpeft.methods.linear import base_forward, base_input_grad, check_linear_inputs, flatten_rows, linear_shape
 from refpeft.methods.spec import Method
-from refpeft.tolerance import Bounded, Precision, add, exact, exact_or_none, matmul, output_bound, rows, scale, \
-    transpose, with_reference
+from refpeft.tolerance import Bounded, Precision, add, exact, exact_or_none, gradient_bounds, matmul, output_bound, \
+    row_sum, rows, scale, transpose, with_reference
 
 CAYLEY = ("neumann", "exact")      # PEFT's use_cayley_neumann=True / False
 
@@ -340,6 +340,44 @@ def oft_forward_bound(x: Any, W0: Any, V: Any, *, bias: Any = None, terms: int =
     return output_bound(chain, Precision(dtype, accumulation, model), x_shape=tuple(x.shape))
 
 
+def oft_backward_bound(dy: Any, x: Any, W0: Any, V: Any, *, terms: int = 5, fan_in_fan_out: bool = False,
+                       bias_trainable: bool = False, dtype: str = "float32", accumulation: str | None = None,
+                       model: str = "rigorous") -> dict[str, Any]:
+    """Per-element bounds on dx, doft_R (and dbias) of `oft_backward` (Neumann variant, no block_share).
+
+    dQ = sum_j c_j sum_a (Q^T)^a G (Q^T)^{j-1-a} is a sum of products with non-negative coefficients, so
+    in any association and order (refpeft's, or autograd's Horner-like pass back through PEFT's power
+    loop) each of its terms meets at most N = J (b + 2) + sum_j j roundings (J the highest power, b the
+    block size): |dQ_hat - dQ| <= gamma_N P(|Q|, |G| + eG) + P(|Q|, eG), P the same polynomial."""
+    xp, k, b, c = namespace(x), x.shape[-1], oft_block_size(V.shape[1]), oft_neumann_coefficients(terms)
+    Qbd = _block_diagonal_skew(V, k)
+    upper = tuple(np.arange(V.shape[0])[:, None] * b + i[None, :] for i in np.triu_indices(b, 1))   # (p, q) of dV
+
+    def poly(Qa: Any, Ga: Any) -> Any:                       # sum_j c_j sum_a (Qa^T)^a Ga (Qa^T)^{j-1-a}
+        powers = [xp.eye(k, dtype=Qa.dtype)]
+        for _ in range(len(c) - 2):
+            powers.append(xp.matmul(powers[-1], xp.matrix_transpose(Qa)))
+        return sum(cj * xp.matmul(xp.matmul(powers[a], Ga), powers[j - 1 - a])
+                   for j, cj in enumerate(c[1:], start=1) for a in range(j))
+
+    def chain(p: Precision) -> dict[str, Bounded]:
+        x2, g2 = rows(exact(x)), rows(exact(dy))
+        gr = matmul(g2, transpose(exact(W0)) if fan_in_fan_out else exact(W0), p)           # (n, k)  dL/dx'
+        G = matmul(transpose(x2), gr, p)                     # (k, k); only its diagonal blocks reach dQ
+        J = len(c) - 1
+        gamma = p.gamma(J * (b + 2) + J * (J + 1) // 2)                                   # N in the docstring
+        dQ = Bounded(poly(Qbd, G.value), gamma * poly(xp.abs(Qbd), xp.abs(G.value) + G.error)
+                     + poly(xp.abs(Qbd), G.error))
+        lower = upper[::-1]                                                                 # dQ[p, q] - dQ[q, p]
+        dV = add(Bounded(dQ.value[upper], dQ.error[upper]), Bounded(-dQ.value[lower], dQ.error[lower]), p)
+        grads = {"dx": matmul(gr, transpose(_neumann_bounded(Qbd, terms, p)), p), "doft_R": dV}
+        if bias_trainable:
+            grads["dbias"] = row_sum(g2, p)
+        return grads
+
+    return gradient_bounds(chain, Precision(dtype, accumulation, model), x_shape=tuple(x.shape))
+
+
 def oft_merge_bound(W0: Any, V: Any, *, terms: int = 5, fan_in_fan_out: bool = False, dtype: str = "float32",
                     accumulation: str | None = None, model: str = "rigorous") -> Any:
     """Per-element bound on PEFT's merge diag(R) W0^T (Neumann variant), in W0's layout."""
@@ -370,8 +408,11 @@ def _oft_row(name: str, cayley: str) -> Method:
         return oft_forward(x, W0, m.oft_R, bias=bias, cayley=cayley, fan_in_fan_out=m.fan_in_fan_out,
                            bias_trainable=bias_trainable)
 
-    def branch(W0: Any, m: Any, *, shared: Any = None) -> tuple[Any, ...]:
-        raise ConfigError("OFT rotates the input: it has no additive branch to export unmerged; export it merged")
+    def branch(W0: Any, m: Any, *, shared: Any = None) -> tuple[Any]:
+        """The exporter's "rotation" input: the blocks R (m, b, b) of diag(R), computed here (the Cayley
+        transform of the row's variant) so the graph only multiplies by them."""
+        oft_blocks(linear_shape(W0, fan_in_fan_out=m.fan_in_fan_out).k, m.oft_R)
+        return (oft_rotation(oft_skew(m.oft_R, xp=namespace(m.oft_R)), cayley=cayley),)
 
     def init_modules(W0s: Mapping[str, Any], *, ranks: Mapping[str, int], alphas: Mapping[str, float],
                      seed: int = 0, generator: str = "numpy") -> tuple[dict, dict, dict]:

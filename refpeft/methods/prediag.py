@@ -47,7 +47,7 @@ from refpeft.backend import check_float_array, dtype_name, namespace
 from refpeft.errors import ConfigError, NonFiniteError, ShapeError
 from refpeft.init import as_parameter
 from refpeft.methods.linear import base_forward, base_input_grad, check_linear_inputs, flatten_rows
-from refpeft.methods.lora import check_dropout_mask, check_factors, lora_delta_weight, lora_init, \
+from refpeft.methods.lora import LORA, check_dropout_mask, check_factors, lora_delta_weight, lora_init, \
     lora_parameter_count
 from refpeft.methods.spec import Method
 from refpeft.tolerance import Bounded, Precision, add, exact, matmul, multiply, output_bound, rows, transpose, \
@@ -257,16 +257,17 @@ def _module_init(W0s: Mapping[str, Any], *, ranks: Mapping[str, int], alphas: Ma
     return modules, {}, {}
 
 
-def _no_branch(W0: Any, m: Any, *, shared: Any = None) -> tuple[Any, ...]:
-    raise ConfigError("Pre-Diag rescales the frozen weight: it has no additive branch to export unmerged; "
-                      "export it merged")
+def _module_branch(W0: Any, m: Any, *, shared: Any = None) -> tuple[Any, ...]:
+    """The exporter's "row-scaled-low-rank" inputs: LoRA's A^T, B^T, s and D, y = (x W0^T) * D + ((x A^T) s) B^T + b."""
+    return (*LORA.branch_values(W0, m), m.prediag_D)
 
 
 PREDIAG = Method(
     name="prediag", summary="a trained diagonal rescales W0's rows beside a LoRA update: diag(D) W0 + s B A "
                             "(refpeft only)",
     peft_type=None, peft_flags={}, tensors={"A": "lora_A.weight", "B": "lora_B.weight", "prediag_D": "prediag_D"},
-    trainable=("A", "B", "prediag_D"), per_output=("B", "prediag_D"), scaled=True, mergeable=True, onnx_branch="none",
+    trainable=("A", "B", "prediag_D"), per_output=("B", "prediag_D"), scaled=True, mergeable=True,
+    onnx_branch="row-scaled-low-rank",
     rank=lambda m: int(m.A.shape[0]), out_features=lambda m: int(m.B.shape[0]), in_features=lambda m: int(m.A.shape[1]),
     forward=_module_forward, backward=prediag_backward,
     delta_weight=lambda W0, m, *, shared=None: prediag_delta_weight(W0, m.A, m.B, m.prediag_D, scaling=m.scaling,
@@ -276,5 +277,5 @@ PREDIAG = Method(
     unmerge=lambda W, m, *, shared=None: prediag_unmerge(W, m.A, m.B, m.prediag_D, scaling=m.scaling,
                                                          fan_in_fan_out=m.fan_in_fan_out),
     parameter_count=lambda k, d, m: prediag_parameter_count(k, d, m.r),
-    branch_values=_no_branch, init_modules=_module_init,
+    branch_values=_module_branch, init_modules=_module_init,
 )

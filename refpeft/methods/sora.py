@@ -261,8 +261,8 @@ def _module_init(W0s: Mapping[str, Any], *, ranks: Mapping[str, int], alphas: Ma
 
 
 def _no_branch(W0: Any, m: Any, *, shared: Any = None) -> tuple[Any, ...]:
-    raise ConfigError("SORA rotates and rescales the frozen weight: it has no additive branch to export unmerged; "
-                      "export it merged")
+    raise ConfigError("SORA rotates and rescales the frozen weight's outputs: it has no additive branch to export "
+                      "unmerged; export it merged")
 
 
 def _options(m: Any) -> dict:
@@ -275,7 +275,7 @@ SORA = Method(
     peft_type=None, peft_flags={},
     tensors={"A": "lora_A.weight", "B": "lora_B.weight", "sora_s": "sora_s", "sora_R": "sora_R"},
     trainable=("A", "B", "sora_s", "sora_R"), per_output=("B", "sora_s"), scaled=True, mergeable=True,
-    onnx_branch="none",
+    onnx_branch="merged-only",
     rank=lambda m: int(m.A.shape[0]), out_features=lambda m: int(m.B.shape[0]), in_features=lambda m: int(m.A.shape[1]),
     forward=_module_forward, backward=sora_backward,
     delta_weight=lambda W0, m, *, shared=None: sora_delta_weight(W0, m.A, m.B, m.sora_s, m.sora_R, **_options(m)),
