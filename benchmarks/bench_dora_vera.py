@@ -18,10 +18,7 @@ Run: python benchmarks/bench_dora_vera.py   (the memory part takes a few subproc
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 
 # torch's OpenMP threads spin after each op and starve OpenBLAS's on a small machine (measured
 # here: 20-100x swings at d = 512); passive waiting is fair to both. Set before numpy/torch load.
@@ -29,7 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from measure import interleaved_medians, status_kib  # noqa: E402,F401  (status_kib: used by the child process)
+from measure import interleaved_medians, peak_of_one_step  # noqa: E402
 from refpeft.methods.dora import dora_backward, dora_forward, dora_weight_norm, dora_init  # noqa: E402
 from refpeft.methods.linear import LinearShape  # noqa: E402
 from refpeft.methods.lora import lora_scaling  # noqa: E402
@@ -113,23 +110,6 @@ def candidates(a: dict) -> dict:
     return steps
 
 
-def peak_of_one_step(name: str, sizes: tuple[int, int, int, int]) -> float:
-    """MiB of memory candidate `name` holds at its peak during one step, beyond what set-up left (fresh process).
-
-    After set-up and one warm-up step, the kernel's resident high-water mark is reset
-    (/proc/self/clear_refs, Linux >= 4.0); the figure is VmHWM after the step minus VmRSS before it.
-    """
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 16), MALLOC_TRIM_THRESHOLD_=str(1 << 16))
-    code = ("import sys, json; sys.path[:0] = {path!r}; import bench_dora_vera as b; "
-            "step = b.candidates(b.setup(*{sizes!r}))[{name!r}]; step(); "
-            "open('/proc/self/clear_refs', 'w').write('5'); before = b.status_kib('VmRSS'); step(); "
-            "print(json.dumps(b.status_kib('VmHWM') - before))")
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run([sys.executable, "-c", code.format(path=[here, *sys.path], sizes=sizes, name=name)],
-                         env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1]) / 1024.0
-
-
 def norm_accuracy(d: int, k: int, r: int) -> list[tuple[str, float, float]]:
     """Worst relative error of float32 row norms, formed (blockwise) vs expanded, against float64.
 
@@ -169,7 +149,7 @@ def main() -> None:
     sizes = (args.d, args.k, args.r, args.tokens)
     steps = candidates(setup(*sizes))
     times = interleaved_medians(steps, args.repeats)
-    peaks = {} if args.no_memory else {name: peak_of_one_step(name, sizes) for name in steps}
+    peaks = {} if args.no_memory else {name: peak_of_one_step("bench_dora_vera", name, sizes) for name in steps}
 
     print(f"DoRA / VeRA forward+backward, d={args.d} k={args.k} r={args.r} tokens={args.tokens} float32, "
           f"median of {args.repeats}; peak = memory held beyond set-up during one step")

@@ -46,3 +46,28 @@ def child_peak_rss(command: list[str], *, pythonpath: str | None = None) -> tupl
     if status != 0:
         raise SystemExit(f"{' '.join(command[:4])} failed with status {status}")
     return usage.ru_maxrss * 1024, time.perf_counter() - start  # ru_maxrss is in KiB on Linux
+
+
+def peak_of_one_step(module: str, name: str, sizes: tuple) -> float:
+    """MiB of memory candidate `name` of benchmark `module` holds at its peak during one step, beyond what
+    set-up left, in a fresh process (`module.candidates(module.setup(*sizes))[name]`).
+
+    After set-up and one warm-up step the kernel's resident high-water mark is reset (reset_peak); the
+    figure is VmHWM after the step minus VmRSS before it. MALLOC_MMAP_THRESHOLD_ is fixed so large
+    arrays go back to the OS when freed: the figure is the step's own peak of live memory, for NumPy
+    and torch alike.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 16), MALLOC_TRIM_THRESHOLD_=str(1 << 16))
+    code = (f"import sys, json; sys.path[:0] = {{path!r}}; import {module} as b, measure; "
+            "step = b.candidates(b.setup(*{sizes!r}))[{name!r}]; step(); "
+            "measure.reset_peak(); before = measure.status_kib('VmRSS'); step(); "
+            "print(json.dumps(measure.status_kib('VmHWM') - before))")
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", code.format(path=[here, *sys.path], sizes=sizes, name=name)],
+                         env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1]) / 1024.0
