@@ -56,3 +56,16 @@ def test_without_base_vera_shows_the_bound_or_unknown(files, capsys):
     assert set(sizes(capsys.readouterr().out).values()) == {"6 x <=12", "12 x <=12"}
     assert cli.main(["inspect", str(files / "seed")]) == 0
     assert set(sizes(capsys.readouterr().out).values()) == {"6 x ?", "12 x ?"}
+
+
+def test_trainable_token_rows_are_listed_and_counted(tmp_path, capsys):
+    """A folder of token rows alone (PEFT's TRAINABLE_TOKENS) and LoRA beside rows both show the rows."""
+    rng = np.random.default_rng(1)
+    rows = rng.standard_normal((3, 8)).astype(np.float32)
+    alone = Adapter(modules={}, token_indices=(5, 9, 2), token_values=rows)
+    write_peft_adapter(tmp_path / "tokens", alone, tied_embeddings=False)
+    assert cli.main(["inspect", str(tmp_path / "tokens")]) == 0
+    out = capsys.readouterr().out
+    assert "(embedding rows only), 0 modules" in out
+    assert "trainable tokens: 3 rows of the embedding (ids 5, 9, 2), values 3 x 8" in out
+    assert "total: 0 adapter parameters + 24 values of trainable token rows" in out

@@ -107,7 +107,8 @@ def describe(adapter: Any, *, source: str, columns: list[tuple[str, str]] = COLU
     base_shapes: each layer's LinearShape from the base (--base), for the sizes the file does not record."""
     config = adapter.config
     rows = module_rows(adapter, base_shapes=base_shapes)
-    lines = [f"{source}: {config['peft_type']} adapter ({adapter.method}), {len(rows)} modules"
+    kind = adapter.method if adapter.modules else "embedding rows only"
+    lines = [f"{source}: {config['peft_type']} adapter ({kind}), {len(rows)} modules"
              + (", rsLoRA" if config.get("use_rslora") else "")
              + (", fan_in_fan_out" if config.get("fan_in_fan_out") else "")
              + (f", bias={config['bias']!r}" if config.get("bias", "none") != "none" else "")]
@@ -122,11 +123,17 @@ def describe(adapter: Any, *, source: str, columns: list[tuple[str, str]] = COLU
     if saved:
         lines.append(f"saved in full (modules_to_save: {', '.join(adapter.saved_module_paths)}): "
                      + ", ".join(f"{name} {' x '.join(map(str, value.shape))}" for name, value in saved.items()))
+    if adapter.token_indices:
+        shown = ", ".join(map(str, adapter.token_indices[:12])) + (", ..." if len(adapter.token_indices) > 12 else "")
+        lines.append(f"trainable tokens: {len(adapter.token_indices)} rows of the embedding (ids {shown}), values "
+                     f"{' x '.join(map(str, adapter.token_values.shape))}")
     total = sum(int(row["params"]) for row in rows)
+    tokens = int(adapter.token_values.size) if adapter.token_indices else 0
     extra = sum(int(b.size) for b in adapter.base_biases.values())
     whole = sum(int(v.size) for v in saved.values())
     lines.append(f"total: {total} adapter parameters" + (f" + {extra} trained bias values" if extra else "")
-                 + (f" + {whole} values of saved modules" if whole else ""))
+                 + (f" + {whole} values of saved modules" if whole else "")
+                 + (f" + {tokens} values of trainable token rows" if tokens else ""))
     return "\n".join(lines)
 
 
