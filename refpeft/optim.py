@@ -8,8 +8,16 @@ parameter p with gradient g at step t = 1, 2, ... (torch's single-tensor CPU pat
     m   = lerp(m, g, 1 - beta1)         = m + (1 - beta1) (g - m)   (torch's lerp, weight < 0.5)
     v   = v * beta2 + (1 - beta2) * g * g
     vmax = max(vmax, v)                 amsgrad only; vmax replaces v below
-    c1  = 1 - beta1^t,   c2 = 1 - beta2^t              (Python floats, as torch computes them)
+    c1  = 1 - beta1^t,   c2 = 1 - beta2^t              (float64 scalars, `bias_corrections`)
     p   = p + (-lr / c1) * m / (sqrt(v) / sqrt(c2) + eps)
+
+beta^t is computed without the platform's pow: torch evaluates `beta1 ** step` and
+`bias_correction2 ** 0.5` with the C library's pow, which is not correctly rounded everywhere (glibc
+2.3x: 1 step in 3000 of beta2 = 0.999 differs from the correctly rounded power, and `c2 ** 0.5` from
+sqrt(c2) at 2 steps in 3000) and differs between C libraries. `power` evaluates beta^t in decimal
+software arithmetic (40 digits) and rounds once to float64, sqrt is IEEE's (correctly rounded), so
+c1 and sqrt(c2) are the same bits on every platform; at the rare steps where glibc's pow misses the
+correct rounding refpeft and torch differ in the last bit of these scalars.
 
 eps is added *after* the bias-corrected square root (torch's placement, not the paper's
 sqrt(v_hat + eps)). Scalars are Python floats; on a float32 array they round to float32 at use,
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+from decimal import Decimal, localcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
@@ -87,6 +96,28 @@ class AdamState:
     max_exp_avg_sq: dict[str, Any] = field(default_factory=dict)
 
 
+POWER_DIGITS = 40   # decimal digits of `power`'s intermediate: beta^t within 1e-39 relative before one rounding
+
+
+def power(beta: float, t: int) -> float:
+    """beta^t for a float64 beta and an integer t >= 0, rounded once to float64, without libm's pow.
+
+    Decimal(beta) is beta exactly; its t-th power in a 40-digit decimal context (deterministic
+    software arithmetic, the same on every platform) is within ~1e-39 relative of beta^t, and
+    float() rounds that correctly to float64: the correctly rounded beta^t unless beta^t lies within
+    1e-39 relative of the midpoint of two float64 numbers.
+    """
+    with localcontext() as context:
+        context.prec = POWER_DIGITS
+        return float(Decimal(beta) ** t)
+
+
+def bias_corrections(betas: tuple[float, float], t: int) -> tuple[float, float]:
+    """(c1, sqrt(c2)) of step t: c1 = fl(1 - power(beta1, t)), sqrt(c2) = fl(sqrt(fl(1 - power(beta2, t))))."""
+    beta1, beta2 = betas
+    return 1.0 - power(beta1, t), math.sqrt(1.0 - power(beta2, t))
+
+
 def adam_update(p: Any, g: Any, m: Any, v: Any, vmax: Any, *, t: int, config: AdamConfig) -> tuple[Any, Any, Any, Any]:
     """One Adam/AdamW update of one tensor at step t (>= 1): returns (p, m, v, vmax)."""
     xp = namespace(p, g, m, v)
@@ -100,8 +131,7 @@ def adam_update(p: Any, g: Any, m: Any, v: Any, vmax: Any, *, t: int, config: Ad
     weight = 1.0 - beta1
     m = m + weight * (g - m) if weight < 0.5 else g - (g - m) * (1.0 - weight)  # torch's lerp
     v = v * beta2 + (1.0 - beta2) * g * g
-    bias_correction1 = 1.0 - beta1**t
-    bias_correction2_sqrt = (1.0 - beta2**t) ** 0.5
+    bias_correction1, bias_correction2_sqrt = bias_corrections(config.betas, t)
     step_size = lr / bias_correction1
     if config.amsgrad:
         vmax = xp.maximum(vmax, v)
@@ -224,6 +254,7 @@ def adam_update_bound(p: Any, g: Any, m: Any, v: Any, *, t: int, lr: float, beta
     multiply-add or lerp rounds less, which the bound covers.
     """
     beta1, beta2 = betas
+    c1, c2_sqrt = bias_corrections(betas, t)
 
     def chain(prec: Precision) -> dict[str, Bounded]:
         P, G, M, V = exact(p), exact(g), exact(m), exact(v)
@@ -238,10 +269,10 @@ def adam_update_bound(p: Any, g: Any, m: Any, v: Any, *, t: int, lr: float, beta
         else:
             M = subtract(G, scale(subtract(G, M, prec), 1.0 - weight, prec), prec)
         V = add(scale(V, beta2, prec), scale(multiply(G, G, prec), 1.0 - beta2, prec), prec)
-        root = scale(sqrt(V, prec), (1.0 - beta2**t) ** 0.5, prec, divide=True)
+        root = scale(sqrt(V, prec), c2_sqrt, prec, divide=True)
         xp = namespace(root.value)
         denom = add(root, exact(xp.full(root.value.shape, eps, dtype=xp.float64)), prec)
-        step = scale(divide(M, denom, prec), -lr / (1.0 - beta1**t), prec)
+        step = scale(divide(M, denom, prec), -lr / c1, prec)
         return {"p": add(P, step, prec), "m": M, "v": V}
 
     return with_reference(chain, Precision(dtype, None, model))

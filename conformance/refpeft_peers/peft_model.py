@@ -1,4 +1,9 @@
-"""transformers' LlamaForCausalLM with HF PEFT's LoRA, in float64 on torch: the `model_lora` cases' peer.
+"""transformers' LlamaForCausalLM with HF PEFT's LoRA or DoRA on torch: the `model_lora` cases' peer.
+
+The model is made in the case's dtype (float64, float32, bfloat16) before `get_peft_model`, so for
+bfloat16 PEFT's default autocast keeps the adapter in float32, as a bfloat16 fine-tune has it. In
+float32 and bfloat16 the model is stock transformers (its float32 RMSNorm, rotary and softmax, the
+loss on `logits.float()`); the float64 patches below apply to float64 cases only.
 
 The case's config.json builds the model (`attn_implementation="eager"`), its weights are loaded by
 checkpoint name, `peft.get_peft_model` wraps the targeted layers (r, lora_alpha, use_rslora from
@@ -14,6 +19,7 @@ which the tests use too) and recomputes `inv_freq` in float64 (the default rope:
 
 from __future__ import annotations
 
+import contextlib
 
 import numpy as np
 
@@ -43,13 +49,11 @@ def model_lora(manifest: dict, inputs: dict, device: str) -> dict:
     import torch
     import transformers
 
-    from refpeft.conformance.check import Unsupported
+    from refpeft.conformance.model_families import adapter_keys
 
-    if manifest["dtype"] != "float64":
-        raise Unsupported("the model_lora runner computes in float64 only")
-    o, s = manifest["options"], manifest["sizes"]
+    o, s, dtype = manifest["options"], manifest["sizes"], manifest["dtype"]
     config = transformers.LlamaConfig(**inputs["config"], attn_implementation="eager")
-    model = transformers.LlamaForCausalLM(config).to(torch.float64).eval()
+    model = transformers.LlamaForCausalLM(config).to(getattr(torch, dtype)).eval()
     state = {n: torch.from_numpy(np.asarray(inputs[n], dtype=np.float64)) for n in model.state_dict()
              if n in inputs}
     missing = [n for n in model.state_dict() if n not in inputs and not (config.tie_word_embeddings and n == "lm_head.weight")]
@@ -58,35 +62,44 @@ def model_lora(manifest: dict, inputs: dict, device: str) -> dict:
     model.load_state_dict(state, strict=False)
     if config.tie_word_embeddings:
         model.tie_weights()
-    rotary = model.model.rotary_emb
-    D = config.hidden_size // config.num_attention_heads
-    rotary.inv_freq = 1.0 / (config.rope_parameters["rope_theta"]
-                             ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    if dtype == "float64":
+        rotary = model.model.rotary_emb
+        D = config.hidden_size // config.num_attention_heads
+        rotary.inv_freq = 1.0 / (config.rope_parameters["rope_theta"]
+                                 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
     targets = o["targets"]
+    method = o.get("method", "lora")
     lora = peft.LoraConfig(r=s["r"], lora_alpha=o["alpha"], use_rslora=o.get("rslora", False),
-                           target_modules=list(targets), lora_dropout=0.0, init_lora_weights=False)
+                           use_dora=method == "dora", target_modules=list(targets), lora_dropout=0.0,
+                           init_lora_weights=False)
+    # bfloat16: the model is bfloat16 before get_peft_model, so PEFT upcasts the adapter to float32
     peer = peft.get_peft_model(model, lora).to(device)
-    paths = sorted(n.rsplit(".", 1)[0] for n in inputs if n.endswith(".lora_A"))
+    keys = adapter_keys(o)
+    paths = sorted(n.rsplit(".", 1)[0] for n in inputs if n.endswith(f".{keys['A']}"))
+    params: dict[str, torch.nn.Parameter] = {}
     with torch.no_grad():
         for path in paths:
             layer = peer.base_model.model.get_submodule(path)
             if layer.scaling["default"] != manifest["parameters"]["scaling"]:
                 raise AssertionError(f"PEFT's scaling {layer.scaling['default']!r} at {path} differs from the case's")
-            layer.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(inputs[f"{path}.lora_A"], dtype=np.float64)))
-            layer.lora_B["default"].weight.copy_(torch.from_numpy(np.asarray(inputs[f"{path}.lora_B"], dtype=np.float64)))
+            found = {"A": layer.lora_A["default"].weight, "B": layer.lora_B["default"].weight}
+            if "magnitude" in keys:
+                found["magnitude"] = layer.lora_magnitude_vector["default"].weight
+            for name, param in found.items():
+                param.copy_(torch.from_numpy(np.asarray(inputs[f"{path}.{keys[name]}"], dtype=np.float64)))
+                params[f"{path}.{keys[name]}"] = param
     adapted = sorted(n.removeprefix("base_model.model.").split(".lora_")[0]
                      for n, p in peer.named_parameters() if p.requires_grad and ".lora_A." in n)
     if adapted != paths:
         raise AssertionError(f"PEFT adapted {adapted}, the case {paths}")
     ids, mask, labels = (torch.from_numpy(np.asarray(inputs[n], dtype=np.int64)).to(device)
                          for n in ("input_ids", "attention_mask", "labels"))
-    with float64_llama():
+    with float64_llama() if dtype == "float64" else contextlib.nullcontext():
         logits = peer(input_ids=ids, attention_mask=mask).logits
-        loss = causal_lm_loss(logits, labels)
+        # float64 keeps its precision; float32 and bfloat16 take transformers' float32 loss (logits.float())
+        loss = causal_lm_loss(logits if dtype == "float64" else logits.float(), labels)
         loss.backward()
-    results = {"logits": logits.detach().cpu().numpy(), "loss": loss.detach().reshape(1).cpu().numpy()}
-    for path in paths:
-        layer = peer.base_model.model.get_submodule(path)
-        results[f"grad.{path}.lora_A"] = layer.lora_A["default"].weight.grad.cpu().numpy()
-        results[f"grad.{path}.lora_B"] = layer.lora_B["default"].weight.grad.cpu().numpy()
+    logits = logits.detach().float() if dtype == "bfloat16" else logits.detach()    # NumPy has no bfloat16
+    results = {"logits": logits.cpu().numpy(), "loss": loss.detach().reshape(1).cpu().numpy()}
+    results.update({f"grad.{name}": param.grad.cpu().numpy() for name, param in params.items()})
     return results

@@ -15,12 +15,18 @@ from typing import Any
 
 import numpy as np
 
+from refpeft.conformance.bf16_families import FAMILIES as BF16_FAMILIES
 from refpeft.conformance.check import Unsupported
+from refpeft.conformance.fusion_families import FUSION_FAMILIES
+from refpeft.conformance.method_families import METHOD_FAMILIES
 from refpeft.methods import method_spec
 from refpeft_peers import Runner, require
 from refpeft_peers.peft_adapter_config import adapter_config
 from refpeft_peers.peft_mixed import multi_adapter
 from refpeft_peers.peft_model import model_lora
+from refpeft_peers.peft_bf16 import bf16_layer
+from refpeft_peers.peft_methods import method_layer
+from refpeft_peers.peft_fusion import fusion_combination
 from refpeft_peers.peft_moe import moe_lora
 
 
@@ -331,6 +337,9 @@ HANDLERS = {
     "adapter_config": adapter_config,
     "moe_lora_forward": moe_lora, "moe_lora_backward": moe_lora, "moe_lora_merge": moe_lora,
     "model_lora": model_lora,
+    **{family.name: bf16_layer for family in BF16_FAMILIES},
+    **{family.name: method_layer for family in METHOD_FAMILIES},
+    **{family.name: fusion_combination for family in FUSION_FAMILIES},
 }
 
 

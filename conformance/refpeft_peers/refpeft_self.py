@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from refpeft.conformance.bf16_families import FAMILIES as BF16_FAMILIES, bf16_layer_results
 from refpeft.conformance.check import Unsupported
+from refpeft.conformance.fusion_families import FUSION_FAMILIES
+from refpeft.conformance.method_families import METHOD_FAMILIES, manifest_case, method_results
 from refpeft_peers import Runner
 from refpeft.methods.lora import lora_backward, lora_forward, lora_merge, lora_unmerge
 from refpeft.optim import AdamConfig, AdamState, ParamGroup, adam_step
@@ -78,6 +81,23 @@ def _fusion_cat(manifest: dict, inputs: dict) -> dict:
                for i, alpha in enumerate(o["alphas"], start=1)]
     fused, _ = combine_modules(modules, o["weights"], combination="cat")
     return {"A": fused.A, "B": fused.B}
+
+
+def _fusion_combination(manifest: dict, inputs: dict) -> dict:
+    """refpeft.fusion.combine_modules with PEFT's float32 weights; DARE draws refpeft's own masks
+    (dare_generator(seed, "layer"), the ones the case gives)."""
+    from refpeft.adapter import ModuleAdapter
+    from refpeft.fusion import combine_modules, dare_generator
+
+    o, s = manifest["options"], manifest["sizes"]
+    ranks = s.get("ranks") or [s["r"]] * len(o["alphas"])
+    modules = [ModuleAdapter("lora", {"A": inputs[f"A{i}"], "B": inputs[f"B{i}"]}, alpha=alpha)
+               for i, (r, alpha) in enumerate(zip(ranks, o["alphas"]), start=1)]
+    combination = manifest["family"].removeprefix("fusion_")
+    fused, _ = combine_modules(modules, o["weights"], combination=combination, rank=o.get("rank"),
+                               density=o.get("density"), majority_sign_method=o.get("majority_sign_method", "total"),
+                               rng=dare_generator(manifest["seed"], "layer"), weight_dtype="float32")
+    return {"delta": fused.B @ fused.A} if combination.endswith("svd") else {"A": fused.A, "B": fused.B}
 
 
 def _qlora(manifest: dict, inputs: dict) -> dict:
@@ -177,10 +197,9 @@ def _dequantize(manifest: dict, inputs: dict) -> dict:
 
 def _model_lora(manifest: dict, inputs: dict) -> dict:
     """refpeft.model's decoder in float64 (BLAS reductions, not the generator's correctly rounded ones)."""
-    from refpeft.conformance.model_families import run_case
+    from refpeft.conformance.model_families import case_options, run_case
 
-    o = manifest["options"]
-    return run_case(inputs, alpha=o["alpha"], rslora=o.get("rslora", False))
+    return run_case(inputs, **case_options(manifest["options"]))
 
 
 HANDLERS = {
@@ -194,6 +213,10 @@ HANDLERS = {
     "adapter_config": _adapter_config,
     "moe_lora_forward": _moe_lora, "moe_lora_backward": _moe_lora, "moe_lora_merge": _moe_lora,
     "model_lora": _model_lora,
+    **{family.name: bf16_layer_results for family in BF16_FAMILIES},
+    **{family.name: lambda manifest, inputs: method_results(manifest_case(manifest), inputs)
+       for family in METHOD_FAMILIES},
+    **{family.name: _fusion_combination for family in FUSION_FAMILIES},
 }
 
 

@@ -11,7 +11,10 @@ bfloat16/float32 computation of bitsandbytes' Linear4bit under PEFT.
 from __future__ import annotations
 
 from refpeft.conformance.families import Case
+from refpeft.conformance.bf16_families import bf16_layer_cases
 from refpeft.conformance.config_families import adapter_config_cases
+from refpeft.conformance.fusion_families import fusion_cases
+from refpeft.conformance.method_families import method_cases
 from refpeft.conformance.model_families import model_lora_cases
 from refpeft.conformance.moe_families import moe_lora_cases
 
@@ -142,6 +145,7 @@ def _adam() -> list[Case]:
         ("adam-step5-l2", {"lr": 1e-2, "step": 5, "weight_decay": 0.1}),
         ("adamw-step3", {"lr": 1e-2, "step": 3, "weight_decay": 0.01, "adamw": True}),
         ("loraplus-adamw-step1", {"lr": 2e-4, "adamw": True, "loraplus_ratio": 16.0, "weight_decay": 0.01}),
+        ("adam-step1270", {"lr": 1e-3, "step": 1270}),   # glibc's (1 - 0.999**t) ** 0.5 misses sqrt's rounding here
     ]
     return [Case(f"{label}-{dtype}", "adam_step", dtype, 300 + seed, sizes, options)
             for seed, (label, options) in enumerate(variants) for dtype in ("float32", "float64")]
@@ -168,4 +172,4 @@ def _quant() -> list[Case]:
     return cases
 
 
-CASES: tuple[Case, ...] = tuple(_lora() + _dora_vera() + _qlora() + _fusion() + _export() + _multi_adapter() + moe_lora_cases() + adapter_config_cases() + model_lora_cases() + _adam() + _quant())
+CASES: tuple[Case, ...] = tuple(_lora() + _dora_vera() + _qlora() + bf16_layer_cases() + method_cases() + _fusion() + fusion_cases() + _export() + _multi_adapter() + moe_lora_cases() + adapter_config_cases() + model_lora_cases() + _adam() + _quant())

@@ -12,9 +12,11 @@ A family turns a `Case` (sizes, options, dtype, seed) into `Vectors`:
 - results checked bit for bit (4-bit codes, absmaxes) carry no bound;
 - parameters: derived numbers an implementation needs (the LoRA scaling as a float64), which
   the manifest records so no implementation has to re-derive them.
-Two families say where they depart from this: `fusion_cat` (its factors are elementwise, computed
-on plain NumPy) and `export_forward` (its bounds come from the exporter's own `graph_bound`, rounded
-up to 20 significant bits; see `round_up`).
+These families say where they depart from this: `fusion_cat` (its factors are elementwise, computed
+on plain NumPy), `export_forward` (its bounds come from the exporter's own `graph_bound`, rounded
+up to 20 significant bits; see `round_up`), the `*_bf16_*` families (expected values in PEFT's
+bfloat16 rounding order; refpeft.conformance.bf16_families) and the other fusion families (plain
+NumPy; `fusion_svd`'s bound a perturbation bound; refpeft.conformance.fusion_families).
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ import numpy as np
 
 from refpeft import tolerance
 from refpeft.conformance.batch_families import SUMMARY as MULTI_ADAPTER_SUMMARY, multi_adapter_vectors
+from refpeft.conformance.bf16_families import FAMILIES as BF16_FAMILIES, bfloat16_values as bfloat16
 from refpeft.conformance.case import Case, Family, Vectors, draw, exact_inputs, plain_results
 from refpeft.conformance.config_families import SUMMARY as ADAPTER_CONFIG_SUMMARY, adapter_config_vectors
 from refpeft.conformance.exact import exact_array, plain
+from refpeft.conformance.fusion_families import FUSION_FAMILIES
+from refpeft.conformance.method_families import METHOD_FAMILIES
 from refpeft.conformance.model_families import SUMMARY as MODEL_LORA_SUMMARY, model_lora_vectors
 from refpeft.conformance.moe_families import BACKWARD as MOE_BACKWARD, FORWARD as MOE_FORWARD, \
     MERGE as MOE_MERGE, moe_lora_vectors
@@ -228,13 +233,6 @@ def vera_merge_vectors(case: Case) -> Vectors:
 
 # ---------------------------------------------------------------- QLoRA (refpeft.methods.qlora, precision "bfloat16")
 
-def bfloat16(a: np.ndarray) -> np.ndarray:
-    """Round float values to bfloat16 (ml_dtypes, nearest even), stored as bfloat16."""
-    import ml_dtypes
-
-    return np.asarray(a, dtype=np.float32).astype(ml_dtypes.bfloat16)
-
-
 def _qlora_inputs(case: Case, *, with_dy: bool) -> tuple[dict[str, np.ndarray], Any, float]:
     """x, bias, dy in bfloat16; A, B in float32 (PEFT's adapter dtype); the base as its 4-bit state
     (NF4/FP4, block 64, double quantised, bnb-cuda semantics: QLoRA's recipe) of a bfloat16 weight."""
@@ -381,6 +379,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("vera_backward", "vera", "dx, dlambda_d, dlambda_b (and dbias) of sum(y * dy), y as vera_forward",
            vera_backward_vectors),
     Family("vera_merge", "vera", "W = W0 + (lambda_b vera_B)(lambda_d vera_A), in W0's layout", vera_merge_vectors),
+    *BF16_FAMILIES,
+    *METHOD_FAMILIES,
     Family("qlora_forward", "qlora", "y = bf16(bf16(x W0^T + b) + bf16(((x A^T) B^T) * s)), W0 = bf16(dequantised "
            "4-bit base), adapters float32 (bitsandbytes Linear4bit + PEFT)", qlora_vectors),
     Family("qlora_backward", "qlora", "dx (bf16), dA, dB (float32) of sum(y * dy), y as qlora_forward without bias",
@@ -388,6 +388,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("fusion_cat", "fusion", "the `cat` combination of LoRA adapters with weights w_i: A = rows "
            "(A_i * w_i) * s_i stacked, B = columns B_i stacked (fused alpha = total rank, scaling 1)",
            fusion_cat_vectors),
+    *FUSION_FAMILIES,
     Family("export_forward", "export", "y of refpeft_onnx's exported one-layer graph (options: method, form "
            "merged/unmerged, NF4 base); the expected y is the adapter's exact forward", export_forward_vectors,
            requires=("refpeft_onnx", "onnx")),

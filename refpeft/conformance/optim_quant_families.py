@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from refpeft.conformance.case import Case, Vectors, draw, exact_inputs, plain_results
-from refpeft.optim import AdamConfig, AdamState, adam_step, adam_update_bound, loraplus_groups, single_group
+from refpeft.optim import AdamConfig, AdamState, adam_step, adam_update_bound, bias_corrections, loraplus_groups, \
+    single_group
 
 
 # ---------------------------------------------------------------- Adam, AdamW, LoRA+
@@ -26,6 +27,9 @@ def adam_step_vectors(case: Case) -> Vectors:
     Inputs: each parameter, its gradient `grad.NAME`, moments `exp_avg.NAME` and `exp_avg_sq.NAME`
     (the state after t - 1 steps; zeros when t = 1). Results: the updated parameter and moments.
     With option loraplus_ratio, the groups are PEFT's LoRA+ groups (B at lr * ratio).
+    Parameters carry step t's bias corrections c1 = 1 - beta1^t and sqrt(c2) = sqrt(1 - beta2^t) as
+    float64 numbers (refpeft.optim.bias_corrections: beta^t correctly rounded without libm's pow), so
+    a kernel uses them as given and its platform's pow never enters the expected values.
     """
     s, o = case.sizes, case.options
     rng = np.random.default_rng(case.seed)
@@ -61,7 +65,9 @@ def adam_step_vectors(case: Case) -> Vectors:
                                   decoupled_weight_decay=c.decoupled_weight_decay, dtype=case.dtype)
             bounds.update({name: b["p"], f"exp_avg.{name}": b["m"], f"exp_avg_sq.{name}": b["v"]})
     groups_json = [{"names": list(g.names), "lr": g.config.lr, "weight_decay": g.config.weight_decay} for g in groups]
-    return Vectors(inputs, plain_results(expected), plain_results(bounds), {"step": t, "groups": groups_json})
+    c1, c2_sqrt = bias_corrections(config.betas, t)
+    parameters = {"step": t, "groups": groups_json, "bias_correction1": c1, "bias_correction2_sqrt": c2_sqrt}
+    return Vectors(inputs, plain_results(expected), plain_results(bounds), parameters)
 
 
 # ---------------------------------------------------------------- 4-bit quantisation (bit-exact)

@@ -59,8 +59,8 @@ from refpeft.init import as_parameter, normal
 from refpeft.methods.linear import base_forward, base_input_grad, check_linear_inputs, flatten_rows, linear_shape
 from refpeft.methods.lora import check_dropout_mask
 from refpeft.methods.spec import Method
-from refpeft.tolerance import Bounded, Precision, add, either, exact, exact_or_none, matmul, multiply, \
-    output_bound, rows, transpose, with_reference
+from refpeft.tolerance import Bounded, Precision, add, column, either, exact, exact_or_none, gradient_bounds, \
+    matmul, multiply, output_bound, row_sum, rows, transpose, with_reference
 
 RANKNUM_EPS = 1e-5            # PEFT adds it to ranknum in forward and get_delta_weight
 INIT_STD = 0.02               # PEFT's reset_lora_parameters: A, B ~ N(0, 0.02^2), E = 0
@@ -259,6 +259,40 @@ def adalora_forward_bound(x: Any, W0: Any, A: Any, E: Any, B: Any, *, scaling: f
         return either(*(add(base, matmul(v, transpose(exact(B)), p, scale=scaling), p) for v in (v_ours, v_peft)))
 
     return output_bound(chain, Precision(dtype, accumulation, model), x_shape=tuple(x.shape))
+
+
+def adalora_backward_bound(dy: Any, x: Any, W0: Any, A: Any, E: Any, B: Any, *, scaling: float,
+                           dropout_mask: Any = None, fan_in_fan_out: bool = False, bias_trainable: bool = False,
+                           dtype: str = "float32", accumulation: str | None = None,
+                           model: str = "rigorous") -> dict[str, Any]:
+    """Per-element bounds on dx, dlora_A, dlora_E, dlora_B (and dbias) of `adalora_backward`, each the larger
+    of refpeft's order (u = xd A^T kept, dE = sum_n g ⊙ u) and PEFT's autograd through A ⊙ E
+    (d(A ⊙ E) = g^T xd, dA = d(A ⊙ E) ⊙ E, dE = sum_k d(A ⊙ E) ⊙ A); s before or after each product."""
+    def chain(p: Precision) -> dict[str, Bounded]:
+        x2, g2, Ab, Eb, Bb = rows(exact(x)), rows(exact(dy)), exact(A), exact(E), exact(B)
+        mask = None if dropout_mask is None else rows(exact(dropout_mask))
+        xd = x2 if mask is None else multiply(x2, mask, p)                           # (n, k)
+        g = matmul(g2, Bb, p, scale=scaling)                                         # (n, r)  dL/dv
+        u = matmul(xd, transpose(Ab), p)                                             # (n, r)
+        gu = multiply(g, transpose(Eb), p)                                           # (n, r)
+        ours = {"dlora_A": matmul(transpose(gu), xd, p), "dlora_E": column(row_sum(multiply(g, u, p), p)),
+                "dlora_B": matmul(transpose(g2), multiply(u, transpose(Eb), p), p, scale=scaling),
+                "dx": matmul(gu, Ab, p)}
+        AE = multiply(Ab, Eb, p)                                                     # (r, k)
+        dAE = matmul(transpose(g), xd, p)                                            # (r, k)
+        peft = {"dlora_A": multiply(dAE, Eb, p), "dlora_E": column(row_sum(transpose(multiply(dAE, Ab, p)), p)),
+                "dlora_B": matmul(transpose(g2), matmul(xd, transpose(AE), p), p, scale=scaling),
+                "dx": matmul(g, AE, p)}
+        grads = {name: either(ours[name], peft[name]) for name in ours}
+        if mask is not None:
+            grads["dx"] = multiply(grads["dx"], mask, p)
+        W0_rows = transpose(exact(W0)) if fan_in_fan_out else exact(W0)             # (d, k)
+        grads["dx"] = add(matmul(g2, W0_rows, p), grads["dx"], p)
+        if bias_trainable:
+            grads["dbias"] = row_sum(g2, p)
+        return grads
+
+    return gradient_bounds(chain, Precision(dtype, accumulation, model), x_shape=tuple(x.shape))
 
 
 def adalora_merge_bound(W0: Any, A: Any, E: Any, B: Any, *, scaling: float, fan_in_fan_out: bool = False,

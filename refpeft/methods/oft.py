@@ -357,8 +357,8 @@ def oft_backward_bound(dy: Any, x: Any, W0: Any, V: Any, *, terms: int = 5, fan_
         powers = [xp.eye(k, dtype=Qa.dtype)]
         for _ in range(len(c) - 2):
             powers.append(xp.matmul(powers[-1], xp.matrix_transpose(Qa)))
-        return sum(cj * xp.matmul(xp.matmul(powers[a], Ga), powers[j - 1 - a])
-                   for j, cj in enumerate(c[1:], start=1) for a in range(j))
+        return sum((cj * xp.matmul(xp.matmul(powers[a], Ga), powers[j - 1 - a])
+                    for j, cj in enumerate(c[1:], start=1) for a in range(j)), xp.zeros_like(Ga))
 
     def chain(p: Precision) -> dict[str, Bounded]:
         x2, g2 = rows(exact(x)), rows(exact(dy))
