@@ -1,4 +1,4 @@
-"""Training memory of a decoder-only transformer: full fine-tuning vs LoRA vs QLoRA, in bytes.
+"""Training memory of a decoder-only transformer: full fine-tuning vs LoRA vs QLoRA (vs token methods), in bytes.
 
 The formulas (derived in docs/memory.md) count what lives in memory for the whole run; activations,
 the KV cache and framework workspaces depend on batch and sequence length and are left out.
@@ -15,6 +15,10 @@ For each method, with b(p) the bytes of precision p (bfloat16/float16 2, float32
              4c bytes (float32 absmax); with double quantisation c + 4 ceil(c / 256) + 4 (8-bit
              codes, nested absmax, offset); plus the maps bitsandbytes stores (16 + 256 floats).
 - adapter:   r (d + k) per adapted (d, k) linear, at b(adapter precision) (float32 by default, as PEFT).
+             Methods that train tokens on the frozen base instead (`token_method_row`): prompt tuning
+             k h; P-tuning k h plus its encoder (MLP or LSTM, as PEFT builds it); prefix tuning
+             L k 2 t (t = kv, PEFT's token_dim) plus the reparameterisation MLP with prefix_projection
+             (counted by refpeft.model.prompt_methods); trainable tokens n h.
 - gradients: one per trainable parameter, in the trainable parameters' precision.
 - optimiser: AdamW's two moments in float32, 8 bytes per trainable parameter.
 """
@@ -22,14 +26,17 @@ For each method, with b(p) the bytes of precision p (bfloat16/float16 2, float32
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from refpeft.errors import ConfigError
+from refpeft.model.prompt_methods import PROMPT_METHODS, prompt_method
 from refpeft.quant.blockwise import BLOCKSIZES
 from refpeft.quant.double import NESTED_BLOCKSIZE
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METHODS = ("full", "lora", "qlora")
+TRAINABLE_TOKENS = "trainable-tokens"      # PEFT's TRAINABLE_TOKENS: n embedding rows of h
 ADAM_STATE_BYTES = 8  # two float32 moments per trainable parameter
 QUANT_MAP_BYTES = 16 * 4
 NESTED_MAP_BYTES = 256 * 4
@@ -106,9 +113,7 @@ def memory_table(model: ModelShape, *, rank: int, targets: tuple[str, ...] = LIN
     unknown = [t for t in targets if t not in LINEARS]
     if unknown or not targets:
         raise ConfigError(f"targets must be a non-empty subset of {', '.join(LINEARS)}; got {list(targets)}")
-    for name, p in {"precision": precision, "adapter_precision": adapter_precision}.items():
-        if p not in BYTES:
-            raise ConfigError(f"{name} must be one of {', '.join(BYTES)}, got {p!r}")
+    _check_precisions(precision, adapter_precision)
     if blocksize not in BLOCKSIZES:
         raise ConfigError(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {blocksize}")
     if rank < 1:
@@ -125,19 +130,50 @@ def memory_table(model: ModelShape, *, rank: int, targets: tuple[str, ...] = LIN
     b, ba = BYTES[precision], BYTES[adapter_precision]
     full = MemoryRow("full", weights=total * b, constants=0, adapter=0, gradients=total * b,
                      optimizer=total * ADAM_STATE_BYTES, trainable=total)
-    lora = MemoryRow("lora", weights=total * b, constants=0, adapter=adapter * ba, gradients=adapter * ba,
-                     optimizer=adapter * ADAM_STATE_BYTES, trainable=adapter)
+    lora = _frozen_base_row("lora", model, adapter, precision=precision, adapter_precision=adapter_precision)
     qlora = MemoryRow("qlora", weights=codes + (total - quantized) * b, constants=constants, adapter=adapter * ba,
                       gradients=adapter * ba, optimizer=adapter * ADAM_STATE_BYTES, trainable=adapter)
     return [full, lora, qlora]
+
+
+def token_method_row(model: ModelShape, method: str, *, tokens: int, precision: str = "bfloat16",
+                     adapter_precision: str = "float32", **options: Any) -> MemoryRow:
+    """The MemoryRow of a method that trains tokens on the frozen base (module docstring): a prompt-learning
+    method of refpeft.model.prompt_methods with k = `tokens` virtual tokens and its `options` (encoder,
+    encoder_hidden_size, encoder_num_layers, projection), or TRAINABLE_TOKENS with n = `tokens` rows."""
+    if type(tokens) is not int or tokens < 1:
+        raise ConfigError(f"the number of (virtual) tokens must be a positive integer, got {tokens!r}")
+    _check_precisions(precision, adapter_precision)
+    if method == TRAINABLE_TOKENS:
+        trainable = tokens * model.hidden
+    elif method in PROMPT_METHODS:
+        trainable = prompt_method(method).count(model.hidden, model.layers, model.kv or model.hidden, tokens, **options)
+    else:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join([*PROMPT_METHODS, TRAINABLE_TOKENS])}")
+    return _frozen_base_row(method, model, trainable, precision=precision, adapter_precision=adapter_precision)
+
+
+def _frozen_base_row(method: str, model: ModelShape, trainable: int, *, precision: str,
+                     adapter_precision: str) -> MemoryRow:
+    """The frozen base at b(precision) and `trainable` parameters at b(adapter precision), with AdamW."""
+    ba = BYTES[adapter_precision]
+    return MemoryRow(method, weights=model.parameters() * BYTES[precision], constants=0, adapter=trainable * ba,
+                     gradients=trainable * ba, optimizer=trainable * ADAM_STATE_BYTES, trainable=trainable)
+
+
+def _check_precisions(precision: str, adapter_precision: str) -> None:
+    for name, p in {"precision": precision, "adapter_precision": adapter_precision}.items():
+        if p not in BYTES:
+            raise ConfigError(f"{name} must be one of {', '.join(BYTES)}, got {p!r}")
 
 
 def format_table(rows: list[MemoryRow]) -> str:
     """The rows as a fixed-width table in GiB (and trainable parameters)."""
     gib = 2.0**30
     columns = ("weights", "constants", "adapter", "gradients", "optimizer", "total")
-    lines = [f"{'method':<8}" + "".join(f"{c:>11}" for c in columns) + f"{'trainable':>16}"]
+    width = max(8, *(len(row.method) + 1 for row in rows))
+    lines = [f"{'method':<{width}}" + "".join(f"{c:>11}" for c in columns) + f"{'trainable':>16}"]
     for row in rows:
         values = [getattr(row, c) for c in columns]
-        lines.append(f"{row.method:<8}" + "".join(f"{v / gib:>11.3f}" for v in values) + f"{row.trainable:>16,}")
+        lines.append(f"{row.method:<{width}}" + "".join(f"{v / gib:>11.3f}" for v in values) + f"{row.trainable:>16,}")
     return "\n".join(lines) + "\n(GiB = 2^30 bytes; activations and KV cache excluded)"

@@ -243,3 +243,15 @@ def test_cached_decoding_applies_the_adapters_as_the_full_forward_does():
     assert_close(last, full[:, 4, :], rtol=1e-13)
     assert_close(step, full[:, 5, :], rtol=1e-13)
     assert float(np.max(np.abs(full - forward(model, ids)[0]))) > 1e-2     # the adapters do change the logits
+
+
+def test_the_onnx_decoder_refuses_a_model_with_bottleneck_adapters_rather_than_dropping_them():
+    pytest.importorskip("onnx")
+    from refpeft_onnx.decoder_graph import build_decoder
+
+    rng = np.random.default_rng(5)
+    model = _tiny(rng, layers=2, H=8, heads=2, kv=1)
+    adapted = Model(model.config, model.weights, bottleneck=init_bottleneck_adapters(2, 8, bottleneck_config("houlsby")))
+    with pytest.raises(ConfigError, match="bottleneck adapters"):
+        build_decoder(adapted)
+    assert build_decoder(model).graph.output[0].name == "logits"

@@ -5,7 +5,9 @@
     OUT/genai_config.json            refpeft_onnx.genai_files
     OUT/tokenizer.json, tokenizer_config.json
     OUT/adapters/NAME.onnx_adapter   unmerged graphs: one file per adapter, its tensors under the
-                                     graph's swappable input names (refpeft_onnx.adapter_files)
+                                     graph's swappable input names (refpeft_onnx.adapter_files; a
+                                     prompt-learning adapter's prefix keys and values,
+                                     refpeft_onnx.prefix_graph)
 
 Everything is written into a hidden staging folder beside OUT; the graph is checked there
 (onnx.checker, then refpeft_onnx.decoder_verify against refpeft's float64 decoder), and only a
@@ -26,19 +28,21 @@ import onnx
 
 from refpeft.adapter import Adapter
 from refpeft.errors import ConfigError, OutputError
-from refpeft.io import usual_permissions
+from refpeft.io import read_json_object, usual_permissions
 from refpeft.model import load
 from refpeft.model.adapted import with_adapter
 from refpeft.model.decoder import Model, quantize_linear_layers
+from refpeft.model.prompt_methods import prompt_method_of_type
 from refpeft.model.tokenizer import Tokenizer
 
 from refpeft_onnx.adapter_files import check_against_model, write_onnx_adapter
 from refpeft_onnx.attach import attach, graph_dtype
 from refpeft_onnx.builder import DEFAULT_OPSET, ExternalData
 from refpeft_onnx.decoder_graph import build_decoder, decoder_layers
-from refpeft_onnx.decoder_verify import require_passed, verify_decoder
+from refpeft_onnx.decoder_verify import float64_model, require_passed, verify_decoder
 from refpeft_onnx.exporter import PROTOBUF_LIMIT, read_model
 from refpeft_onnx.genai_files import ADAPTERS_FOLDER, MODEL_FILE, write_genai_config, write_tokenizer
+from refpeft_onnx.prefix_graph import PromptAdapter, prefix_feeds, prompt_adapter, split_prompt_adapters
 
 EXTERNAL_FILE = MODEL_FILE + ".data"   # the weights, beside model.onnx
 from refpeft_onnx.verify import VerificationError, VerificationReport, layer_feeds
@@ -68,21 +72,34 @@ def load_base(path: str | os.PathLike, *, nf4_blocksize: int | None = None,
     return model, tokenizer
 
 
-def read_adapters(model: Model, specs: Sequence[str]) -> dict[str, Adapter]:
-    """PEFT adapter folders by name: each spec is DIR (named after the folder) or NAME=DIR."""
-    adapters: dict[str, Adapter] = {}
+def read_adapters(model: Model, specs: Sequence[str]) -> dict[str, Adapter | PromptAdapter]:
+    """PEFT adapter folders by name: each spec is DIR (named after the folder) or NAME=DIR. A
+    PROMPT_TUNING, P_TUNING or PREFIX_TUNING folder (read by its kind's reader,
+    refpeft.model.prompt_methods) becomes a PromptAdapter, its prefix keys and values computed on
+    the float64 base."""
+    adapters: dict[str, Adapter | PromptAdapter] = {}
+    model64 = None
     for spec in specs:
         name, _, folder = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
         if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ConfigError(f"adapter name {name!r} (from {spec!r}) must be letters, digits, '-', '_' or '.'")
         if name in adapters:
             raise ConfigError(f"two adapters are named {name!r}; name them with NAME=DIR")
-        adapters[name] = with_adapter(model, folder, dtype="float32").adapter
+        config_file = Path(folder) / "adapter_config.json"
+        peft_type = read_json_object(config_file).get("peft_type") if config_file.is_file() else None
+        method = prompt_method_of_type(peft_type)
+        if method is None:                          # with_adapter names what is missing or wrong
+            adapters[name] = with_adapter(model, folder, dtype="float32").adapter
+            continue
+        model64 = model64 or float64_model(model)
+        adapters[name] = prompt_adapter(model64, method, method.read(folder)[0])
+    split_prompt_adapters(adapters)
     return adapters
 
 
 def export_decoder(out: str | os.PathLike, model: Model, tokenizer: Tokenizer | None,
-                   adapters: Mapping[str, Adapter] | None = None, *, form: str = "merged", dtype: str = "float32",
+                   adapters: Mapping[str, Adapter | PromptAdapter] | None = None, *, form: str = "merged",
+                   dtype: str = "float32",
                    nf4_ops: str = "bnb4", opset: int = DEFAULT_OPSET,
                    inputs: Sequence[str | os.PathLike] = ()) -> DecoderExport:
     """Build, write to staging, verify and publish the folder `out` (module docstring).
@@ -101,8 +118,10 @@ def export_decoder(out: str | os.PathLike, model: Model, tokenizer: Tokenizer | 
         finally:
             external.close()
 
+    virtual_tokens = max((a.length for a in split_prompt_adapters(adapters).values()), default=0)
+
     def extras(staging: Path) -> None:
-        write_genai_config(staging, model.config, tokenizer)
+        write_genai_config(staging, model.config, tokenizer, virtual_tokens=virtual_tokens)
         if tokenizer is not None:
             write_tokenizer(staging, tokenizer)
 
@@ -116,6 +135,10 @@ def attach_adapters(out: str | os.PathLike, onnx_model: str | os.PathLike, model
     .onnx_adapter per adapter; the files beside `onnx_model` (genai_config.json, the tokenizer) are
     copied along, so a genai folder stays one."""
     started = time.perf_counter()
+    if split_prompt_adapters(dict(adapters)):
+        raise ConfigError("prompt-learning adapters change the attention of every layer; they are exported with "
+                          "the model (`refpeft export ADAPTER --base MODEL -o DIR`), not attached to a graph made "
+                          "elsewhere")
     source = Path(onnx_model)
     target = _check_output(out, [*inputs, source])
     foreign = read_model(source)
@@ -134,7 +157,7 @@ def attach_adapters(out: str | os.PathLike, onnx_model: str | os.PathLike, model
 
 
 def export_decoder_adapter(path: str | os.PathLike, onnx_model: str | os.PathLike, model: Model,
-                           adapter: Adapter) -> Path:
+                           adapter: Adapter | PromptAdapter) -> Path:
     """One more .onnx_adapter for a decoder already exported unmerged (or attached): `adapter`'s
     tensors under the graph's input names and in its dtype, checked against its inputs first."""
     proto = read_model(onnx_model)
@@ -142,17 +165,19 @@ def export_decoder_adapter(path: str | os.PathLike, onnx_model: str | os.PathLik
     return write_onnx_adapter(path, feeds["adapter"])
 
 
-def _adapter_feeds(proto: onnx.ModelProto, model: Model, adapters: Mapping[str, Adapter],
+def _adapter_feeds(proto: onnx.ModelProto, model: Model, adapters: Mapping[str, Adapter | PromptAdapter],
                    dtype: str) -> dict[str, dict]:
     """Each adapter's swappable-input tensors in `dtype`, checked against the graph's inputs."""
     layers = decoder_layers(model)
-    feeds = {name: layer_feeds(layers.__getitem__, adapter, dtype) for name, adapter in adapters.items()}
+    feeds = {name: prefix_feeds(adapter, dtype) if isinstance(adapter, PromptAdapter)
+             else layer_feeds(layers.__getitem__, adapter, dtype) for name, adapter in adapters.items()}
     for parameters in feeds.values():
         check_against_model(parameters, proto)
     return feeds
 
 
-def _publish(target: Path, build: Callable[[Path], onnx.ModelProto], model: Model, adapters: Mapping[str, Adapter],
+def _publish(target: Path, build: Callable[[Path], onnx.ModelProto], model: Model,
+             adapters: Mapping[str, Adapter | PromptAdapter],
              *, form: str, dtype: str, extras: Callable[[Path], None], started: float,
              checker: bool = True) -> DecoderExport:
     """Build the graph into a staging folder beside `target` (`build(staging)`), check it (onnx.checker,

@@ -22,6 +22,10 @@ ONNX ops:
 float16 graphs keep the RMSNorm statistics and the softmax in float32 (as transformers does), and
 cast their results back. The cos/sin tables (max positions x D) are computed in float64 from
 refpeft.model.rope and rounded once to the graph's dtype.
+
+Prompt learning (PEFT's prompt tuning, P-tuning, prefix tuning; refpeft_onnx.prefix_graph): every
+layer attends over a prefix of k keys and values in front of its past and new ones, the mask allows
+them, and position_ids are shifted by k; present.* stay without the prefix.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from refpeft.quant import QuantState4bit
 from refpeft_onnx.builder import DEFAULT_OPSET, ExternalData, GraphBuilder
 from refpeft_onnx.graph import merged_linear, refuse_nf4_merge, unmerged_linear, vera_projections
 from refpeft_onnx.nf4 import NF4_OPS
+from refpeft_onnx.prefix_graph import PrefixNodes, PromptAdapter, mask_dtype, split_prompt_adapters
 from refpeft_onnx.stack import BaseLinear, as_float64, with_nf4
 
 FORMS = ("merged", "unmerged")
@@ -90,6 +95,9 @@ def branches(adapters: Mapping[str, Adapter]) -> DecoderBranches:
         if adapter.saved_modules:
             raise ConfigError(f"adapter {name!r} saves whole modules ({', '.join(adapter.saved_module_paths)}, "
                               "PEFT's modules_to_save); an unmerged graph cannot swap them")
+        if adapter.token_values is not None:
+            raise ConfigError(f"adapter {name!r} trains embedding rows (trainable tokens); an unmerged graph cannot "
+                              "swap them")
         for path, module in adapter.modules.items():
             kinds.setdefault(path, {})[method_spec(module.method).onnx_branch] = module.method
     methods = {}
@@ -118,7 +126,7 @@ def _check_shared_projections(adapters: Mapping[str, Adapter]) -> None:
                               "(another projection_prng_key); one unmerged graph holds one pair")
 
 
-def build_decoder(model: Model, adapters: Mapping[str, Adapter] | None = None, *, form: str = "merged",
+def build_decoder(model: Model, adapters: Mapping[str, Adapter | PromptAdapter] | None = None, *, form: str = "merged",
                   dtype: str = "float32", nf4_ops: str = "bnb4", opset: int = DEFAULT_OPSET,
                   external: ExternalData | None = None) -> onnx.ModelProto:
     """The ONNX decoder of `model` (its own adapter is ignored; pass adapters by name); with
@@ -127,25 +135,35 @@ def build_decoder(model: Model, adapters: Mapping[str, Adapter] | None = None, *
     form "merged": exactly one adapter (or none), folded into the weights by its method's merge.
     form "unmerged": a swappable branch on every module any adapter adapts; no adapter fed gives
     the base, each adapter's .onnx_adapter file (refpeft_onnx.decoder_export) gives that adapter.
+    Prompt-learning adapters (refpeft_onnx.prefix_graph.PromptAdapter) take the same two forms as
+    a prefix of keys and values (initializers, or swappable inputs); they are not mixed with others.
     """
     if form not in FORMS:
         raise ConfigError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+    if model.bottleneck is not None:
+        raise ConfigError("the model carries bottleneck adapters (Houlsby/Pfeiffer), which the ONNX decoder does not "
+                          "build: exporting it would silently leave them out")
     if nf4_ops not in NF4_OPS:
         raise ConfigError(f"nf4_ops must be one of {', '.join(NF4_OPS)}, got {nf4_ops!r}")
     adapters = dict(adapters or {})
     if form == "merged" and len(adapters) > 1:
         raise ConfigError(f"a merged graph folds in one adapter, got {len(adapters)}: {sorted(adapters)}")
+    prompts = split_prompt_adapters(adapters)
+    prefix = PrefixPlan(next(iter(prompts.values()), None) if form == "merged" else None) if prompts else None
+    if prompts:
+        adapters = {}
     merged = next(iter(adapters.values())) if form == "merged" and adapters else None
     layers = decoder_layers(model, trained_biases=None if merged is None else merged.base_biases)
     plan = DecoderBranches({}, frozenset()) if form == "merged" else branches(adapters)
     _check_targets(layers, adapters, merged)
     g = GraphBuilder(dtype, external)
-    body = _DecoderBody(g, model, layers, merged=merged, plan=plan, adapters=adapters, nf4_ops=nf4_ops)
+    body = _DecoderBody(g, model, layers, merged=merged, plan=plan, adapters=adapters, nf4_ops=nf4_ops, prefix=prefix)
     outputs = body.build()
     metadata = {"refpeft.version": __version__, "refpeft.graph": "decoder", "refpeft.form": form,
                 "refpeft.dtype": dtype, "refpeft.opset": str(opset), "refpeft.model_type": model.config.model_type,
                 "refpeft.branches": json.dumps(plan.methods), "refpeft.adapter_inputs": json.dumps(g.swappable_names),
-                "refpeft.nf4_ops": nf4_ops if any(l.nf4 is not None for l in layers.values()) else "none"}
+                "refpeft.nf4_ops": nf4_ops if any(l.nf4 is not None for l in layers.values()) else "none",
+                "refpeft.prefix": "none" if prefix is None else "merged" if prefix.merged else "swappable"}
     return g.model(outputs, opset=opset, name="refpeft_decoder", metadata=metadata)
 
 
@@ -161,16 +179,25 @@ def _check_targets(layers: Mapping[str, BaseLinear], adapters: Mapping[str, Adap
                 refuse_nf4_merge(layers[path], module, merged)
 
 
+@dataclass(frozen=True)
+class PrefixPlan:
+    """A graph with prompt learning's prefix: `merged`'s keys and values as initializers, or (None) swappable inputs."""
+
+    merged: PromptAdapter | None
+
+
 class _DecoderBody:
     """Builds the nodes of one decoder graph in `g` (one instance per graph)."""
 
     def __init__(self, g: GraphBuilder, model: Model, layers: Mapping[str, BaseLinear], *, merged: Adapter | None,
-                 plan: DecoderBranches, adapters: Mapping[str, Adapter], nf4_ops: str) -> None:
+                 plan: DecoderBranches, adapters: Mapping[str, Adapter], nf4_ops: str,
+                 prefix: PrefixPlan | None = None) -> None:
         self.g, self.model, self.c, self.layers = g, model, model.config, layers
         self.merged, self.plan, self.nf4_ops = merged, plan, nf4_ops
         self.form = "unmerged" if plan.methods or plan.biases else "merged"
         vera = [a for a in adapters.values() if a.vera_A is not None]
         self.vera_t = vera_projections(g, vera[0]) if vera and merged is None else None
+        self.prefix_plan, self.prefix = prefix, None
         # softmax and norm statistics run in float32 in float16 graphs
         self.stat_type = TensorProto.FLOAT
 
@@ -184,8 +211,13 @@ class _DecoderBody:
                       for kind in ("key", "value")) for i in range(c.num_hidden_layers)]
         embed = g.const("model.embed_tokens.weight", self.model.weight("model.embed_tokens.weight"))
         e = g.op("Gather", [embed, ids], "embeddings")                                     # (b, s, H)
+        if self.prefix_plan is not None:
+            self.prefix = PrefixNodes(g, self.model, self.prefix_plan.merged, ids)
+            positions = self.prefix.positions(positions)
         cos, sin = self._rope_tables(positions)
         additive = self._additive_mask(ids, mask)
+        if self.prefix is not None:
+            additive = self.prefix.mask(additive)
         outputs: dict[str, list[int | str]] = {}
         for i in range(c.num_hidden_layers):
             e, present = self._layer(i, e, cos, sin, additive, past[i])
@@ -225,7 +257,7 @@ class _DecoderBody:
         real = g.op("Equal", [mask, g.const("mask.real", np.asarray(1, np.int64))], "mask.real_tokens")   # (b, t)
         real = g.op("Unsqueeze", [real, self._i64("axes_1_2_3", [1, 2, 3])], "mask.real_b1111t")
         allowed = g.op("And", [causal, real], "mask.allowed")                              # (b, 1, 1, s, t)
-        dtype = np.float32 if g.dtype == "float16" else g.np_dtype
+        dtype = mask_dtype(g)
         return g.op("Where", [allowed, g.const("mask.open", np.asarray(0.0, dtype), cast=False),
                               g.const("mask.min", np.asarray(np.finfo(dtype).min, dtype), cast=False)], "mask.additive")
 
@@ -248,7 +280,8 @@ class _DecoderBody:
             heads[name] = self._rope(heads[name], cos, sin, f"{p}.{name}")
         k = g.op("Concat", [past[0], heads["k"]], OUTPUT_NAMES["present_key_names"] % i, axis=2)   # (b, kv, t, D)
         v = g.op("Concat", [past[1], heads["v"]], OUTPUT_NAMES["present_value_names"] % i, axis=2)
-        a = self._attention(heads["q"], k, v, additive, p)                                 # (b, s, h D)
+        attended = (k, v) if self.prefix is None else self.prefix.keys_values(i, k, v)   # (b, kv, [k +] t, D)
+        a = self._attention(heads["q"], *attended, additive, p)                            # (b, s, h D)
         e = g.op("Add", [e, self._linear(f"{p}.self_attn.o_proj", a)], f"{p}.attention_residual")
         m = self._rmsnorm(e, f"{p}.post_attention_layernorm")
         gate = self._linear(f"{p}.mlp.gate_proj", m)

@@ -14,6 +14,11 @@ ids, mask and positions (padding queries attend to nothing real and are not comp
 
     |logits_ort - logits_64| <= B(u_graph)
 
+Prompt-learning adapters (refpeft_onnx.prefix_graph) are compared with refpeft's decoder running
+them as PEFT does: the virtual tokens P prepended (prompt tuning, P-tuning), or the prefix table as
+every layer's past (prefix tuning), each fed the positions it numbers the padded row with (PEFT's
+prompt tuning counts the pads: 0 .. s - 1 over the row, shifted by k in the graph).
+
 B is refpeft.rounding's first-order probabilistic bound for the graph's dtype (Monte Carlo
 arithmetic over refpeft's own forward): a derived estimate of how far any evaluation in that
 precision drifts from the exact result, not a worst case (a 30-layer worst case is vacuous).
@@ -39,6 +44,7 @@ from refpeft.tolerance import compare
 from refpeft_onnx.builder import DTYPES
 from refpeft_onnx.decoder_graph import INPUT_NAMES, OUTPUT_NAMES, decoder_layers
 from refpeft_onnx.graph import graph_metadata
+from refpeft_onnx.prefix_graph import PromptAdapter
 from refpeft_onnx.stack import as_float64
 from refpeft_onnx.verify import Check, VerificationError, VerificationReport, session
 
@@ -47,7 +53,8 @@ ONE_BY_ONE = (4, 1, 1, 1)  # for graphs made elsewhere (GroupQueryAttention take
 PADDING = 2               # left padding of the batch's second row
 
 
-def verify_decoder(model: str | os.PathLike, reference: Model, adapters: Mapping[str, Adapter] | None = None, *,
+def verify_decoder(model: str | os.PathLike, reference: Model,
+                   adapters: Mapping[str, Adapter | PromptAdapter] | None = None, *,
                    feeds: Mapping[str, Mapping[str, np.ndarray]] | None = None, form: str | None = None,
                    dtype: str | None = None, seed: int = 0,
                    providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> VerificationReport:
@@ -79,9 +86,12 @@ def verify_decoder(model: str | os.PathLike, reference: Model, adapters: Mapping
         ways = {"whole": run_whole, **({"cached": cached} if INPUT_NAMES["past_key_names"] % 0 in declared else {})}
         for run, adapter, extra in runs:
             adapted = base64 if adapter is None else with_float64_adapter(base64, adapter)
-            expected, bound = reference_logits(adapted, ids, mask, positions, dtype=dtype)
+            fed = positions
+            if adapted.prompt is not None:               # PEFT's prompt tuning numbers the pads too
+                fed = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+            expected, bound = reference_logits(adapted, ids, mask, fed, dtype=dtype)
             for how, way in ways.items():
-                logits = way(runner, ids, mask, positions, extra, reference, dtype)
+                logits = way(runner, ids, mask, fed, extra, reference, dtype)
                 checks.append(Check(f"{run}, {how}", provider, ids.shape, compare(logits[real], expected[real], bound)))
     return VerificationReport(tuple(checks), dtype, "probabilistic")
 
@@ -102,8 +112,11 @@ def float64_model(model: Model) -> Model:
     return Model(model.config, LazyTensors(list(model.weights), read))
 
 
-def with_float64_adapter(model64: Model, adapter: Adapter) -> Model:
-    """`model64` with `adapter` in float64 on top, its trained base biases in place of the model's."""
+def with_float64_adapter(model64: Model, adapter: Adapter | PromptAdapter) -> Model:
+    """`model64` with `adapter` in float64 on top, its trained base biases in place of the model's
+    (a prompt adapter's virtual tokens or prefix: PromptAdapter.on)."""
+    if isinstance(adapter, PromptAdapter):
+        return adapter.on(model64)
     modules = {path: module.replace(**{n: as_float64(t) for n, t in module.tensors.items() if t is not None})
                for path, module in adapter.modules.items()}
     shared = {n: as_float64(getattr(adapter, n)) for n in ("vera_A", "vera_B") if getattr(adapter, n) is not None}
@@ -125,9 +138,14 @@ def random_batch(vocab_size: int, *, seed: int, padding: int = PADDING) -> tuple
 
 def reference_logits(model64: Model, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, *,
                      dtype: str) -> tuple[np.ndarray, float]:
-    """refpeft's float64 logits and the bound B(u) of refpeft.rounding for a `dtype` evaluation."""
+    """refpeft's float64 logits and the bound B(u) of refpeft.rounding for a `dtype` evaluation.
+    With virtual tokens (model64.prompt) the decoder numbers every position itself (0 .. k + s - 1,
+    as PEFT's prompt tuning does), `positions` go unused, and only the real tokens' logits are returned."""
+    k = 0 if model64.prompt is None else int(model64.prompt.shape[0])
+
     def run(wrap: Callable[[Any], Any]) -> Any:
-        return forward(_wrapped(model64, wrap), ids, attention_mask=mask, position_ids=positions, record=False)[0]
+        given = None if k else positions
+        return forward(_wrapped(model64, wrap), ids, attention_mask=mask, position_ids=given, record=False)[0][:, k:]
 
     expected = np.asarray(run(lambda a: a))
     return expected, rounding_bound(run, dtype=dtype)
@@ -139,7 +157,8 @@ def _wrapped(model: Model, wrap: Callable[[Any], Any]) -> Model:
     if adapter is not None:
         adapter = replace(adapter, modules={p: m.replace(**{n: wrap(t) for n, t in m.tensors.items() if t is not None})
                                             for p, m in adapter.modules.items()})
-    return Model(model.config, weights, adapter)
+    tables = {name: wrap(getattr(model, name)) for name in ("prompt", "prefix") if getattr(model, name) is not None}
+    return replace(model, weights=weights, adapter=adapter, **tables)
 
 
 def empty_past(reference: Model, batch: int, dtype: str) -> dict[str, np.ndarray]:

@@ -3,6 +3,9 @@
 genai_config.json names the decoder's inputs and outputs (refpeft_onnx.decoder_graph's names), the
 model's sizes and the default search options (greedy, transformers' defaults otherwise). The KV
 cache grows by concatenation (present = concat(past, new)), so past_present_share_buffer is false.
+A graph with prompt learning's prefix (refpeft_onnx.prefix_graph) shifts every position by its k
+virtual tokens, so its context_length (and default max_length) is max_position_embeddings less
+the largest k of its adapters.
 
 The tokenizer is written as transformers saves a fast tokenizer: tokenizer.json (the `tokenizers`
 serialisation, post-processor included) and tokenizer_config.json (special tokens, chat template),
@@ -28,8 +31,9 @@ CONFIG_FILE = "genai_config.json"
 ADAPTERS_FOLDER = "adapters"
 
 
-def genai_config(config: ModelConfig, tokenizer: Tokenizer | None) -> dict[str, Any]:
-    """genai_config.json's content for a decoder graph of `config`."""
+def genai_config(config: ModelConfig, tokenizer: Tokenizer | None, *, virtual_tokens: int = 0) -> dict[str, Any]:
+    """genai_config.json's content for a decoder graph of `config` (virtual_tokens: the positions a prefix takes)."""
+    context = config.max_position_embeddings - virtual_tokens
     eos = config.eos_token_id if config.eos_token_id is not None else (tokenizer and tokenizer.eos_token_id)
     pad = config.pad_token_id if config.pad_token_id is not None else (tokenizer and tokenizer.pad_token_id)
     bos = config.bos_token_id if config.bos_token_id is not None else (tokenizer and tokenizer.bos_token_id)
@@ -39,17 +43,19 @@ def genai_config(config: ModelConfig, tokenizer: Tokenizer | None) -> dict[str, 
                "inputs": dict(INPUT_NAMES), "outputs": dict(OUTPUT_NAMES),
                "num_attention_heads": config.num_attention_heads, "num_hidden_layers": config.num_hidden_layers,
                "num_key_value_heads": config.num_key_value_heads}
-    model = {"context_length": config.max_position_embeddings, "decoder": decoder, "type": config.model_type,
+    model = {"context_length": context, "decoder": decoder, "type": config.model_type,
              "vocab_size": config.vocab_size,
              **{k: v for k, v in (("bos_token_id", bos), ("eos_token_id", eos), ("pad_token_id", pad)) if v is not None}}
-    search = {"do_sample": False, "max_length": config.max_position_embeddings, "min_length": 0, "num_beams": 1,
+    search = {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
               "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
               "temperature": 1.0, "top_k": 50, "top_p": 1.0}
     return {"model": model, "search": search}
 
 
-def write_genai_config(folder: Path, config: ModelConfig, tokenizer: Tokenizer | None) -> Path:
-    return atomic_write_bytes(folder / CONFIG_FILE, (json.dumps(genai_config(config, tokenizer), indent=2) + "\n").encode())
+def write_genai_config(folder: Path, config: ModelConfig, tokenizer: Tokenizer | None, *,
+                       virtual_tokens: int = 0) -> Path:
+    content = genai_config(config, tokenizer, virtual_tokens=virtual_tokens)
+    return atomic_write_bytes(folder / CONFIG_FILE, (json.dumps(content, indent=2) + "\n").encode())
 
 
 def write_tokenizer(folder: Path, tokenizer: Tokenizer) -> None:

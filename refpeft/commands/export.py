@@ -37,7 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("adapters", nargs="*", metavar="ADAPTER_DIR",
                    help="PEFT adapter directory (omit it to export the base alone); a whole model takes several "
-                        "with --unmerged, each DIR or NAME=DIR")
+                        "with --unmerged, each DIR or NAME=DIR, and PROMPT_TUNING, P_TUNING or PREFIX_TUNING "
+                        "folders (as every layer's prefix keys and values; not mixed with other adapters)")
     add_base_options(p)
     p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx|DIR",
                    help="ONNX model to write (a folder for a whole model)")
@@ -137,8 +138,7 @@ def run_decoder(args: argparse.Namespace) -> int:
     inputs = [args.base, *(spec.rpartition("=")[2] for spec in args.adapters)]
     result = export_decoder(args.output, model, tokenizer, adapters, form=args.form, dtype=args.dtype,
                             nf4_ops=args.nf4_ops, opset=args.opset, inputs=inputs)
-    what = "the base" if not adapters else ", ".join(f"{n} ({a.method}, {len(a.modules)} modules)"
-                                                     for n, a in adapters.items())
+    what = "the base" if not adapters else ", ".join(f"{n} ({describe_adapter(a)})" for n, a in adapters.items())
     c = model.config
     print(f"refpeft export: {args.form} {args.dtype} {c.model_type} decoder ({c.num_hidden_layers} layers) with "
           f"{what}{', NF4 base' if args.nf4 else ''}, opset {args.opset}, in {result.seconds:.1f} s")
@@ -146,3 +146,12 @@ def run_decoder(args: argparse.Namespace) -> int:
     print(f"  wrote {result.folder} (model.onnx, genai_config.json{', tokenizer' if tokenizer else ''}"
           f"{', adapters/' + ', '.join(result.adapter_files) if result.adapter_files else ''})")
     return 0
+
+
+def describe_adapter(adapter) -> str:
+    """An adapter's method and size: its adapted modules, or a prompt adapter's virtual tokens."""
+    from refpeft_onnx.prefix_graph import PromptAdapter
+
+    if isinstance(adapter, PromptAdapter):
+        return f"{adapter.peft_type}, {adapter.length} virtual tokens"
+    return f"{adapter.method}, {len(adapter.modules)} modules"

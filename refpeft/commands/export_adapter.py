@@ -63,6 +63,8 @@ def run_decoder(args: argparse.Namespace) -> int:
                          double_quant=args.double_quant)
     [(name, adapter)] = read_adapters(model, [args.adapter]).items()
     path = export_decoder_adapter(args.output, args.model, model, adapter)
-    print(f"refpeft export-adapter: {name} ({adapter.method}, {len(adapter.modules)} modules), checked against "
+    from refpeft.commands.export import describe_adapter
+
+    print(f"refpeft export-adapter: {name} ({describe_adapter(adapter)}), checked against "
           f"{args.model}: wrote {path}")
     return 0

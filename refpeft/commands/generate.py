@@ -94,29 +94,24 @@ def run(args: argparse.Namespace) -> int:
 
 def with_prompt_learning(model, directory: str, *, dtype: str):
     """`model` with the PROMPT_TUNING / P_TUNING virtual tokens or PREFIX_TUNING table of `directory`,
-    read by refpeft.model.prompt_files' readers; None when the folder holds another kind of adapter."""
+    read by its kind's reader (refpeft.model.prompt_methods) into the field the kind fills; None when
+    the folder holds another kind of adapter."""
     from dataclasses import replace
     from pathlib import Path
 
+    from refpeft.backend import namespace
     from refpeft.io import read_json_object
-    from refpeft.model.p_tuning import PEFT_TYPE as P_TUNING, read_p_tuning
-    from refpeft.model.prefix_tuning import PEFT_TYPE as PREFIX_TUNING, read_prefix_tuning
-    from refpeft.model.prompt_tuning import PEFT_TYPE as PROMPT_TUNING, read_prompt_tuning
+    from refpeft.model.prompt_methods import prompt_method_of_type
 
     config_file = Path(directory) / "adapter_config.json"
     if not config_file.is_file():
         return None                                    # with_adapter names what is missing
-    peft_type = read_json_object(config_file).get("peft_type")
-    readers = {PROMPT_TUNING: read_prompt_tuning, P_TUNING: read_p_tuning, PREFIX_TUNING: read_prefix_tuning}
-    if peft_type not in readers:
+    row = prompt_method_of_type(read_json_object(config_file).get("peft_type"))
+    if row is None:
         return None
-    table, _ = readers[peft_type](directory)
-    from refpeft.backend import namespace
-
+    table, _ = row.read(directory)
     xp_table = namespace(model.weights["model.embed_tokens.weight"]).asarray(table.astype(dtype))
-    if peft_type == PREFIX_TUNING:
-        return replace(model, prefix=xp_table)
-    return replace(model, prompt=xp_table)
+    return replace(model, **{row.fills: xp_table})
 
 
 def run_onnx(args: argparse.Namespace, chosen: dict) -> int:

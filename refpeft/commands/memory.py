@@ -6,15 +6,24 @@ import argparse
 
 from refpeft.commands import options
 from refpeft.errors import ConfigError
-from refpeft.memory import BYTES, LINEARS, PRESETS, ModelShape, format_table, memory_table
+from refpeft.memory import (BYTES, LINEARS, PRESETS, TRAINABLE_TOKENS, ModelShape, format_table, memory_table,
+                            token_method_row)
+from refpeft.model.prompt_methods import PROMPT_METHODS
+from refpeft.model.p_tuning import ENCODERS
 
-HELP = "memory of full fine-tuning vs LoRA vs QLoRA for a model's dimensions (formulas in docs/memory.md)"
+HELP = ("memory of full fine-tuning vs LoRA vs QLoRA (and prompt, prefix, trainable-token methods) for a model's "
+        "dimensions (formulas in docs/memory.md)")
 
 DESCRIPTION = """\
 Prints, for full fine-tuning, LoRA and QLoRA, the bytes of the weights, the 4-bit quantisation
 constants, the adapter, the gradients and the AdamW state, as a table in GiB. Give a preset
 (--model) or the dimensions (--hidden, --intermediate, --layers, --vocab, optionally --kv).
 Activations and the KV cache depend on batch and sequence length and are not included.
+
+--method adds a row for a method that trains tokens on the frozen base: prompt (k x h), p-tuning
+(k x h plus the encoder, --encoder mlp|lstm of width --encoder-hidden, --encoder-layers for the
+LSTM), prefix (L x k x 2 x kv, plus the reparameterisation MLP with --projection) for
+--virtual-tokens k, or trainable-tokens (n x h) for --tokens n.
 """
 
 
@@ -37,6 +46,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="precision of adapter weights and gradients (default: %(default)s, PEFT's)")
     p.add_argument("--blocksize", type=options.blocksize, default=64, help="4-bit block size (default: %(default)s)")
     options.add_double_quant(p)
+    t = p.add_argument_group("methods that train tokens (--method)")
+    t.add_argument("--method", choices=[*PROMPT_METHODS, TRAINABLE_TOKENS],
+                   help="add a row for prompt tuning, P-tuning, prefix tuning or trainable tokens")
+    t.add_argument("--virtual-tokens", type=options.positive, default=20, metavar="K",
+                   help="virtual tokens k of prompt, p-tuning, prefix (default: %(default)s)")
+    t.add_argument("--tokens", type=options.positive, default=None, metavar="N",
+                   help="trainable-tokens: the number of trained token rows n")
+    t.add_argument("--encoder", choices=[e.lower() for e in ENCODERS], default="mlp",
+                   help="p-tuning's prompt encoder (default: %(default)s)")
+    t.add_argument("--encoder-hidden", type=options.positive, default=None, metavar="E",
+                   help="the encoder's (or prefix MLP's) width (default: PEFT's token_dim: h, or kv for prefix)")
+    t.add_argument("--encoder-layers", type=options.positive, default=2,
+                   help="p-tuning's LSTM layers (default: %(default)s)")
+    t.add_argument("--projection", action="store_true", help="prefix: PEFT's prefix_projection MLP")
     p.set_defaults(func=run, command="memory")
 
 
@@ -57,5 +80,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"{name}: {model.parameters():,} parameters; rank {args.rank} on {', '.join(targets)}; "
           f"{args.precision} weights, {args.adapter_precision} adapters, NF4 block {args.blocksize}"
           f"{' + double quantisation' if args.double_quant else ''}")
+    if args.method is not None:
+        rows.append(_token_row(model, args))
     print(format_table(rows))
     return 0
+
+
+def _token_row(model: ModelShape, args: argparse.Namespace):
+    """The --method row; --tokens belongs to trainable-tokens, --virtual-tokens to the others."""
+    if (args.method == TRAINABLE_TOKENS) != (args.tokens is not None):
+        raise ConfigError("--tokens N gives trainable-tokens' row count (and only its)")
+    count = args.tokens if args.method == TRAINABLE_TOKENS else args.virtual_tokens
+    return token_method_row(model, args.method, tokens=count, precision=args.precision,
+                            adapter_precision=args.adapter_precision, encoder=args.encoder.upper(),
+                            encoder_hidden_size=args.encoder_hidden, encoder_num_layers=args.encoder_layers,
+                            projection=args.projection)

@@ -11,7 +11,8 @@ from typing import Any
 from refpeft.commands import options
 from refpeft.errors import ConfigError
 
-HELP = "train an adapter (LoRA, rsLoRA, DoRA, VeRA) or the full model on text or instruction data"
+HELP = ("train an adapter (LoRA, rsLoRA, DoRA, VeRA, IA3, LoHa, LoKr, OFT, BOFT, AdaLoRA), virtual tokens or the "
+        "full model on text or instruction data")
 
 DESCRIPTION = """\
 Trains on BASE (a Hugging Face model folder with tokenizer.json, or a GGUF file) with refpeft's own
@@ -25,6 +26,18 @@ tokenizer's chat template, with the loss on the response only (refpeft.train.dat
 
 --modules-to-save lm_head (PEFT's modules_to_save) also trains the modules it names in full,
 each starting as a copy of the base's, and saves them in the adapter.
+
+--trainable-tokens 5,17,<|im_start|> (PEFT's trainable_token_indices) also trains those rows of the
+embedding (a tied head follows them), each starting as the base's row; beside LoRA the folder is a
+LoRA folder with trainable_token_indices, with --method trainable-tokens the rows alone are PEFT's
+TRAINABLE_TOKENS folder (refpeft.model.trainable_tokens).
+
+--init pissa, pissa_niter_K or olora (PEFT's init_lora_weights) starts each LoRA module from a
+factorisation of its weight and trains it on the rewritten base W - s B0 A0; the folder written at
+the end is the plain rank-2r LoRA s [B | -B0] [A ; A0] for the original BASE, as PEFT's
+save_pretrained(path_initial_model_for_weight_conversion=...) converts it. --init loftq is an init
+for a 4-bit base and needs --nf4: the adapted layers are LoftQ's NF4 weights, and the rank-r
+adapter is written for the LoftQ base, saved in OUTPUT_DIR/loftq_base (refpeft.train.base_init).
 
 --method prompt, p-tuning or prefix trains --virtual-tokens virtual tokens on the frozen base
 (PEFT's PROMPT_TUNING, P_TUNING with --encoder mlp|lstm, PREFIX_TUNING with --projection) and
@@ -46,16 +59,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT_DIR", help="folder for the adapter and checkpoints")
     a = p.add_argument_group("what to train")
     a.add_argument("--method", default="lora",
-                   help="lora, rslora, dora, vera, ia3, full, or prompt, p-tuning, prefix (default lora)")
+                   help="lora, rslora, dora, vera, ia3, loha, lokr, oft, boft, full, trainable-tokens, or prompt, "
+                        "p-tuning, prefix (default lora)")
     a.add_argument("--targets", default="q_proj,v_proj",
                    help="comma-separated layer names as PEFT's target_modules, or all-linear (default q_proj,v_proj)")
-    a.add_argument("--rank", type=int, default=8, help="rank r (default 8)")
+    a.add_argument("--rank", type=int, default=8,
+                   help="rank r; for oft and boft the block size (PEFT's oft_block_size / boft_block_size) (default 8)")
     a.add_argument("--alpha", type=float, default=16.0,
                    help="alpha; scaling alpha / r, rsLoRA alpha / sqrt(r) (default 16)")
     a.add_argument("--rank-pattern", default="", metavar="KEY=R,...", help="per-module ranks, PEFT's rank_pattern")
     a.add_argument("--alpha-pattern", default="", metavar="KEY=A,...", help="per-module alphas, PEFT's alpha_pattern")
     a.add_argument("--modules-to-save", default="", metavar="NAME,...",
                    help="modules trained in full and saved whole, PEFT's modules_to_save (e.g. lm_head)")
+    a.add_argument("--trainable-tokens", default="", metavar="IDS",
+                   help="also train these rows of the embedding, PEFT's trainable_token_indices: comma-separated "
+                        "token ids or tokens of the tokenizer (e.g. 5,17,<|im_start|>); alone with --method "
+                        "trainable-tokens (PEFT's TRAINABLE_TOKENS)")
+    a.add_argument("--init", default=None, metavar="INIT",
+                   help="pissa, pissa_niter_K, olora: PEFT's init_lora_weights that rewrites each adapted weight; "
+                        "the saved adapter is converted to a plain rank-2r LoRA for the original base. loftq: "
+                        "with --nf4 only (an init for a 4-bit base); saves a rank-r LoRA for the LoftQ base, "
+                        "written to OUTPUT_DIR/loftq_base (refpeft.train.base_init)")
+    a.add_argument("--decompose-both", action="store_true",
+                   help="lokr: factor w1 into a low-rank product too (PEFT's decompose_both)")
+    a.add_argument("--decompose-factor", type=int, default=-1, metavar="F",
+                   help="lokr: the Kronecker factorisation's factor, PEFT's decompose_factor (default -1: balanced)")
     a.add_argument("--nf4", action="store_true",
                    help="QLoRA: store every projection as bitsandbytes' NF4 (block 64, double quantised) under the adapter")
     v = p.add_argument_group("prompt learning (--method prompt, p-tuning, prefix; refpeft.train.prompt_learning)")
@@ -107,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     from refpeft.model.decoder import Model, check_adapter_targets, quantize_linear_layers
     from refpeft.model.load import load_model
     from refpeft.train.adapters import FULL
-    from refpeft.train.prompt_learning import PROMPT_METHODS
+    from refpeft.model.prompt_methods import PROMPT_METHODS
     from refpeft.train.checkpoints import latest_checkpoint, resume
     from refpeft.train.data import read_dataset
     from refpeft.train.state import TrainingConfig
@@ -135,10 +163,16 @@ def run(args: argparse.Namespace) -> int:
     if args.method == FULL and args.modules_to_save.strip():
         raise ConfigError("--modules-to-save trains whole modules next to an adapter; --method full trains every "
                           "weight already")
+    if args.trainable_tokens.strip() and (args.method == FULL or args.method in PROMPT_METHODS):
+        raise ConfigError(f"--trainable-tokens trains embedding rows beside LoRA or alone (--method "
+                          f"trainable-tokens), not with --method {args.method}")
     if args.method in PROMPT_METHODS:
         model = _new_prompt_learning(base, args, tokenizer)
     else:
-        model = base if args.method == FULL else replace(base, adapter=_new_adapter(base, args))
+        model = base if args.method == FULL else replace(base, adapter=_new_adapter(base, args, tokenizer))
+    initial = None
+    if args.init is not None:
+        model, initial = _rewrite_base(model, args, original=weights)
     check_adapter_targets(model)
     dataset = read_dataset(args.data, tokenizer, block_size=args.block_size)
     forgetting, held_out = forgetting_settings(args, model, tokenizer)
@@ -149,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"stopped after step {final.step} of {config.steps}; checkpoint in {latest_checkpoint(output)} "
               "(--resume continues)")
         return 0
-    print(_write_result(final.model, output, source=args.base))
+    print(_write_result(final.model, output, source=args.base, init=args.init, initial=initial, original=weights))
     if last is not None and len(last.terms) > 1:
         print("  last step: " + ", ".join(f"{name} {value:.4f}" for name, value in last.terms.items()))
     if held_out is not None:
@@ -165,8 +199,9 @@ def forgetting_settings(args: argparse.Namespace, model: Any, tokenizer: Any) ->
     """(the Forgetting of the --general/--distill/... options or None, the held-out general examples or None)."""
     from refpeft.train.data import TokenDataset, read_dataset
     from refpeft.train.ewc import diagonal_fisher, fisher_names
-    from refpeft.train.objective import Forgetting
+    from refpeft.train.objective import Forgetting, general_per_batch
 
+    general_per_batch(args.rehearsal_fraction, args.batch_size)     # refused before the general data is read
     general = held_out = None
     if args.general is not None:
         data = read_dataset(args.general, tokenizer, block_size=args.block_size)
@@ -196,12 +231,13 @@ def forgetting_settings(args: argparse.Namespace, model: Any, tokenizer: Any) ->
 def _new_prompt_learning(base: Any, args: argparse.Namespace, tokenizer: Any) -> Any:
     """The base with a fresh prompt-learning encoder (refpeft.train.prompt_learning), after refusing
     the options that do not apply to it."""
+    from refpeft.model.prompt_methods import prompt_method
     from refpeft.train.prompt_learning import new_prompt_learning
 
     refused = [flag for flag, on in (("--modules-to-save", args.modules_to_save.strip()),
                                      ("--loraplus-ratio", args.loraplus_ratio is not None), ("--ewc", args.ewc))
                if on]
-    if args.method != "prefix":      # k virtual positions in front of the logits: no base logits to compare with
+    if not prompt_method(args.method).keeps_positions:   # k positions in front of the logits: none of the base's
         refused += [flag for flag, on in (("--distill", args.distill), ("--general", args.general)) if on]
     if refused:
         raise ConfigError(f"{', '.join(refused)} do not apply to --method {args.method}")
@@ -213,7 +249,26 @@ def _new_prompt_learning(base: Any, args: argparse.Namespace, tokenizer: Any) ->
                                projection=args.projection, encoder=args.encoder.upper(), seed=args.seed)
 
 
-def _new_adapter(base: Any, args: argparse.Namespace) -> Any:
+def token_ids(text: str, tokenizer: Any, *, vocab_size: int) -> list[int]:
+    """--trainable-tokens: each comma-separated item a token id, or a token of the tokenizer's
+    vocabulary (its id); checked against the model's vocabulary (refpeft.model.trainable_tokens)."""
+    from refpeft.model.trainable_tokens import check_token_indices
+
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        return []
+    ids = []
+    for item in items:
+        if item.lstrip("-").isdigit():
+            ids.append(int(item))
+        elif (found := tokenizer.backend.token_to_id(item)) is not None:
+            ids.append(int(found))
+        else:
+            raise ConfigError(f"--trainable-tokens: {item!r} is neither a token id nor a token of the tokenizer")
+    return check_token_indices(ids, vocab_size)
+
+
+def _new_adapter(base: Any, args: argparse.Namespace, tokenizer: Any) -> Any:
     from refpeft.train.adapters import ALL_LINEAR, new_adapter
 
     names = args.targets.strip()
@@ -221,7 +276,12 @@ def _new_adapter(base: Any, args: argparse.Namespace) -> Any:
     adapter = new_adapter(base, method=args.method, targets=targets, rank=args.rank, alpha=args.alpha,
                           rank_pattern=_pattern(args.rank_pattern, int, "--rank-pattern"),
                           alpha_pattern=_pattern(args.alpha_pattern, float, "--alpha-pattern"), seed=args.seed,
-                          modules_to_save=[m.strip() for m in args.modules_to_save.split(",") if m.strip()])
+                          modules_to_save=[m.strip() for m in args.modules_to_save.split(",") if m.strip()],
+                          trainable_tokens=token_ids(args.trainable_tokens, tokenizer,
+                                                     vocab_size=base.config.vocab_size),
+                          init_options={name: value for name, value, default in (
+                              ("decompose_both", args.decompose_both, False),
+                              ("decompose_factor", args.decompose_factor, -1)) if value != default})
     return replace(adapter, config={**adapter.config, "base_model_name_or_path": str(args.base),
                                     "task_type": "CAUSAL_LM"})
 
@@ -246,27 +306,66 @@ def _train_with_progress(model: Any, dataset: Any, config: Any, *, state: Any, o
     return final, (reports[0] if reports else None)
 
 
-def _write_result(model: Any, output: Path, *, source: str) -> str:
+def _rewrite_base(model: Any, args: argparse.Namespace, *, original: Any) -> tuple[Any, Any]:
+    """--init: the model with its LoRA modules initialised by PiSSA/OLoRA/LoftQ and the base rewritten,
+    and the adapter as initialised (refpeft.train.base_init)."""
+    from refpeft.train.base_init import rewrite_base
+
+    if args.method not in ("lora", "rslora"):
+        raise ConfigError(f"--init {args.init} initialises LoRA (--method lora or rslora), not --method {args.method}")
+    refused = [flag for flag, on in (("--distill", args.distill), ("--general", args.general)) if on]
+    if refused:
+        raise ConfigError(f"{', '.join(refused)} compare with the base, which --init {args.init} rewrites")
+    return rewrite_base(model, init=args.init, seed=args.seed, original=original)
+
+
+def _write_result(model: Any, output: Path, *, source: str, init: str | None = None, initial: Any = None,
+                  original: Any = None) -> str:
     from refpeft.model.weights import save_model_folder
     from refpeft.peft_format import write_peft_adapter
     from refpeft.train.adapters import trainable_parameters
 
     count = sum(int(t.size) for t in trainable_parameters(model).values())
+    note = ""
+    if initial is not None:
+        model, note = _base_init_result(model, output, init=init, initial=initial, original=original)
     if model.prompt_encoder is not None:
-        from refpeft.train.prompt_learning import prompt_method, write_prompt_folder
+        from refpeft.model.prompt_methods import prompt_method_of, virtual_tokens
+        from refpeft.train.prompt_learning import write_prompt_folder
 
         write_prompt_folder(output, model, base_model=source)
-        k = int((model.prompt if model.prefix is None else model.prefix).shape[0])
-        return (f"wrote {output}: {prompt_method(model)} tuning's {k} virtual tokens ({count} trained parameters) "
+        k = virtual_tokens(model)
+        return (f"wrote {output}: {prompt_method_of(model).name} tuning's {k} virtual tokens "
+                f"({count} trained parameters) "
                 f"on {source}, for PeftModel.from_pretrained")
     if model.adapter is None:
         save_model_folder(output, model.config, dict(model.weights))
         return f"wrote {output}: the fully fine-tuned model ({count} parameters trained), a model folder"
-    write_peft_adapter(output, model.adapter)
-    saved = model.adapter.saved_module_paths
+    write_peft_adapter(output, model.adapter, tied_embeddings=model.config.tie_word_embeddings)
+    saved, rows = model.adapter.saved_module_paths, len(model.adapter.token_indices)
+    if not model.adapter.modules:
+        return (f"wrote {output}: {rows} trainable token rows ({count} trained parameters) on {source}, "
+                "for PeftModel.from_pretrained")
     return (f"wrote {output}: a {model.adapter.method} adapter of {len(model.adapter.modules)} modules "
             + (f"and {len(saved)} saved in full ({', '.join(saved)}) " if saved else "")
-            + f"({count} trained parameters) on {source}, for PeftModel.from_pretrained")
+            + (f"and {rows} trainable token rows " if rows else "")
+            + f"({count} trained parameters) on {source}, for PeftModel.from_pretrained" + note)
+
+
+def _base_init_result(model: Any, output: Path, *, init: str, initial: Any, original: Any) -> tuple[Any, str]:
+    """The model whose adapter is saved after an --init run, and a line saying what it is (base_init)."""
+    from refpeft.model.weights import save_model_folder
+    from refpeft.methods.lora_init import convert_to_plain_lora
+    from refpeft.train.base_init import LOFTQ, loftq_base_weights
+
+    if init != LOFTQ:
+        adapter = convert_to_plain_lora(model.adapter, initial)
+        return replace(model, adapter=adapter), ("\n  saved as a plain LoRA of rank 2r for the original base "
+                                                 "(PEFT's path_initial_model_for_weight_conversion)")
+    folder = save_model_folder(output / "loftq_base", model.config, loftq_base_weights(model, original))
+    adapter = replace(model.adapter, config={**model.adapter.config, "base_model_name_or_path": str(folder)})
+    return replace(model, adapter=adapter), (f"\n  LoftQ: the adapter is for the LoftQ base in {folder} (load it in "
+                                             "4 bits), as PEFT's LoftQ recipe saves it")
 
 
 def _pattern(text: str, kind: type, option: str) -> dict[str, Any]:

@@ -82,6 +82,7 @@ import numpy as np
 from refpeft.backend import namespace
 from refpeft.errors import ConfigError, InputError
 from refpeft.model.decoder import Model, forward
+from refpeft.model.prompt_methods import virtual_tokens
 from refpeft.model.prompt_tuning import prompt_mask
 
 
@@ -129,7 +130,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     if sampling is not None and rng is None:
         raise ConfigError("sampling needs an explicit random generator: rng=np.random.default_rng(seed)")
     ids, mask = _left_pad(prompts, pad=pad, max_positions=model.config.max_position_embeddings,
-                          max_new_tokens=max_new_tokens, virtual=_virtual_tokens(model), xp=xp, device=_device(model))
+                          max_new_tokens=max_new_tokens, virtual=virtual_tokens(model), xp=xp, device=_device(model))
     outputs: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens == 0:
         return outputs
@@ -158,7 +159,7 @@ def prefill(model: Model, ids: Any, *, attention_mask: Any = None) -> tuple[Any,
     gains k ones in front, as PEFT's prepare_inputs_for_generation puts them (module docstring)."""
     xp = namespace(ids)
     b, s = ids.shape
-    k = _virtual_tokens(model)
+    k = virtual_tokens(model)
     if model.prompt is not None:                       # PEFT drops position_ids: 0 .. k + s - 1, padding or not
         logits, _, past = forward(model, ids, attention_mask=attention_mask, record=False)
         last = xp.full((b, 1), k + s - 1, dtype=xp.int64, device=ids.device)
@@ -249,12 +250,6 @@ def _choose(z: Any, sampling: Sampling | None, rng: np.random.Generator | None, 
 def _softmax(z: Any, *, xp: Any) -> Any:
     e = xp.exp(z - xp.max(z, axis=-1, keepdims=True))       # -inf entries give exactly 0
     return e / xp.sum(e, axis=-1, keepdims=True)
-
-
-def _virtual_tokens(model: Model) -> int:
-    """k: the rows of prompt tuning's virtual tokens or of a prefix, which take the first k positions; else 0."""
-    table = model.prompt if model.prompt is not None else model.prefix
-    return 0 if table is None else int(table.shape[0])
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], *, pad: int, max_positions: int, max_new_tokens: int,

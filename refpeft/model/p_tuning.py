@@ -102,6 +102,24 @@ def p_tuning_init(hidden_size: int, k: int, *, encoder: str = "MLP", encoder_hid
     return params
 
 
+def p_tuning_parameter_count(hidden_size: int, k: int, *, encoder: str = "MLP", encoder_hidden_size: int | None = None,
+                             encoder_num_layers: int = 2) -> int:
+    """Trainable parameters of the prompt encoder PEFT builds (p_tuning_init's tensors), e = encoder_hidden_size (H):
+
+        MLP   k H + (H e + e) + (e e + e) + (e H + H)
+        LSTM  k H + sum over layers l of 2 (4e (m_l + e) + 8e), m_0 = H, m_l = 2e after
+              + (2e 2e + 2e) + (2e H + H)
+    """
+    if encoder not in ENCODERS:
+        raise ConfigError(f"encoder_reparameterization_type must be one of {', '.join(ENCODERS)}, got {encoder!r}")
+    H = hidden_size
+    e = H if encoder_hidden_size is None else encoder_hidden_size
+    if encoder == "MLP":
+        return k * H + (H * e + e) + (e * e + e) + (e * H + H)
+    lstm = sum(2 * (4 * e * ((H if layer == 0 else 2 * e) + e) + 8 * e) for layer in range(encoder_num_layers))
+    return k * H + lstm + (2 * e * 2 * e + 2 * e) + (2 * e * H + H)
+
+
 def read_p_tuning(directory: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     """P (k, H) and the config of a PEFT P_TUNING folder."""
     return read_prompt_learning(directory, peft_type=PEFT_TYPE, width=lambda config: config.get("token_dim"))

@@ -133,6 +133,17 @@ def prefix_init(config: ModelConfig, k: int, *, projection: bool = False, encode
     return params
 
 
+def prefix_parameter_count(num_layers: int, token_dim: int, k: int, *, projection: bool = False,
+                           encoder_hidden_size: int | None = None) -> int:
+    """Trainable parameters of prefix tuning, t = token_dim (kv heads x head_dim), e = encoder_hidden_size (t):
+    the table, k L 2 t; with the reparameterisation MLP, k t + (t e + e) + (e L 2 t + L 2 t)."""
+    width = num_layers * 2 * token_dim
+    if not projection:
+        return k * width
+    e = token_dim if encoder_hidden_size is None else encoder_hidden_size
+    return k * token_dim + (token_dim * e + e) + (e * width + width)
+
+
 def read_prefix_tuning(directory: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     """T (k, L 2 t) and the config of a PEFT PREFIX_TUNING folder."""
     def width(config: dict) -> int | None:

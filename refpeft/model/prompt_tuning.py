@@ -35,6 +35,7 @@ import numpy as np
 
 from refpeft.backend import namespace
 from refpeft.errors import ConfigError, ShapeError
+from refpeft.model.checks import require_in_range
 from refpeft.model.prompt_files import read_prompt_learning, write_prompt_learning
 
 PEFT_TYPE = "PROMPT_TUNING"
@@ -62,8 +63,9 @@ def prompt_init(embed: Any, k: int, *, init: str = "RANDOM", text_ids: list[int]
         return embed[rng.integers(0, embed.shape[0], size=k)].copy()
     if not text_ids:
         raise ConfigError("prompt_tuning_init TEXT needs the token ids of a non-empty text")
-    ids = (list(text_ids) * math.ceil(k / len(text_ids)))[:k]
-    return embed[np.asarray(ids)].copy()
+    ids = np.asarray((list(text_ids) * math.ceil(k / len(text_ids)))[:k])
+    require_in_range("the init text's token ids", ids, 0, embed.shape[0], xp=namespace(ids))
+    return embed[ids].copy()
 
 
 def prompt_forward(e: Any, prompt: Any) -> tuple[Any, PromptCache]:
@@ -95,6 +97,11 @@ def prompt_labels(labels: Any, k: int) -> Any:
     """concat(-100 (b, k), labels): the virtual positions carry no loss."""
     xp = namespace(labels)
     return xp.concat([xp.full((labels.shape[0], k), IGNORE_INDEX, dtype=labels.dtype), labels], axis=1)
+
+
+def prompt_parameter_count(hidden_size: int, k: int) -> int:
+    """Trainable parameters of prompt tuning: P, k H."""
+    return k * hidden_size
 
 
 def read_prompt_tuning(directory: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:

@@ -32,6 +32,7 @@ from typing import Callable
 
 from refpeft.errors import ConfigError
 from refpeft.model.decoder import Model
+from refpeft.model.prompt_methods import virtual_tokens
 from refpeft.optim import ParamGroup, adam_step
 from refpeft.train.adapters import optimizer_groups, trainable_parameters, with_parameters
 from refpeft.train.checkpoints import save_checkpoint
@@ -113,9 +114,10 @@ def train(model: Model, dataset: TokenDataset, config: TrainingConfig, *, state:
     """
     if save_every < 0:
         raise ConfigError(f"save_every must be 0 (only at the end) or positive, got {save_every}")
-    if model.config.max_position_embeddings < dataset.block_size:
-        raise ConfigError(f"block size {dataset.block_size} exceeds the model's max_position_embeddings "
-                          f"({model.config.max_position_embeddings})")
+    k = virtual_tokens(model)                      # prompt learning's virtual tokens take the first k positions
+    if model.config.max_position_embeddings < k + dataset.block_size:
+        raise ConfigError(f"block size {dataset.block_size}{f' after {k} virtual tokens' if k else ''} exceeds the "
+                          f"model's max_position_embeddings ({model.config.max_position_embeddings})")
     state = TrainingState(model=model) if state is None else state
     groups = optimizer_groups(state.model, trainable_parameters(state.model), config.adam(),
                               loraplus_ratio=config.loraplus_ratio)

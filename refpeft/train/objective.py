@@ -57,8 +57,7 @@ class Forgetting:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.temperature > 0:
             raise ConfigError(f"the distillation temperature must be positive, got {self.temperature!r}")
-        if not 0 <= self.rehearsal_fraction < 1:
-            raise ConfigError(f"the rehearsal fraction must be in [0, 1), got {self.rehearsal_fraction!r}")
+        _check_fraction(self.rehearsal_fraction)
         if self.ewc and self.fisher is None:
             raise ConfigError("EWC needs the Fisher of the base (refpeft.train.ewc.diagonal_fisher)")
         if self.rehearsal_fraction and self.rehearsal is None:
@@ -67,10 +66,22 @@ class Forgetting:
             raise ConfigError("a prior weight needs class-prior data")
 
 
+def general_per_batch(fraction: float, size: int) -> int:
+    """round(f b): the general examples rehearsed in a batch of b = `size`; ConfigError unless f is in
+    [0, 1) and leaves the batch at least one task example."""
+    _check_fraction(fraction)
+    general = round(fraction * size)
+    if general >= size:
+        raise ConfigError(f"a rehearsal fraction of {fraction} replaces all {size} examples of a batch with general "
+                          "ones; lower it or raise the batch size")
+    return general
+
+
 def step_batches(dataset: TokenDataset, forgetting: Forgetting | None, *, position: int, size: int, count: int,
                  seed: int) -> list[Batch]:
     """The step's `count` micro-batches from stream position `position`, rehearsal mixed in."""
-    general = 0 if forgetting is None or forgetting.rehearsal is None else round(forgetting.rehearsal_fraction * size)
+    general = 0 if forgetting is None or forgetting.rehearsal is None else \
+        general_per_batch(forgetting.rehearsal_fraction, size)
     batches = []
     for j in range(count):
         start = position + j * size
@@ -145,6 +156,11 @@ def drift(model: Model, general: TokenDataset, *, batch_size: int = 4, base_weig
         total += float(distillation_forward(adapted, reference, counted=mask)[0]) * n
         tokens += n
     return total / tokens
+
+
+def _check_fraction(fraction: float) -> None:
+    if isinstance(fraction, bool) or not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
+        raise ConfigError(f"the rehearsal fraction must be in [0, 1), got {fraction!r}")
 
 
 def _arrays(model: Model, batch: Batch) -> tuple[Any, Any, Any]:
