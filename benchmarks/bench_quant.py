@@ -2,7 +2,8 @@
 
 Times quantising and dequantising a 4096 x 4096 float32 weight (NF4, block 64), with and without
 double quantisation: refpeft in both rounding modes and bitsandbytes' CPU path, each the median of
-`--repeats` runs in rotation after a warm-up (benchmarks/bench_lora.py's `interleaved_medians`).
+`--repeats` runs in rotation after a warm-up (benchmarks/measure.py's `interleaved_medians`), so the
+ratios printed (bitsandbytes time / refpeft time) compare runs under the same load.
 It checks that refpeft's "bnb-cpu" bytes equal bitsandbytes' in the same run, measures the bits per
 parameter from the stored tensors, and compares the measured MSE of NF4, FP4 and uniform int4 on
 N(0, 1) data with the value the codebook predicts (refpeft.quant.codebooks.expected_gaussian_mse).
@@ -16,7 +17,7 @@ import argparse
 import numpy as np
 import torch
 import bitsandbytes.functional as F
-from bench_lora import interleaved_medians
+from measure import interleaved_medians
 
 from refpeft.quant.bnb_layout import to_state_dict
 from refpeft.quant.codebooks import FP4_THRESHOLDS_CUDA, NF4_CODE, expected_gaussian_mse, fp4_code, thresholds

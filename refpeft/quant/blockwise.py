@@ -26,12 +26,18 @@ the output dtype. The LUT is CUDA's (FP4 code 8 is -0.0); it is shared by both v
 bitsandbytes' CPU dequantisers disagree among themselves on that zero's sign (see docs).
 
 Inputs must be finite: NaN/inf are refused before anything is computed (NonFiniteError).
+
+How it runs fast without changing a bit of the above: the weight goes through in cache-sized
+pieces (PIECE); the threshold count is two lookups on a fine grid (`_rank`); even and odd
+elements are coded apart, so packing reads contiguous arrays; dequantising gathers both values of
+a byte at once from a 256-entry table of pairs.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, Iterator
 
 from refpeft.backend import check_float_array, namespace, require_shape
 from refpeft.errors import ConfigError, DTypeError, ShapeError
@@ -50,6 +56,12 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 RECIPROCAL_OVERFLOW = 2.0**-128
 # bnb 0.50 CPU: absmax.clamp(min=1e-38) before the reciprocal (1e-38 is a float32 subnormal).
 CPU_ABSMAX_FLOOR = f32(1e-38)
+# Both directions work through the weight in pieces of PIECE consecutive elements (1 MiB of
+# float32; a multiple of every block size, so whole blocks and an even count). Every step is
+# blockwise, so each piece gives exactly its part of the result, and a piece's temporaries stay
+# in cache: on a 4096 x 4096 weight this is ~2.5x (quantise) and ~2x (dequantise) faster than
+# whole-array passes. Only the weight's last piece can end in a partial block or an odd element.
+PIECE = 2**18
 
 
 def check_options(*, quant_type: str, blocksize: int, rounding: str | None = None) -> None:
@@ -81,13 +93,43 @@ def quantize_blockwise_4bit(x: Any, *, quant_type: str = "nf4", blocksize: int =
     n = math.prod(x.shape)
     if n == 0:
         raise ShapeError(f"x has shape {tuple(x.shape)}: nothing to quantise")
-    blocks = split_blocks(xp.reshape(xp.astype(x, xp.float32), (-1,)), blocksize, xp=xp)  # (nb, bs)
-    absmax = _row_max(xp.abs(blocks), xp=xp)                                                # (nb,)
+    flat = xp.reshape(x, (-1,))
+    packed = xp.empty(((n + 1) // 2,), dtype=xp.uint8)
+    absmax = xp.empty((-(-n // blocksize),), dtype=xp.float32)
+    for elements, nbytes, blocks in _pieces(n, blocksize):
+        packed[nbytes], absmax[blocks] = _quantize_piece(xp.astype(flat[elements], xp.float32, copy=False),
+                                                         quant_type, blocksize, rounding, xp=xp)
+    return xp.reshape(packed, (-1, 1)), absmax
+
+
+def _pieces(n: int, blocksize: int) -> Iterator[tuple[slice, slice, slice]]:
+    """(elements, packed bytes, blocks) slices of consecutive pieces of PIECE elements (the last shorter)."""
+    for start in range(0, n, PIECE):
+        stop = min(start + PIECE, n)
+        yield slice(start, stop), slice(start // 2, (stop + 1) // 2), slice(start // blocksize, -(-stop // blocksize))
+
+
+def _quantize_piece(flat: Any, quant_type: str, blocksize: int, rounding: str, *, xp: Any) -> tuple[Any, Any]:
+    """Packed bytes and stored absmax of float32 `flat`: whole blocks, except that the weight's last
+    piece may end in a partial block (padded with zeros) and an odd element."""
+    n = flat.shape[0]
+    partial = n % blocksize != 0
+    blocks = split_blocks(flat, blocksize, xp=xp)                                         # (nb, bs)
+    absmax = _row_max(xp.abs(blocks), xp=xp)                                              # (nb,)
+    # Even elements go to the high nibble, odd ones to the low: coding the two halves apart keeps
+    # both code arrays contiguous for the packing.
+    high, low = (_codes(blocks[:, k::2], absmax, quant_type, rounding, partial=partial, xp=xp) for k in (0, 1))
+    packed = xp.reshape(high * 16 + low, (-1,))[: (n + 1) // 2]
+    if rounding == "bnb-cpu" and partial:  # bnb's remainder path keeps the clamped absmax
+        absmax = xp.concat([absmax[:-1], _cpu_clamped(absmax[-1:], xp=xp)])
+    return packed, absmax
+
+
+def _codes(blocks: Any, absmax: Any, quant_type: str, rounding: str, *, partial: bool, xp: Any) -> Any:
+    """Codes (uint8) of `blocks`: some columns of the blocks whose maxima are `absmax`."""
     if rounding == "bnb-cuda":
-        codes = _codes_cuda(blocks, absmax, quant_type, xp=xp)
-    else:
-        codes, absmax = _codes_cpu(blocks, absmax, quant_type, partial=n % blocksize != 0, xp=xp)
-    return pack_nibbles(xp.reshape(codes, (-1,))[: n + n % 2], xp=xp), absmax
+        return _codes_cuda(blocks, absmax, quant_type, xp=xp)
+    return _codes_cpu(blocks, absmax, quant_type, partial=partial, xp=xp)
 
 
 def _codes_cuda(blocks: Any, absmax: Any, quant_type: str, *, xp: Any) -> Any:
@@ -104,14 +146,16 @@ def _codes_cuda(blocks: Any, absmax: Any, quant_type: str, *, xp: Any) -> Any:
     return xp.where(rows & (blocks == 0), xp.zeros_like(codes), codes)
 
 
-def _codes_cpu(blocks: Any, absmax: Any, quant_type: str, *, partial: bool, xp: Any) -> tuple[Any, Any]:
-    floor = xp.asarray(CPU_ABSMAX_FLOOR, dtype=xp.float32)
-    clamped = xp.maximum(absmax, floor)
+def _codes_cpu(blocks: Any, absmax: Any, quant_type: str, *, partial: bool, xp: Any) -> Any:
+    clamped = _cpu_clamped(absmax, xp=xp)
     xn = blocks * (1.0 / clamped)[:, None]
-    if partial:  # bnb's remainder path: a true division and the clamped absmax kept
+    if partial:  # bnb's remainder path: a true division
         xn = xp.concat([xn[:-1, :], blocks[-1:, :] / clamped[-1]], axis=0)
-        absmax = xp.concat([absmax[:-1], clamped[-1:]])
-    return _decide(xn, quant_type, "bnb-cpu", xp=xp), absmax
+    return _decide(xn, quant_type, "bnb-cpu", xp=xp)
+
+
+def _cpu_clamped(absmax: Any, *, xp: Any) -> Any:
+    return xp.maximum(absmax, xp.asarray(CPU_ABSMAX_FLOOR, dtype=xp.float32))
 
 
 def _decide(blocks: Any, quant_type: str, rounding: str, *, xp: Any) -> Any:
@@ -150,6 +194,14 @@ def _rank(v: Any, ascending: tuple[float, ...], *, xp: Any) -> Any:
     tables finish the count: below[k] = #{t : bucket(t) < k} and inside[k] = the threshold in
     bucket k (or 3, above every v), so rank(v) = below[bucket(v)] + (v > inside[bucket(v)]).
     """
+    below, inside = _rank_tables(ascending, xp)
+    b = _bucket(v, xp=xp)
+    return xp.take(below, b) + xp.astype(v > xp.take(inside, b), xp.uint8)
+
+
+@functools.cache
+def _rank_tables(ascending: tuple[float, ...], xp: Any) -> tuple[Any, Any]:
+    """`_rank`'s tables below (uint8) and inside (float32), built once per thresholds and namespace."""
     t = xp.asarray(ascending, dtype=xp.float32)
     bucket_t = _bucket(t, xp=xp)
     if bool(xp.any(bucket_t[1:] == bucket_t[:-1])):
@@ -159,8 +211,7 @@ def _rank(v: Any, ascending: tuple[float, ...], *, xp: Any) -> Any:
     below = xp.astype(position, xp.uint8)
     holder = xp.minimum(position, xp.asarray(t.shape[0] - 1, dtype=position.dtype))
     inside = xp.where(xp.take(bucket_t, holder) == k, xp.take(t, holder), xp.asarray(3.0, dtype=xp.float32))
-    b = _bucket(v, xp=xp)
-    return xp.take(below, b) + xp.astype(v > xp.take(inside, b), xp.uint8)
+    return below, inside
 
 
 def _bucket(v: Any, *, xp: Any) -> Any:
@@ -168,12 +219,19 @@ def _bucket(v: Any, *, xp: Any) -> Any:
 
 
 def _row_max(a: Any, *, xp: Any) -> Any:
-    """Maximum along axis 1 (a power-of-two length) by halving: max is exact in any order, and
-    NumPy's elementwise maximum runs about three times faster than its short-row reduction."""
-    while a.shape[1] > 1:
+    """Maximum along axis 1 (a power-of-two length >= 32) by halving; max is exact in any order.
+
+    NumPy's elementwise maximum runs several times faster than its short-row reduction, and one
+    long 1-D loop faster than many short rows: rows are halved into contiguous halves down to 32
+    columns, then the flattened array is folded pairwise (max of a[0::2] and a[1::2]) five times,
+    which leaves the maximum of each aligned run of 32, i.e. of each row."""
+    while a.shape[1] > 32:
         half = a.shape[1] // 2
         a = xp.maximum(a[:, :half], a[:, half:])
-    return a[:, 0]
+    folded = xp.reshape(a, (-1,))
+    while folded.shape[0] > a.shape[0]:
+        folded = xp.maximum(folded[0::2], folded[1::2])
+    return folded
 
 
 def pack_nibbles(codes: Any, *, xp: Any) -> Any:
@@ -205,7 +263,11 @@ def dequantize_blockwise_4bit(packed: Any, absmax: Any, *, shape: tuple[int, ...
     # One gather per byte: the 256-entry table of (LUT[hi], LUT[lo]) pairs.
     lut = code_values(quant_type)
     pairs = xp.asarray([[lut[b // 16], lut[b % 16]] for b in range(256)], dtype=xp.float32)  # (256, 2)
-    index = xp.astype(xp.reshape(packed, (-1,)), xp.int32)
-    values = xp.reshape(xp.take(pairs, index, axis=0), (-1,))[:n]
-    blocks = split_blocks(values, blocksize, xp=xp) * absmax[:, None]                        # (nb, bs)
-    return xp.reshape(xp.reshape(blocks, (-1,))[:n], tuple(shape))
+    flat = xp.reshape(packed, (-1,))
+    out = xp.empty((n,), dtype=xp.float32)
+    for elements, nbytes, blocks in _pieces(n, blocksize):
+        m = elements.stop - elements.start
+        values = xp.reshape(xp.take(pairs, xp.astype(flat[nbytes], xp.int64), axis=0), (-1,))[:m]
+        scaled = split_blocks(values, blocksize, xp=xp) * absmax[blocks][:, None]             # (nb, bs)
+        out[elements] = xp.reshape(scaled, (-1,))[:m]
+    return xp.reshape(out, tuple(shape))

@@ -26,13 +26,13 @@ import ml_dtypes  # noqa: F401  (registers the "bfloat16" dtype name with NumPy)
 import numpy as np
 
 from refpeft.errors import ConfigError
-from refpeft.quant.blockwise import BLOCKSIZES
+from refpeft.quant.blockwise import BLOCKSIZES, PIECE
 from refpeft.quant.double import quantize_absmax
 from refpeft.quant.state import QuantState4bit, absmax_values, dequantize_4bit, quantize_4bit
 
-# 2^18 elements (1 MiB of float32): a multiple of every block size, and small enough that a chunk's
-# temporaries stay in cache (quantising a 4096 x 4096 weight this way is ~10x faster than whole).
-CHUNK_ELEMENTS = 2**18
+# The pieces quantize_4bit itself works in (1 MiB of float32, a multiple of every block size): a
+# chunk's temporaries stay in cache, so bounding the memory costs no speed.
+CHUNK_ELEMENTS = PIECE
 
 
 @dataclass(frozen=True)
