@@ -1,7 +1,10 @@
 """ONNX Runtime (CPU provider): its bnb4 quantiser, and refpeft's exported graphs run on the cases' inputs.
 
 - export_forward: the case's layer exported by refpeft_onnx (merged or unmerged, NF4 through
-  com.microsoft.MatMulBnb4 or standard ops), run in an InferenceSession on the case's x.
+  com.microsoft.MatMulBnb4 or standard ops; every branch kind: LoRA, DoRA, VeRA, IA3, OFT, LoKr,
+  Pre-Diag), run in an InferenceSession on the case's x; an unmerged graph is fed the case's
+  `branch.<input>` tensors as its swappable inputs (an adapter switched in per run), so the
+  golden values, not the graph's initializer defaults, drive the branch.
 - quantize_4bit: `quantize_matmul_bnb4` (the quantiser behind com.microsoft.MatMulBnb4, CUDA's
   decision trees compiled for the CPU) on the weight as one row of numel values, so its blocks
   are bitsandbytes' flat blocks. It implements the "bnb-cuda" semantics without double
@@ -42,22 +45,22 @@ def _export(manifest: dict, inputs: dict) -> dict:
     import importlib.util
 
     import onnxruntime as ort
-    from refpeft.conformance.families import export_adapter
+    from refpeft.conformance.export_families import BRANCH_PREFIX, export_adapter
 
     if importlib.util.find_spec("refpeft_onnx") is None:
         raise Unsupported("refpeft_onnx (the exporter under test) is not installed")
-    from refpeft_onnx.graph import branch_values, build_model
+    from refpeft_onnx.graph import build_model
 
     o = manifest["options"]
-    stack, adapter = export_adapter(inputs, o)
+    stack, adapter = export_adapter(inputs, o, manifest["sizes"])
     model = build_model(stack, adapter, form=o["form"], dtype=manifest["dtype"], nf4_ops=o.get("nf4_ops", "bnb4"))
     options = ort.SessionOptions()
     options.log_severity_level = 3   # the swappable adapter inputs are initializers by design: no warnings
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feeds = {"x": inputs["x"]}
-    if o["form"] == "unmerged":
-        values = branch_values(stack.layers[0], adapter.modules["linear"])
-        feeds.update({name: value.astype(manifest["dtype"]) for name, value in values.items()})
+    layer = stack.layers[0].name
+    feeds.update({f"{layer}.{name.removeprefix(BRANCH_PREFIX)}": value for name, value in inputs.items()
+                  if name.startswith(BRANCH_PREFIX)})
     return {"y": session.run(["y"], feeds)[0]}
 
 

@@ -16,7 +16,13 @@ is then renamed and the layer's branch (refpeft_onnx.graph.unmerged_linear, the 
 swappable inputs as refpeft's own unmerged export) computes the name y had, so every consumer (a
 bias Add, the next op) reads the adapted value; a fused block is sliced out, adapted and
 concatenated back. Biases after the MatMul stay where they are, so DoRA's rescale g multiplies
-x W0^T + v before the bias, as PEFT computes it.
+x W0^T + v before the bias, as PEFT computes it, and Pre-Diag's D scales x W0^T alone.
+
+Every branch that starts from the MatMul's output attaches: low-rank (LoRA, rsLoRA, LoHa as its
+rank-r^2 Khatri-Rao factors), low-rank-rescaled (DoRA), row-scaled-low-rank (Pre-Diag),
+shared-projections (VeRA) and kronecker (LoKr). IA3's input scale and OFT's rotation transform the
+MatMul's input, which the foreign graph has already multiplied: unmerged_linear refuses them with a
+ConfigError (given `base`), as it refuses merged-only methods (BOFT, SORA).
 """
 
 from __future__ import annotations

@@ -11,10 +11,15 @@ Takes MODEL.onnx, the base decoder exported by another tool (torch.onnx, optimum
 onnxruntime-genai model builder), the base itself (--base: a transformers folder or a .gguf file)
 and PEFT adapter folders (DIR or NAME=DIR). Each adapted layer's MatMul is found in the graph by
 its weight's value (W^T, W behind a Transpose, or a column block of a fused q/k/v weight), and
-refpeft's unmerged branch (LoRA, rsLoRA, rank/alpha patterns, DoRA, VeRA) is inserted after it with
-its tensors as swappable inputs (no adapter fed = the base). Writes OUT_DIR/model.onnx,
-OUT_DIR/adapters/NAME.onnx_adapter and copies the files beside MODEL.onnx (genai_config.json, the
-tokenizer), after ONNX Runtime's logits with each adapter agree with refpeft's float64 reference
+refpeft's unmerged branch is inserted after it with its tensors as swappable inputs (no adapter
+fed = the base). Attaches: LoRA, rsLoRA, rank/alpha patterns, DoRA, VeRA, LoHa (as rank r^2
+low-rank factors) and LoKr (full or low-rank factors, decompose_both), the branches that add to
+x W0^T or rescale it (Pre-Diag too, from Python: refpeft_onnx.decoder_export.attach_adapters).
+Refused (exit status 2): IA3 and OFT, which scale or rotate the layer's input the graph's MatMul
+already consumed (export them with `refpeft export`), merged-only methods (BOFT, SORA), prompt
+learning, adapters that train base biases, modules_to_save or trainable tokens. Writes
+OUT_DIR/model.onnx, OUT_DIR/adapters/NAME.onnx_adapter and copies the files beside MODEL.onnx
+(genai_config.json, the tokenizer), after ONNX Runtime's logits with each adapter agree with refpeft's float64 reference
 within the bound for the graph's dtype; nothing is written otherwise (exit status 2).
 """
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from refpeft.conformance.families import Case
 from refpeft.conformance.bf16_families import bf16_layer_cases
+from refpeft.conformance.bottleneck_families import bottleneck_cases
 from refpeft.conformance.config_families import adapter_config_cases
 from refpeft.conformance.fusion_families import fusion_cases
 from refpeft.conformance.method_families import method_cases
@@ -83,8 +84,10 @@ def _dora_vera() -> list[Case]:
 
 
 def _export() -> list[Case]:
-    """Exported graphs (ONNX Runtime runs them): merged and unmerged LoRA, DoRA, VeRA, NF4 bases."""
+    """Exported graphs (ONNX Runtime runs them): merged and unmerged LoRA, DoRA, VeRA, NF4 bases, and
+    each further branch kind (refpeft_onnx.branches): IA3 on either side, OFT, LoKr, Pre-Diag."""
     sizes = {"batch": [2, 3], "k": 64, "d": 32, "r": 4}
+    unranked = {key: v for key, v in sizes.items() if key != "r"}
     variants = [
         ("lora-merged", {"method": "lora", "form": "merged", "alpha": 8.0, "bias": True}),
         ("lora-unmerged", {"method": "lora", "form": "unmerged", "alpha": 8.0, "bias": True}),
@@ -97,8 +100,21 @@ def _export() -> list[Case]:
         ("qlora-nf4-standard-unmerged", {"method": "lora", "form": "unmerged", "alpha": 8.0, "nf4_blocksize": 64,
                                          "nf4_ops": "standard"}),
     ]
-    return [Case(f"export-{label}-float32", "export_forward", "float32", 600 + i, sizes, options)
-            for i, (label, options) in enumerate(variants)]
+    cases = [Case(f"export-{label}-float32", "export_forward", "float32", 600 + i, sizes, options)
+             for i, (label, options) in enumerate(variants)]
+    branches = [   # (label, sizes, options): the kinds past low-rank, unmerged (their branch) and merged
+        ("ia3-output", unranked, {"method": "ia3", "feedforward": False, "bias": True}),
+        ("ia3-input", unranked, {"method": "ia3", "feedforward": True, "bias": True}),
+        ("oft", {**unranked, "block_size": 8}, {"method": "oft", "bias": True}),
+        ("lokr", {**sizes, "r": 2}, {"method": "lokr", "alpha": 4.0, "bias": True}),
+        ("lokr-decompose-both", {**sizes, "r": 2}, {"method": "lokr", "alpha": 4.0, "decompose_both": True}),
+        ("prediag", sizes, {"method": "prediag", "alpha": 8.0, "bias": True}),
+    ]
+    for seed, (label, s, options) in enumerate(branches, start=620):
+        for form in ("unmerged", "merged"):
+            cases.append(Case(f"export-{label}-{form}-float32", "export_forward", "float32", seed, s,
+                              {**options, "form": form}))
+    return cases
 
 
 def _qlora() -> list[Case]:
@@ -172,4 +188,4 @@ def _quant() -> list[Case]:
     return cases
 
 
-CASES: tuple[Case, ...] = tuple(_lora() + _dora_vera() + _qlora() + bf16_layer_cases() + method_cases() + _fusion() + fusion_cases() + _export() + _multi_adapter() + moe_lora_cases() + adapter_config_cases() + model_lora_cases() + _adam() + _quant())
+CASES: tuple[Case, ...] = tuple(_lora() + _dora_vera() + _qlora() + bf16_layer_cases() + method_cases() + bottleneck_cases() + _fusion() + fusion_cases() + _export() + _multi_adapter() + moe_lora_cases() + adapter_config_cases() + model_lora_cases() + _adam() + _quant())

@@ -14,9 +14,10 @@ A family turns a `Case` (sizes, options, dtype, seed) into `Vectors`:
   the manifest records so no implementation has to re-derive them.
 These families say where they depart from this: `fusion_cat` (its factors are elementwise, computed
 on plain NumPy), `export_forward` (its bounds come from the exporter's own `graph_bound`, rounded
-up to 20 significant bits; see `round_up`), the `*_bf16_*` families (expected values in PEFT's
-bfloat16 rounding order; refpeft.conformance.bf16_families) and the other fusion families (plain
-NumPy; `fusion_svd`'s bound a perturbation bound; refpeft.conformance.fusion_families).
+up to 20 significant bits, see `round_up`; refpeft.conformance.export_families), the `*_bf16_*`
+families (expected values in PEFT's bfloat16 rounding order; refpeft.conformance.bf16_families)
+and the other fusion families (plain NumPy; `fusion_svd`'s bound a perturbation bound;
+refpeft.conformance.fusion_families).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ import numpy as np
 from refpeft import tolerance
 from refpeft.conformance.batch_families import SUMMARY as MULTI_ADAPTER_SUMMARY, multi_adapter_vectors
 from refpeft.conformance.bf16_families import FAMILIES as BF16_FAMILIES, bfloat16_values as bfloat16
+from refpeft.conformance.bottleneck_families import FAMILIES as BOTTLENECK_FAMILIES
 from refpeft.conformance.case import Case, Family, Vectors, draw, exact_inputs, plain_results
 from refpeft.conformance.config_families import SUMMARY as ADAPTER_CONFIG_SUMMARY, adapter_config_vectors
 from refpeft.conformance.exact import exact_array, plain
+from refpeft.conformance.export_families import SUMMARY as EXPORT_SUMMARY, export_forward_vectors
 from refpeft.conformance.fusion_families import FUSION_FAMILIES
 from refpeft.conformance.method_families import METHOD_FAMILIES
 from refpeft.conformance.model_families import SUMMARY as MODEL_LORA_SUMMARY, model_lora_vectors
@@ -39,7 +42,6 @@ from refpeft.conformance.moe_families import BACKWARD as MOE_BACKWARD, FORWARD a
 from refpeft.conformance.optim_quant_families import absmax_tensors, adam_step_vectors, dequantize_4bit_vectors, \
     quant_weight, quantize_4bit_vectors
 from refpeft.errors import ConfigError
-from refpeft.methods import method_spec
 from refpeft.methods.linear import dropout_mask
 from refpeft.methods.lora import lora_backward, lora_backward_bound, lora_forward, lora_forward_bound, lora_merge, \
     lora_merge_bound, lora_scaling, lora_unmerge
@@ -314,56 +316,6 @@ def round_up(bound: np.ndarray, *, bits: int = 20) -> np.ndarray:
     return np.ldexp(np.ceil(mantissa * 2.0**bits) / 2.0**bits, exponent)
 
 
-def export_adapter(inputs: dict[str, np.ndarray], options: dict[str, Any]):
-    """The one-layer stack and refpeft Adapter an export case describes (the exporter's own types)."""
-    from refpeft.adapter import Adapter, ModuleAdapter
-    from refpeft_onnx.nf4 import quantize_stack
-    from refpeft_onnx.stack import single_layer
-
-    stack = single_layer(inputs["W0"], inputs.get("bias"))
-    if options.get("nf4_blocksize"):   # stored as bitsandbytes would (CUDA semantics, double quantised)
-        stack = quantize_stack(stack, blocksize=options["nf4_blocksize"], double_quant=True)
-    spec = method_spec(options["method"])
-    module = ModuleAdapter(spec.name, {name: inputs[name] for name in spec.tensors},
-                           alpha=options.get("alpha", 8.0), rslora=options.get("rslora", False))
-    return stack, Adapter({"linear": module}, **{name: inputs[name] for name in spec.shared})
-
-
-def export_forward_vectors(case: Case) -> Vectors:
-    """y of refpeft_onnx's exported graph (merged or unmerged; NF4 base via MatMulBnb4 or standard ops).
-
-    The expected y is the adapter's forward on the layer's weight (for an NF4 base its dequantised
-    weight, exactly what the graph multiplies by), computed exactly; the bound is the graph's own
-    (refpeft_onnx.verify.graph_bound: merged weights and initializers rounded to float32 once).
-    """
-    from refpeft_onnx.verify import graph_bound
-
-    o = case.options
-    method = o["method"]
-    inputs = EXPORT_INPUTS[method](case)
-    if o.get("nf4_blocksize"):
-        inputs["W0"] = quant_weight(Case(case.name, case.family, "float32", case.seed,
-                                         {"shape": [case.sizes["d"], case.sizes["k"]]},
-                                         {"blocksize": o["nf4_blocksize"], "quant_type": "nf4"}))
-    stack, adapter = export_adapter(inputs, o)
-    layer, module = stack.layers[0], adapter.modules["linear"]
-    e = exact_inputs({**inputs, "W": layer.weight})       # W: the float weight the graph multiplies by
-    exact_module = module.replace(**{name: e[name] for name in module.tensors})
-    y, _ = module.spec.forward(e["x"], e["W"], exact_module, shared={n: e[n] for n in module.spec.shared},
-                               bias=e.get("bias"))
-    bound = graph_bound(stack, adapter, inputs["x"], form=o["form"], dtype=case.dtype, nf4_ops=o.get("nf4_ops", "bnb4"))
-    parameters = {"scaling": module.scaling} if module.spec.scaled else {}
-    return Vectors(inputs, plain_results({"y": y}), {"y": round_up(np.asarray(bound, dtype=np.float64))}, parameters)
-
-
-# The inputs each method's export case draws (the same draws as its forward cases).
-EXPORT_INPUTS = {
-    "lora": lambda case: _lora_inputs(case, with_dy=False)[0],
-    "dora": lambda case: _dora_inputs(case, with_dy=False)[0],
-    "vera": lambda case: _vera_inputs(case, with_dy=False),
-}
-
-
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("lora_forward", "lora", "y = x W0^T + b + s * ((x * dropout_mask) A^T) B^T", lora_forward_vectors),
     Family("lora_backward", "lora", "dx, dA, dB (and dbias when a bias is given) of sum(y * dy), y as lora_forward",
@@ -381,6 +333,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("vera_merge", "vera", "W = W0 + (lambda_b vera_B)(lambda_d vera_A), in W0's layout", vera_merge_vectors),
     *BF16_FAMILIES,
     *METHOD_FAMILIES,
+    *BOTTLENECK_FAMILIES,
     Family("qlora_forward", "qlora", "y = bf16(bf16(x W0^T + b) + bf16(((x A^T) B^T) * s)), W0 = bf16(dequantised "
            "4-bit base), adapters float32 (bitsandbytes Linear4bit + PEFT)", qlora_vectors),
     Family("qlora_backward", "qlora", "dx (bf16), dA, dB (float32) of sum(y * dy), y as qlora_forward without bias",
@@ -389,9 +342,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "(A_i * w_i) * s_i stacked, B = columns B_i stacked (fused alpha = total rank, scaling 1)",
            fusion_cat_vectors),
     *FUSION_FAMILIES,
-    Family("export_forward", "export", "y of refpeft_onnx's exported one-layer graph (options: method, form "
-           "merged/unmerged, NF4 base); the expected y is the adapter's exact forward", export_forward_vectors,
-           requires=("refpeft_onnx", "onnx")),
+    Family("export_forward", "export", EXPORT_SUMMARY, export_forward_vectors, requires=("refpeft_onnx", "onnx")),
     Family("multi_adapter_bgmv", "multi_adapter", "BGMV layout (token_slots): " + MULTI_ADAPTER_SUMMARY,
            multi_adapter_vectors),
     Family("multi_adapter_sgmv", "multi_adapter", "SGMV layout (segment_starts, segment_slots): "
