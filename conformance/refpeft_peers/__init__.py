@@ -20,7 +20,7 @@ from refpeft.conformance.report import Runner
 
 __all__ = ["RUNNER_MODULES", "NotInstalled", "Runner", "load_runners", "require"]
 
-RUNNER_MODULES = ("refpeft_self", "peft_torch", "bitsandbytes_cpu", "onnxruntime")
+RUNNER_MODULES = ("refpeft_self", "peft_torch", "bitsandbytes_cpu", "onnxruntime", "adapters_library")
 
 
 class NotInstalled(Exception):

@@ -5,21 +5,28 @@ virtual environment of its own (conformance/requirements-adapters.txt) and this 
 a script, never imported by refpeft or the tests:
 
     $REFPEFT_ADAPTERS_PYTHON adapters_bottleneck.py JOB_DIR [JOB_DIR ...]
+    $REFPEFT_ADAPTERS_PYTHON adapters_bottleneck.py --serve
 
 Each JOB_DIR (one process runs them all: torch imports once) holds request.json and
-inputs.safetensors (no pickles either way):
+inputs.safetensors (no pickles either way); with --serve the process reads one JOB_DIR per line
+from stdin and answers each with one line on stdout starting with REPLY: "ok", or "error" and the
+exception (refpeft_peers.adapters_library keeps one such process for a whole report):
 
-    request.json   {"mode": "layer" | "model", "architecture": "seq_bn" | "double_seq_bn",
+    request.json   {"mode": "layer" | "block" | "model", "architecture": "seq_bn" | "double_seq_bn",
                     "options": {BnConfig fields}, "llama": {LlamaConfig fields},
-                    "module": "model.layers.0.output_adapters"   (mode "layer")}
-    inputs         the base's tensors by transformers' names, the adapter's by refpeft's names
-                   (the library's less "adapters.<name>."), and for mode "layer" o, r, dy (b, s, H),
-                   for mode "model" ids, attention_mask, labels (b, s)
+                    "module": "model.layers.0.output_adapters"   (modes "layer", "block"),
+                    "dtype": "float64" (default) | "float32"}
+    inputs         the base's tensors by transformers' names (not in mode "block"), the adapter's by
+                   refpeft's names (the library's less "adapters.<name>."), and for modes "layer" and
+                   "block" o, r and optionally dy (b, s, H), for mode "model" ids, attention_mask, labels (b, s)
 
 and gets outputs.safetensors and peer.json (the library's own config dict for the adapter,
 the versions, the adapter tensor names it made). Mode "layer": the adapter layer's output
 y = layer(o, r) as the decoder layer calls it (`BottleneckLayer.forward(o, r, None)`), do, dr and
-the adapter's gradients of sum(y * dy). Mode "model": logits, the float64 shifted cross-entropy
+the adapter's gradients of sum(y * dy) (forward only without dy). Mode "block" is mode "layer"
+on a model whose base weights are left at their random init (the layer never reads them), in the
+request's dtype, with only the named module's adapter tensors given.
+Mode "model": logits, the float64 shifted cross-entropy
 (transformers' loss upcasts to float32, so it is computed here in float64 with torch's
 cross_entropy, ignore_index -100, mean) and the adapter's gradients of that loss; transformers
 runs with its float32 casts removed (refpeft_peers.transformers_float64, beside this file; the
@@ -57,20 +64,24 @@ def _peer_name(name: str) -> str:
 
 
 def _build(request: dict, inputs: dict, f64) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
+    dtype = getattr(torch, request.get("dtype", "float64"))
     config = transformers.LlamaConfig(**request["llama"], attn_implementation="eager")
-    model = transformers.LlamaForCausalLM(config).to(torch.float64).eval()
-    base = {n: t for n, t in inputs.items() if n in model.state_dict()}
-    missing, unexpected = model.load_state_dict(base, strict=False)
-    assert not missing and not unexpected, (missing, unexpected)
-    f64.float64_inv_freq(model, "llama")
+    model = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    block = request["mode"] == "block"
+    if not block:
+        base = {n: t for n, t in inputs.items() if n in model.state_dict()}
+        missing, unexpected = model.load_state_dict(base, strict=False)
+        assert not missing and not unexpected, (missing, unexpected)
+        f64.float64_inv_freq(model, "llama")
     adapters.init(model)
     bn = adapters.AdapterConfig.load(request["architecture"], **request.get("options", {}))
     model.add_adapter(NAME, config=bn)
     model.train_adapter(NAME)                               # freezes the base, activates the adapter
-    model.to(torch.float64).eval()
+    model.to(dtype).eval()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     given = {n: t for n, t in inputs.items() if "_adapters." in n}
-    assert {_peer_name(n) for n in given} == set(params), (sorted(given), sorted(params))
+    names = {_peer_name(n) for n in given}
+    assert names <= set(params) if block else names == set(params), (sorted(given), sorted(params))
     with torch.no_grad():
         for n, t in given.items():
             params[_peer_name(n)].copy_(t)
@@ -83,13 +94,15 @@ def run_job(job: Path) -> None:
     f64 = _float64_patch()
     model, params = _build(request, inputs, f64)
     out = {}
-    if request["mode"] == "layer":
+    if request["mode"] in ("layer", "block"):
         parent, _, location = request["module"].rpartition(".")
         layer = model.get_submodule(parent)                                  # LlamaDecoderLayerWithAdapters
         o, r = (inputs[k].clone().requires_grad_(True) for k in ("o", "r"))
         y = getattr(layer, location)(o, r, None)
-        (y * inputs["dy"]).sum().backward()
-        out.update(y=y.detach(), do=o.grad, dr=r.grad)
+        out["y"] = y.detach()
+        if "dy" in inputs:
+            (y * inputs["dy"]).sum().backward()
+            out.update(do=o.grad, dr=r.grad)
     else:
         with f64.float64_transformers("llama"):
             saved = adapters_llama.eager_attention_forward
@@ -113,6 +126,22 @@ def run_job(job: Path) -> None:
                      "torch": torch.__version__}}, indent=1))
 
 
+REPLY = "refpeft-adapters-job:"
+
+
+def serve(lines, out) -> None:
+    """Run the job folder named on each line; answer REPLY ok, or REPLY error and the exception."""
+    for line in lines:
+        try:
+            run_job(Path(line.strip()))
+            print(f"{REPLY} ok", file=out, flush=True)
+        except Exception as exc:  # reported to the runner, which reports the case as an error
+            print(f"{REPLY} error {type(exc).__name__}: {exc}".replace("\n", " "), file=out, flush=True)
+
+
 if __name__ == "__main__":
-    for folder in sys.argv[1:]:
-        run_job(Path(folder))
+    if sys.argv[1:] == ["--serve"]:
+        serve(sys.stdin, sys.stdout)
+    else:
+        for folder in sys.argv[1:]:
+            run_job(Path(folder))

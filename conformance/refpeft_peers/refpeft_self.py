@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from refpeft.conformance.bf16_families import FAMILIES as BF16_FAMILIES, bf16_layer_results
+from refpeft.conformance.bottleneck_families import FAMILIES as BOTTLENECK_FAMILIES, bottleneck_results
 from refpeft.conformance.check import Unsupported
 from refpeft.conformance.fusion_families import FUSION_FAMILIES
 from refpeft.conformance.method_families import METHOD_FAMILIES, manifest_case, method_results
@@ -216,6 +217,8 @@ HANDLERS = {
     **{family.name: bf16_layer_results for family in BF16_FAMILIES},
     **{family.name: lambda manifest, inputs: method_results(manifest_case(manifest), inputs)
        for family in METHOD_FAMILIES},
+    **{family.name: lambda manifest, inputs: bottleneck_results(manifest_case(manifest), inputs)
+       for family in BOTTLENECK_FAMILIES},
     **{family.name: _fusion_combination for family in FUSION_FAMILIES},
 }
 

@@ -55,7 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="vectors directory (default: conformance/vectors when present, else generated afresh)")
     r.add_argument("--case", action="append", metavar="NAME", help="only this case (repeatable)")
     r.add_argument("--runner", action="append", metavar="MODULE",
-                   help="only this runner module (refpeft_self, peft_torch, bitsandbytes_cpu, onnxruntime; repeatable)")
+                   help="only this runner module (refpeft_self, peft_torch, bitsandbytes_cpu, onnxruntime, "
+                        "adapters_library; repeatable)")
     r.set_defaults(func=run_report)
     o = sub.add_parser("onnx", help="check an ONNX decoder + .onnx_adapter against the PEFT adapter they represent",
                        description="Run MODEL.onnx with ADAPTER.onnx_adapter's tensors as inputs in ONNX Runtime on "

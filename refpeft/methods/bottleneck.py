@@ -47,6 +47,26 @@ over W0), and a bottleneck adapter adapts none; it adds a module to the residual
 prompt tuning adds tokens, so it is a model-level method (refpeft.model.bottleneck_adapters puts
 it into the decoder). Not mergeable: f is non-linear, so A(u) folds into no weight.
 
+Error bounds (`block_forward_bound`, `block_backward_bound`, `preactivation_bound`) follow
+refpeft.tolerance's algebra through the steps above, and add one rule per non-linearity for f and f'
+evaluated at a computed z_hat (|z_hat - z| <= e):
+
+    |f_hat(z_hat) - f(z)| <= |f'(z)| e + (sup |f''| / 2) e^2 + rho_f (|f(z)| + that)     (Taylor, then evaluation)
+
+exp and tanh are taken to be evaluated with relative error <= c u, c = FUNCTION_ERROR_UNITS = 4
+(2 ulp: SLEEF's u10 kernels, which torch's CPU float32 sigmoid / silu / tanh call, and glibc's and
+NumPy's exp are within 1 ulp). The sigmoid is 1 / (1 + e) or e / (1 + e) with e = exp(-|z|) or
+exp(-z) (refpeft's form and torch's), so rho_sig = (1 + c u)(1 + u) / ((1 - c u)(1 - u)) - 1 covers both
+(one exp in the numerator, one in the sum, one division); swish is z * sig(z) or z / (1 + exp(-z))
+(torch's silu), a product of two bounded quantities (`tolerance.multiply`). sup |sig''| = 1 / (6 sqrt 3),
+sup |tanh''| = 4 / (3 sqrt 3); rho_tanh = c u. The sigmoid's relative rule needs exp(-|z|) and
+|z| exp(-|z|) to stay normal numbers: for |z| + e above half of -log(smallest normal) (43.7 in float32)
+there is no bound (ConfigError). relu is exact at a computed z_hat and 1-Lipschitz: error e where z > -e, 0
+where z < -e (the computed z_hat is negative too); its slope [z > 0] is exact where |z| > e and
+may be either 0 or 1 elsewhere (error 1): a case that keeps every |z| above `preactivation_bound`
+(the conformance cases do) has exact slopes. f'(z) = sig (1 + z (1 - sig)) for swish and 1 - t^2 for
+tanh are composed from the bounded sig and t with the algebra's product and sum rules.
+
 Supported options are the two configs' defaults and what changes no formula above (reduction
 factor, relu / swish / silu / tanh, a constant scaling, leave_out, the two placements, bert or
 mam_adapter init); `bottleneck_config` refuses the rest by name (layer norms, gating, parallel
@@ -66,6 +86,8 @@ from refpeft.errors import ConfigError, ShapeError
 from refpeft.init import kaiming_uniform_bound, normal, uniform
 from refpeft.methods.linear import flatten_rows
 from refpeft.model.mlp import _sigmoid as sigmoid
+from refpeft.tolerance import (Bounded, Precision, add, exact, matmul, multiply, row_sum, rows, scale, subtract,
+                               transpose, with_reference)
 
 # The adapters library's tensor names for each of the four tensors.
 TENSORS = {"W_down": "adapter_down.0.weight", "b_down": "adapter_down.0.bias",
@@ -251,6 +273,99 @@ def parameter_count(hidden: int, config: BottleneckConfig) -> int:
     """Trainable entries of one adapter: 2 m H + m + H."""
     m = bottleneck_size(hidden, config)
     return 2 * m * hidden + m + hidden
+
+
+# --- error bounds (composed from refpeft.tolerance's algebra; module docstring) -------------------
+
+FUNCTION_ERROR_UNITS = 4                        # exp and tanh: relative error <= 4 u (2 ulp)
+SIGMOID_CURVATURE = 1.0 / (6.0 * math.sqrt(3.0)) * (1.0 + 1e-12)   # sup |sig''|, rounded up
+TANH_CURVATURE = 4.0 / (3.0 * math.sqrt(3.0)) * (1.0 + 1e-12)      # sup |tanh''|, rounded up
+
+
+def _evaluated(value: Any, slope: Any, curvature: float, rho: float, Z: Bounded) -> Bounded:
+    """f(z_hat) evaluated with relative error rho: |f'(z)| e + (curvature / 2) e^2, then rho of the moved value."""
+    xp = namespace(value)
+    moved = xp.abs(slope) * Z.error + 0.5 * curvature * Z.error * Z.error
+    return Bounded(value, moved + rho * (xp.abs(value) + moved))
+
+
+def _sigmoid_bounded(Z: Bounded, p: Precision) -> Bounded:
+    """sig(z_hat) as 1 / (1 + e) or e / (1 + e) (module docstring); ConfigError where exp may leave the normal range."""
+    xp = namespace(Z.value)
+    limit = -0.5 * math.log(float(np.finfo(p.storage if p.storage != "bfloat16" else "float32").tiny))
+    if bool(xp.any(xp.abs(Z.value) + Z.error > limit)):
+        raise ConfigError(f"no rounding bound for the sigmoid in {p.storage} where |z| exceeds {limit:.1f} (exp(-|z|) "
+                          f"leaves the normal range); the largest |z| here is {float(xp.max(xp.abs(Z.value))):.4g}")
+    sig = sigmoid(Z.value, xp=xp)
+    c = FUNCTION_ERROR_UNITS * p.u
+    rho = (1.0 + c) * (1.0 + p.u) / ((1.0 - c) * (1.0 - p.u)) - 1.0
+    return _evaluated(sig, sig * (1.0 - sig), SIGMOID_CURVATURE, rho, Z)
+
+
+def _activation_bounded(Z: Bounded, name: str, p: Precision) -> tuple[Bounded, Bounded]:
+    """f(z) and f'(z) as computed from z_hat (module docstring's rules)."""
+    xp = namespace(Z.value)
+    one = exact(xp.ones_like(Z.value))
+    if name == "relu":
+        zero = xp.zeros_like(Z.value)
+        a = Bounded(xp.maximum(Z.value, zero), xp.where(Z.value < -Z.error, zero, Z.error))
+        slope = Bounded(xp.astype(Z.value > 0, Z.value.dtype), xp.where(xp.abs(Z.value) > Z.error, zero, zero + 1.0))
+        return a, slope
+    if name in ("swish", "silu"):
+        S = _sigmoid_bounded(Z, p)
+        return multiply(Z, S, p), multiply(S, add(one, multiply(Z, subtract(one, S, p), p), p), p)
+    t = xp.tanh(Z.value)
+    T = _evaluated(t, 1.0 - t * t, TANH_CURVATURE, FUNCTION_ERROR_UNITS * p.u, Z)
+    return T, subtract(one, multiply(T, T, p), p)
+
+
+def _block_chain(o: Any, r: Any, params: BottleneckParams, config: BottleneckConfig,
+                 p: Precision) -> dict[str, Bounded]:
+    """Forward intermediates with their errors, rows flattened: u, z, a, f'(z), e (the block's output)."""
+    R = rows(exact(r))
+    U = add(rows(exact(o)), R, p) if config.original_ln_before else rows(exact(o))          # (n, H)
+    Z = matmul(U, transpose(exact(params.W_down)), p, bias=exact(params.b_down))          # (n, m)
+    A, slope = _activation_bounded(Z, config.non_linearity, p)
+    up = matmul(A, transpose(exact(params.W_up)), p, bias=exact(params.b_up))            # (n, H), then * s
+    Y = add(U, scale(up, config.scaling, p), p)
+    return {"u": U, "z": Z, "a": A, "slope": slope, "e": Y if config.original_ln_before else add(Y, R, p)}
+
+
+def preactivation_bound(o: Any, r: Any, params: BottleneckParams, config: BottleneckConfig, *,
+                        dtype: str = "float32") -> Any:
+    """Per-element bound on |z_peer - z_refpeft|, z = u W_down^T + b_down, rows flattened (n, m): a
+    relu case whose every |z| exceeds it has the same kink side (and slope) in every implementation."""
+    return with_reference(lambda p: _block_chain(o, r, params, config, p)["z"], Precision(dtype))
+
+
+def block_forward_bound(o: Any, r: Any, params: BottleneckParams, config: BottleneckConfig, *,
+                        dtype: str = "float32", accumulation: str | None = None, model: str = "rigorous") -> Any:
+    """Per-element bound on |e_peer - e_refpeft| of `block_forward` (shape of o), the inputs exact in `dtype`."""
+    bound = with_reference(lambda p: _block_chain(o, r, params, config, p)["e"], Precision(dtype, accumulation, model))
+    return namespace(bound).reshape(bound, tuple(o.shape))
+
+
+def block_backward_bound(de: Any, o: Any, r: Any, params: BottleneckParams, config: BottleneckConfig, *,
+                         dtype: str = "float32", accumulation: str | None = None,
+                         model: str = "rigorous") -> dict[str, Any]:
+    """Per-element bounds on do, dr and the four gradients ("W_down", ...) of `block_backward`.
+
+    The scaling may be applied to dy first (autograd) or to the products (matmul's rule covers both);
+    Houlsby's dr = de is exact (bound 0)."""
+    s = config.scaling
+
+    def chain(p: Precision) -> dict[str, Bounded]:
+        f = _block_chain(o, r, params, config, p)
+        dy = rows(exact(de))                                                                  # (n, H)
+        dz = multiply(matmul(dy, exact(params.W_up), p, scale=s), f["slope"], p)              # (n, m)
+        du = add(dy, matmul(dz, exact(params.W_down), p), p)                                  # (n, H)
+        return {"do": du, "dr": du if config.original_ln_before else dy,
+                "W_up": matmul(transpose(dy), f["a"], p, scale=s), "b_up": row_sum(scale(dy, s, p), p),
+                "W_down": matmul(transpose(dz), f["u"], p), "b_down": row_sum(dz, p)}
+
+    bounds = with_reference(chain, Precision(dtype, accumulation, model))
+    xp = namespace(bounds["do"])
+    return {**bounds, "do": xp.reshape(bounds["do"], tuple(o.shape)), "dr": xp.reshape(bounds["dr"], tuple(o.shape))}
 
 
 # --- helpers --------------------------------------------------------------------------------------
