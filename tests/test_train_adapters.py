@@ -63,8 +63,8 @@ def test_unknown_targets_are_refused():
         select_targets(base, ["q_proj", "qkv_proj"])
     with pytest.raises(ConfigError, match="matches no linear layer path"):
         select_targets(base, r"layers\.7\..*")
-    with pytest.raises(ConfigError, match="unsupported adapter method 'boft'"):
-        new_adapter(base, method="boft", targets=["q_proj"])
+    with pytest.raises(ConfigError, match="unsupported adapter method 'sora'"):
+        new_adapter(base, method="sora", targets=["q_proj"])
     with pytest.raises(ConfigError, match="vera shares its projections across layers, so it has one rank"):
         new_adapter(base, method="vera", targets=["q_proj"], rank_pattern={"q_proj": 2})
     with pytest.raises(ConfigError, match=r"pattern key '\('.* is not a valid regular expression"):

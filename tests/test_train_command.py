@@ -142,7 +142,7 @@ def test_full_fine_tuning_on_packed_text(base_folder, tmp_path):
 @pytest.mark.parametrize("change, message", [
     (("--data", "missing.jsonl"), "--data missing.jsonl: no such file"),
     (("--targets", "q_proj,qkv_proj"), "target 'qkv_proj' matches no linear layer"),
-    (("--method", "boft"), "unsupported adapter method 'boft'"),
+    (("--method", "sora"), "unsupported adapter method 'sora'"),
     (("--data", "BAD"), "bad.jsonl: line 2: expected 'messages', or 'instruction' and 'output'"),
     (("--resume",), "has no checkpoint to continue from"),
     (("--dtype", "float16"), "--dtype must be float32 or float64"),

@@ -39,6 +39,14 @@ save_pretrained(path_initial_model_for_weight_conversion=...) converts it. --ini
 for a 4-bit base and needs --nf4: the adapted layers are LoftQ's NF4 weights, and the rank-r
 adapter is written for the LoftQ base, saved in OUTPUT_DIR/loftq_base (refpeft.train.base_init).
 
+--method loha, lokr, oft or boft trains PEFT's LoHa, LoKr, OFT or BOFT adapter (--rank is r, or
+OFT's / BOFT's block size; LoKr takes --decompose-both and --decompose-factor; BOFT has one
+butterfly factor). --method adalora trains PEFT's AdaLoRA: --rank init_r triplets per layer, the
+orthogonality term --orth-reg-weight added to the loss, and after every step PEFT's
+update_and_allocate prunes them towards --target-r by importance (--tinit, --tfinal, --delta-t,
+--beta1, --beta2; total_step = --steps); the folder holds the final rank_pattern
+(refpeft.train.adalora_training). An AdaLoRA run is not checkpointed (no --save-every, --resume).
+
 --method prompt, p-tuning or prefix trains --virtual-tokens virtual tokens on the frozen base
 (PEFT's PROMPT_TUNING, P_TUNING with --encoder mlp|lstm, PREFIX_TUNING with --projection) and
 writes PEFT's folder of the method: the virtual tokens (or per-layer keys and values) themselves.
@@ -59,12 +67,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT_DIR", help="folder for the adapter and checkpoints")
     a = p.add_argument_group("what to train")
     a.add_argument("--method", default="lora",
-                   help="lora, rslora, dora, vera, ia3, loha, lokr, oft, boft, full, trainable-tokens, or prompt, "
-                        "p-tuning, prefix (default lora)")
+                   help="lora, rslora, dora, vera, ia3, loha, lokr, oft, boft, adalora, full, trainable-tokens, or "
+                        "prompt, p-tuning, prefix (default lora)")
     a.add_argument("--targets", default="q_proj,v_proj",
                    help="comma-separated layer names as PEFT's target_modules, or all-linear (default q_proj,v_proj)")
     a.add_argument("--rank", type=int, default=8,
-                   help="rank r; for oft and boft the block size (PEFT's oft_block_size / boft_block_size) (default 8)")
+                   help="rank r; for oft and boft the block size (PEFT's oft_block_size / boft_block_size), for "
+                        "adalora init_r (default 8)")
     a.add_argument("--alpha", type=float, default=16.0,
                    help="alpha; scaling alpha / r, rsLoRA alpha / sqrt(r) (default 16)")
     a.add_argument("--rank-pattern", default="", metavar="KEY=R,...", help="per-module ranks, PEFT's rank_pattern")
@@ -86,6 +95,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="lokr: the Kronecker factorisation's factor, PEFT's decompose_factor (default -1: balanced)")
     a.add_argument("--nf4", action="store_true",
                    help="QLoRA: store every projection as bitsandbytes' NF4 (block 64, double quantised) under the adapter")
+    d = p.add_argument_group("AdaLoRA (--method adalora; PEFT's AdaLoraConfig, total_step = --steps)")
+    d.add_argument("--target-r", type=int, default=8, help="the average rank the budget prunes to (default 8)")
+    d.add_argument("--tinit", type=int, default=0, help="steps before pruning starts (default 0)")
+    d.add_argument("--tfinal", type=int, default=0, help="final steps at the final rank pattern (default 0)")
+    d.add_argument("--delta-t", type=int, default=1, help="steps between two allocations, PEFT's deltaT (default 1)")
+    d.add_argument("--beta1", type=float, default=0.85, help="sensitivity smoothing (default 0.85)")
+    d.add_argument("--beta2", type=float, default=0.85, help="uncertainty smoothing (default 0.85)")
+    d.add_argument("--orth-reg-weight", type=float, default=0.5,
+                   help="weight of the orthogonality term added to the loss (default 0.5)")
     v = p.add_argument_group("prompt learning (--method prompt, p-tuning, prefix; refpeft.train.prompt_learning)")
     v.add_argument("--virtual-tokens", type=int, default=8, metavar="K", help="virtual tokens k (default 8)")
     v.add_argument("--prompt-init", default="random",
@@ -174,16 +192,21 @@ def run(args: argparse.Namespace) -> int:
     if args.init is not None:
         model, initial = _rewrite_base(model, args, original=weights)
     check_adapter_targets(model)
+    adalora = _adalora_training(model, args, output)
     dataset = read_dataset(args.data, tokenizer, block_size=args.block_size)
     forgetting, held_out = forgetting_settings(args, model, tokenizer)
     state = resume(output, model, config, data_fingerprint=dataset.fingerprint()) if args.resume else None
     final, last = _train_with_progress(model, dataset, config, state=state, output=output, args=args,
-                                       forgetting=forgetting)
+                                       forgetting=forgetting, adalora=adalora)
     if final.step < config.steps:
         print(f"stopped after step {final.step} of {config.steps}; checkpoint in {latest_checkpoint(output)} "
               "(--resume continues)")
         return 0
-    print(_write_result(final.model, output, source=args.base, init=args.init, initial=initial, original=weights))
+    if adalora is not None:
+        print(_write_adalora_result(final, output, adalora, source=args.base))
+    else:
+        print(_write_result(final.model, output, source=args.base, init=args.init, initial=initial,
+                            original=weights))
     if last is not None and len(last.terms) > 1:
         print("  last step: " + ", ".join(f"{name} {value:.4f}" for name, value in last.terms.items()))
     if held_out is not None:
@@ -286,8 +309,30 @@ def _new_adapter(base: Any, args: argparse.Namespace, tokenizer: Any) -> Any:
                                     "task_type": "CAUSAL_LM"})
 
 
+def _adalora_training(model: Any, args: argparse.Namespace, output: Path) -> Any:
+    """The AdaloraTraining of an AdaLoRA run (refpeft.train.adalora_training), None for other methods;
+    refuses the options an AdaLoRA run does not support."""
+    from refpeft.methods.adalora_allocator import AdaloraSchedule
+    from refpeft.train.adalora_training import AdaloraTraining, is_adalora
+
+    if not is_adalora(model):
+        return None
+    refused = [flag for flag, on in (("--save-every", args.save_every), ("--stop-after", args.stop_after is not None),
+                                     ("--resume", args.resume), ("--loraplus-ratio", args.loraplus_ratio is not None),
+                                     ("--nf4", args.nf4), ("--accumulation tokens", args.accumulation == "tokens"))
+               if on]
+    if refused:
+        raise ConfigError(f"--method adalora does not take {', '.join(refused)} (its allocator state is not "
+                          "checkpointed; PEFT adds its orthogonality term per micro-batch loss)")
+    if (output / "adapter_config.json").exists():
+        raise ConfigError(f"{output} already holds an adapter; choose another -o")
+    schedule = AdaloraSchedule(init_r=args.rank, target_r=args.target_r, total_step=args.steps, tinit=args.tinit,
+                               tfinal=args.tfinal, deltaT=args.delta_t, beta1=args.beta1, beta2=args.beta2)
+    return AdaloraTraining(schedule, orth_reg_weight=args.orth_reg_weight)
+
+
 def _train_with_progress(model: Any, dataset: Any, config: Any, *, state: Any, output: Path,
-                         args: argparse.Namespace, forgetting: Any) -> tuple[Any, Any]:
+                         args: argparse.Namespace, forgetting: Any, adalora: Any = None) -> tuple[Any, Any]:
     """The final state and the last step's report (None when no step ran)."""
     from tqdm import tqdm
 
@@ -301,8 +346,9 @@ def _train_with_progress(model: Any, dataset: Any, config: Any, *, state: Any, o
             bar.update(1)
             reports[:] = [report]
 
-        final = train(model, dataset, config, state=state, checkpoint_dir=output, save_every=args.save_every,
-                      stop_after=args.stop_after, progress=progress, forgetting=forgetting)
+        final = train(model, dataset, config, state=state, checkpoint_dir=output if adalora is None else None,
+                      save_every=args.save_every, stop_after=args.stop_after, progress=progress,
+                      forgetting=forgetting, adalora=adalora)
     return final, (reports[0] if reports else None)
 
 
@@ -350,6 +396,19 @@ def _write_result(model: Any, output: Path, *, source: str, init: str | None = N
             + (f"and {len(saved)} saved in full ({', '.join(saved)}) " if saved else "")
             + (f"and {rows} trainable token rows " if rows else "")
             + f"({count} trained parameters) on {source}, for PeftModel.from_pretrained" + note)
+
+
+def _write_adalora_result(final: Any, output: Path, adalora: Any, *, source: str) -> str:
+    """Write PEFT's ADALORA folder of an AdaLoRA run (refpeft.train.adalora_training); a line saying what it is."""
+    from refpeft.train.adalora_training import write_adalora_folder
+
+    write_adalora_folder(output, final.model, final.adalora, adalora)
+    modules = len(final.model.adapter.modules)
+    total = adalora.schedule.init_r * modules
+    pattern = None if final.adalora is None else final.adalora.rank_pattern
+    kept = total if pattern is None else sum(int(sum(bool(b) for b in mask)) for mask in pattern.values())
+    return (f"wrote {output}: an adalora adapter of {modules} modules, {kept} of {total} triplets kept "
+            f"(its rank_pattern), on {source}, for PeftModel.from_pretrained")
 
 
 def _base_init_result(model: Any, output: Path, *, init: str, initial: Any, original: Any) -> tuple[Any, str]:

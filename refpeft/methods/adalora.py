@@ -53,6 +53,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from refpeft.adapter import ModuleAdapter
 from refpeft.backend import check_float_array, dtype_name, namespace
 from refpeft.errors import ConfigError, ShapeError
 from refpeft.init import as_parameter, normal
@@ -338,9 +339,8 @@ def _module_branch(W0: Any, m: Any, *, shared: Any = None) -> tuple[Any, ...]:
 
 def _module_init(W0s: Mapping[str, Any], *, ranks: Mapping[str, int], alphas: Mapping[str, float], seed: int = 0,
                  generator: str = "numpy") -> tuple[dict, dict, dict]:
-    """Fresh AdaLoRA modules (E = 0, A, B ~ N(0, 0.02^2)) on the layers W0s (d, k): layer i from seeds 2i, 2i + 1."""
-    from refpeft.adapter import ModuleAdapter
-
+    """Fresh AdaLoRA modules (E = 0, A, B ~ N(0, 0.02^2)) on the layers W0s (d, k): layer i from seeds
+    seed + 2i, seed + 2i + 1."""
     if generator != "numpy":
         raise ConfigError(f"AdaLoRA's init draws from NumPy's generator only (PEFT's torch.randn stream is not "
                           f"reproduced), got generator={generator!r}")
@@ -350,7 +350,7 @@ def _module_init(W0s: Mapping[str, Any], *, ranks: Mapping[str, int], alphas: Ma
         shape = linear_shape(W0, fan_in_fan_out=False)
         tensors = adalora_init(shape.k, shape.d, ranks[path], seed=seed + 2 * i, dtype=dtype_name(W0.dtype, xp=xp),
                                xp=xp)
-        modules[path] = ModuleAdapter("adalora", dict(zip(TENSOR_NAMES, tensors)), alpha=alphas[path],
+        modules[path] = AdaloraModule("adalora", dict(zip(TENSOR_NAMES, tensors)), alpha=float(alphas[path]),
                                       rank=ranks[path])
     return modules, {}, {}
 
@@ -373,3 +373,16 @@ ADALORA = Method(
     parameter_count=lambda k, d, m: adalora_parameter_count(k, d, m.r),
     branch_values=_module_branch, init_modules=_module_init,
 )
+
+
+class AdaloraModule(ModuleAdapter):
+    """An AdaLoRA layer: a ModuleAdapter that carries AdaLoRA's row itself (the row is not in METHODS,
+    see above), so everything that asks a module for its `spec` gets the row without a name lookup."""
+
+    @property
+    def spec(self) -> Any:
+        return ADALORA
+
+    def replace(self, **tensors: Any) -> "AdaloraModule":
+        return AdaloraModule(self.method, {**self.tensors, **tensors}, alpha=self.alpha,
+                             fan_in_fan_out=self.fan_in_fan_out, rank=self.rank)

@@ -18,6 +18,16 @@ Initialisation (PEFT's `init_lora_weights=True` and VeRA's defaults):
                    largest targeted layer (bit for bit PEFT's); lambda_d = d_initial, lambda_b = 0
     ia3            l = ones, (1, k) on layers named down_proj (PEFT's feed-forward default for these
                    decoders: input scaling), (d, 1) on the others; rank and alpha do not apply
+    loha, lokr     PEFT's init_weights=True: one factor of each product zero, the others Kaiming-uniform
+                   (refpeft.methods.loha / .lokr); LoKr's factor shapes from its init options
+                   decompose_both and decompose_factor (PEFT's LoKrConfig names)
+    oft, boft      R = I (oft_R = 0; boft_R = 0, boft_s = 1); the rank is the block size b (PEFT's
+                   oft_block_size / boft_block_size), BOFT with one butterfly factor
+    adalora        E = 0, A, B ~ N(0, 0.02^2); the rank is init_r (refpeft.train.adalora_training); no
+                   rank or alpha pattern, saved modules or token rows
+
+Method-specific init options (`init_options`) go to the row's `init_modules` by name; an option that
+the row's init does not take is refused (the table answers which options a method has).
 
 LoRA's A is drawn per module, module i (model order) from seed + i, on NumPy's generator or, with
 generator="torch-cpu", exactly as PEFT draws one fresh layer after `torch.manual_seed(seed + i)`.
@@ -45,6 +55,7 @@ starting as a copy of the base's row (PEFT's init_weights=True) and trained as
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import replace
 from typing import Any, Mapping, Sequence
@@ -53,6 +64,7 @@ from refpeft.adapter import Adapter
 from refpeft.backend import namespace
 from refpeft.errors import ConfigError
 from refpeft.methods import method_spec
+from refpeft.methods.adalora import ADALORA
 from refpeft.model.decoder import Model, dense_weight
 from refpeft.model.trainable_tokens import EMBED, LORA_KEY, TOKENS, has_tokens, tokens_init
 from refpeft.optim import AdamConfig, ParamGroup, loraplus_groups
@@ -61,12 +73,16 @@ from refpeft.patterns import matches
 from refpeft.peft_format import PREFIX, tensor_key
 from refpeft.quant.state import QuantState4bit
 from refpeft.saved_modules import check_adapter_saved, select_saved
+from refpeft.train.adalora_training import new_adalora_adapter
 from refpeft.train.prompt_learning import encoder_parameters, with_encoder
 
-# The adapters `refpeft train` makes: a training name -> (the method table's row, its init options);
-# rsLoRA is LoRA with s = alpha / sqrt(r). FULL trains every weight and has no adapter.
-TRAINING_METHODS = {"lora": ("lora", {}), "rslora": ("lora", {"rslora": True}), "dora": ("dora", {}),
-                    "vera": ("vera", {}), "ia3": ("ia3", {})}
+# The adapters `refpeft train` makes: a training name -> (its method's row, its init options); rsLoRA
+# is LoRA with s = alpha / sqrt(r). AdaLoRA's row is outside the method table (refpeft.methods.adalora):
+# its modules carry the row (refpeft.train.adalora_training). FULL trains every weight and has no adapter.
+TRAINING_METHODS = {"lora": (method_spec("lora"), {}), "rslora": (method_spec("lora"), {"rslora": True}),
+                    **{name: (method_spec(name), {})
+                       for name in ("dora", "vera", "ia3", "loha", "lokr", "oft", "boft")},
+                    "adalora": (ADALORA, {})}
 FULL = "full"
 TOKENS_ONLY = "trainable-tokens"        # no modules: only the trainable token rows (PEFT's TRAINABLE_TOKENS)
 ALL_LINEAR = "all-linear"
@@ -100,8 +116,8 @@ def new_adapter(model: Model, *, method: str, targets: Sequence[str] | str, rank
                 rank_pattern: Mapping[str, int] | None = None, alpha_pattern: Mapping[str, float] | None = None,
                 seed: int = 0, generator: str = "numpy", projection_prng_key: int = 0,
                 d_initial: float = 0.1, modules_to_save: Sequence[str] = (),
-                trainable_tokens: Sequence[int] = ()) -> Adapter:
-    """A freshly initialised adapter of `method` (lora, rslora, dora, vera) on the targeted layers,
+                trainable_tokens: Sequence[int] = (), init_options: Mapping[str, Any] | None = None) -> Adapter:
+    """A freshly initialised adapter of `method` (a TRAINING_METHODS name) on the targeted layers,
     in the dtype and namespace of the model's weights: its method's `init_modules`, with copies of
     the modules `modules_to_save` selects and the rows `trainable_tokens` names (module docstring).
     Method TOKENS_ONLY: the rows alone (targets, rank and the rest do not apply)."""
@@ -115,14 +131,19 @@ def new_adapter(model: Model, *, method: str, targets: Sequence[str] | str, rank
     if method not in TRAINING_METHODS:
         raise ConfigError(f"unsupported adapter method {method!r}; choose one of {', '.join(TRAINING_METHODS)} "
                           f"(or {FULL!r} fine-tuning)")
-    name, options = TRAINING_METHODS[method]
-    spec = method_spec(name)
+    spec, options = TRAINING_METHODS[method]
+    name = spec.name
     if rank_pattern and spec.shared:
         raise ConfigError(f"{name} shares its projections across layers, so it has one rank for all layers: "
                           "rank_pattern does not apply")
     if alpha_pattern and not spec.scaled:
         raise ConfigError(f"{name} has no alpha (no alpha / r scaling): alpha_pattern does not apply")
     paths = select_targets(model, targets)
+    if spec is ADALORA:
+        return _adalora_adapter(model, paths, rank=rank, alpha=alpha, seed=seed, generator=generator,
+                                refused={"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+                                         "modules_to_save": modules_to_save, "trainable_tokens": trainable_tokens,
+                                         "init_options": init_options})
     W0s = {p: dense_weight(model, p) for p in paths}
     ranks = {p: int(_pattern(rank_pattern, p, rank)) for p in paths}
     alphas = {p: float(_pattern(alpha_pattern, p, alpha)) for p in paths}
@@ -130,12 +151,35 @@ def new_adapter(model: Model, *, method: str, targets: Sequence[str] | str, rank
         options = {**options, "projection_prng_key": projection_prng_key, "d_initial": d_initial}
     else:
         options = {**options, "seed": seed, "generator": generator}
+    options = {**options, **_init_options(spec, init_options or {})}
     saved = saved_module_copies(model, modules_to_save)
     check_adapter_saved(paths, saved, {}, source="targets and modules_to_save")
     modules, shared, config = spec.init_modules(W0s, ranks=ranks, alphas=alphas, **options)
     if tokens and spec.peft_type != "LORA":
         raise ConfigError(f"trainable tokens go beside LoRA (PEFT's LoraConfig.trainable_token_indices), not {method}")
     return Adapter(modules, **shared, config=config, saved_modules=saved, **tokens)
+
+
+def _adalora_adapter(model: Model, paths: list[str], *, rank: int, alpha: float, seed: int, generator: str,
+                     refused: Mapping[str, Any]) -> Adapter:
+    """AdaLoRA's fresh modules (refpeft.train.adalora_training): init_r = rank on every layer, alone."""
+    given = [name for name, value in refused.items() if value]
+    if given:
+        raise ConfigError(f"adalora trains init_r triplets on each targeted layer and nothing else: "
+                          f"{', '.join(given)} do{'es' if len(given) == 1 else ''} not apply")
+    if generator != "numpy":
+        raise ConfigError(f"AdaLoRA's init draws from NumPy's generator only, got generator={generator!r}")
+    return new_adalora_adapter(model, paths, init_r=rank, alpha=alpha, seed=seed)
+
+
+def _init_options(spec: Any, init_options: Mapping[str, Any]) -> dict[str, Any]:
+    """The method-specific options for `spec.init_modules`, refusing any it does not take."""
+    accepted = inspect.signature(spec.init_modules).parameters
+    unknown = [name for name in init_options if name not in accepted or name in ("ranks", "alphas")]
+    if unknown:
+        raise ConfigError(f"{', '.join(unknown)} do{'es' if len(unknown) == 1 else ''} not apply to {spec.name} "
+                          f"(its init takes {', '.join(n for n in accepted if n not in ('W0s', 'ranks', 'alphas'))})")
+    return dict(init_options)
 
 
 def _token_rows(model: Model, indices: Sequence[int]) -> dict[str, Any]:
@@ -174,8 +218,9 @@ def trainable_parameters(model: Model) -> dict[str, Any]:
         return encoder_parameters(model)
     if model.adapter is None:
         return dict(model.weights)
-    params = {f"{path}.{name}": module.tensors[name]
-              for path, module in model.adapter.modules.items() for name in module.spec.trainable}
+    params = {f"{path}.{name}": module.tensors[name]               # LoKr: each module has some of its factors
+              for path, module in model.adapter.modules.items() for name in module.spec.trainable
+              if name in module.tensors}
     tokens = {TOKENS: model.adapter.token_values} if has_tokens(model.adapter) else {}
     return {**params, **model.adapter.saved_modules, **tokens}
 

@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ from refpeft.backend import dtype_name, from_numpy, namespace, to_numpy
 from refpeft.errors import ConfigError, FormatError
 from refpeft.io import atomic_write_bytes, read_json_object, usual_permissions
 from refpeft.model.decoder import Model
-from refpeft.model.trainable_tokens import TOKENS
 from refpeft.model.weights import load_model_folder, save_model_folder
 from refpeft.optim import ParamGroup, load_adam_state, save_adam_state
 from refpeft.peft_format import read_peft_adapter, write_peft_adapter
@@ -164,10 +163,7 @@ def _saved_parameters(folder: Path, model: Model) -> dict[str, np.ndarray]:
     if adapter.token_indices != model.adapter.token_indices:
         raise ConfigError(f"{folder}: the checkpoint trains token rows {list(adapter.token_indices)[:8]}, this run "
                           f"{list(model.adapter.token_indices)[:8]}")
-    tokens = {} if adapter.token_values is None else {TOKENS: to_numpy(adapter.token_values)}
-    return {**{f"{path}.{name}": to_numpy(module.tensors[name])
-               for path, module in adapter.modules.items() for name in module.spec.trainable},
-            **{name: to_numpy(value) for name, value in adapter.saved_modules.items()}, **tokens}
+    return {name: to_numpy(value) for name, value in trainable_parameters(replace(model, adapter=adapter)).items()}
 
 
 def _mode(model: Model) -> str:

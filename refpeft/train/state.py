@@ -3,7 +3,8 @@
 The state is everything the next step depends on, so saving it and reading it back continues a run
 exactly (refpeft.train.checkpoints): the model with its current trained tensors, the optimiser's
 moments and step counts, the number of optimiser steps taken (the schedule's t) and the number of
-examples read from the data stream (refpeft.train.data: the stream is a pure function of the seed).
+examples read from the data stream (refpeft.train.data: the stream is a pure function of the seed);
+an AdaLoRA run's allocator state too (which is not checkpointed: such a run is not resumable).
 Nothing else is random: the decoder has no dropout.
 """
 
@@ -13,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from refpeft.errors import ConfigError
+from refpeft.methods.adalora_allocator import AdaloraState
 from refpeft.model.decoder import Model
 from refpeft.optim import AdamConfig, AdamState, adamw
 from refpeft.train.gradients import check_accumulation
@@ -65,3 +67,4 @@ class TrainingState:
     adam: AdamState = field(default_factory=AdamState)
     step: int = 0                               # optimiser steps taken
     data_position: int = 0                      # examples consumed from the data stream
+    adalora: AdaloraState | None = None         # an AdaLoRA run's allocator (refpeft.train.adalora_training)
