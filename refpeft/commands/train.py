@@ -11,6 +11,8 @@ from typing import Any
 from refpeft.commands import options
 from refpeft.errors import ConfigError
 
+DEFAULT_BLOCK = 256       # --block-size when the model has at least that many positions left
+
 HELP = ("train an adapter (LoRA, rsLoRA, DoRA, VeRA, IA3, LoHa, LoKr, OFT, BOFT, AdaLoRA), virtual tokens or the "
         "full model on text or instruction data")
 
@@ -125,7 +127,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="clip the global gradient norm; 0: no clipping (default 1)")
     o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay (default 0)")
     o.add_argument("--loraplus-ratio", type=float, default=None, help="LoRA+: B matrices at lr * ratio")
-    o.add_argument("--block-size", type=int, default=256, help="tokens per text block / longest example (default 256)")
+    o.add_argument("--block-size", type=int, default=None,
+                   help="tokens per text block / longest example (default 256, or the model's positions left after "
+                        "any virtual tokens when fewer)")
     o.add_argument("--seed", type=options.seed, default=0, help="seed of the adapter's init and the data order (default 0)")
     o.add_argument("--dtype", default="float32", help="float32 or float64 (default float32)")
     k = p.add_argument_group("keeping what the base knew (refpeft.train.objective)")
@@ -153,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     from refpeft.model.decoder import Model, check_adapter_targets, quantize_linear_layers
     from refpeft.model.load import load_model
     from refpeft.train.adapters import FULL
-    from refpeft.model.prompt_methods import PROMPT_METHODS
+    from refpeft.model.prompt_methods import PROMPT_METHODS, virtual_tokens
     from refpeft.train.checkpoints import latest_checkpoint, resume
     from refpeft.train.data import read_dataset
     from refpeft.train.state import TrainingConfig
@@ -193,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
         model, initial = _rewrite_base(model, args, original=weights)
     check_adapter_targets(model)
     adalora = _adalora_training(model, args, output)
+    if args.block_size is None:
+        args.block_size = min(DEFAULT_BLOCK, model.config.max_position_embeddings - virtual_tokens(model))
     dataset = read_dataset(args.data, tokenizer, block_size=args.block_size)
     forgetting, held_out = forgetting_settings(args, model, tokenizer)
     state = resume(output, model, config, data_fingerprint=dataset.fingerprint()) if args.resume else None
