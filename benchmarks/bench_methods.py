@@ -8,10 +8,18 @@ row's `init_modules` (refpeft) and by PEFT's own config (PEFT), at the same size
     oft, boft                      block size 32 (BOFT: one butterfly factor)
 
 A step is forward then backward with a given dy (PEFT: `layer(x).backward(dy)`, x requiring a
-gradient as refpeft's dx is always computed). Times are medians of `--repeats` interleaved runs
-(measure.interleaved_medians); peak memory is each step's growth beyond set-up in a fresh process
-(measure.peak_of_one_step). Methods with no PEFT peer (Pre-Diag, SORA) are timed alone. Ratios are
-refpeft / PEFT: the target is <= 1 for both.
+gradient as refpeft's dx is always computed), and every gradient is dropped at its end (PEFT's
+`.grad`s set to None, as refpeft's returned grads are freed): no step starts from the previous
+one's gradients, so each peak counts that side's own allocations (a PEFT x.grad kept from the
+warm-up step used to be freed inside the measured step, hiding 8 MiB of PEFT's peak). Times are
+medians of `--repeats` interleaved runs (measure.interleaved_medians); peak memory is each step's
+growth beyond set-up in a fresh process (measure.peak_of_one_step). Methods with no PEFT peer
+(Pre-Diag, SORA) are timed alone. Ratios are refpeft / PEFT: the target is <= 1 for both.
+
+The last row, "gemm", is the floor every step shares: the two (n, k) x (k, d) products x W0^T and
+dy W0 alone, in NumPy (OpenBLAS) and in torch (MKL). They are nearly all of a step's time at this
+size, so a method's time ratio is read against this row's ratio, which is the two BLAS libraries'
+under the run's load, not refpeft's or PEFT's.
 
 Run: python benchmarks/bench_methods.py [--methods lora,oft] [--no-memory]
 """
@@ -69,6 +77,7 @@ def candidates(a: dict) -> dict:
             _, cache = spec.forward(a["x"], a["W0"], module, shared=shared)
             spec.backward(a["dy"], cache)
         steps[f"{name} refpeft"] = step
+    steps["gemm refpeft"] = lambda: (a["x"] @ a["W0"].T, a["dy"] @ a["W0"])   # NumPy's BLAS, the same products
     try:
         import peft
         import torch
@@ -76,6 +85,8 @@ def candidates(a: dict) -> dict:
         return steps
     d, k = a["W0"].shape
     tx, tdy = torch.from_numpy(a["x"]).requires_grad_(True), torch.from_numpy(a["dy"])
+    tW0 = torch.from_numpy(a["W0"])
+    steps["gemm PEFT"] = lambda: (tx.detach() @ tW0.T, tdy @ tW0)                  # torch's BLAS
     for name in a["modules"]:
         _, config_class, options = PEFT_CONFIGS[name]
         if config_class is None:
@@ -92,8 +103,9 @@ def candidates(a: dict) -> dict:
                     p.add_(0.01 * torch.randn_like(p))
 
         def step(layer=layer):
-            tx.grad = None
             layer(tx).backward(tdy)
+            tx.grad = None                          # freed after the step, as refpeft's returned grads are:
+            layer.zero_grad(set_to_none=True)       # nothing carried into the next step's peak
         steps[f"{name} PEFT"] = step
     return steps
 
@@ -116,7 +128,7 @@ def main() -> None:
           "peak = memory held beyond set-up during one step")
     print(f"  {'method':10s} {'refpeft ms':>11s} {'PEFT ms':>9s} {'time ratio':>10s} {'refpeft MiB':>12s} "
           f"{'PEFT MiB':>9s} {'peak ratio':>10s}")
-    for name in args.methods.split(","):
+    for name in [*args.methods.split(","), "gemm"]:
         ours, theirs = times[f"{name} refpeft"], times.get(f"{name} PEFT")
         ours_peak, theirs_peak = peaks.get(f"{name} refpeft"), peaks.get(f"{name} PEFT")
         cells = [f"{ours * 1e3:11.1f}", f"{theirs * 1e3:9.1f}" if theirs else f"{'-':>9s}",

@@ -194,7 +194,8 @@ def dora_backward(dy: Any, cache: DoraCache) -> DoraGrads:
     dA = xp.matmul(xp.matrix_transpose(gb), xd)                        # (r, k)
     ffo = cache.fan_in_fan_out
     if mask is None:
-        dx = base_input_grad(g2 * g, cache.W0, fan_in_fan_out=ffo, xp=xp) + xp.matmul(gb, A)
+        dx = base_input_grad(g2 * g, cache.W0, fan_in_fan_out=ffo, xp=xp)
+        dx += xp.matmul(gb, A)                                         # in place into the fresh (n, k) product
     else:
         dxd = base_input_grad(g2 * (g - 1), cache.W0, fan_in_fan_out=ffo, xp=xp) + xp.matmul(gb, A)
         dx = base_input_grad(g2, cache.W0, fan_in_fan_out=ffo, xp=xp) + dxd * mask

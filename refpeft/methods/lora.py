@@ -131,8 +131,10 @@ def lora_forward(x: Any, W0: Any, A: Any, B: Any, *, scaling: float, bias: Any =
     x2 = flatten_rows(x, xp=xp)                                       # (n, k)
     xd = x2 if dropout_mask is None else x2 * flatten_rows(dropout_mask, xp=xp)
     xa = xp.matmul(xd, xp.matrix_transpose(A))                        # (n, r)
-    y = base_forward(x2, W0, bias, fan_in_fan_out=fan_in_fan_out, xp=xp) + \
-        xp.matmul(xa, xp.matrix_transpose(B)) * scaling               # (n, d)
+    branch = xp.matmul(xa, xp.matrix_transpose(B))                    # (n, d)
+    branch *= scaling                                                 # in place: one (n, d) temporary, not two
+    y = base_forward(x2, W0, bias, fan_in_fan_out=fan_in_fan_out, xp=xp)
+    y += branch                                                       # (n, d)  = base + (xa B^T) * s, PEFT's order
     cache = LoraCache(x=x, dropout_mask=dropout_mask, xa=xa, W0=W0, A=A, B=B, scaling=scaling,
                       fan_in_fan_out=fan_in_fan_out, bias_trainable=bias_trainable)
     return xp.reshape(y, (*x.shape[:-1], shape.d)), cache
@@ -154,7 +156,8 @@ def lora_backward(dy: Any, cache: LoraCache) -> LoraGrads:
     dx_adapter = xp.matmul(g, cache.A)                                 # (n, k)
     if mask is not None:
         dx_adapter = dx_adapter * mask
-    dx = base_input_grad(g2, cache.W0, fan_in_fan_out=cache.fan_in_fan_out, xp=xp) + dx_adapter
+    dx = base_input_grad(g2, cache.W0, fan_in_fan_out=cache.fan_in_fan_out, xp=xp)
+    dx += dx_adapter                                                   # in place into the fresh (n, k) product
     dbias = xp.sum(g2, axis=0) if cache.bias_trainable else None
     return LoraGrads(dx=xp.reshape(dx, cache.x.shape), dA=dA, dB=dB, dbias=dbias)
 

@@ -182,8 +182,16 @@ def _blocks(a2: Any, nb: int, *, xp: Any) -> Any:
 
 
 def _unblocks(a3: Any, *, xp: Any) -> Any:
-    """(nb, n, b) -> (n, k)."""
+    """(nb, n, b) -> (n, k), C-ordered (a copy): for BOFT, whose column gathers (xp.take) want C-ordered rows."""
     return xp.reshape(xp.permute_dims(a3, (1, 0, 2)), (a3.shape[1], -1))
+
+
+def _times_blocks(a2: Any, R: Any, *, xp: Any) -> Any:
+    """a2 diag(R_1, ..., R_nb) for a2 (n, k), R (nb or 1, b, b), computed transposed: a2^T as (nb, b, n) is a
+    view, and diag(R)^T a2^T lands as one (k, n) piece, so no permuting (n, k) copy (`_unblocks`) is made."""
+    n, k = a2.shape
+    blocks_t = xp.reshape(xp.matrix_transpose(a2), (k // R.shape[-1], R.shape[-1], n))   # (nb, b, n)
+    return xp.matrix_transpose(xp.reshape(xp.matmul(xp.matrix_transpose(R), blocks_t), (k, n)))
 
 
 @dataclass(frozen=True)
@@ -215,14 +223,14 @@ def oft_forward(x: Any, W0: Any, V: Any, *, bias: Any = None, cayley: str = "neu
                 bias_trainable: bool = False) -> tuple[Any, OftCache]:
     """y = (x diag(R)) W0^T + b with R the Cayley transform of V's skew blocks (module docstring)."""
     xp, shape = check_linear_inputs(x, W0, bias=bias, fan_in_fan_out=fan_in_fan_out, oft_R=V)
-    nb = oft_blocks(shape.k, V)
+    oft_blocks(shape.k, V)                                                        # V's blocks tile k
     if bias_trainable and bias is None:
         raise ConfigError("bias_trainable=True needs a bias")
     V = oft_coft_project(V, eps) if coft else V
     Q = oft_skew(V, xp=xp)                                                        # (m, b, b)
     R = oft_rotation(Q, cayley=cayley, terms=terms)                               # (m, b, b)
     x2 = flatten_rows(x, xp=xp)                                                   # (n, k)
-    xr = _unblocks(xp.matmul(_blocks(x2, nb, xp=xp), R), xp=xp)                   # (n, k)  x diag(R)
+    xr = _times_blocks(x2, R, xp=xp)                                              # (n, k)  x diag(R)
     y = base_forward(xr, W0, bias, fan_in_fan_out=fan_in_fan_out, xp=xp)          # (n, d)
     cache = OftCache(x=x, V=V, Q=Q, R=R, W0=W0, cayley=cayley, terms=terms, fan_in_fan_out=fan_in_fan_out,
                      bias_trainable=bias_trainable)
@@ -237,16 +245,16 @@ def oft_backward(dy: Any, cache: OftCache) -> OftGrads:
     check_float_array("dy", dy, xp=xp, shape=(*cache.x.shape[:-1], d))
     nb = k // cache.R.shape[-1]
     g2 = flatten_rows(dy, xp=xp)                                                  # (n, d)
-    gr = _blocks(base_input_grad(g2, W0, fan_in_fan_out=cache.fan_in_fan_out, xp=xp), nb, xp=xp)  # (nb, n, b) dL/dx'
+    gr = base_input_grad(g2, W0, fan_in_fan_out=cache.fan_in_fan_out, xp=xp)     # (n, k)  dL/dx'
     xb = _blocks(flatten_rows(cache.x, xp=xp), nb, xp=xp)                         # (nb, n, b)
-    G = xp.matmul(xp.matrix_transpose(xb), gr)                                    # (nb, b, b)  dL/dR_i
+    G = xp.matmul(xp.matrix_transpose(xb), _blocks(gr, nb, xp=xp))                # (nb, b, b)  dL/dR_i
     if cache.R.shape[0] == 1:
         G = xp.sum(G, axis=0, keepdims=True)                                      # block_share: one R, used nb times
     dQ = oft_rotation_backward(G, cache.Q, cache.R, cayley=cache.cayley, terms=cache.terms)
     b = cache.R.shape[-1]
     dV = xp.matmul(xp.reshape(dQ, (dQ.shape[0], b * b)),
                    xp.matrix_transpose(oft_skew_basis(b, dtype=dQ.dtype, xp=xp)))  # (m, n)
-    dx = _unblocks(xp.matmul(gr, xp.matrix_transpose(cache.R)), xp=xp)            # (n, k)
+    dx = _times_blocks(gr, xp.matrix_transpose(cache.R), xp=xp)                   # (n, k)  g' diag(R)^T
     dbias = xp.sum(g2, axis=0) if cache.bias_trainable else None
     return OftGrads(dx=xp.reshape(dx, cache.x.shape), doft_R=dV, dbias=dbias)
 

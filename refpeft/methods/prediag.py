@@ -101,8 +101,11 @@ def prediag_head(z: Any, x: Any, A: Any, B: Any, D: Any, *, scaling: float, bias
     x2 = flatten_rows(x, xp=xp)                                                  # (n, k)
     xd = x2 if dropout_mask is None else x2 * flatten_rows(dropout_mask, xp=xp)
     xa = xp.matmul(xd, xp.matrix_transpose(A))                                   # (n, r)
-    base = z * D if bias is None else z * D + bias                               # (n, d)
-    return base + xp.matmul(xa, xp.matrix_transpose(B)) * scaling, xa
+    branch = xp.matmul(xa, xp.matrix_transpose(B))                               # (n, d)
+    branch *= scaling                                                            # in place: one temporary, not two
+    y = z * D if bias is None else z * D + bias                                  # (n, d)
+    y += branch                                                                  # = z * D + b + (xa B^T) * s
+    return y, xa
 
 
 def prediag_head_backward(g2: Any, cache: PrediagCache, *, xp: Any) -> tuple[Any, Any, Any, Any, Any]:
@@ -152,7 +155,8 @@ def prediag_backward(dy: Any, cache: PrediagCache) -> PrediagGrads:
     check_float_array("dy", dy, xp=xp, shape=(*cache.x.shape[:-1], cache.D.shape[0]))
     g2 = flatten_rows(dy, xp=xp)                                                 # (n, d)
     dz, dD, dA, dB, dx_adapter = prediag_head_backward(g2, cache, xp=xp)
-    dx = base_input_grad(dz, cache.W0, fan_in_fan_out=cache.fan_in_fan_out, xp=xp) + dx_adapter
+    dx = base_input_grad(dz, cache.W0, fan_in_fan_out=cache.fan_in_fan_out, xp=xp)
+    dx += dx_adapter                                                             # in place into the fresh product
     dbias = xp.sum(g2, axis=0) if cache.bias_trainable else None
     return PrediagGrads(dx=xp.reshape(dx, cache.x.shape), dA=dA, dB=dB, dprediag_D=dD, dbias=dbias)
 

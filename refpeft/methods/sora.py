@@ -54,7 +54,7 @@ from refpeft.errors import ConfigError, ShapeError
 from refpeft.init import as_parameter
 from refpeft.methods.linear import base_forward, base_input_grad, flatten_rows, linear_shape, weight_rows
 from refpeft.methods.lora import lora_delta_weight, lora_parameter_count
-from refpeft.methods.oft import _blocks, _unblocks, oft_block_size, oft_rotation, oft_rotation_backward, \
+from refpeft.methods.oft import _blocks, _times_blocks, oft_block_size, oft_rotation, oft_rotation_backward, \
     oft_rotation_matrix, oft_skew, oft_skew_basis
 from refpeft.methods.prediag import PrediagCache, check_head_inputs, check_row_scale, in_layout, prediag_head, \
     prediag_head_backward, prediag_head_bound, prediag_init, refuse_zero_scales
@@ -117,10 +117,10 @@ def sora_forward(x: Any, W0: Any, A: Any, B: Any, s: Any, V: Any, *, scaling: fl
     """y = (x W0^T R^T) * s + b + c (dropout(x) A^T) B^T; see the module docstring."""
     xp, shape = check_head_inputs(x, W0, A, B, s, bias=bias, dropout_mask=dropout_mask, fan_in_fan_out=fan_in_fan_out,
                                   bias_trainable=bias_trainable, scale_name="sora_s", sora_R=V)
-    nb = sora_blocks(shape.d, V)
+    sora_blocks(shape.d, V)                                                       # V's blocks tile d
     Q, R = sora_rotation(V)                                                       # (nb, b, b)
     z = base_forward(flatten_rows(x, xp=xp), W0, None, fan_in_fan_out=fan_in_fan_out, xp=xp)   # (n, d)
-    u = _unblocks(xp.matmul(_blocks(z, nb, xp=xp), xp.matrix_transpose(R)), xp=xp)             # (n, d)  z R^T
+    u = _times_blocks(z, xp.matrix_transpose(R), xp=xp)                                       # (n, d)  z R^T
     y, xa = prediag_head(u, x, A, B, s, scaling=scaling, bias=bias, dropout_mask=dropout_mask, xp=xp)
     head = PrediagCache(x=x, dropout_mask=dropout_mask, z=u, xa=xa, W0=W0, A=A, B=B, D=s, scaling=scaling,
                         fan_in_fan_out=fan_in_fan_out, bias_trainable=bias_trainable)
@@ -137,10 +137,11 @@ def sora_backward(dy: Any, cache: SoraCache) -> SoraGrads:
     nb, b = cache.R.shape[0], cache.R.shape[-1]
     dub = _blocks(du, nb, xp=xp)                                                  # (nb, n, b)
     G = xp.matmul(xp.matrix_transpose(dub), _blocks(cache.z, nb, xp=xp))          # (nb, b, b)  dL/dR_i
-    dz = _unblocks(xp.matmul(dub, cache.R), xp=xp)                                # (n, d)
+    dz = _times_blocks(du, cache.R, xp=xp)                                        # (n, d)
     dQ = oft_rotation_backward(G, cache.Q, cache.R, cayley="exact")               # (nb, b, b)
     dV = xp.matmul(xp.reshape(dQ, (nb, b * b)), xp.matrix_transpose(oft_skew_basis(b, dtype=dQ.dtype, xp=xp)))
-    dx = base_input_grad(dz, head.W0, fan_in_fan_out=head.fan_in_fan_out, xp=xp) + dx_adapter
+    dx = base_input_grad(dz, head.W0, fan_in_fan_out=head.fan_in_fan_out, xp=xp)
+    dx += dx_adapter                                                              # in place into the fresh product
     dbias = xp.sum(g2, axis=0) if head.bias_trainable else None
     return SoraGrads(dx=xp.reshape(dx, head.x.shape), dA=dA, dB=dB, dsora_s=ds, dsora_R=dV, dbias=dbias)
 

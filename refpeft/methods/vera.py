@@ -148,8 +148,10 @@ def vera_forward(x: Any, W0: Any, vera_A: Any, vera_B: Any, lambda_d: Any, lambd
     xd = x2 if dropout_mask is None else x2 * flatten_rows(dropout_mask, xp=xp)
     xa = xp.matmul(xd, xp.matrix_transpose(A))                         # (n, r)
     h = lambda_d * xa                                                  # (n, r)
-    y = base_forward(x2, W0, bias, fan_in_fan_out=fan_in_fan_out, xp=xp) + \
-        lambda_b * xp.matmul(h, xp.matrix_transpose(B))                # (n, d)
+    branch = xp.matmul(h, xp.matrix_transpose(B))                      # (n, d)
+    branch *= lambda_b                                                 # in place: one (n, d) temporary, not two
+    y = base_forward(x2, W0, bias, fan_in_fan_out=fan_in_fan_out, xp=xp)
+    y += branch                                                        # (n, d)
     cache = VeraCache(x=x, dropout_mask=dropout_mask, xa=xa, W0=W0, A=A, B=B, lambda_d=lambda_d,
                       lambda_b=lambda_b, fan_in_fan_out=fan_in_fan_out, bias_trainable=bias_trainable)
     return xp.reshape(y, (*x.shape[:-1], shape.d)), cache
@@ -169,7 +171,8 @@ def vera_backward(dy: Any, cache: VeraCache) -> VeraGrads:
     dx_adapter = xp.matmul(gh * cache.lambda_d, cache.A)               # (n, k)
     if mask is not None:
         dx_adapter = dx_adapter * mask
-    dx = base_input_grad(g2, cache.W0, fan_in_fan_out=cache.fan_in_fan_out, xp=xp) + dx_adapter
+    dx = base_input_grad(g2, cache.W0, fan_in_fan_out=cache.fan_in_fan_out, xp=xp)
+    dx += dx_adapter                                                   # in place into the fresh (n, k) product
     dbias = xp.sum(g2, axis=0) if cache.bias_trainable else None
     return VeraGrads(dx=xp.reshape(dx, cache.x.shape), dlambda_d=dlambda_d, dlambda_b=dlambda_b, dbias=dbias)
 
