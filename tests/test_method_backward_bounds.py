@@ -7,7 +7,8 @@ from hypothesis import given, settings, strategies as st
 
 from refpeft.methods.adalora import adalora_backward, adalora_backward_bound, adalora_forward
 from refpeft.methods.lokr import lokr_backward, lokr_backward_bound, lokr_forward, lokr_layout
-from refpeft.methods.oft import oft_backward, oft_backward_bound, oft_forward
+from refpeft.methods.oft import oft_backward, oft_forward
+from refpeft.methods.oft_bounds import oft_backward_bound
 from refpeft.tolerance import compare
 
 

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from refpeft.errors import ConfigError, ShapeError
 from refpeft.methods.oft import (oft_backward, oft_block_size, oft_blocks, oft_coft_project, oft_delta_weight,
-                                 oft_forward, oft_forward_bound, oft_init, oft_merge, oft_merge_bound,
-                                 oft_neumann_coefficients, oft_parameter_count, oft_rotation, oft_rotation_matrix,
-                                 oft_skew, oft_unmerge)
+                                 oft_forward, oft_init, oft_merge, oft_neumann_coefficients, oft_parameter_count,
+                                 oft_rotation, oft_rotation_matrix, oft_skew, oft_unmerge)
+from refpeft.methods.oft_bounds import oft_forward_bound, oft_merge_bound
 from refpeft.tolerance import compare
 from support import BACKENDS, BACKEND_IDS, assert_close, vjp_check
 

@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 
-from refpeft.adapter import ModuleAdapter
 from refpeft.conformance.case import Case, Family, Vectors, draw, exact_inputs, plain_results
 from refpeft.conformance.exact import exact_sum
 from refpeft.errors import ConfigError

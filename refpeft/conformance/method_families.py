@@ -41,7 +41,7 @@ from refpeft.methods.linear import LinearShape, dropout_mask
 from refpeft.methods.loha import FACTOR_NAMES as LOHA_FACTORS, loha_backward_bound, loha_forward_bound, \
     loha_merge_bound, loha_scaling
 from refpeft.methods.lokr import lokr_backward_bound, lokr_forward_bound, lokr_layout, lokr_merge_bound
-from refpeft.methods.oft import oft_backward_bound, oft_forward_bound, oft_merge_bound
+from refpeft.methods.oft_bounds import oft_backward_bound, oft_forward_bound, oft_merge_bound
 from refpeft.methods.spec import Method
 
 
@@ -124,50 +124,46 @@ def _adalora_scaling(case: Case) -> float:
     return adalora_scaling(case.options["alpha"], float(case.sizes["r"]), case.sizes["r"])
 
 
-def _loha(t: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(t[name] for name in LOHA_FACTORS)
+def _unscaled(case: Case) -> None:
+    return None
 
 
-def _ada(t: dict[str, Any]) -> tuple[Any, Any, Any]:
-    return t["lora_A"], t["lora_E"], t["lora_B"]
+def _conformance(row: Method, draw: Callable[[Case, np.random.Generator], dict[str, np.ndarray]],
+                 factors: Callable[[dict[str, Any]], tuple[Any, ...]], forward: Callable[..., Any],
+                 backward: Callable[..., Any], merge: Callable[..., Any], *,
+                 scaling: Callable[[Case], float] | None = None, dropout: bool = False) -> MethodConformance:
+    """The entry whose bounds are the method's own, called as
+
+        forward(x, W0, *factors(t), [scaling], [dropout_mask], bias, dtype)
+        backward(dy, x, W0, *factors(t), [scaling], [dropout_mask], bias_trainable, dtype)
+        merge(W0, *factors(t), [scaling], dtype)
+
+    with scaling=scaling(case) for a scaled method and the case's dropout_mask where `dropout`."""
+    def extra(case: Case, kw: dict[str, Any], *, masked: bool) -> dict[str, Any]:
+        scaled = {} if scaling is None else {"scaling": scaling(case)}
+        return {**scaled, "dropout_mask": kw["dropout_mask"]} if dropout and masked else scaled
+
+    return MethodConformance(
+        row, draw, scaling or _unscaled,
+        lambda x, W0, t, case, **kw: forward(x, W0, *factors(t), **extra(case, kw, masked=True), bias=kw["bias"],
+                                             dtype=kw["dtype"]),
+        lambda dy, x, W0, t, case, **kw: backward(dy, x, W0, *factors(t), **extra(case, kw, masked=True),
+                                                  bias_trainable=kw["bias_trainable"], dtype=kw["dtype"]),
+        lambda W0, t, case, **kw: merge(W0, *factors(t), **extra(case, kw, masked=False), dtype=kw["dtype"]))
 
 
 METHOD_CONFORMANCE: dict[str, MethodConformance] = {m.row.name: m for m in (
-    MethodConformance(
-        METHODS["ia3"], _ia3_tensors, lambda case: None,
-        lambda x, W0, t, case, **kw: ia3_forward_bound(x, W0, t["l"], bias=kw["bias"], dtype=kw["dtype"]),
-        lambda dy, x, W0, t, case, **kw: ia3_backward_bound(dy, x, W0, t["l"], bias_trainable=kw["bias_trainable"],
-                                                            dtype=kw["dtype"]),
-        lambda W0, t, case, **kw: ia3_merge_bound(W0, t["l"], dtype=kw["dtype"])),
-    MethodConformance(
-        METHODS["loha"], _loha_tensors, _loha_scaling,
-        lambda x, W0, t, case, **kw: loha_forward_bound(x, W0, *_loha(t), scaling=_loha_scaling(case),
-                                                        bias=kw["bias"], dtype=kw["dtype"]),
-        lambda dy, x, W0, t, case, **kw: loha_backward_bound(dy, x, W0, *_loha(t), scaling=_loha_scaling(case),
-                                                             bias_trainable=kw["bias_trainable"], dtype=kw["dtype"]),
-        lambda W0, t, case, **kw: loha_merge_bound(W0, *_loha(t), scaling=_loha_scaling(case), dtype=kw["dtype"])),
-    MethodConformance(
-        METHODS["lokr"], _lokr_tensors, _lokr_scaling,
-        lambda x, W0, t, case, **kw: lokr_forward_bound(x, W0, t, scaling=_lokr_scaling(case), bias=kw["bias"],
-                                                        dtype=kw["dtype"]),
-        lambda dy, x, W0, t, case, **kw: lokr_backward_bound(dy, x, W0, t, scaling=_lokr_scaling(case),
-                                                             bias_trainable=kw["bias_trainable"], dtype=kw["dtype"]),
-        lambda W0, t, case, **kw: lokr_merge_bound(W0, t, scaling=_lokr_scaling(case), dtype=kw["dtype"])),
-    MethodConformance(
-        METHODS["oft"], _oft_tensors, lambda case: None,
-        lambda x, W0, t, case, **kw: oft_forward_bound(x, W0, t["oft_R"], bias=kw["bias"], dtype=kw["dtype"]),
-        lambda dy, x, W0, t, case, **kw: oft_backward_bound(dy, x, W0, t["oft_R"], bias_trainable=kw["bias_trainable"],
-                                                            dtype=kw["dtype"]),
-        lambda W0, t, case, **kw: oft_merge_bound(W0, t["oft_R"], dtype=kw["dtype"])),
-    MethodConformance(
-        ADALORA, _adalora_tensors, _adalora_scaling,
-        lambda x, W0, t, case, **kw: adalora_forward_bound(x, W0, *_ada(t), scaling=_adalora_scaling(case),
-                                                           bias=kw["bias"], dropout_mask=kw["dropout_mask"],
-                                                           dtype=kw["dtype"]),
-        lambda dy, x, W0, t, case, **kw: adalora_backward_bound(dy, x, W0, *_ada(t), scaling=_adalora_scaling(case),
-                                                                dropout_mask=kw["dropout_mask"],
-                                                                bias_trainable=kw["bias_trainable"], dtype=kw["dtype"]),
-        lambda W0, t, case, **kw: adalora_merge_bound(W0, *_ada(t), scaling=_adalora_scaling(case), dtype=kw["dtype"])),
+    _conformance(METHODS["ia3"], _ia3_tensors, lambda t: (t["l"],), ia3_forward_bound, ia3_backward_bound,
+                 ia3_merge_bound),
+    _conformance(METHODS["loha"], _loha_tensors, lambda t: tuple(t[name] for name in LOHA_FACTORS),
+                 loha_forward_bound, loha_backward_bound, loha_merge_bound, scaling=_loha_scaling),
+    _conformance(METHODS["lokr"], _lokr_tensors, lambda t: (t,), lokr_forward_bound, lokr_backward_bound,
+                 lokr_merge_bound, scaling=_lokr_scaling),
+    _conformance(METHODS["oft"], _oft_tensors, lambda t: (t["oft_R"],), oft_forward_bound, oft_backward_bound,
+                 oft_merge_bound),
+    _conformance(ADALORA, _adalora_tensors, lambda t: (t["lora_A"], t["lora_E"], t["lora_B"]),
+                 adalora_forward_bound, adalora_backward_bound, adalora_merge_bound, scaling=_adalora_scaling,
+                 dropout=True),
 )}
 
 

@@ -7,7 +7,7 @@
     ia3.py      (IA)^3: a learned vector scales a layer's outputs or inputs
     loha.py     LoHa (Hadamard product)     lokr.py   LoKr (Kronecker product)
     lora_init.py  PiSSA, OLoRA, LoftQ (inits that rewrite the base) and their rank-2r conversion
-    oft.py      OFT: block-diagonal Cayley rotation of the input (Neumann and exact variants)
+    oft.py      OFT: block-diagonal Cayley rotation of the input (Neumann and exact variants); oft_bounds.py its bounds
     boft.py     BOFT: a butterfly product of block-diagonal Cayley rotations, and an output scale
     prediag.py  Pre-Diag: diag(D) W0 + s B A   sora.py  SORA: diag(s) R W0 + s B A  (refpeft-only: peft_type None)
     bottleneck.py  Houlsby / Pfeiffer bottleneck adapters: a residual-stream module, not a linear layer's, so

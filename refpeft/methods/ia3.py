@@ -58,7 +58,7 @@ from refpeft.backend import check_float_array, dtype_name, namespace
 from refpeft.errors import ConfigError, NonFiniteError, ShapeError
 from refpeft.init import as_parameter
 from refpeft.methods.linear import LinearShape, base_forward, base_input_grad, check_linear_inputs, flatten_rows, \
-    linear_shape, weight_rows
+    linear_shape
 from refpeft.methods.spec import Method
 from refpeft.tolerance import Bounded, Precision, divide, exact, exact_or_none, gradient_bounds, matmul, multiply, \
     output_bound, row_sum, rows, transpose, with_reference
