@@ -1,7 +1,7 @@
 """Tiny random Llamas and PEFT adapter folders written by transformers and PEFT themselves (imports torch).
 
-Shared by the ONNX decoder tests: tests/test_export_decoder.py, test_export_attach.py and
-test_artifact_check.py.
+Shared by the ONNX decoder tests: tests/test_export_decoder.py, test_export_prompt_learning.py,
+test_export_attach.py and test_artifact_check.py.
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ def scrambled(name: str, p: torch.Tensor) -> None:
 def write_adapters(root: Path, base: transformers.PreTrainedModel, configs: Mapping[str, Callable[[], Any]], *,
                    perturb: Callable[[str, torch.Tensor], None] = scrambled,
                    visit: Callable[[str, Any], None] | None = None, first_seed: int = 10) -> None:
-    """root/NAME for each PEFT config, saved by PEFT: each adapter on `base` (unloaded again after),
-    its trainable tensors set by `perturb` (torch seeded first_seed, first_seed + 1, ...);
-    `visit(name, adapted model)` runs before the unload."""
+    """root/NAME for each PEFT config, saved by PEFT: each adapter on `base` (unloaded again after; a
+    prompt-learning adapter wraps `base` and leaves it as it is), its trainable tensors set by `perturb`
+    (torch seeded first_seed, first_seed + 1, ...); `visit(name, adapted model)` runs before the unload."""
     for i, (name, make) in enumerate(configs.items()):
         torch.manual_seed(first_seed + i)
-        adapted = peft.get_peft_model(base, make())
+        config = make()
+        adapted = peft.get_peft_model(base, config)
         with torch.no_grad():
             for tensor_name, p in adapted.named_parameters():
                 if p.requires_grad:
@@ -46,4 +47,15 @@ def write_adapters(root: Path, base: transformers.PreTrainedModel, configs: Mapp
         adapted.save_pretrained(root / name)
         if visit is not None:
             visit(name, adapted.eval())
-        base = adapted.unload()
+        if not config.is_prompt_learning:
+            base = adapted.unload()
+
+
+def write_base_and_adapters(root: Path, config: Mapping[str, Any], configs: Mapping[str, Callable[[], Any]],
+                            **options: Any) -> transformers.PreTrainedModel:
+    """root/base, tiny_llama(config) saved by transformers, and root/NAME for each PEFT config
+    (write_adapters with `options`); the base model, as write_adapters leaves it."""
+    base = tiny_llama(config)
+    base.save_pretrained(root / "base")
+    write_adapters(root, base, configs, **options)
+    return base

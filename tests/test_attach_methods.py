@@ -26,7 +26,8 @@ from refpeft.adapter import Adapter, ModuleAdapter  # noqa: E402
 from refpeft_onnx.decoder_export import attach_adapters, load_base, read_adapters  # noqa: E402
 from refpeft_onnx.decoder_graph import decoder_layers  # noqa: E402
 from tests.peft_peers import tiny_llama, write_adapters  # noqa: E402
-from tests.test_export_attach import PROMPT, TINY, torch_export  # noqa: E402,F401  (the torch.onnx export fixture)
+from tests.test_export_attach import PROMPT, TINY, attach_verified  # noqa: E402
+from tests.test_export_attach import torch_export  # noqa: E402,F401  (the torch.onnx export fixture)
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 CONFIGS = {
@@ -72,10 +73,7 @@ def _run_attached(folder, adapter: str | None) -> np.ndarray:
 def test_peft_loha_and_lokr_attach_and_run_as_peft(folders, torch_export, adapters, tmp_path, capsys):
     root, logits = folders
     out = tmp_path / "attached"
-    assert main(["attach", str(torch_export), *(str(root / a) for a in adapters), "--base", str(root / "base"),
-                 "-o", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "agrees with the refpeft reference" in printed and f"{len(adapters) + 1} runs" in printed
+    attach_verified(torch_export, root, adapters, out, capsys)
     np.testing.assert_allclose(_run_attached(out, None), logits[None], rtol=0, atol=2e-4)
     for name in adapters:
         moved = np.max(np.abs(logits[name] - logits[None]))

@@ -17,7 +17,7 @@ from refpeft.methods.boft import (boft_backward, boft_delta_weight, boft_forward
                                   boft_parameter_count, boft_permutation, boft_rotation_matrix, boft_shape,
                                   boft_unmerge)
 from refpeft.peft_format import read_peft_adapter, write_peft_adapter
-from support import BACKENDS, BACKEND_IDS, assert_close, vjp_check
+from support import BACKENDS, BACKEND_IDS, assert_close, one_layer_llama, vjp_check
 
 FAST = settings(max_examples=30, deadline=None)
 
@@ -275,16 +275,10 @@ def test_onnx_export_is_merged_only_and_agrees_with_the_reference():
 
 
 def test_whole_model_gradients_through_boft_layers_match_finite_differences():
-    from refpeft.model.config import config_from_dict
     from refpeft.model.decoder import Model, backward, forward
-    from refpeft.model.weights import expected_shapes
 
-    config = config_from_dict({"model_type": "llama", "vocab_size": 19, "hidden_size": 8, "intermediate_size": 16,
-                               "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-                               "max_position_embeddings": 16, "tie_word_embeddings": True})
     rng = np.random.default_rng(9)
-    weights = {n: (1.0 + 0.1 * rng.standard_normal(s)) if n.endswith("norm.weight") else 0.3 * rng.standard_normal(s)
-               for n, s in expected_shapes(config).items()}
+    config, weights = one_layer_llama(rng, vocab_size=19, hidden_size=8, intermediate_size=16)
     paths = {"v_proj": "model.layers.0.self_attn.v_proj", "down_proj": "model.layers.0.mlp.down_proj"}
     tensors = {}
     for short, path in paths.items():

@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
-import io
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from refpeft.conformance.check import check_directory
 from refpeft.conformance.fusion_families import DENSE_MERGES, FACTOR_MERGES, fusion_cases, sylvester_hadamard
-from refpeft.conformance.generate import generate
-from refpeft.conformance.report import run_report
 from refpeft.conformance.vectors import read_case
 from refpeft.fusion import dare_generator, merge_task_tensors
 from refpeft_peers import Runner
 from refpeft_peers.refpeft_self import run as refpeft_run
+from tests.conformance_support import (COMMITTED, assert_every_case_passes, assert_fresh_draw_passes,
+                                       assert_regenerated_byte_identically, assert_wrong_kernel_fails)
 
-COMMITTED = Path(__file__).resolve().parent.parent / "conformance" / "vectors"
 CASES = [c.name for c in fusion_cases()]
 COMBINATIONS = (*FACTOR_MERGES, "svd", *(f"{name}_svd" for name in DENSE_MERGES))
 
@@ -43,10 +38,7 @@ def test_the_specification_documents_every_combination():
 
 
 def test_committed_vectors_regenerate_byte_identically(tmp_path):
-    generate(tmp_path, cases=fusion_cases())
-    for name in CASES:
-        for suffix in (".json", ".safetensors"):
-            assert (tmp_path / f"{name}{suffix}").read_bytes() == (COMMITTED / f"{name}{suffix}").read_bytes(), name
+    assert_regenerated_byte_identically(fusion_cases(), tmp_path)
 
 
 def test_the_dare_masks_are_refpefts_seeded_draws_in_pefts_order():
@@ -84,17 +76,14 @@ def test_the_svd_case_is_built_on_orthogonal_factors_and_truncates():
 
 
 def test_refpeft_passes_every_fusion_case():
-    reports = check_directory(refpeft_run, COMMITTED, implementation="refpeft", names=CASES)
-    assert [r.status for r in reports] == ["pass"] * len(CASES), [(r.case, r.message) for r in reports]
+    assert_every_case_passes(Runner("refpeft", refpeft_run), CASES)
 
 
 def test_peft_add_weighted_adapter_passes_every_fusion_case():
     pytest.importorskip("peft", reason="HF PEFT's add_weighted_adapter is the peer checked here")
     from refpeft_peers.peft_torch import implementations
 
-    runner = implementations()[0]
-    reports = check_directory(runner.run, COMMITTED, implementation=runner.name, names=CASES)
-    assert [r.status for r in reports] == ["pass"] * len(CASES), [(r.case, r.message) for r in reports]
+    reports = assert_every_case_passes(implementations()[0], CASES)
     assert max(r.worst_ratio for r in reports if r.dtype == "float32") > 0.1
 
 
@@ -181,25 +170,11 @@ WRONG = {  # family -> (kernel, case, results that must fail)
 @pytest.mark.parametrize("family", sorted(WRONG))
 def test_a_wrong_combination_fails_naming_the_case_and_element(family):
     kernel, case, results = WRONG[family]
-    assert read_case(COMMITTED, case).manifest["family"] == family
-    out = io.StringIO()
-    assert run_report(COMMITTED, runners=[Runner("wrong-kernel", kernel)], names=[case], out=out) is False
-    line = next(line for line in out.getvalue().splitlines() if line.startswith(case))
-    assert " fail " in line
-    for result in results:
-        found = re.search(rf"{result}: worst at \[([\d, ]+)\]: .*error/bound ([0-9.e+]+|inf)\)", line)
-        assert found, (result, line)
-        assert float(found.group(2)) > 10.0
+    assert_wrong_kernel_fails(kernel, case, results, family=family)
 
 
 @pytest.mark.parametrize("label", ["fusion-ties", "fusion-dare-ties", "fusion-svd-rank3", "fusion-magnitude-prune-svd",
                                    "fusion-dare-ties-svd"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_the_bounds_hold_for_refpeft_and_peft_in_float32_on_fresh_draws(label, seed, tmp_path):
-    peft_torch = pytest.importorskip("refpeft_peers.peft_torch", reason="needs torch and peft")
-    committed = next(c for c in fusion_cases() if c.name == f"{label}-float32")
-    case = dataclasses.replace(committed, seed=10_000 * seed + committed.seed)
-    generate(tmp_path, cases=[case])
-    for runner in (Runner("refpeft", refpeft_run), peft_torch.implementations()[0]):
-        (report,) = check_directory(runner.run, tmp_path, implementation=runner.name, names=[case.name])
-        assert report.status == "pass", (runner.name, report.message)
+    assert_fresh_draw_passes(fusion_cases(), label, seed, tmp_path)

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
-import io
-import re
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from refpeft.conformance.check import check_directory
-from refpeft.conformance.generate import generate
 from refpeft.conformance.method_families import METHOD_CONFORMANCE, method_cases
-from refpeft.conformance.report import run_report
 from refpeft.conformance.vectors import read_case, read_index
 from refpeft_peers import Runner
 from refpeft_peers.refpeft_self import run as refpeft_run
+from tests.conformance_support import (COMMITTED, assert_every_case_passes, assert_fresh_draw_passes,
+                                       assert_regenerated_byte_identically, assert_wrong_kernel_fails)
 
-COMMITTED = Path(__file__).resolve().parent.parent / "conformance" / "vectors"
 FAMILIES = {f"{name}_{direction}" for name in METHOD_CONFORMANCE for direction in ("forward", "backward", "merge")}
 CASES = [c.name for c in method_cases()]
 
@@ -51,24 +44,18 @@ def test_the_specification_documents_every_method_and_its_tensors():
 
 
 def test_committed_vectors_regenerate_byte_identically(tmp_path):
-    generate(tmp_path, cases=method_cases())
-    for name in CASES:
-        for suffix in (".json", ".safetensors"):
-            assert (tmp_path / f"{name}{suffix}").read_bytes() == (COMMITTED / f"{name}{suffix}").read_bytes(), name
+    assert_regenerated_byte_identically(method_cases(), tmp_path)
 
 
 def test_refpeft_passes_every_method_case():
-    reports = check_directory(refpeft_run, COMMITTED, implementation="refpeft", names=CASES)
-    assert [r.status for r in reports] == ["pass"] * len(CASES), [(r.case, r.message) for r in reports]
+    assert_every_case_passes(Runner("refpeft", refpeft_run), CASES)
 
 
 def test_peft_layers_pass_every_method_case():
     pytest.importorskip("peft", reason="HF PEFT's layers are the peer checked here")
     from refpeft_peers.peft_torch import implementations
 
-    runner = implementations()[0]
-    reports = check_directory(runner.run, COMMITTED, implementation=runner.name, names=CASES)
-    assert [r.status for r in reports] == ["pass"] * len(CASES), [(r.case, r.message) for r in reports]
+    reports = assert_every_case_passes(implementations()[0], CASES)
     for family in FAMILIES:     # each family's bounds are used, not vacuous
         worst = max(r.worst_ratio for r in reports if read_case(COMMITTED, r.case).manifest["family"] == family)
         assert worst > 0.01, family
@@ -150,15 +137,7 @@ def test_every_family_has_a_wrong_kernel():
 @pytest.mark.parametrize("family", sorted(WRONG))
 def test_a_wrong_kernel_fails_naming_the_case_and_element(family):
     kernel, case, results = WRONG[family]
-    assert read_case(COMMITTED, case).manifest["family"] == family
-    out = io.StringIO()
-    assert run_report(COMMITTED, runners=[Runner("wrong-kernel", kernel)], names=[case], out=out) is False
-    line = next(line for line in out.getvalue().splitlines() if line.startswith(case))
-    assert " fail " in line
-    for result in results:
-        found = re.search(rf"{result}: worst at \[([\d, ]+)\]: .*error/bound ([0-9.e+]+|inf)\)", line)
-        assert found, (result, line)
-        assert float(found.group(2)) > 10.0
+    assert_wrong_kernel_fails(kernel, case, results, family=family)
 
 
 # ---------------------------------------------------------------- the new backward bounds on fresh draws
@@ -168,10 +147,5 @@ def test_a_wrong_kernel_fails_naming_the_case_and_element(family):
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_backward_bounds_hold_for_refpeft_and_peft_in_float32_on_fresh_draws(label, seed, tmp_path):
     """The derived backward bounds (LoKr, OFT, AdaLoRA) on draws other than the committed ones."""
-    peft_torch = pytest.importorskip("refpeft_peers.peft_torch", reason="needs torch and peft")
-    committed = next(c for c in method_cases() if c.name == f"{label}-float32")
-    case = dataclasses.replace(committed, seed=10_000 * seed + committed.seed)
-    generate(tmp_path, cases=[case])
-    for runner in (Runner("refpeft", refpeft_run), peft_torch.implementations()[0]):
-        (report,) = check_directory(runner.run, tmp_path, implementation=runner.name, names=[case.name])
-        assert report.status == "pass" and report.worst_ratio > 1e-3, (runner.name, report.message)
+    for report in assert_fresh_draw_passes(method_cases(), label, seed, tmp_path):
+        assert report.worst_ratio > 1e-3, (report.implementation, report.message)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import re
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +10,9 @@ import pytest
 from refpeft.conformance.check import check_directory
 from refpeft.conformance.generate import generate
 from refpeft.conformance.moe_families import moe_lora_cases
-from refpeft.conformance.report import run_report
 from refpeft.conformance.vectors import read_case, read_index
-from refpeft_peers import Runner
 from refpeft_peers.refpeft_self import run as refpeft_run
+from tests.conformance_support import assert_wrong_kernel_fails
 
 COMMITTED = Path(__file__).resolve().parent.parent / "conformance" / "vectors"
 MOE = [name for name in read_index(COMMITTED) if name.startswith("moe-")]
@@ -73,11 +70,4 @@ def _expert_minor_A(manifest: dict, inputs: dict) -> dict:
     ("moe-merge-in-out-float32", ("W_merged",)),
 ])
 def test_an_expert_minor_A_kernel_fails_naming_the_case_and_element(case, results):
-    out = io.StringIO()
-    assert run_report(COMMITTED, runners=[Runner("wrong-kernel", _expert_minor_A)], names=[case], out=out) is False
-    line = next(line for line in out.getvalue().splitlines() if line.startswith(case))
-    assert " fail " in line
-    for result in results:
-        found = re.search(rf"{result}: worst at \[([\d, ]+)\]: .*error/bound ([0-9.e+]+)\)", line)
-        assert found, (result, line)
-        assert float(found.group(2)) > 10.0
+    assert_wrong_kernel_fails(_expert_minor_A, case, results)

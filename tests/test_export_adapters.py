@@ -27,7 +27,8 @@ from refpeft_onnx.stack import reference_forward  # noqa: E402
 from refpeft_onnx.verify import graph_bound  # noqa: E402
 
 
-def _assert_serves(server, stack, adapter, name, x) -> None:
+def assert_serves(server, stack, adapter, name, x) -> None:
+    """`server` run with adapter `name` (None: none active) gives refpeft's reference of the unmerged graph."""
     y = server.run(x, adapter=name)
     result = compare(y, reference_forward(stack, adapter, x), graph_bound(stack, adapter, x, form="unmerged",
                                                                           dtype=str(x.dtype)))
@@ -48,9 +49,9 @@ def test_switching_two_adapter_files_per_run(tmp_path, method) -> None:
     server.load("second", tmp_path / "second.onnx_adapter")
     x = np.random.default_rng(0).standard_normal((3, 5, 12)).astype(np.float32)
     for _ in range(2):   # switching back and forth leaves nothing behind
-        _assert_serves(server, stack, first, "first", x)
-        _assert_serves(server, stack, None, None, x)
-        _assert_serves(server, stack, second, "second", x)
+        assert_serves(server, stack, first, "first", x)
+        assert_serves(server, stack, None, None, x)
+        assert_serves(server, stack, second, "second", x)
     assert server.adapters == ("first", "second")
 
 
@@ -61,7 +62,7 @@ def test_adapter_on_some_layers_leaves_the_others_at_base(tmp_path) -> None:
     export_adapter_file(tmp_path / "p.onnx_adapter", stack, partial, model=model)
     server = AdapterSession(model)
     server.load("partial", tmp_path / "p.onnx_adapter")
-    _assert_serves(server, stack, partial, "partial", np.ones((1, 2, 8), dtype=np.float32))
+    assert_serves(server, stack, partial, "partial", np.ones((1, 2, 8), dtype=np.float32))
 
 
 def test_float16_files_serve_a_float16_graph(tmp_path) -> None:
@@ -70,7 +71,7 @@ def test_float16_files_serve_a_float16_graph(tmp_path) -> None:
     result = export_model(tmp_path / "m16.onnx", stack, adapter, form="unmerged", dtype="float16")
     server = AdapterSession(result.model_path)
     server.load("a", result.adapter_path)
-    _assert_serves(server, stack, adapter, "a", np.random.default_rng(1).standard_normal((2, 3, 8)).astype(np.float16))
+    assert_serves(server, stack, adapter, "a", np.random.default_rng(1).standard_normal((2, 3, 8)).astype(np.float16))
 
 
 def test_file_holds_exactly_the_graph_inputs_and_round_trips(tmp_path) -> None:

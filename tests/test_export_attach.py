@@ -87,15 +87,21 @@ def torch_export(folders):
     return path
 
 
+def attach_verified(graph: Path, root: Path, adapters: list[str], out: Path, capsys) -> None:
+    """`refpeft attach GRAPH root/ADAPTER... --base root/base -o out` writes the folder, its verification
+    agreeing with the refpeft reference on every adapter and on the base (one run each)."""
+    assert main(["attach", str(graph), *(str(root / a) for a in adapters), "--base", str(root / "base"),
+                 "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "agrees with the refpeft reference" in printed and f"{len(adapters) + 1} runs" in printed
+
+
 @pytest.mark.parametrize("adapters", [["lora"], ["lora", "dora"], ["vera"]])
 def test_adapters_attached_to_a_torch_onnx_export_agree_with_the_reference(folders, torch_export, adapters, tmp_path,
                                                                             capsys):
     root, _ = folders
     out = tmp_path / "attached"
-    assert main(["attach", str(torch_export), *(str(root / a) for a in adapters), "--base", str(root / "base"),
-                 "-o", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "agrees with the refpeft reference" in printed and f"{len(adapters) + 1} runs" in printed
+    attach_verified(torch_export, root, adapters, out, capsys)
     assert sorted(p.stem for p in (out / "adapters").iterdir()) == sorted(adapters)
 
 

@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from test_export_adapters import assert_serves
 from test_export_cases import build_stack, StackCase
 
 from refpeft.adapter import Adapter, ModuleAdapter  # noqa: E402
@@ -80,13 +81,6 @@ def _pair(name: str, stack) -> tuple[Adapter, Adapter]:
     return first, (_one_shared_block(second) if name == "oft" else second)
 
 
-def _assert_serves(server, stack, adapter, name, x) -> None:
-    y = server.run(x, adapter=name)
-    result = compare(y, reference_forward(stack, adapter, x), graph_bound(stack, adapter, x, form="unmerged",
-                                                                          dtype=str(x.dtype)))
-    assert result.passed, f"adapter {name}: {result.ratio:.3g} of the bound"
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_unmerged_branch_verifies_and_a_second_adapter_file_swaps_in(tmp_path, name) -> None:
     stack = _stack()
@@ -100,9 +94,9 @@ def test_unmerged_branch_verifies_and_a_second_adapter_file_swaps_in(tmp_path, n
     server.load("second", tmp_path / "second.onnx_adapter")
     x = np.random.default_rng(0).standard_normal((3, 4, SIZES[0])).astype(np.float32)
     for _ in range(2):   # back and forth: nothing of one adapter stays behind
-        _assert_serves(server, stack, first, "first", x)
-        _assert_serves(server, stack, None, None, x)
-        _assert_serves(server, stack, second, "second", x)
+        assert_serves(server, stack, first, "first", x)
+        assert_serves(server, stack, None, None, x)
+        assert_serves(server, stack, second, "second", x)
     # the two adapters really differ, and differ from the base, by more than the bound
     outputs = [server.run(x, adapter=a) for a in ("first", None, "second")]
     bound = graph_bound(stack, first, x, form="unmerged", dtype="float32")

@@ -14,21 +14,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_export_cases import StackCase, build_stack
+from test_export_cases import build_stack
 
 torch = pytest.importorskip("torch", reason="torch is in the conformance extra")
 peft = pytest.importorskip("peft", reason="peft is in the conformance extra")
 
 import onnx  # noqa: E402
 
-from test_export_vs_peft import Stack  # noqa: E402
+from test_export_vs_peft import STACK, Stack, export_and_run  # noqa: E402
 
-from refpeft.cli import main  # noqa: E402
 from refpeft.tolerance import compare  # noqa: E402
 
-from refpeft_onnx.adapter_files import read_onnx_adapter  # noqa: E402
-from refpeft_onnx.exporter import load_inputs  # noqa: E402
-from refpeft_onnx.stack import save_stack  # noqa: E402
 from refpeft_onnx.verify import graph_bound, session  # noqa: E402
 
 CONFIGS = {
@@ -51,20 +47,9 @@ def _peft_model(stack, method: str):
 @pytest.mark.parametrize("method", CONFIGS)
 @pytest.mark.parametrize("form", ["unmerged", "merged"])
 def test_exported_peft_adapter_matches_peft(tmp_path, method, form) -> None:
-    stack = build_stack(StackCase((12, 10, 6), 1, "lora", True, "relu", 31))
+    stack = build_stack(STACK)
     model = _peft_model(stack, method)
-    model.save_pretrained(tmp_path / "adapter")
-    save_stack(tmp_path / "base.safetensors", stack)
-    assert main(["export", str(tmp_path / "adapter"), "--base", str(tmp_path / "base.safetensors"),
-                 "-o", str(tmp_path / "m.onnx"), f"--{form}"]) == 0
-    x = np.random.default_rng(2).standard_normal((2, 3, 12)).astype(np.float32)
-    with torch.no_grad():
-        expected = model(torch.tensor(x, dtype=torch.float64)).numpy()
-    feeds = {"x": x}
-    if form == "unmerged":
-        feeds.update(read_onnx_adapter(tmp_path / "m.onnx_adapter"))
-    y = session(onnx.load(tmp_path / "m.onnx")).run(None, feeds)[0]
-    base, adapter = load_inputs(tmp_path / "base.safetensors", tmp_path / "adapter")
+    x, y, expected, base, adapter = export_and_run(tmp_path, stack, model, form)
     assert adapter.methods == {method}
     if method == "ia3":    # one layer of each side
         assert [m.l.shape for m in adapter.modules.values()] == [(10, 1), (1, 10)]

@@ -29,7 +29,7 @@ peft = pytest.importorskip("peft")
 
 from refpeft_onnx.decoder_export import export_decoder, load_base, read_adapters  # noqa: E402
 from refpeft_onnx.genai_run import GenaiModel  # noqa: E402
-from tests.peft_peers import tiny_llama, write_adapters  # noqa: E402
+from tests.peft_peers import write_base_and_adapters  # noqa: E402
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=96, rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -51,9 +51,7 @@ ADAPTER_CONFIGS = {
 def folders(tmp_path_factory):
     """The base folder and one PEFT adapter folder per method, all written by transformers / PEFT."""
     root = tmp_path_factory.mktemp("decoder")
-    base = tiny_llama(TINY)
-    base.save_pretrained(root / "base")
-    write_adapters(root, base, ADAPTER_CONFIGS)
+    write_base_and_adapters(root, TINY, ADAPTER_CONFIGS)
     return root
 
 

@@ -36,11 +36,9 @@ from refpeft_onnx.decoder_export import export_decoder, load_base, read_adapters
 from refpeft_onnx.decoder_verify import float64_model, random_batch, reference_logits, run_cached  # noqa: E402
 from refpeft_onnx.genai_run import GenaiModel  # noqa: E402
 from refpeft_onnx.prefix_graph import PREFIX_NAMES  # noqa: E402
-from tests.peft_peers import tiny_llama, write_adapters  # noqa: E402
+from tests.peft_peers import tiny_llama, write_adapters, write_base_and_adapters  # noqa: E402
+from tests.test_export_decoder import PROMPT, TINY  # noqa: E402
 
-TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=96, rms_norm_eps=1e-6, tie_word_embeddings=False)
-PROMPT = [5, 17, 3, 42, 8, 23, 11, 60, 2]
 NEW_TOKENS = 24
 ADAPTER_CONFIGS = {
     "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
@@ -59,16 +57,7 @@ def _perturb(name: str, p: torch.Tensor) -> None:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("prompt-learning")
-    base = tiny_llama(TINY)
-    base.save_pretrained(root / "base")
-    for i, (name, make) in enumerate(ADAPTER_CONFIGS.items()):      # prompt learning leaves the base as it is
-        torch.manual_seed(10 + i)
-        adapted = peft.get_peft_model(base, make())
-        with torch.no_grad():
-            for tensor_name, p in adapted.named_parameters():
-                if p.requires_grad:
-                    _perturb(tensor_name, p)
-        adapted.save_pretrained(root / name)
+    write_base_and_adapters(root, TINY, ADAPTER_CONFIGS, perturb=_perturb)
     return root
 
 

@@ -63,11 +63,14 @@ def _peft_model(stack, method: str):
     return model.eval()
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "vera", "lora-trained-bias"])
-@pytest.mark.parametrize("form", ["merged", "unmerged"])
-def test_exported_peft_adapter_matches_peft(tmp_path, method, form) -> None:
-    stack = build_stack(StackCase((12, 10, 6), 1, "lora", True, "relu", 31))
-    model = _peft_model(stack, method)
+STACK = StackCase((12, 10, 6), 1, "lora", True, "relu", 31)
+
+
+def export_and_run(tmp_path, stack, model, form: str):
+    """`model`'s adapter saved by PEFT and `stack` by save_stack, exported by `refpeft export --{form}` to
+    tmp_path/m.onnx, run by ONNX Runtime (the .onnx_adapter's tensors fed, unmerged) on a fixed float32 x.
+
+    Returns (x, ONNX Runtime's output, PEFT's output in float64, the loaded base, the loaded adapter)."""
     model.save_pretrained(tmp_path / "adapter")
     save_stack(tmp_path / "base.safetensors", stack)
     assert main(["export", str(tmp_path / "adapter"), "--base", str(tmp_path / "base.safetensors"),
@@ -80,6 +83,14 @@ def test_exported_peft_adapter_matches_peft(tmp_path, method, form) -> None:
         feeds.update(read_onnx_adapter(tmp_path / "m.onnx_adapter"))
     y = session(onnx.load(tmp_path / "m.onnx")).run(None, feeds)[0]
     base, adapter = load_inputs(tmp_path / "base.safetensors", tmp_path / "adapter")
+    return x, y, expected, base, adapter
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "vera", "lora-trained-bias"])
+@pytest.mark.parametrize("form", ["merged", "unmerged"])
+def test_exported_peft_adapter_matches_peft(tmp_path, method, form) -> None:
+    stack = build_stack(STACK)
+    x, y, expected, base, adapter = export_and_run(tmp_path, stack, _peft_model(stack, method), form)
     assert bool(adapter.base_biases) == (method == "lora-trained-bias")
     result = compare(y, expected, graph_bound(base, adapter, x, form=form, dtype="float32"))
     assert result.passed, f"{method} {form}: {result.ratio:.3g} of the bound"

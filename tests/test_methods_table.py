@@ -22,11 +22,9 @@ from refpeft.adapter import Adapter, ModuleAdapter
 from refpeft.checkpoint import SafetensorsFile, merge_into_checkpoint
 from refpeft.io import write_safetensors
 from refpeft.methods import METHODS, method_spec
-from refpeft.model.config import config_from_dict
 from refpeft.model.decoder import Model, backward, forward
-from refpeft.model.weights import expected_shapes
 from refpeft.peft_format import read_peft_adapter, write_peft_adapter
-from tests.support import vjp_check
+from tests.support import one_layer_llama, vjp_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,12 +90,8 @@ def test_onnx_export_agrees_with_the_reference(form):
 
 
 def test_whole_model_gradients_match_finite_differences():
-    config = config_from_dict({"model_type": "llama", "vocab_size": 23, "hidden_size": 16, "intermediate_size": 24,
-                               "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-                               "max_position_embeddings": 16, "tie_word_embeddings": True})
     rng = np.random.default_rng(4)
-    weights = {n: (1.0 + 0.1 * rng.standard_normal(s)) if n.endswith("norm.weight") else 0.3 * rng.standard_normal(s)
-               for n, s in expected_shapes(config).items()}
+    config, weights = one_layer_llama(rng, vocab_size=23, hidden_size=16, intermediate_size=24)
     paths = ("model.layers.0.self_attn.v_proj", "model.layers.0.mlp.down_proj")
     gammas = {p: rng.uniform(-0.5, 0.5, weights[p + ".weight"].shape[0]) for p in paths}
     ids = rng.integers(0, 23, size=(2, 5))

@@ -64,6 +64,18 @@ def train_args(base, out, *extra):
             "--block-size", "32", "--dtype", "float64", "--seed", "1", "-o", str(out), *extra]
 
 
+def assert_resume_writes_the_same(base, tmp_path, *extra):
+    """`refpeft train ... --stop-after 2` (no adapter written yet), then `--resume`, writes the adapter
+    one uninterrupted run writes, bit for bit (tmp_path/straight and tmp_path/split)."""
+    assert main(train_args(base, tmp_path / "straight", *extra)) == 0
+    assert main(train_args(base, tmp_path / "split", *extra, "--stop-after", "2")) == 0
+    assert not (tmp_path / "split" / "adapter_model.safetensors").exists()
+    assert main(train_args(base, tmp_path / "split", *extra, "--resume")) == 0
+    a, _ = read_safetensors(tmp_path / "straight" / "adapter_model.safetensors")
+    b, _ = read_safetensors(tmp_path / "split" / "adapter_model.safetensors")
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def hf_model(base):
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64, attn_implementation="eager")
     _float64_inv_freq(model, FAMILY)
@@ -119,14 +131,8 @@ def test_peft_trained_adapter_loads_in_refpeft(base_folder, tmp_path, dora):
 
 
 def test_stop_and_resume_write_the_same_adapter(base_folder, tmp_path):
-    extra = ("--steps", "4", "--loraplus-ratio", "4", "--accumulation", "tokens")
-    assert main(train_args(base_folder, tmp_path / "straight", *extra)) == 0
-    assert main(train_args(base_folder, tmp_path / "split", *extra, "--stop-after", "2")) == 0
-    assert not (tmp_path / "split" / "adapter_model.safetensors").exists()
-    assert main(train_args(base_folder, tmp_path / "split", *extra, "--resume")) == 0
-    a, _ = read_safetensors(tmp_path / "straight" / "adapter_model.safetensors")
-    b, _ = read_safetensors(tmp_path / "split" / "adapter_model.safetensors")
-    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert_resume_writes_the_same(base_folder, tmp_path, "--steps", "4", "--loraplus-ratio", "4",
+                                  "--accumulation", "tokens")
 
 
 def test_full_fine_tuning_on_packed_text(base_folder, tmp_path):

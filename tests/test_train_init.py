@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 
 from refpeft.cli import main
-from refpeft.io import read_safetensors
 from refpeft.model.decoder import Model, forward
 from refpeft.model.load import load_model
 from refpeft.peft_format import read_peft_adapter
 from refpeft.train.adapters import new_adapter
 from refpeft.train.base_init import rewrite_base
 from tests.test_model_decoder import padded_batch, rel_err
-from tests.test_train_command import base_folder, hf_model, peer_logits, train_args  # noqa: F401 (a fixture)
+from tests.test_train_command import assert_resume_writes_the_same, base_folder, hf_model, peer_logits, \
+    train_args  # noqa: F401 (base_folder: a fixture)
 
 torch = pytest.importorskip("torch", reason="PEFT on torch is the peer")
 peft = pytest.importorskip("peft")
@@ -80,13 +80,7 @@ def test_the_rewritten_model_starts_as_the_base(base_folder, init):  # noqa: F81
 
 
 def test_stop_and_resume_with_pissa_write_the_same_adapter(base_folder, tmp_path):  # noqa: F811
-    extra = (*TARGETS, "--init", "pissa", "--steps", "4")
-    assert main(train_args(base_folder, tmp_path / "straight", *extra)) == 0
-    assert main(train_args(base_folder, tmp_path / "split", *extra, "--stop-after", "2")) == 0
-    assert main(train_args(base_folder, tmp_path / "split", *extra, "--resume")) == 0
-    a, _ = read_safetensors(tmp_path / "straight" / "adapter_model.safetensors")
-    b, _ = read_safetensors(tmp_path / "split" / "adapter_model.safetensors")
-    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert_resume_writes_the_same(base_folder, tmp_path, *TARGETS, "--init", "pissa", "--steps", "4")
 
 
 def test_loftq_saves_a_lora_for_its_quantised_base(base_folder, tmp_path, capsys):  # noqa: F811

@@ -24,13 +24,13 @@ import pytest
 
 from refpeft.cli import main
 from refpeft.errors import ConfigError
-from refpeft.io import read_safetensors
 from refpeft.model.decoder import loss_and_gradients
 from refpeft.peft_format import read_peft_adapter
 from refpeft.train.adapters import TRAINING_METHODS, new_adapter, trainable_parameters, with_parameters
 from refpeft.train.loop import train
 from tests.test_model_decoder import TINY, float64_transformers, padded_batch, peer_model, refpeft_model, rel_err
-from tests.test_train_command import base_folder, hf_model, peer_logits, refpeft_logits, train_args  # noqa: F401
+from tests.test_train_command import assert_resume_writes_the_same, base_folder, hf_model, peer_logits, \
+    refpeft_logits, train_args  # noqa: F401
 from tests.test_train_loop import run_config, torch_training, toy_dataset
 
 torch = pytest.importorskip("torch", reason="torch + PEFT is the peer checked here")
@@ -160,10 +160,4 @@ def test_an_init_option_the_method_does_not_take_is_refused():
 def test_stop_and_resume_write_the_same_adapter(base_folder, tmp_path, method, extra):  # noqa: F811
     """Checkpoints hold these adapters exactly: stopping after 2 of 4 steps and resuming writes the
     adapter one uninterrupted run writes, bit for bit."""
-    extra = ("--method", method, *extra, "--steps", "4")
-    assert main(train_args(base_folder, tmp_path / "straight", *extra)) == 0
-    assert main(train_args(base_folder, tmp_path / "split", *extra, "--stop-after", "2")) == 0
-    assert main(train_args(base_folder, tmp_path / "split", *extra, "--resume")) == 0
-    a, _ = read_safetensors(tmp_path / "straight" / "adapter_model.safetensors")
-    b, _ = read_safetensors(tmp_path / "split" / "adapter_model.safetensors")
-    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert_resume_writes_the_same(base_folder, tmp_path, "--method", method, *extra, "--steps", "4")

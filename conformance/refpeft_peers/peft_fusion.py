@@ -16,29 +16,13 @@ import numpy as np
 
 
 def fusion_combination(manifest: dict, inputs: dict, device: str) -> dict:
-    import peft
     import torch
-    from refpeft_peers.peft_torch import _numpy, _one_layer_model, _set
+    from refpeft_peers.peft_torch import _numpy, lora_adapters_on_one_layer
 
     s, o = manifest["sizes"], manifest["options"]
     combination = manifest["family"].removeprefix("fusion_")
-    dtype = getattr(torch, manifest["dtype"])
     ranks = s.get("ranks") or [s["r"]] * len(o["alphas"])
-    model, names = None, []
-    for i, (r, alpha) in enumerate(zip(ranks, o["alphas"]), start=1):
-        config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], init_lora_weights=False)
-        name = f"adapter{i}"
-        if model is None:
-            model = peft.get_peft_model(_one_layer_model(torch.nn.Linear(s["k"], s["d"], bias=False)), config,
-                                        adapter_name=name)
-        else:
-            model.add_adapter(name, config)
-        names.append(name)
-    model = model.to(device=device, dtype=dtype)
-    proj = model.base_model.model.proj
-    for i, name in enumerate(names, start=1):
-        _set(proj.lora_A[name].weight, inputs[f"A{i}"])
-        _set(proj.lora_B[name].weight, inputs[f"B{i}"])
+    model, proj, names = lora_adapters_on_one_layer(manifest, inputs, device, ranks)
     masked = [f"delta{i}" for i in range(1, len(names) + 1)] if combination.endswith("svd") else \
         [f"{side}{i}" for side in ("A", "B") for i in range(1, len(names) + 1)]
     masks = iter([inputs[f"mask.{name}"] for name in masked] if combination.startswith("dare") else [])

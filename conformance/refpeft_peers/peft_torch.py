@@ -183,31 +183,36 @@ def _one_layer_model(layer: Any) -> Any:
     return OneLayer()
 
 
-def _fusion_cat(manifest: dict, inputs: dict, device: str) -> dict:
-    """Two adapters on one layer, PEFT's add_weighted_adapter(combination_type="cat")."""
+def lora_adapters_on_one_layer(manifest: dict, inputs: dict, device: str,
+                               ranks: list[int]) -> tuple[Any, Any, list[str]]:
+    """PEFT LoRA adapters "adapter1".."adapterN" (ranks[i], options alphas[i]) on one layer `proj`
+    (Linear(k, d), no bias) in the case's dtype, loaded with the case's A1.., B1..: (model, proj, names)."""
     torch = _torch()
     import peft
 
     s, o = manifest["sizes"], manifest["options"]
-    dtype = getattr(torch, manifest["dtype"])
-    layer = torch.nn.Linear(s["k"], s["d"], bias=False)
-
-    names = []
-    model = None
-    for i, (r, alpha) in enumerate(zip(s["ranks"], o["alphas"]), start=1):
+    model, names = None, []
+    for i, (r, alpha) in enumerate(zip(ranks, o["alphas"]), start=1):
         config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], init_lora_weights=False)
         name = f"adapter{i}"
         if model is None:
-            model = peft.get_peft_model(_one_layer_model(layer), config, adapter_name=name)
+            model = peft.get_peft_model(_one_layer_model(torch.nn.Linear(s["k"], s["d"], bias=False)), config,
+                                        adapter_name=name)
         else:
             model.add_adapter(name, config)
         names.append(name)
-    model = model.to(device=device, dtype=dtype)
+    model = model.to(device=device, dtype=getattr(torch, manifest["dtype"]))
     proj = model.base_model.model.proj
     for i, name in enumerate(names, start=1):
         _set(proj.lora_A[name].weight, inputs[f"A{i}"])
         _set(proj.lora_B[name].weight, inputs[f"B{i}"])
-    model.add_weighted_adapter(names, o["weights"], "fused", combination_type="cat")
+    return model, proj, names
+
+
+def _fusion_cat(manifest: dict, inputs: dict, device: str) -> dict:
+    """Two adapters on one layer, PEFT's add_weighted_adapter(combination_type="cat")."""
+    model, proj, names = lora_adapters_on_one_layer(manifest, inputs, device, manifest["sizes"]["ranks"])
+    model.add_weighted_adapter(names, manifest["options"]["weights"], "fused", combination_type="cat")
     return {"A": _numpy(proj.lora_A["fused"].weight), "B": _numpy(proj.lora_B["fused"].weight)}
 
 
