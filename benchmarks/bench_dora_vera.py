@@ -17,7 +17,6 @@ Run: python benchmarks/bench_dora_vera.py   (the memory part takes a few subproc
 
 from __future__ import annotations
 
-import argparse
 import os
 
 # torch's OpenMP threads spin after each op and starve OpenBLAS's on a small machine (measured
@@ -26,7 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from measure import interleaved_medians, peak_of_one_step  # noqa: E402
+from measure import interleaved_medians, layer_parser, peak_of_one_step  # noqa: E402
 from refpeft.methods.dora import dora_backward, dora_forward, dora_weight_norm, dora_init  # noqa: E402
 from refpeft.methods.linear import LinearShape  # noqa: E402
 from refpeft.methods.lora import lora_scaling  # noqa: E402
@@ -138,13 +137,8 @@ def norm_accuracy(d: int, k: int, r: int) -> list[tuple[str, float, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--d", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=4096)
+    parser = layer_parser(__doc__, repeats=7)
     parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--no-memory", action="store_true", help="skip the subprocess peak-memory measurement")
     args = parser.parse_args()
     sizes = (args.d, args.k, args.r, args.tokens)
     steps = candidates(setup(*sizes))

@@ -26,14 +26,13 @@ Run: python benchmarks/bench_methods.py [--methods lora,oft] [--no-memory]
 
 from __future__ import annotations
 
-import argparse
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # see bench_dora_vera: fair to OpenBLAS and torch
 
 import numpy as np  # noqa: E402
 
-from measure import interleaved_medians, peak_of_one_step  # noqa: E402
+from measure import interleaved_medians, layer_parser, peak_of_one_step  # noqa: E402
 from refpeft.methods import METHODS  # noqa: E402
 
 RANK, ALPHA, BLOCK = 16, 32.0, 32
@@ -111,14 +110,9 @@ def candidates(a: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--d", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=4096)
-    parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = layer_parser(__doc__, repeats=5)
     parser.add_argument("--methods", default=",".join(m for m in PEFT_CONFIGS if m in METHODS),
                         help="comma-separated method names (default: every one in the table)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the subprocess peak-memory measurement")
     args = parser.parse_args()
     sizes = (args.d, args.k, args.tokens, args.methods)
     steps = candidates(setup(*sizes))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 
 def interleaved_medians(candidates: dict, repeats: int) -> dict[str, float]:
@@ -71,3 +72,17 @@ def peak_of_one_step(module: str, name: str, sizes: tuple) -> float:
     out = subprocess.run([sys.executable, "-c", code.format(path=[here, *sys.path], sizes=sizes, name=name)],
                          env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1]) / 1024.0
+
+
+def layer_parser(description: str, *, repeats: int) -> Any:
+    """The options every one-layer benchmark takes: the layer's d and k (4096 each), --tokens (512),
+    --repeats and --no-memory; a benchmark adds its own."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--no-memory", action="store_true", help="skip the subprocess peak-memory measurement")
+    return parser
