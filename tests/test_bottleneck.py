@@ -46,14 +46,14 @@ def blocks(draw):
     return config, arrays, _params(rng, H, m)
 
 
+# The difference quotient's floor relative to the gradient (rounding eps |L| / (h |g|) at relu's small step,
+# truncation of order h^2 at the smooth ones) reaches 1e-7 when a gradient (b_down's, a sum over rows)
+# nearly cancels: CI met 1.2e-7 with tanh. A wrong gradient is off by O(1).
+FD_TOL = 1e-6
+
+
 def _h(config) -> float:
     return 1e-5 if config.non_linearity == "relu" else 1e-4
-
-
-def _tol(config) -> float:
-    """relu's small step leaves a rounding floor of about eps |L| / (h |g|): 1e-7 is reached when a
-    gradient (b_down's, a sum over rows) nearly cancels; a wrong gradient is off by O(1)."""
-    return 1e-6 if config.non_linearity == "relu" else 1e-7
 
 
 @FAST
@@ -69,7 +69,7 @@ def test_block_gradients_match_finite_differences(case):
         return block_forward(o, r, BottleneckParams(W_down, b_down, W_up, b_up), config)[0]
 
     vjp_check(f, {"o": x["o"], "r": x["r"], **p}, {"o": do, "r": dr, **grads}, x["dy"], h=_h(config),
-              tol=_tol(config))
+              tol=FD_TOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
@@ -219,7 +219,7 @@ def test_model_gradients_match_finite_differences(case):
     def f(**values):
         return forward(with_adapters(values), ids, record=False)[0]
 
-    vjp_check(f, tensors, grads, dy, h=_h(config), tol=1e-6)
+    vjp_check(f, tensors, grads, dy, h=_h(config), tol=FD_TOL)
 
 
 def test_no_adapter_at_a_place_is_the_plain_residual_sum():
