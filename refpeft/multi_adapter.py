@@ -184,7 +184,7 @@ def mixed_forward(x: Any, W0: Any, slots: SlotStack, token_slots: Any, *, bias: 
             expand_blocks.append((token_rows, xp.zeros((len(token_rows), d), dtype=x.dtype)))
             continue
         A, B = slots.factors(j)
-        if slots.methods[j] == "dora":
+        if method_spec(slots.methods[j]).rescaled:
             yj, cache = dora_forward(xj, W0, A, B, slots.magnitude[j, :], scaling=slots.scalings[j], bias=bias)
         else:
             yj, cache = lora_forward(xj, W0, A, B, scaling=slots.scalings[j], bias=bias)
@@ -242,7 +242,7 @@ def mixed_forward_bound(x: Any, W0: Any, slots: SlotStack, token_slots: Any, *, 
                 continue
             A, B = slots.factors(j)
             s = slots.scalings[j]
-            if slots.methods[j] == "dora":
+            if method_spec(slots.methods[j]).rescaled:
                 c = dora_error_chain(xj, W0, A, B, slots.magnitude[j, :], scaling=s, bias=bias, dropout_mask=None,
                                      fan_in_fan_out=False, p=p)
             else:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from refpeft.methods import method_spec
+
 
 def bf16_layer(manifest: dict, inputs: dict, device: str) -> dict:
     import peft
@@ -27,25 +29,24 @@ def bf16_layer(manifest: dict, inputs: dict, device: str) -> dict:
     if "bias" in inputs:
         _set(layer.bias, np.asarray(inputs["bias"], dtype=np.float32))
         layer.bias.requires_grad_(False)
-    if method == "vera":
+    spec = method_spec(method)
+    if spec.shared:
         config = peft.VeraConfig(r=s["r"], target_modules=["proj"], vera_dropout=0.0, save_projection=True)
     else:
         config = peft.LoraConfig(r=s["r"], lora_alpha=o["alpha"], target_modules=["proj"], lora_dropout=0.0,
-                                 use_rslora=o.get("rslora", False), use_dora=method == "dora",
+                                 use_rslora=o.get("rslora", False), use_dora=spec.rescaled,
                                  init_lora_weights=False)
     model = peft.get_peft_model(_one_layer_model(layer), config).to(device).eval()
     proj = model.base_model.model.proj
-    if method == "vera":
+    if spec.shared:
         params = {"dlambda_d": proj.vera_lambda_d["default"], "dlambda_b": proj.vera_lambda_b["default"]}
         tensors = {"vera_A": model.base_model.vera_A["default"], "vera_B": model.base_model.vera_B["default"],
                    "lambda_d": params["dlambda_d"], "lambda_b": params["dlambda_b"]}
     else:
         params = {"dA": proj.lora_A["default"].weight, "dB": proj.lora_B["default"].weight}
-        if method == "dora":
-            params["dmagnitude"] = proj.lora_magnitude_vector["default"].weight
         tensors = {"A": params["dA"], "B": params["dB"]}
-        if method == "dora":
-            tensors["magnitude"] = params["dmagnitude"]
+        if spec.rescaled:
+            params["dmagnitude"] = tensors["magnitude"] = proj.lora_magnitude_vector["default"].weight
         if proj.scaling["default"] != manifest["parameters"]["scaling"]:
             raise AssertionError(f"PEFT's scaling {proj.scaling['default']!r} differs from the case's")
     for name, tensor in tensors.items():

@@ -23,6 +23,8 @@ import contextlib
 
 import numpy as np
 
+from refpeft.methods import method_spec
+
 
 def float64_llama():
     """transformers' Llama with its float32 casts removed (refpeft_peers.transformers_float64)."""
@@ -70,7 +72,7 @@ def model_lora(manifest: dict, inputs: dict, device: str) -> dict:
     targets = o["targets"]
     method = o.get("method", "lora")
     lora = peft.LoraConfig(r=s["r"], lora_alpha=o["alpha"], use_rslora=o.get("rslora", False),
-                           use_dora=method == "dora", target_modules=list(targets), lora_dropout=0.0,
+                           use_dora=method_spec(method).rescaled, target_modules=list(targets), lora_dropout=0.0,
                            init_lora_weights=False)
     # bfloat16: the model is bfloat16 before get_peft_model, so PEFT upcasts the adapter to float32
     peer = peft.get_peft_model(model, lora).to(device)

@@ -361,9 +361,11 @@ def _train_with_progress(model: Any, dataset: Any, config: Any, *, state: Any, o
 def _rewrite_base(model: Any, args: argparse.Namespace, *, original: Any) -> tuple[Any, Any]:
     """--init: the model with its LoRA modules initialised by PiSSA/OLoRA/LoftQ and the base rewritten,
     and the adapter as initialised (refpeft.train.base_init)."""
+    from refpeft.methods.lora import LORA
+    from refpeft.train.adapters import TRAINING_METHODS
     from refpeft.train.base_init import rewrite_base
 
-    if args.method not in ("lora", "rslora"):
+    if TRAINING_METHODS.get(args.method, (None,))[0] is not LORA:
         raise ConfigError(f"--init {args.init} initialises LoRA (--method lora or rslora), not --method {args.method}")
     refused = [flag for flag, on in (("--distill", args.distill), ("--general", args.general)) if on]
     if refused:

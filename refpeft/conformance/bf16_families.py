@@ -48,6 +48,7 @@ import numpy as np
 
 from refpeft.conformance.case import Case, Family, Vectors, draw, exact_inputs, plain_results
 from refpeft.conformance.exact import ExactArray, exact_array
+from refpeft.methods import method_spec
 from refpeft.methods.lora import lora_backward, lora_backward_bound, lora_forward, lora_forward_bound, lora_scaling
 
 DOUBLE_ROUNDING = 1.0 + 2.0**-15     # f32 then bf16 rounding versus one bf16 rounding (module docstring)
@@ -95,13 +96,18 @@ def peft_bf16_layer(method: str, v: dict[str, Any], *, scaling: float = 1.0, bac
     `v` holds float64 arrays (ExactArray for the golden values) with bfloat16 values: x, W0, [bias],
     the method's tensors (A, B, [magnitude] or vera_A, vera_B, lambda_d, lambda_b), [dy].
     """
+    spec = method_spec(method)                     # LoRA; DoRA rescales its rows; VeRA's projections are shared
     x, W0, bias = _rows(v["x"]), v["W0"], v.get("bias")
     base = bf(_linear(x, W0, bias))                                                 # (n, d)
-    if method == "lora":
+    if spec.shared:
+        u = f(x @ v["vera_A"].T)                                                    # (n, r)
+        w = f(f(v["lambda_d"] * u) @ v["vera_B"].T)                                 # (n, d)
+        branch = f(v["lambda_b"] * w)
+    elif not spec.rescaled:
         xa = f(x @ v["A"].T)                                                        # (n, r)
         t = f(xa @ v["B"].T)                                                        # (n, d)
         branch = f(t * scaling)
-    elif method == "dora":
+    else:
         A, B, m = v["A"], v["B"], v["magnitude"]
         nu = f(np.linalg.vector_norm(f(W0 + f(scaling * f(B @ A))), axis=1))       # (d,)
         g = f(m / nu)
@@ -109,31 +115,27 @@ def peft_bf16_layer(method: str, v: dict[str, Any], *, scaling: float = 1.0, bac
         lr = f(xa @ B.T)
         bo = base if bias is None else bf(base - bias)
         branch = f(f(f(g - 1.0) * bo) + f(f(g * lr) * scaling))
-    else:
-        u = f(x @ v["vera_A"].T)                                                    # (n, r)
-        w = f(f(v["lambda_d"] * u) @ v["vera_B"].T)                                 # (n, d)
-        branch = f(v["lambda_b"] * w)
     if not backward:
         y = bf(f(base + branch))
         return {"y": np.reshape(y, (*v["x"].shape[:-1], y.shape[-1]))}
     dy = _rows(v["dy"])
-    if method == "lora":
+    if spec.shared:
+        dw = f(dy * v["lambda_b"])
+        dv = f(dw @ v["vera_B"])                                                    # (n, r)
+        grads = {"dlambda_d": f(np.sum(f(dv * u), axis=0)), "dlambda_b": f(np.sum(f(dy * w), axis=0))}
+        da, dbase = f(f(dv * v["lambda_d"]) @ v["vera_A"]), dy
+    elif not spec.rescaled:
         dt = f(dy * scaling)
         grads = {"dB": f(dt.T @ xa), "dA": None}
         dxa, dbase = f(dt @ v["B"]), dy
-    elif method == "dora":
+    else:
         dq = f(dy * scaling)
         dlr = f(dq * g)
         dxa = f(dlr @ B)
         grads = {"dB": f(dlr.T @ xa), "dA": None,
                  "dmagnitude": f(f(f(np.sum(f(dy * bo), axis=0)) + f(np.sum(f(dq * lr), axis=0))) / nu)}
         dbase = bf(dy + bf(f(dy * f(g - 1.0))))
-    else:
-        dw = f(dy * v["lambda_b"])
-        dv = f(dw @ v["vera_B"])                                                    # (n, r)
-        grads = {"dlambda_d": f(np.sum(f(dv * u), axis=0)), "dlambda_b": f(np.sum(f(dy * w), axis=0))}
-        da, dbase = f(f(dv * v["lambda_d"]) @ v["vera_A"]), dy
-    if method != "vera":
+    if not spec.shared:
         grads["dA"] = f(dxa.T @ x)
         da = f(dxa @ v["A"])
     dx = bf(bf(dbase @ W0) + bf(da))
@@ -144,13 +146,13 @@ def peft_bf16_layer(method: str, v: dict[str, Any], *, scaling: float = 1.0, bac
 
 def _inputs(case: Case, *, backward: bool) -> dict[str, np.ndarray]:
     """x, W0, [bias], the method's tensors, [dy]: every one drawn in float32 and rounded to bfloat16."""
-    s, o, method = case.sizes, case.options, case.family.split("_")[0]
+    s, o, spec = case.sizes, case.options, method_spec(case.family.split("_")[0])
     rng = np.random.default_rng(case.seed)
     batch, k, d, r = tuple(s["batch"]), s["k"], s["d"], s["r"]
     drawn = {"x": ((*batch, k), 1.0), "W0": ((d, k), 0.25)}
     if o.get("bias", False):
         drawn["bias"] = ((d,), 1.0)
-    if method == "vera":
+    if spec.shared:
         drawn.update(vera_A=((r, k), 0.25), vera_B=((d, r), 0.5), lambda_d=((r,), 1.0), lambda_b=((d,), 1.0))
     else:
         drawn.update(A=((r, k), 0.25), B=((d, r), 0.5))
@@ -158,7 +160,7 @@ def _inputs(case: Case, *, backward: bool) -> dict[str, np.ndarray]:
         drawn["dy"] = ((*batch, d), 1.0)
     inputs = {name: bfloat16_values(draw(rng, shape, dtype="float32", scale=scale))
               for name, (shape, scale) in drawn.items()}
-    if method == "dora":                                # magnitudes in [1/2, 3/2), as the float DoRA cases
+    if spec.rescaled:                                   # magnitudes in [1/2, 3/2), as the float DoRA cases
         inputs["magnitude"] = bfloat16_values(rng.random(d) + 0.5)
     return inputs
 
@@ -169,8 +171,9 @@ def _scaling(case: Case) -> float:
 
 def _exact_and_bounds(method: str, e: dict[str, Any], *, scaling: float, backward: bool) -> tuple[dict, dict]:
     """refpeft's float64 result of the layer and its bfloat16 bound (the method's *_bound functions)."""
+    spec = method_spec(method)
     x, W0, bias, dy = e["x"], e["W0"], e.get("bias"), e.get("dy")
-    if method == "lora":
+    if not (spec.shared or spec.rescaled):
         y, cache = lora_forward(x, W0, e["A"], e["B"], scaling=scaling, bias=bias)
         if not backward:
             return {"y": y}, {"y": lora_forward_bound(x, W0, e["A"], e["B"], scaling=scaling, bias=bias,
@@ -178,7 +181,7 @@ def _exact_and_bounds(method: str, e: dict[str, Any], *, scaling: float, backwar
         g = lora_backward(dy, cache)
         return ({"dx": g.dx, "dA": g.dA, "dB": g.dB},
                 lora_backward_bound(dy, x, W0, e["A"], e["B"], scaling=scaling, dtype="bfloat16"))
-    if method == "dora":
+    if spec.rescaled:
         from refpeft.methods.dora import dora_backward, dora_backward_bound, dora_forward, dora_forward_bound
 
         layer = (x, W0, e["A"], e["B"], e["magnitude"])
@@ -204,12 +207,12 @@ def bf16_layer_vectors(case: Case) -> Vectors:
     method, backward = case.family.split("_")[0], case.family.endswith("_backward")
     inputs = _inputs(case, backward=backward)
     e = exact_inputs(inputs)
-    scaling = 1.0 if method == "vera" else _scaling(case)
+    scaling = _scaling(case) if method_spec(method).scaled else 1.0
     golden = plain_results(peft_bf16_layer(method, e, scaling=scaling, backward=backward))
     exact, model = _exact_and_bounds(method, e, scaling=scaling, backward=backward)
     exact, model = plain_results(exact), plain_results(model)
     bounds = {n: DOUBLE_ROUNDING * model[n] + np.abs(golden[n] - exact[n]) for n in golden}
-    return Vectors(inputs, golden, bounds, {} if method == "vera" else {"scaling": scaling})
+    return Vectors(inputs, golden, bounds, {"scaling": scaling} if method_spec(method).scaled else {})
 
 
 def bf16_layer_results(manifest: dict, inputs: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -63,8 +63,9 @@ from typing import Any, Mapping, Sequence
 from refpeft.adapter import Adapter
 from refpeft.backend import namespace
 from refpeft.errors import ConfigError
-from refpeft.methods import method_spec
+from refpeft.methods import METHODS
 from refpeft.methods.adalora import ADALORA
+from refpeft.methods.lora import LORA
 from refpeft.model.decoder import Model, dense_weight
 from refpeft.model.trainable_tokens import EMBED, LORA_KEY, TOKENS, has_tokens, tokens_init
 from refpeft.optim import AdamConfig, ParamGroup, loraplus_groups
@@ -76,13 +77,13 @@ from refpeft.saved_modules import check_adapter_saved, select_saved
 from refpeft.train.adalora_training import new_adalora_adapter
 from refpeft.train.prompt_learning import encoder_parameters, with_encoder
 
-# The adapters `refpeft train` makes: a training name -> (its method's row, its init options); rsLoRA
-# is LoRA with s = alpha / sqrt(r). AdaLoRA's row is outside the method table (refpeft.methods.adalora):
-# its modules carry the row (refpeft.train.adalora_training). FULL trains every weight and has no adapter.
-TRAINING_METHODS = {"lora": (method_spec("lora"), {}), "rslora": (method_spec("lora"), {"rslora": True}),
-                    **{name: (method_spec(name), {})
-                       for name in ("dora", "vera", "ia3", "loha", "lokr", "oft", "boft")},
-                    "adalora": (ADALORA, {})}
+# The adapters `refpeft train` makes: a training name -> (its method's row, its init options). Every row
+# of the method table with a PEFT file type (a run writes PEFT's folder; Pre-Diag and SORA have none);
+# rsLoRA is LoRA with s = alpha / sqrt(r). AdaLoRA's row is outside the method table
+# (refpeft.methods.adalora): its modules carry the row (refpeft.train.adalora_training). FULL trains
+# every weight and has no adapter.
+TRAINING_METHODS = {**{name: (spec, {}) for name, spec in METHODS.items() if spec.peft_type is not None},
+                    "rslora": (LORA, {"rslora": True}), "adalora": (ADALORA, {})}
 FULL = "full"
 TOKENS_ONLY = "trainable-tokens"        # no modules: only the trainable token rows (PEFT's TRAINABLE_TOKENS)
 ALL_LINEAR = "all-linear"
