@@ -57,7 +57,8 @@ from refpeft.adapter import ModuleAdapter
 from refpeft.backend import check_float_array, dtype_name, namespace
 from refpeft.errors import ConfigError, ShapeError
 from refpeft.init import as_parameter, normal
-from refpeft.methods.linear import base_forward, base_input_grad, check_linear_inputs, flatten_rows, linear_shape
+from refpeft.methods.linear import base_forward, base_input_grad, check_linear_inputs, dropped_rows, flatten_rows, \
+    linear_shape
 from refpeft.methods.lora import check_dropout_mask
 from refpeft.methods.spec import Method
 from refpeft.tolerance import Bounded, Precision, add, column, either, exact, exact_or_none, gradient_bounds, \
@@ -128,8 +129,7 @@ def adalora_forward(x: Any, W0: Any, A: Any, E: Any, B: Any, *, scaling: float, 
     check_dropout_mask(dropout_mask, x)
     if bias_trainable and bias is None:
         raise ConfigError("bias_trainable=True needs a bias")
-    x2 = flatten_rows(x, xp=xp)                                          # (n, k)
-    xd = x2 if dropout_mask is None else x2 * flatten_rows(dropout_mask, xp=xp)
+    x2, _, xd = dropped_rows(x, dropout_mask, xp=xp)                # (n, k) each
     u = xp.matmul(xd, xp.matrix_transpose(A))                            # (n, r)
     v = u * xp.matrix_transpose(E)                                       # (n, r)
     y = base_forward(x2, W0, bias, fan_in_fan_out=fan_in_fan_out, xp=xp) + \
@@ -146,9 +146,7 @@ def adalora_backward(dy: Any, cache: AdaloraCache) -> AdaloraGrads:
     check_float_array("dy", dy, xp=xp, shape=(*cache.x.shape[:-1], d))
     s = cache.scaling
     g2 = flatten_rows(dy, xp=xp)                                         # (n, d)
-    x2 = flatten_rows(cache.x, xp=xp)                                    # (n, k)
-    mask = None if cache.dropout_mask is None else flatten_rows(cache.dropout_mask, xp=xp)
-    xd = x2 if mask is None else x2 * mask
+    x2, mask, xd = dropped_rows(cache.x, cache.dropout_mask, xp=xp)    # xd recomputed, not cached
     v = cache.u * xp.matrix_transpose(cache.E)                           # (n, r)
     g = s * xp.matmul(g2, cache.B)                                       # (n, r)  dL/dv
     dB = s * xp.matmul(xp.matrix_transpose(g2), v)                       # (d, r)

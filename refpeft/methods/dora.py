@@ -65,7 +65,8 @@ from typing import Any, Mapping
 from refpeft.adapter import ModuleAdapter
 from refpeft.backend import check_float_array, namespace
 from refpeft.errors import ConfigError, NonFiniteError
-from refpeft.methods.linear import base_forward, base_input_grad, check_linear_inputs, flatten_rows, linear_shape, weight_rows
+from refpeft.methods.linear import base_forward, base_input_grad, check_linear_inputs, dropped_rows, flatten_rows, \
+    linear_shape, weight_rows
 from refpeft.methods.lora import LORA, check_dropout_mask, check_factors, lora_delta_weight, lora_init_factors, \
     lora_parameter_count, lora_scaling
 from refpeft.methods.spec import Method
@@ -159,8 +160,7 @@ def dora_forward(x: Any, W0: Any, A: Any, B: Any, magnitude: Any, *, scaling: fl
         _refuse_zero_rows(weight_norm, xp=xp)
         nu = weight_norm
     g = magnitude / nu                                                 # (d,)
-    x2 = flatten_rows(x, xp=xp)                                        # (n, k)
-    xd = x2 if dropout_mask is None else x2 * flatten_rows(dropout_mask, xp=xp)
+    x2, _, xd = dropped_rows(x, dropout_mask, xp=xp)                # (n, k) each
     xw = base_forward(x2, W0, None, fan_in_fan_out=fan_in_fan_out, xp=xp)          # (n, d)
     u = xw if dropout_mask is None else base_forward(xd, W0, None, fan_in_fan_out=fan_in_fan_out, xp=xp)
     xa = xp.matmul(xd, xp.matrix_transpose(A))                         # (n, r)
@@ -183,9 +183,7 @@ def dora_backward(dy: Any, cache: DoraCache) -> DoraGrads:
     s, nu, A, B = cache.scaling, cache.weight_norm, cache.A, cache.B
     g = cache.magnitude / nu                                           # (d,)
     g2 = flatten_rows(dy, xp=xp)                                       # (n, d)
-    x2 = flatten_rows(cache.x, xp=xp)                                  # (n, k)
-    mask = None if cache.dropout_mask is None else flatten_rows(cache.dropout_mask, xp=xp)
-    xd = x2 if mask is None else x2 * mask                             # recomputed, not cached
+    x2, mask, xd = dropped_rows(cache.x, cache.dropout_mask, xp=xp)    # xd recomputed, not cached
     dg = xp.sum(g2 * cache.xv, axis=0)                                 # (d,)
     dmagnitude = dg / nu                                               # (d,)
     gy = (g2 * g) * s                                                  # (n, d)

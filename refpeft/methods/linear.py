@@ -86,6 +86,14 @@ def flatten_rows(x: Any, *, xp: Any) -> Any:
     return xp.reshape(x, (-1, x.shape[-1]))
 
 
+def dropped_rows(x: Any, dropout_mask: Any, *, xp: Any) -> tuple[Any, Any, Any]:
+    """x (..., k) and its dropout mask as rows: (x2 (n, k), mask (n, k) or None, xd = x2 * mask), xd = x2
+    without a mask. An adapter reads xd; its input gradient is masked again on the way back."""
+    x2 = flatten_rows(x, xp=xp)
+    mask = None if dropout_mask is None else flatten_rows(dropout_mask, xp=xp)
+    return x2, mask, (x2 if mask is None else x2 * mask)
+
+
 def dropout_mask(shape: tuple[int, ...], p: float, *, seed: int, dtype: str = "float64", xp: Any = None) -> Any:
     """An inverted-dropout mask: each entry 0 with probability p, else 1/(1-p) (torch's convention).
 

@@ -40,6 +40,7 @@ from refpeft.methods.linear import (
     base_input_grad,
     check_linear_inputs,
     check_rank,
+    dropped_rows,
     flatten_rows,
 )
 from refpeft.methods.spec import Method
@@ -128,8 +129,7 @@ def lora_forward(x: Any, W0: Any, A: Any, B: Any, *, scaling: float, bias: Any =
     check_dropout_mask(dropout_mask, x)
     if bias_trainable and bias is None:
         raise ConfigError("bias_trainable=True needs a bias")
-    x2 = flatten_rows(x, xp=xp)                                       # (n, k)
-    xd = x2 if dropout_mask is None else x2 * flatten_rows(dropout_mask, xp=xp)
+    x2, _, xd = dropped_rows(x, dropout_mask, xp=xp)                # (n, k) each
     xa = xp.matmul(xd, xp.matrix_transpose(A))                        # (n, r)
     branch = xp.matmul(xa, xp.matrix_transpose(B))                    # (n, d)
     branch *= scaling                                                 # in place: one (n, d) temporary, not two
@@ -147,9 +147,7 @@ def lora_backward(dy: Any, cache: LoraCache) -> LoraGrads:
     check_float_array("dy", dy, xp=xp, shape=(*cache.x.shape[:-1], d))
     s = cache.scaling
     g2 = flatten_rows(dy, xp=xp)                                       # (n, d)
-    x2 = flatten_rows(cache.x, xp=xp)                                  # (n, k)
-    mask = None if cache.dropout_mask is None else flatten_rows(cache.dropout_mask, xp=xp)
-    xd = x2 if mask is None else x2 * mask                             # recomputed, not cached
+    x2, mask, xd = dropped_rows(cache.x, cache.dropout_mask, xp=xp)    # xd recomputed, not cached
     dB = s * xp.matmul(xp.matrix_transpose(g2), cache.xa)              # (d, r)
     g = s * xp.matmul(g2, cache.B)                                     # (n, r)
     dA = xp.matmul(xp.matrix_transpose(g), xd)                         # (r, k)

@@ -46,7 +46,7 @@ from refpeft.adapter import ModuleAdapter
 from refpeft.backend import check_float_array, dtype_name, namespace
 from refpeft.errors import ConfigError, NonFiniteError, ShapeError
 from refpeft.init import as_parameter
-from refpeft.methods.linear import base_forward, base_input_grad, check_linear_inputs, flatten_rows
+from refpeft.methods.linear import base_forward, base_input_grad, check_linear_inputs, dropped_rows, flatten_rows
 from refpeft.methods.lora import LORA, check_dropout_mask, check_factors, lora_delta_weight, lora_init, \
     lora_parameter_count
 from refpeft.methods.spec import Method
@@ -98,8 +98,7 @@ class PrediagGrads:
 def prediag_head(z: Any, x: Any, A: Any, B: Any, D: Any, *, scaling: float, bias: Any, dropout_mask: Any,
                  xp: Any) -> tuple[Any, Any]:
     """y = z * D + b + s (dropout(x) A^T) B^T from a 2-D base output z (n, d); returns (y, xa)."""
-    x2 = flatten_rows(x, xp=xp)                                                  # (n, k)
-    xd = x2 if dropout_mask is None else x2 * flatten_rows(dropout_mask, xp=xp)
+    x2, _, xd = dropped_rows(x, dropout_mask, xp=xp)                # (n, k) each
     xa = xp.matmul(xd, xp.matrix_transpose(A))                                   # (n, r)
     branch = xp.matmul(xa, xp.matrix_transpose(B))                               # (n, d)
     branch *= scaling                                                            # in place: one temporary, not two
@@ -111,9 +110,7 @@ def prediag_head(z: Any, x: Any, A: Any, B: Any, D: Any, *, scaling: float, bias
 def prediag_head_backward(g2: Any, cache: PrediagCache, *, xp: Any) -> tuple[Any, Any, Any, Any, Any]:
     """(dz, dD, dA, dB, dx through the adapter branch) from dy (n, d); see the module docstring."""
     s = cache.scaling
-    x2 = flatten_rows(cache.x, xp=xp)
-    mask = None if cache.dropout_mask is None else flatten_rows(cache.dropout_mask, xp=xp)
-    xd = x2 if mask is None else x2 * mask                                       # recomputed, not cached
+    x2, mask, xd = dropped_rows(cache.x, cache.dropout_mask, xp=xp)    # xd recomputed, not cached
     dD = xp.sum(g2 * cache.z, axis=0)                                            # (d,)
     dz = g2 * cache.D                                                            # (n, d)
     dB = s * xp.matmul(xp.matrix_transpose(g2), cache.xa)                        # (d, r)

@@ -42,7 +42,7 @@ from typing import Any
 from refpeft.backend import check_float_array, namespace, round_to, same_dtype
 from refpeft.methods.dora import DoraGrads, dora_backward, dora_forward
 from refpeft.errors import ConfigError, DTypeError, ShapeError
-from refpeft.methods.linear import flatten_rows
+from refpeft.methods.linear import dropped_rows, flatten_rows
 from refpeft.methods.lora import LoraGrads, check_dropout_mask, check_factors, lora_backward, lora_error_chain, \
     lora_forward
 from refpeft.quant.state import QuantState4bit, dequantize_4bit, quantize_4bit
@@ -123,8 +123,7 @@ def qlora_forward(x: Any, state: QuantState4bit, A: Any, B: Any, *, scaling: flo
     if bias is not None:
         base = base + round_to(bias, "bfloat16", xp=xp)
     base = round_to(base, "bfloat16", xp=xp)
-    mask = None if dropout_mask is None else flatten_rows(dropout_mask, xp=xp)
-    xd = x2 if mask is None else x2 * mask
+    _, mask, xd = dropped_rows(x, dropout_mask, xp=xp)
     xa = xp.matmul(xd, xp.matrix_transpose(A))                                   # (n, r)
     out = round_to(xp.matmul(xa, xp.matrix_transpose(B)) * scaling, "bfloat16", xp=xp)
     y = round_to(base + out, "bfloat16", xp=xp)                                  # (n, d)

@@ -45,7 +45,8 @@ from refpeft.adapter import ModuleAdapter
 from refpeft.backend import check_float_array, dtype_name, namespace
 from refpeft.errors import ConfigError, RankError, ShapeError
 from refpeft.init import GENERATORS, as_parameter, kaiming_uniform_bound, torch_cpu_generator, torch_cpu_uniform, uniform
-from refpeft.methods.linear import LinearShape, base_forward, base_input_grad, check_linear_inputs, flatten_rows, linear_shape
+from refpeft.methods.linear import LinearShape, base_forward, base_input_grad, check_linear_inputs, dropped_rows, \
+    flatten_rows, linear_shape
 from refpeft.methods.lora import check_dropout_mask
 from refpeft.methods.spec import Method
 from refpeft.tolerance import Bounded, Precision, add, column, either, exact, exact_or_none, gradient_bounds, \
@@ -144,8 +145,7 @@ def vera_forward(x: Any, W0: Any, vera_A: Any, vera_B: Any, lambda_d: Any, lambd
     check_dropout_mask(dropout_mask, x)
     if bias_trainable and bias is None:
         raise ConfigError("bias_trainable=True needs a bias")
-    x2 = flatten_rows(x, xp=xp)                                        # (n, k)
-    xd = x2 if dropout_mask is None else x2 * flatten_rows(dropout_mask, xp=xp)
+    x2, _, xd = dropped_rows(x, dropout_mask, xp=xp)                # (n, k) each
     xa = xp.matmul(xd, xp.matrix_transpose(A))                         # (n, r)
     h = lambda_d * xa                                                  # (n, r)
     branch = xp.matmul(h, xp.matrix_transpose(B))                      # (n, d)
