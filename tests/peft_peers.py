@@ -14,6 +14,18 @@ import torch
 import transformers
 
 
+class TwoLinears(torch.nn.Module):
+    """Two stacked linear layers with biases, q (k -> k2) then v (k2 -> d); by default 12 -> 8 -> 6, sizes
+    with several block and Kronecker splits."""
+
+    def __init__(self, k: int = 12, k2: int = 8, d: int = 6):
+        super().__init__()
+        self.q, self.v = torch.nn.Linear(k, k2), torch.nn.Linear(k2, d)
+
+    def forward(self, x):
+        return self.v(self.q(x))
+
+
 def tiny_llama(config: Mapping[str, Any], *, seed: int = 0) -> transformers.LlamaForCausalLM:
     """A random LlamaForCausalLM in eval mode with random RMSNorm weights (not ones, which hide mistakes)."""
     torch.manual_seed(seed)

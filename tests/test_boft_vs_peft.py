@@ -26,6 +26,8 @@ torch = pytest.importorskip("torch", reason="PEFT on torch is the peer")
 peft = pytest.importorskip("peft")
 boft_layer = pytest.importorskip("peft.tuners.boft.layer")
 
+from tests.peft_peers import TwoLinears  # noqa: E402
+
 PATHS = ("q", "v")
 
 
@@ -52,17 +54,6 @@ def fake_fbd():
         yield
     finally:
         boft_layer._FBD_CUDA = saved
-
-
-class Two(torch.nn.Module):
-    """Two stacked linear layers, k -> k2 -> d, both with biases."""
-
-    def __init__(self, k: int, k2: int, d: int):
-        super().__init__()
-        self.q, self.v = torch.nn.Linear(k, k2), torch.nn.Linear(k2, d)
-
-    def forward(self, x):
-        return self.v(self.q(x))
 
 
 @dataclass(frozen=True)
@@ -92,7 +83,7 @@ def peft_model(k: int, k2: int, d: int, *, seed: int, **options):
     config = peft.BOFTConfig(target_modules=list(PATHS), init_weights=False, **options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")          # PEFT's notice when fbd_cuda does not build
-        model = peft.get_peft_model(Two(k, k2, d).double(), config)
+        model = peft.get_peft_model(TwoLinears(k, k2, d).double(), config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "boft_R" in name:
@@ -155,7 +146,7 @@ def _check_against_peft(case: PeerCase) -> None:
 def test_permutations_are_peft_s(k, D, H, N):
     with fake_fbd():
         config = peft.BOFTConfig(target_modules=["q"], boft_block_size=H, boft_n_butterfly_factor=N)
-        peer = peft.get_peft_model(Two(k, 4, 3).double(), config)
+        peer = peft.get_peft_model(TwoLinears(k, 4, 3).double(), config)
     P = layer(peer, "q").boft_P.numpy()
     for j in range(N):
         assert (P[j] == np.eye(k)[boft_permutation(k, D, H, j, N)]).all()       # P_j[c, perm_j[c]] = 1
@@ -225,7 +216,7 @@ def test_refpeft_written_folders_load_in_peft_with_equal_outputs(N, trained_bias
     write_peft_adapter(tmp_path, adapter)
     torch.manual_seed(1)
     with fake_fbd():
-        loaded = peft.PeftModel.from_pretrained(Two(16, 8, 6).double(), tmp_path)
+        loaded = peft.PeftModel.from_pretrained(TwoLinears(16, 8, 6).double(), tmp_path)
         for p in PATHS:
             for name in ("boft_R", "boft_s"):
                 assert_close(numpy_of(getattr(layer(loaded, p), name)["default"]), getattr(adapter.modules[p], name),

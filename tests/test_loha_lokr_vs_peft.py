@@ -15,6 +15,7 @@ from refpeft.methods import method_spec
 from refpeft.methods.loha import loha_init
 from refpeft.methods.lokr import lokr_factorization, lokr_init
 from refpeft.peft_format import read_peft_adapter, write_peft_adapter
+from tests.peft_peers import TwoLinears
 
 PATHS = ("q", "v")
 CONFIGS = {
@@ -28,20 +29,9 @@ CONFIGS = {
 }
 
 
-class Two(torch.nn.Module):
-    """Two stacked linear layers, 12 -> 8 -> 6 (6 and 12 have several Kronecker splits)."""
-
-    def __init__(self):
-        super().__init__()
-        self.q, self.v = torch.nn.Linear(12, 8), torch.nn.Linear(8, 6)
-
-    def forward(self, x):
-        return self.v(self.q(x))
-
-
 def peft_model(name: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = peft.get_peft_model(Two().double(), CONFIGS[name]())
+    model = peft.get_peft_model(TwoLinears().double(), CONFIGS[name]())
     with torch.no_grad():
         for _, p in model.named_parameters():
             if p.requires_grad:
@@ -61,7 +51,7 @@ def refpeft_modules(model) -> dict[str, ModuleAdapter]:
     return out
 
 
-def refpeft_forward(modules, base: Two, x: np.ndarray, dy: np.ndarray):
+def refpeft_forward(modules, base: TwoLinears, x: np.ndarray, dy: np.ndarray):
     """y and (dx, {path.tensor: gradient}) through both layers with refpeft's forward / backward."""
     caches, h = [], x
     for path in PATHS:

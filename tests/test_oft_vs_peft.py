@@ -12,6 +12,7 @@ from refpeft.methods import method_spec
 from refpeft.methods.oft import oft_backward, oft_forward, oft_merge
 from refpeft.peft_format import read_peft_adapter, write_peft_adapter
 from support import assert_close
+from tests.peft_peers import TwoLinears
 
 PATHS = ("q", "v")
 VARIANTS = {   # name -> (PEFT config options, refpeft's forward options)
@@ -23,21 +24,10 @@ VARIANTS = {   # name -> (PEFT config options, refpeft's forward options)
 }
 
 
-class Two(torch.nn.Module):
-    """Two stacked linear layers, 12 -> 8 -> 6, both with biases."""
-
-    def __init__(self):
-        super().__init__()
-        self.q, self.v = torch.nn.Linear(12, 8), torch.nn.Linear(8, 6)
-
-    def forward(self, x):
-        return self.v(self.q(x))
-
-
 def peft_model(options: dict, seed: int = 0):
     torch.manual_seed(seed)
     config = peft.OFTConfig(r=0, oft_block_size=4, target_modules=list(PATHS), init_weights=False, **options)
-    model = peft.get_peft_model(Two().double(), config)
+    model = peft.get_peft_model(TwoLinears().double(), config)
     with torch.no_grad():
         for _, p in model.named_parameters():
             if p.requires_grad:
@@ -106,7 +96,7 @@ def test_refpeft_written_folders_load_in_peft_with_equal_outputs(method, tmp_pat
                                "v": ModuleAdapter(method, {"oft_R": 0.3 * rng.standard_normal((2, 6))})})
     write_peft_adapter(tmp_path, adapter)
     torch.manual_seed(1)
-    base = Two().double()
+    base = TwoLinears().double()
     loaded = peft.PeftModel.from_pretrained(base, tmp_path)
     for p in PATHS:
         assert_close(layer(loaded, p).oft_R["default"].weight.detach().numpy(), adapter.modules[p].oft_R, rtol=0.0)
