@@ -130,3 +130,23 @@ def test_bad_indices_are_refused():
     with pytest.raises(ConfigError, match="token indices repeat"):
         tokens_init(W, [3, 3])
     assert KEY.endswith("embed_tokens.trainable_tokens_delta")
+
+
+def test_the_embedding_with_token_rows_is_built_once_per_model(monkeypatch):
+    """A tied head reads the embedding too, and generation runs forward once per token: the rows are
+    put in place once per model, not on every read."""
+    import refpeft.model.decoder as decoder
+    from refpeft.adapter import Adapter
+    from refpeft.demo_model import BASE_DIR
+    from refpeft.model.generate import generate
+    from refpeft.model.load import load_model
+
+    config, weights, _ = load_model(BASE_DIR)
+    assert config.tie_word_embeddings
+    rows = np.asarray(weights["model.embed_tokens.weight"][[5, 7]]) * 2.0
+    model = decoder.Model(config, weights, adapter=Adapter({}, token_indices=(5, 7), token_values=rows))
+    calls = []
+    real = decoder.tokens_forward
+    monkeypatch.setattr(decoder, "tokens_forward", lambda *a: calls.append(1) or real(*a))
+    generate(model, [[1, 5, 9, 7]], max_new_tokens=4)
+    assert len(calls) == 1

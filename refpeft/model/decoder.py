@@ -44,6 +44,7 @@ replace the two residual additions of a layer (refpeft.model.bottleneck_adapters
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Iterable, Mapping
 
 from refpeft.adapter import Adapter
@@ -103,8 +104,14 @@ class Model:
         """Base tensor `name` as the model uses it: the adapter's saved copy, or the stored tensor (the
         embedding with the adapter's trainable token rows in place: refpeft.model.trainable_tokens)."""
         if name == EMBED and has_tokens(self.adapter):
-            return tokens_forward(self.weights[EMBED], self.adapter.token_indices, self.adapter.token_values)
+            return self._embedding_with_tokens
         return self.saved[name] if name in self.saved else self.weights[name]
+
+    @cached_property
+    def _embedding_with_tokens(self) -> Any:
+        """The embedding with the token rows in place, made once per model: the embedding and a tied
+        head read it in every forward, and generation runs one forward per token."""
+        return tokens_forward(self.weights[EMBED], self.adapter.token_indices, self.adapter.token_values)
 
     def bias(self, path: str) -> Any:
         """The bias of linear layer `path` as the model uses it, or None."""
